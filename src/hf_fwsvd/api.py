@@ -1,0 +1,190 @@
+"""The Python entry points: `compress` a loaded model and `decompress` it back to dense layers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import build_calibration_loader
+from .config import FWSVDConfig
+from .factorize import low_rank_params, relative_errors
+from .fisher import estimate_fisher, model_loss
+from .importances import check_importances, load_importances
+from .layers import LowRankLinear, dense_weight
+from .ranks import resolve_ranks
+from .replace import replace_with_dense, shape_of
+from .report import CompressionReport, ModuleReport
+from .targets import find_target_modules
+
+__all__ = ["compress", "compute_importances", "decompress"]
+
+logger = logging.getLogger(__name__)
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(param.numel() for param in model.parameters())
+
+
+def _check_materialised(model: nn.Module, targets: dict[str, nn.Module]) -> None:
+    for name, module in targets.items():
+        if dense_weight(module).device.type == "meta":
+            raise ValueError(
+                f"`{name}` has its weight on the meta device (offloaded to disk or CPU by `device_map`). FWSVD must "
+                "read every dense weight: load the model without offloading (e.g. `device_map=None` or a map that "
+                "fits in memory) to compress it, then reload the compressed checkpoint with any device_map."
+            )
+
+
+def compute_importances(
+    model: nn.Module,
+    config: FWSVDConfig,
+    targets: dict[str, nn.Module] | None = None,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    show_progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Fisher importances of the modules `config` targets, from its calibration data or precomputed importances.
+
+    Args:
+        model (`nn.Module`): The dense model with a task head.
+        config ([`FWSVDConfig`]): Supplies `calibration_dataset`, `tokenizer`, ... or `importances`.
+        targets (`dict[str, nn.Module]`, *optional*): Already-resolved targets.
+        loss_fn (`Callable`, *optional*): Custom loss `loss_fn(model, batch)`; defaults to the model's own loss.
+        show_progress (`bool`, *optional*): Progress bar over calibration batches.
+    """
+    targets = targets if targets is not None else find_target_modules(model, config)
+    in_features = {name: shape_of(module)[1] for name, module in targets.items()}
+    if config.importances is not None:
+        importances = load_importances(config.importances)
+    else:
+        loader = build_calibration_loader(
+            config.calibration_dataset,
+            config.tokenizer,
+            model,
+            num_samples=config.num_samples,
+            batch_size=config.batch_size,
+            max_length=config.max_length,
+        )
+        importances = estimate_fisher(model, loader, targets, loss_fn or model_loss, show_progress)
+    check_importances(importances, in_features)
+    return {name: importances[name] for name in targets}
+
+
+def compress(
+    model: nn.Module,
+    config: FWSVDConfig,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    show_progress: bool = True,
+) -> nn.Module:
+    """Compress `model` in place with FWSVD (or plain SVD) and return it.
+
+    Every targeted linear layer becomes a [`LowRankLinear`]. The model's `config.quantization_config` becomes a copy
+    of `config` holding the resolved rank map, so `save_pretrained` writes a checkpoint that
+    `from_pretrained` rebuilds. `config` itself is not modified. A per-module report is stored as
+    `model.fwsvd_report` ([`CompressionReport`]).
+
+    Args:
+        model (`nn.Module`): A loaded dense model (a transformers `PreTrainedModel` for saving and reloading).
+        config ([`FWSVDConfig`]): What to compress and how.
+        loss_fn (`Callable`, *optional*): Custom calibration loss `loss_fn(model, batch) -> scalar`.
+        show_progress (`bool`, *optional*, defaults to `True`): Progress bars for Fisher estimation and factorisation.
+
+    Raises:
+        `ValueError`: For bad config values, no matched modules, missing calibration data or bad importances; the
+            model is left unchanged when any check fails before factorisation starts.
+    """
+    if any(isinstance(module, LowRankLinear) for module in model.modules()):
+        raise ValueError(f"{type(model).__name__} is already FWSVD-compressed; compress the dense model instead.")
+    run_config = config.copy_for_run()
+    targets = find_target_modules(model, run_config)
+    _check_materialised(model, targets)
+    shapes = {name: shape_of(module) for name, module in targets.items()}
+    ranks = resolve_ranks(shapes, run_config)
+    importances = None
+    if run_config.method == "fwsvd":
+        importances = compute_importances(model, run_config, targets, loss_fn, show_progress)
+    params_before = _count_params(model)
+    report = CompressionReport(method=run_config.method, model_params_before=params_before)
+    if run_config.method == "fwsvd" and run_config.importances is None:
+        report.calibration_samples = _calibration_size(run_config)
+    for name, module in tqdm(targets.items(), desc="Factorising", unit="layer", disable=not show_progress):
+        importance = None if importances is None else importances[name]
+        replacement = LowRankLinear.from_linear(
+            module, ranks[name], importance, name=name, floor=run_config.importance_floor
+        )
+        errors = relative_errors(dense_weight(module), replacement.weight, importance)
+        out_features, in_features = shapes[name]
+        report.modules.append(
+            ModuleReport(
+                name=name,
+                out_features=out_features,
+                in_features=in_features,
+                rank=ranks[name],
+                params_before=out_features * in_features,
+                params_after=low_rank_params(out_features, in_features, ranks[name]),
+                plain_error=errors["plain"],
+                weighted_error=errors["weighted"],
+            )
+        )
+        if type(module).__name__ != "Linear":
+            run_config.source_classes[name] = type(module).__name__
+        model.set_submodule(name, replacement)
+    run_config.ranks = ranks
+    report.model_params_after = _count_params(model)
+    _mark_compressed(model, run_config)
+    model.fwsvd_report = report
+    logger.info(
+        "FWSVD (%s) compressed %d modules: %s -> %s parameters (%.1f%% kept).",
+        run_config.method,
+        len(ranks),
+        f"{params_before:,}",
+        f"{report.model_params_after:,}",
+        100 * report.params_ratio,
+    )
+    return model
+
+
+def _calibration_size(config: FWSVDConfig) -> int | None:
+    data = config.calibration_dataset
+    if data is None or not hasattr(data, "__len__"):
+        return None
+    size = len(data.dataset) if hasattr(data, "dataset") and hasattr(data.dataset, "__len__") else len(data)
+    return size if config.num_samples is None else min(size, config.num_samples)
+
+
+def _mark_compressed(model: nn.Module, config: FWSVDConfig) -> None:
+    """Make a model compressed outside `from_pretrained` look like one loaded through the quantizer."""
+    from .quantizer import FWSVDHfQuantizer
+
+    if not hasattr(model, "config"):
+        return
+    model.config.quantization_config = config
+    model.hf_quantizer = FWSVDHfQuantizer(config, pre_quantized=True, copy_config=False)
+    model.is_quantized = True
+    model.quantization_method = "fwsvd"
+    model.config._is_quantized = True
+
+
+def decompress(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every `LowRankLinear` by a dense layer and drop the FWSVD quantization config (a dense export).
+
+    A model saved afterwards loads with plain transformers, no hf_fwsvd needed.
+    """
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    source_classes = getattr(config, "source_classes", None) or {}
+    replaced = replace_with_dense(model, source_classes, dtype)
+    if replaced == 0:
+        raise ValueError(f"{type(model).__name__} has no LowRankLinear module to decompress.")
+    for attribute in ("hf_quantizer", "quantization_method", "fwsvd_report"):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
+    if hasattr(model, "config"):
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config._is_quantized = False
+        model.is_quantized = False
+    return model

@@ -1,0 +1,211 @@
+"""Turn the user's calibration data into batches that make a model return its task loss."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+__all__ = ["build_calibration_loader", "infer_task"]
+
+logger = logging.getLogger(__name__)
+
+TEXT_KEYS = ("text", "sentence", "content", "review", "question")
+LABEL_KEYS = ("labels", "label")
+TASKS = ("sequence-classification", "token-classification", "causal-lm", "masked-lm", "question-answering")
+
+
+def infer_task(model: Any) -> str | None:
+    """The loss a model computes from its class name: ``"causal-lm"``, ``"sequence-classification"``, ..."""
+    name = type(model).__name__
+    for suffix, task in (
+        ("ForCausalLM", "causal-lm"),
+        ("LMHeadModel", "causal-lm"),
+        ("ForSequenceClassification", "sequence-classification"),
+        ("ForTokenClassification", "token-classification"),
+        ("ForMaskedLM", "masked-lm"),
+        ("ForQuestionAnswering", "question-answering"),
+    ):
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def _as_records(data: Any) -> list[Any]:
+    if isinstance(data, (str, bytes)) or isinstance(data, Mapping):
+        raise ValueError(
+            "`calibration_dataset` must be a list of strings, a list of dicts, a `datasets.Dataset` or a DataLoader, "
+            f"got a single {type(data).__name__}."
+        )
+    if not isinstance(data, Iterable):
+        raise ValueError(f"`calibration_dataset` of type {type(data).__name__} is not iterable.")
+    return list(data)
+
+
+def _text_of(record: Mapping[str, Any]) -> str | None:
+    for key in TEXT_KEYS:
+        if key in record:
+            return record[key]
+    return None
+
+
+def _label_of(record: Mapping[str, Any]) -> Any:
+    for key in LABEL_KEYS:
+        if key in record:
+            return record[key]
+    return None
+
+
+def _encode(tokenizer: Any, text: str, max_length: int) -> list[int]:
+    if tokenizer is None:
+        raise ValueError("Text calibration data needs a tokenizer: pass `tokenizer=` in FWSVDConfig.")
+    if not isinstance(text, str):
+        raise ValueError(f"Calibration texts must be strings, got {type(text).__name__}: {text!r:.60}.")
+    return tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for attribute in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, attribute, None) if tokenizer is not None else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+class _Collator:
+    """Right- or left-pads token ids and builds labels for the task loss."""
+
+    def __init__(self, task: str | None, pad_id: int, padding_side: str, float_labels: bool) -> None:
+        self.task, self.pad_id, self.padding_side, self.float_labels = task, pad_id, padding_side, float_labels
+
+    def _pad(self, rows: list[list[Any]], value: Any) -> list[list[Any]]:
+        width = max(len(row) for row in rows)
+        if self.padding_side == "left":
+            return [[value] * (width - len(row)) + list(row) for row in rows]
+        return [list(row) + [value] * (width - len(row)) for row in rows]
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [example["input_ids"] for example in examples]
+        batch = {
+            "input_ids": torch.tensor(self._pad(ids, self.pad_id)),
+            "attention_mask": torch.tensor(self._pad([[1] * len(row) for row in ids], 0)),
+        }
+        if self.task == "causal-lm":
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        elif self.task == "token-classification":
+            batch["labels"] = torch.tensor(self._pad([example["labels"] for example in examples], -100))
+        elif "labels" in examples[0]:
+            dtype = torch.float32 if self.float_labels else torch.long
+            batch["labels"] = torch.tensor([example["labels"] for example in examples], dtype=dtype)
+        return batch
+
+
+def _tokenize_record(record: Any, tokenizer: Any, max_length: int, task: str | None, index: int) -> dict[str, Any]:
+    if isinstance(record, str):
+        return {"input_ids": _encode(tokenizer, record, max_length)}
+    if not isinstance(record, Mapping):
+        raise ValueError(
+            f"Calibration example {index} is a {type(record).__name__}; mix of types is not supported: use all "
+            "strings or all dicts."
+        )
+    label = _label_of(record)
+    if "input_ids" in record:
+        example = {"input_ids": list(record["input_ids"])[:max_length]}
+    elif task == "token-classification" and "tokens" in record:
+        encoding = tokenizer(record["tokens"], is_split_into_words=True, truncation=True, max_length=max_length)
+        previous, aligned = None, []
+        for word in encoding.word_ids():
+            aligned.append(-100 if word is None or word == previous else int(label[word]))
+            previous = word
+        return {"input_ids": encoding["input_ids"], "labels": aligned}
+    else:
+        text = _text_of(record)
+        if text is None:
+            raise ValueError(
+                f"Calibration example {index} has no text field (looked for {', '.join(TEXT_KEYS)}) and no "
+                f"`input_ids`; its keys are {sorted(record)}."
+            )
+        example = {"input_ids": _encode(tokenizer, text, max_length)}
+    if label is not None:
+        example["labels"] = list(label)[:max_length] if task == "token-classification" else label
+    return example
+
+
+def _check_labels(examples: list[dict[str, Any]], task: str | None, model_config: Any) -> bool:
+    """Validate labels for the task; returns whether labels are float (regression)."""
+    if task in (None, "causal-lm", "masked-lm"):
+        return False
+    missing = [i for i, example in enumerate(examples) if "labels" not in example]
+    if missing:
+        raise ValueError(
+            f"The {task} loss needs labels, but {len(missing)} of {len(examples)} calibration examples have none "
+            f"(first: example {missing[0]}). Give dicts with a `label` field, or use `method='svd'`."
+        )
+    if task != "sequence-classification":
+        return False
+    num_labels = getattr(model_config, "num_labels", None)
+    regression = getattr(model_config, "problem_type", None) == "regression" or num_labels == 1
+    if regression:
+        return True
+    for i, example in enumerate(examples):
+        label = example["labels"]
+        if isinstance(label, bool) or not isinstance(label, int) and not (
+            isinstance(label, float) and label.is_integer()
+        ):
+            raise ValueError(f"Calibration example {i} has label {label!r}; classification labels must be ints.")
+        if num_labels is not None and not 0 <= int(label) < num_labels:
+            raise ValueError(
+                f"Calibration example {i} has label {label!r}, outside [0, {num_labels}) for this "
+                f"{num_labels}-label model. Map the labels to 0..{num_labels - 1}."
+            )
+        example["labels"] = int(label)
+    return False
+
+
+def build_calibration_loader(
+    data: Any,
+    tokenizer: Any = None,
+    model: Any = None,
+    num_samples: int | None = 256,
+    batch_size: int = 8,
+    max_length: int = 128,
+) -> DataLoader | Iterable[dict[str, Any]]:
+    """Batches of model inputs (with `labels` where the task needs them) from the calibration data.
+
+    Args:
+        data: A `DataLoader` (used as is), a list of strings, a list of dicts, or a `datasets.Dataset`.
+        tokenizer: Tokenizer for text data.
+        model: The model; its class decides the task and how labels are built.
+        num_samples (`int`, *optional*): Use the first `num_samples` examples (all when `None`).
+        batch_size (`int`): Batch size.
+        max_length (`int`): Token truncation length.
+
+    Raises:
+        `ValueError`: For missing or empty data, missing labels, labels out of range or mixed example types.
+    """
+    if data is None:
+        raise ValueError(
+            "FWSVD needs calibration data to estimate Fisher importances: pass `calibration_dataset=` (and "
+            "`tokenizer=`) or precomputed `importances=` in FWSVDConfig, or use `method='svd'`."
+        )
+    if isinstance(data, DataLoader):
+        return data
+    records = _as_records(data)
+    if num_samples is not None:
+        records = records[:num_samples]
+    if not records:
+        raise ValueError("`calibration_dataset` is empty: FWSVD needs at least one calibration example.")
+    task = infer_task(model)
+    model_max = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    length = min(max_length, model_max) if isinstance(model_max, int) and model_max > 0 else max_length
+    examples = [_tokenize_record(record, tokenizer, length, task, i) for i, record in enumerate(records)]
+    empty = [i for i, example in enumerate(examples) if not example["input_ids"]]
+    if empty:
+        raise ValueError(f"Calibration example {empty[0]} tokenises to no tokens; remove empty texts.")
+    float_labels = _check_labels(examples, task, getattr(model, "config", None))
+    padding_side = getattr(tokenizer, "padding_side", "right") if tokenizer is not None else "right"
+    collate = _Collator(task, _pad_id(tokenizer), padding_side, float_labels)
+    return DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=collate)

@@ -1,0 +1,176 @@
+"""`FWSVDConfig`: what to compress, to which rank, and with which calibration data."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .version import __version__
+
+__all__ = ["FWSVDConfig", "METHODS"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("fwsvd", "svd")
+# Fields that only matter while compressing; they are never written to `config.json`.
+RUNTIME_FIELDS = ("calibration_dataset", "tokenizer", "importances")
+
+
+@dataclass
+class FWSVDConfig(QuantizationConfigMixin):
+    """Configuration of a Fisher-Weighted SVD compression; also the `quantization_config` of a compressed model.
+
+    Give exactly one of `rank`, `rank_ratio` or `param_ratio` (the default is the paper's `rank_ratio=0.33`).
+
+    Args:
+        rank (`int`, *optional*): The same rank for every targeted module.
+        rank_ratio (`float`, *optional*): Fraction of each module's full rank ``min(in, out)`` to keep, in (0, 1).
+        param_ratio (`float`, *optional*): Fraction of each module's weight parameters to keep, in (0, 1].
+        rank_pattern (`dict[str, int | float]`, *optional*): Per-module overrides. Keys are module names, name
+            suffixes or regexes (fullmatch); an int value is a rank, a float a rank ratio.
+        method (`str`, *optional*, defaults to `"fwsvd"`): `"fwsvd"` (Fisher-weighted) or `"svd"` (plain SVD).
+        target_modules (`str | list[str]`, *optional*): A regex (fullmatch on the module name) or a list of names /
+            name suffixes. Default: every linear layer inside the transformer blocks.
+        modules_to_not_convert (`list[str]`, *optional*): Names, suffixes or regexes never compressed. Default:
+            embeddings, output embeddings, pooler and classification heads (they are outside the blocks).
+        calibration_dataset (*optional*): Task data for the Fisher: a list of strings, a list of dicts (`text`
+            plus `label`/`labels`, or already tokenised `input_ids`), a `datasets.Dataset`, or a `DataLoader`.
+        tokenizer (*optional*): Tokenizer for text calibration data.
+        num_samples (`int`, *optional*, defaults to 256): Calibration examples to use (`None` for all).
+        batch_size (`int`, *optional*, defaults to 8): Calibration batch size.
+        max_length (`int`, *optional*, defaults to 128): Truncation length for text calibration data.
+        importances (`dict[str, torch.Tensor] | str`, *optional*): Precomputed importances (module name -> one value
+            per input feature) or the path of a safetensors file holding them; skips Fisher estimation.
+        importance_floor (`float`, *optional*, defaults to 1e-6): Relative floor on importances (see `factorize`).
+        ranks (`dict[str, int]`, *optional*): The resolved rank of every compressed module. Filled in by compression
+            and saved in `config.json`, so a reload builds exact shapes before reading any weight.
+        source_classes (`dict[str, str]`, *optional*): Original class of modules that were not `nn.Linear`
+            (GPT-2's `Conv1D`), so a dense export restores them.
+        hf_fwsvd_version (`str`, *optional*): Version of hf_fwsvd that wrote the checkpoint.
+    """
+
+    quant_method: str = "fwsvd"
+    rank: int | None = None
+    rank_ratio: float | None = None
+    param_ratio: float | None = None
+    rank_pattern: dict[str, int | float] = field(default_factory=dict)
+    method: str = "fwsvd"
+    target_modules: str | list[str] | None = None
+    modules_to_not_convert: list[str] | None = None
+    calibration_dataset: Any = None
+    tokenizer: Any = None
+    num_samples: int | None = 256
+    batch_size: int = 8
+    max_length: int = 128
+    importances: Any = None
+    importance_floor: float = 1e-6
+    ranks: dict[str, int] | None = None
+    source_classes: dict[str, str] = field(default_factory=dict)
+    hf_fwsvd_version: str = __version__
+
+    def __post_init__(self) -> None:
+        self.quant_method = "fwsvd"
+        given = [name for name in ("rank", "rank_ratio", "param_ratio") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"Give only one of `rank`, `rank_ratio` and `param_ratio`; got {', '.join(given)}.")
+        if not given and self.ranks is None:
+            self.rank_ratio = 0.33
+        if self.rank is not None:
+            _check_rank(self.rank, "rank")
+        if self.rank_ratio is not None:
+            _check_fraction(self.rank_ratio, "rank_ratio", inclusive=False)
+        if self.param_ratio is not None:
+            _check_fraction(self.param_ratio, "param_ratio", inclusive=True)
+        for key, value in self.rank_pattern.items():
+            if isinstance(value, float):
+                _check_fraction(value, f"rank_pattern[{key!r}]", inclusive=False)
+            else:
+                _check_rank(value, f"rank_pattern[{key!r}]")
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
+            raise ValueError("`target_modules` is an empty list: nothing would be compressed.")
+        for name in ("num_samples", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if not 0 <= self.importance_floor < 1:
+            raise ValueError(f"`importance_floor` must be in [0, 1), got {self.importance_floor!r}.")
+        if isinstance(self.importances, (str, os.PathLike)) and not os.path.isfile(self.importances):
+            raise ValueError(f"`importances` file {os.fspath(self.importances)!r} does not exist.")
+        if self.ranks is not None:
+            for key, value in self.ranks.items():
+                _check_rank(value, f"ranks[{key!r}]")
+
+    # -- serialisation -------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: runtime-only fields (datasets, tokenizers, importances) are left out."""
+        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        for name in RUNTIME_FIELDS:
+            data.pop(name)
+        data["quant_method"] = self.quant_method
+        return data
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Build a config from a dict; keys this version does not know are dropped with a warning."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in config_dict.items() if k != "quant_method"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning(
+                "Ignoring FWSVDConfig keys unknown to hf_fwsvd %s: %s (written by hf_fwsvd %s; upgrade to use them).",
+                __version__,
+                ", ".join(unknown),
+                config_dict.get("hf_fwsvd_version", "unknown"),
+            )
+        config = cls(**{k: v for k, v in data.items() if k in known})
+        unused = {}
+        for key, value in kwargs.items():
+            if key in known:
+                setattr(config, key, value)
+            else:
+                unused[key] = value
+        return (config, unused) if return_unused_kwargs else config
+
+    def copy_for_run(self) -> FWSVDConfig:
+        """A copy to fill in during compression, sharing (not copying) the dataset, tokenizer and importances."""
+        clone = copy.copy(self)
+        clone.rank_pattern = dict(self.rank_pattern)
+        clone.source_classes = dict(self.source_classes)
+        clone.ranks = None if self.ranks is None else dict(self.ranks)
+        clone.hf_fwsvd_version = __version__ if self.ranks is None else self.hf_fwsvd_version
+        return clone
+
+    @property
+    def is_compressed(self) -> bool:
+        """Whether this config describes an already-compressed checkpoint (it has a resolved rank map)."""
+        return self.ranks is not None
+
+
+def _check_rank(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"`{name}` must be a positive int, got {value!r} ({type(value).__name__}).")
+    if value <= 0:
+        raise ValueError(f"`{name}` must be a positive int, got {value}.")
+
+
+def _check_fraction(value: Any, name: str, inclusive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a float, got {value!r}.")
+    upper_ok = value <= 1 if inclusive else value < 1
+    if not (value > 0 and upper_ok):
+        bound = "(0, 1]" if inclusive else "(0, 1)"
+        raise ValueError(f"`{name}` must be in {bound}, got {value}.")

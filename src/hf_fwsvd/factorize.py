@@ -1,0 +1,174 @@
+"""Weighted low-rank factorisation of one weight matrix (pure torch, no transformers import).
+
+FWSVD (Hsu et al., ICLR 2022) weighs the reconstruction error of ``W`` (PyTorch layout, ``out x in``) by one
+importance per input feature: it minimises ``sum_i I_i * ||W[:, i] - (A B)[:, i]||^2``. With ``d = sqrt(I)`` the
+optimum is the rank-``r`` SVD of ``W diag(d)`` = ``U S Vt``, giving ``A = U_r S_r`` and ``B = Vt_r diag(1/d)``.
+
+We never divide by ``d``. For a fixed output basis ``U_r`` (orthonormal columns) every column of ``W`` is best
+approximated by its orthogonal projection, whatever that column's weight, so the optimum is also
+``A = U_r`` and ``B = U_r^T W`` (a least-squares solve that needs no inverse). It is identical to the textbook form
+when every ``d_i > 0`` and stays finite when some importances are zero. A tiny relative floor on the importances
+keeps ``W diag(d)`` from losing rank because of zero-importance columns, so those columns still act as a tie-breaker
+for directions the task does not care about. Uniform importances give exactly plain SVD: the weights are normalised
+by their maximum, so a constant vector becomes all ones and ``W diag(d) == W``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "DEFAULT_IMPORTANCE_FLOOR",
+    "LowRankFactors",
+    "factorize",
+    "full_rank",
+    "input_scaling",
+    "low_rank_params",
+    "relative_errors",
+    "validate_importance",
+]
+
+DEFAULT_IMPORTANCE_FLOOR = 1e-6
+
+
+@dataclass
+class LowRankFactors:
+    """The two factors of a rank-``r`` approximation ``W ~= up @ down``.
+
+    Args:
+        down (`torch.Tensor`): ``rank x in_features``, applied first.
+        up (`torch.Tensor`): ``out_features x rank``, applied second.
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def product(self) -> torch.Tensor:
+        return self.up @ self.down
+
+
+def full_rank(weight_shape: tuple[int, int] | torch.Size) -> int:
+    """The largest rank of a matrix of this shape."""
+    return min(int(weight_shape[0]), int(weight_shape[1]))
+
+
+def low_rank_params(out_features: int, in_features: int, rank: int) -> int:
+    """Weight parameters of the factorised form (bias excluded)."""
+    return rank * (out_features + in_features)
+
+
+def validate_importance(importance: torch.Tensor, in_features: int, name: str = "weight") -> None:
+    """Raise a `ValueError` naming `name` when an importance vector cannot weight a factorisation.
+
+    Args:
+        importance (`torch.Tensor`): One non-negative value per input feature.
+        in_features (`int`): Expected length.
+        name (`str`): Module name used in the error messages.
+    """
+    if importance.ndim != 1 or importance.shape[0] != in_features:
+        raise ValueError(
+            f"Importance for `{name}` has shape {tuple(importance.shape)}, expected ({in_features},): one value per "
+            "input feature. Recompute the Fisher importances for this model."
+        )
+    if not torch.isfinite(importance).all():
+        bad = int((~torch.isfinite(importance)).sum())
+        raise ValueError(
+            f"Importance for `{name}` has {bad} NaN/Inf values. The calibration loss was probably NaN/Inf; check the "
+            "calibration data (labels in range, no empty texts) and the model dtype (estimate in float32)."
+        )
+    if (importance < 0).any():
+        raise ValueError(f"Importance for `{name}` has negative values; Fisher importances are sums of squares.")
+    if not (importance > 0).any():
+        raise ValueError(
+            f"Importance for `{name}` is all zeros: the task loss has no gradient through this module. Exclude it "
+            "with `modules_to_not_convert`, use `method='svd'`, or check that the calibration data reaches it."
+        )
+
+
+def input_scaling(importance: torch.Tensor | None, floor: float = DEFAULT_IMPORTANCE_FLOOR) -> torch.Tensor | None:
+    """Turn per-input-feature importances into the column scaling ``d = sqrt(I / max(I))``, floored.
+
+    Args:
+        importance (`torch.Tensor` or `None`): Non-negative importances; `None` means uniform (plain SVD).
+        floor (`float`): Relative floor applied to ``I / max(I)`` so zero-importance columns keep a tiny weight.
+
+    Returns:
+        `torch.Tensor` or `None`: float32 scaling, or `None` for plain SVD.
+    """
+    if importance is None:
+        return None
+    normalised = importance.detach().to(torch.float32) / importance.max().to(torch.float32)
+    return normalised.clamp_min(floor).sqrt()
+
+
+def factorize(
+    weight: torch.Tensor,
+    rank: int,
+    importance: torch.Tensor | None = None,
+    floor: float = DEFAULT_IMPORTANCE_FLOOR,
+    name: str = "weight",
+) -> LowRankFactors:
+    """Best rank-`rank` factorisation of `weight` under per-input-feature importance weighting.
+
+    Args:
+        weight (`torch.Tensor`): ``out x in`` matrix (PyTorch `nn.Linear` layout), any float dtype and device.
+        rank (`int`): Kept rank, ``1 <= rank <= min(out, in)``.
+        importance (`torch.Tensor`, *optional*): One non-negative value per input feature (FWSVD's row importance in
+            the paper's ``in x out`` layout). `None` gives plain SVD.
+        floor (`float`, *optional*, defaults to 1e-6): Relative importance floor (see module docstring).
+        name (`str`, *optional*): Module name used in error messages.
+
+    Returns:
+        [`LowRankFactors`]: float32 factors on `weight`'s device (callers cast them back).
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"`{name}` weight must be 2-D, got shape {tuple(weight.shape)}.")
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise ValueError(f"Rank for `{name}` must be an int, got {rank!r}.")
+    if not 1 <= rank <= full_rank(weight.shape):
+        raise ValueError(
+            f"Rank {rank} for `{name}` is out of range: a {tuple(weight.shape)} weight allows ranks 1.."
+            f"{full_rank(weight.shape)}."
+        )
+    if importance is not None:
+        validate_importance(importance, weight.shape[1], name)
+    with torch.no_grad():
+        dense = weight.detach().to(torch.float32)
+        if not torch.isfinite(dense).all():
+            raise ValueError(f"`{name}` weight has NaN/Inf values; refusing to factorise it.")
+        scaling = input_scaling(importance.to(dense.device) if importance is not None else None, floor)
+        scaled = dense if scaling is None else dense * scaling
+        left, _, _ = torch.linalg.svd(scaled, full_matrices=False)
+        up = left[:, :rank].contiguous()
+        down = up.T @ dense
+    return LowRankFactors(down=down, up=up)
+
+
+def relative_errors(
+    weight: torch.Tensor, approximation: torch.Tensor, importance: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Plain and importance-weighted relative Frobenius errors of `approximation` against `weight`.
+
+    Args:
+        weight (`torch.Tensor`): ``out x in`` reference.
+        approximation (`torch.Tensor`): same shape.
+        importance (`torch.Tensor`, *optional*): per-input-feature importance; uniform when `None`.
+
+    Returns:
+        `dict`: ``{"plain": ||W - W'|| / ||W||, "weighted": ||(W - W') diag(sqrt I)|| / ||W diag(sqrt I)||}``.
+    """
+    with torch.no_grad():
+        dense = weight.detach().to(torch.float32)
+        residual = dense - approximation.detach().to(torch.float32, copy=False).to(dense.device)
+        plain = (residual.norm() / dense.norm().clamp_min(1e-30)).item()
+        if importance is None:
+            return {"plain": plain, "weighted": plain}
+        root = importance.detach().to(torch.float32).to(dense.device).clamp_min(0).sqrt()
+        weighted = ((residual * root).norm() / (dense * root).norm().clamp_min(1e-30)).item()
+    return {"plain": plain, "weighted": weighted}

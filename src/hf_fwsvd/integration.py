@@ -1,0 +1,52 @@
+"""Register FWSVD with transformers and add the `fwsvd_config=` keyword to every `from_pretrained`."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from transformers import PreTrainedModel
+from transformers.quantizers import auto as quantizers_auto
+
+from .config import FWSVDConfig
+from .quantizer import FWSVDHfQuantizer
+
+__all__ = ["install"]
+
+logger = logging.getLogger(__name__)
+
+_WRAPPED_FLAG = "__hf_fwsvd_wrapped__"
+
+
+def _register() -> None:
+    # Set the mappings directly rather than through `register_quantizer`, which raises on a second registration
+    # (re-import, importlib.reload) instead of being idempotent.
+    quantizers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING["fwsvd"] = FWSVDConfig
+    quantizers_auto.AUTO_QUANTIZER_MAPPING["fwsvd"] = FWSVDHfQuantizer
+
+
+def _wrap_from_pretrained() -> None:
+    original = PreTrainedModel.from_pretrained
+    if getattr(original, _WRAPPED_FLAG, False):
+        return
+    original_function = original.__func__
+
+    @functools.wraps(original_function)
+    def from_pretrained(cls: type, *args: Any, fwsvd_config: FWSVDConfig | None = None, **kwargs: Any) -> Any:
+        if fwsvd_config is not None:
+            if kwargs.get("quantization_config") is not None:
+                raise ValueError("Pass either `fwsvd_config=` or `quantization_config=`, not both.")
+            if not isinstance(fwsvd_config, FWSVDConfig):
+                raise TypeError(f"`fwsvd_config` must be an FWSVDConfig, got {type(fwsvd_config).__name__}.")
+            kwargs["quantization_config"] = fwsvd_config
+        return original_function(cls, *args, **kwargs)
+
+    setattr(from_pretrained, _WRAPPED_FLAG, True)
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+
+
+def install() -> None:
+    """Register the `fwsvd` quantization method and the `fwsvd_config=` keyword (idempotent)."""
+    _register()
+    _wrap_from_pretrained()

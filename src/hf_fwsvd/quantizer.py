@@ -1,0 +1,90 @@
+"""`FWSVDHfQuantizer`: the transformers `from_pretrained` lifecycle hooks, and nothing else."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from transformers.quantizers.base import HfQuantizer
+
+from .config import FWSVDConfig
+
+__all__ = ["FWSVDHfQuantizer"]
+
+logger = logging.getLogger(__name__)
+
+
+class FWSVDHfQuantizer(HfQuantizer):
+    """Compress on load (a dense checkpoint plus an [`FWSVDConfig`] with calibration data), or rebuild the low-rank
+    modules of an FWSVD checkpoint before its weights are read (so dense weights are never materialised).
+
+    Args:
+        quantization_config ([`FWSVDConfig`]): The config; copied, so the caller's object is never modified.
+        copy_config (`bool`, *optional*, defaults to `True`): Copy the config (internal use passes `False`).
+    """
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: FWSVDConfig, copy_config: bool = True, **kwargs: Any) -> None:
+        if not isinstance(quantization_config, FWSVDConfig):
+            quantization_config = FWSVDConfig.from_dict(dict(quantization_config))
+        if copy_config:
+            quantization_config = quantization_config.copy_for_run()
+        super().__init__(quantization_config, **kwargs)
+        if self.pre_quantized and not quantization_config.is_compressed:
+            raise ValueError(
+                "This checkpoint's quantization_config has quant_method 'fwsvd' but no rank map (`ranks`): it was "
+                "not written by hf_fwsvd's save_pretrained, or it was edited. Re-export it from the compressed model."
+            )
+
+    def validate_environment(self, device_map: Any = None, **kwargs: Any) -> None:
+        if self.pre_quantized or not isinstance(device_map, dict):
+            return
+        offloaded = sorted({str(v) for v in device_map.values()} & {"disk", "meta"})
+        if offloaded:
+            raise ValueError(
+                f"Compress-on-load cannot run with `device_map` offloading to {', '.join(offloaded)}: FWSVD must read "
+                "every dense weight. Load without offloading to compress, then reload the compressed checkpoint with "
+                "any device_map."
+            )
+
+    def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        if self.pre_quantized:
+            from .replace import build_low_rank_skeleton
+
+            found = build_low_rank_skeleton(model, self.quantization_config.ranks)
+            self.quantization_config.source_classes = {**found, **self.quantization_config.source_classes}
+        return model
+
+    def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        if not self.pre_quantized:
+            from .api import compress
+
+            config = self.quantization_config
+            compress(model, config)
+            # `compress` worked on its own copy; adopt the filled-in copy as this quantizer's config.
+            self.quantization_config = model.config.quantization_config
+            model.hf_quantizer = self
+            self.pre_quantized = True
+        return model
+
+    def _dequantize(self, model: Any, dtype: Any = None) -> Any:
+        from .replace import replace_with_dense
+
+        replace_with_dense(model, self.quantization_config.source_classes, dtype)
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
