@@ -52,6 +52,9 @@ class FWSVDConfig(QuantizationConfigMixin):
             and saved in `config.json`, so a reload builds exact shapes before reading any weight.
         source_classes (`dict[str, str]`, *optional*): Original class of modules that were not `nn.Linear`
             (GPT-2's `Conv1D`), so a dense export restores them.
+        weights_file (`str`, *optional*): Name of the weights file (or shard index) of a saved checkpoint. FWSVD
+            checkpoints do not use `model.safetensors`, so transformers without hf_fwsvd fails instead of silently
+            loading random weights into the compressed layers.
         hf_fwsvd_version (`str`, *optional*): Version of hf_fwsvd that wrote the checkpoint.
     """
 
@@ -72,6 +75,7 @@ class FWSVDConfig(QuantizationConfigMixin):
     importance_floor: float = 1e-6
     ranks: dict[str, int] | None = None
     source_classes: dict[str, str] = field(default_factory=dict)
+    weights_file: str | None = None
     hf_fwsvd_version: str = __version__
 
     def __post_init__(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any
 
 from transformers import PreTrainedModel
@@ -11,6 +12,7 @@ from transformers.quantizers import auto as quantizers_auto
 
 from .config import FWSVDConfig
 from .quantizer import FWSVDHfQuantizer
+from .serialization import is_fwsvd_model, save_atomically
 
 __all__ = ["install"]
 
@@ -46,7 +48,38 @@ def _wrap_from_pretrained() -> None:
     PreTrainedModel.from_pretrained = classmethod(from_pretrained)
 
 
+def _wrap_save_pretrained() -> None:
+    original = PreTrainedModel.save_pretrained
+    if getattr(original, _WRAPPED_FLAG, False):
+        return
+
+    @functools.wraps(original)
+    def save_pretrained(self: PreTrainedModel, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        if not is_fwsvd_model(self):
+            return original(self, save_directory, *args, **kwargs)
+        if args:
+            raise TypeError("Pass save_pretrained options of a compressed model as keywords.")
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        repo_id = kwargs.pop("repo_id", None)
+        hub_kwargs = {key: kwargs.pop(key) for key in ("token", "commit_message", "private") if key in kwargs}
+        save_atomically(self, save_directory, original, **kwargs)
+        if push_to_hub:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=hub_kwargs.get("token"))
+            repo_id = repo_id or os.path.basename(os.path.abspath(save_directory))
+            repo_id = api.create_repo(repo_id, exist_ok=True, private=hub_kwargs.get("private")).repo_id
+            api.upload_folder(
+                repo_id=repo_id, folder_path=save_directory, commit_message=hub_kwargs.get("commit_message")
+            )
+        return None
+
+    setattr(save_pretrained, _WRAPPED_FLAG, True)
+    PreTrainedModel.save_pretrained = save_pretrained
+
+
 def install() -> None:
     """Register the `fwsvd` quantization method and the `fwsvd_config=` keyword (idempotent)."""
     _register()
     _wrap_from_pretrained()
+    _wrap_save_pretrained()

@@ -48,6 +48,13 @@ class FWSVDHfQuantizer(HfQuantizer):
                 "any device_map."
             )
 
+    def update_attn_implementation(self, config: Any) -> Any:
+        # The only hook that sees the model config before transformers resolves the weight files: point it at the
+        # FWSVD weights (see `serialization`). The attribute is removed again once loading is done.
+        if self.pre_quantized and self.quantization_config.weights_file:
+            config.transformers_weights = self.quantization_config.weights_file
+        return config
+
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         if self.pre_quantized:
             from .replace import build_low_rank_skeleton
@@ -57,7 +64,10 @@ class FWSVDHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-        if not self.pre_quantized:
+        if self.pre_quantized:
+            if getattr(model.config, "transformers_weights", None) == self.quantization_config.weights_file:
+                del model.config.transformers_weights
+        else:
             from .api import compress
 
             config = self.quantization_config

@@ -1,0 +1,144 @@
+"""Saving compressed models: atomic writes, FWSVD weight-file names, and the loader hook for them.
+
+The factorised weights are written as ``model.fwsvd.safetensors`` (sharded: ``model.fwsvd-00001-of-0000N.safetensors``
+plus ``model.fwsvd.safetensors.index.json``), never as ``model.safetensors``. Plain transformers without hf_fwsvd
+skips the unknown ``fwsvd`` quantization method; if the weights had the usual name it would then load a dense model
+whose compressed layers are randomly initialised, with only a warning. With the FWSVD name it finds no weights and
+raises instead. With hf_fwsvd imported, the quantizer points transformers at the FWSVD file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["WEIGHTS_INDEX_NAME", "WEIGHTS_NAME", "finalize_checkpoint", "is_fwsvd_model", "save_atomically"]
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.fwsvd.safetensors"
+WEIGHTS_INDEX_NAME = "model.fwsvd.safetensors.index.json"
+_PLAIN_WEIGHTS = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+_PLAIN_INDEX = "model.safetensors.index.json"
+
+
+def is_fwsvd_model(model: Any) -> bool:
+    """Whether `model` carries FWSVD-compressed modules (it was compressed or loaded from an FWSVD checkpoint)."""
+    from .quantizer import FWSVDHfQuantizer
+
+    return isinstance(getattr(model, "hf_quantizer", None), FWSVDHfQuantizer)
+
+
+def _rename_weights(directory: str) -> str:
+    """Rename transformers' weight files in `directory` to the FWSVD names; returns the name to load."""
+    index_path = os.path.join(directory, _PLAIN_INDEX)
+    renamed = {}
+    for filename in sorted(os.listdir(directory)):
+        match = _PLAIN_WEIGHTS.match(filename)
+        if match:
+            new_name = f"model.fwsvd{match.group(1) or ''}.safetensors"
+            os.replace(os.path.join(directory, filename), os.path.join(directory, new_name))
+            renamed[filename] = new_name
+    if not renamed:
+        raise OSError(f"save_pretrained wrote no safetensors weights in {directory}; cannot finalise the checkpoint.")
+    if os.path.isfile(index_path):
+        with open(index_path, encoding="utf-8") as handle:
+            index = json.load(handle)
+        index["weight_map"] = {key: renamed.get(value, value) for key, value in index["weight_map"].items()}
+        with open(os.path.join(directory, WEIGHTS_INDEX_NAME), "w", encoding="utf-8") as handle:
+            json.dump(index, handle, indent=2, sort_keys=True)
+        os.remove(index_path)
+        return WEIGHTS_INDEX_NAME
+    return WEIGHTS_NAME
+
+
+def finalize_checkpoint(directory: str) -> None:
+    """Turn a transformers save of a compressed model into an FWSVD checkpoint (weight names, config entries)."""
+    weights_file = _rename_weights(directory)
+    config_path = os.path.join(directory, "config.json")
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    config.pop("transformers_weights", None)
+    quantization = config.get("quantization_config") or {}
+    if quantization.get("quant_method") != "fwsvd":
+        raise OSError(f"{config_path} has no fwsvd quantization_config; refusing to write an inconsistent checkpoint.")
+    quantization["weights_file"] = weights_file
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+
+def _same_path(first: str, second: str) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
+
+
+def _check_not_source(model: Any, save_directory: str) -> None:
+    source = getattr(getattr(model, "config", None), "_name_or_path", None) or ""
+    if source and os.path.isdir(source) and _same_path(source, save_directory):
+        raise ValueError(
+            f"Refusing to save into {save_directory!r}: it is the checkpoint this model was loaded from, and "
+            "overwriting it would destroy the source. Save to a new directory."
+        )
+
+
+def _move_into(staging: str, save_directory: str) -> None:
+    if not os.path.exists(save_directory):
+        os.replace(staging, save_directory)
+        return
+    stale = [
+        name
+        for name in os.listdir(save_directory)
+        if _PLAIN_WEIGHTS.match(name) or name in (_PLAIN_INDEX, WEIGHTS_INDEX_NAME) or name.startswith("model.fwsvd")
+    ]
+    for name in stale:
+        os.remove(os.path.join(save_directory, name))
+    for name in os.listdir(staging):
+        os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_atomically(
+    model: Any,
+    save_directory: str | os.PathLike,
+    original_save: Callable[..., Any],
+    extra_writers: list[Callable[[Any, str], None]] | None = None,
+    **kwargs: Any,
+) -> None:
+    """Save a compressed model through transformers into a staging directory, finalise it, then move it in place.
+
+    A failure at any point leaves `save_directory` as it was (no half-written checkpoint that looks valid).
+
+    Args:
+        model: The compressed `PreTrainedModel`.
+        save_directory (`str` or `os.PathLike`): Destination directory (created if missing).
+        original_save (`Callable`): transformers' own `save_pretrained` (unwrapped).
+        extra_writers (`list[Callable]`, *optional*): Called as `writer(model, staging_dir)` before the move (model
+            card, ...).
+        kwargs: Passed to `original_save`.
+    """
+    save_directory = os.fspath(save_directory)
+    if os.path.isfile(save_directory):
+        raise ValueError(f"`save_directory` {save_directory!r} is a file, not a directory.")
+    _check_not_source(model, save_directory)
+    parent = os.path.dirname(os.path.abspath(save_directory))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save_directory))}.tmp-", dir=parent)
+    try:
+        original_save(model, staging, **kwargs)
+        finalize_checkpoint(staging)
+        for writer in extra_writers or []:
+            writer(model, staging)
+        _move_into(staging, save_directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("Saved FWSVD checkpoint to %s", save_directory)
