@@ -1,0 +1,106 @@
+"""Tiny models built inline from configs (no Hub), shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+import hf_fwsvd  # noqa: F401  (registers the fwsvd quantization method)
+
+VOCAB = 64
+
+
+def tiny_bert(**kwargs):
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=64, num_labels=2, **kwargs,
+    )
+    return BertForSequenceClassification(config)
+
+
+def tiny_distilbert(**kwargs):
+    config = DistilBertConfig(
+        vocab_size=VOCAB, dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=64, num_labels=2,
+        **kwargs,
+    )
+    return DistilBertForSequenceClassification(config)
+
+
+def tiny_roberta(**kwargs):
+    config = RobertaConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=72, num_labels=2, pad_token_id=1, **kwargs,
+    )
+    return RobertaForSequenceClassification(config)
+
+
+def tiny_gpt2(**kwargs):
+    config = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=64, **kwargs)
+    return GPT2LMHeadModel(config)
+
+
+def tiny_llama(**kwargs):
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, **kwargs,
+    )
+    return LlamaForCausalLM(config)
+
+
+ARCHITECTURES = {
+    "bert": tiny_bert,
+    "distilbert": tiny_distilbert,
+    "roberta": tiny_roberta,
+    "gpt2": tiny_gpt2,
+    "llama": tiny_llama,
+}
+CAUSAL = {"gpt2", "llama"}
+
+
+def calibration_data(arch: str, count: int = 12, seed: int = 0) -> list[dict]:
+    """Token-id examples (with labels for classifiers) of varied lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for index in range(count):
+        length = 4 + index % 5
+        ids = torch.randint(3, VOCAB, (length,), generator=generator).tolist()
+        example = {"input_ids": ids}
+        if arch not in CAUSAL:
+            example["label"] = index % 2
+        examples.append(example)
+    return examples
+
+
+@pytest.fixture
+def sample_input() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "input_ids": torch.randint(3, VOCAB, (2, 7), generator=generator),
+        "attention_mask": torch.ones(2, 7, dtype=torch.long),
+    }
+
+
+@pytest.fixture
+def saved_dense(tmp_path):
+    """Factory: save a tiny dense model of `arch` and return (dir, model class)."""
+
+    def make(arch: str, seed: int = 0):
+        torch.manual_seed(seed)
+        model = ARCHITECTURES[arch]()
+        path = tmp_path / f"dense-{arch}"
+        model.save_pretrained(path)
+        return path, type(model)
+
+    return make
