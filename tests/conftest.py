@@ -18,6 +18,7 @@ from transformers import (
 )
 
 import hf_fwsvd  # noqa: F401  (registers the fwsvd quantization method)
+from hub_stub.fixtures import hub_endpoint  # noqa: F401  (local Hugging Face Hub stand-in, see tests/hub_stub)
 
 VOCAB = 64
 
