@@ -4,8 +4,8 @@ For a linear layer ``y = x W^T + b`` the gradient of a loss ``L`` w.r.t. ``W`` i
 read ``x`` with a forward hook and ``g`` with a hook on the layer's output, form each example's weight gradient, square
 it, sum it over output features (the paper's row sum in its ``in x out`` layout) and add it to an fp32 vector of length
 ``in_features``. No parameter ever gets a ``.grad``: all parameters are frozen during estimation and gradients flow only
-through activations, so the extra memory is the sum of the ``in_features`` of the targets plus one transient
-``out x in`` matrix.
+through activations, so the persistent extra memory is the sum of the ``in_features`` of the targets; the transient
+extra memory is one bounded chunk of per-example products (see `per_example_squared_sums`).
 
 The importance of input feature ``i`` of a layer is ``F_i = 1/N sum_n sum_o (dL_n/dW_oi)^2`` over the ``N``
 calibration examples, where ``L_n`` is example ``n``'s loss. The per-example gradients are recovered from the gradient of
@@ -25,9 +25,12 @@ from tqdm.auto import tqdm
 
 from .layers import is_supported_linear
 
-__all__ = ["estimate_fisher", "model_loss"]
+__all__ = ["estimate_fisher", "model_loss", "per_example_squared_sums"]
 
 logger = logging.getLogger(__name__)
+
+# Bound (in float32 elements, 4M = 16 MiB) on the per-chunk intermediate of `per_example_squared_sums`.
+CHUNK_ELEMENTS = 1 << 22
 
 
 def model_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -99,17 +102,57 @@ class _FisherHooks:
                 rows_grad = grads.reshape(-1, grads.shape[-1])
                 total = (rows_grad.square().sum(-1)) @ rows_in.square()
             else:
-                total = torch.zeros(inputs.shape[-1], dtype=torch.float32, device=inputs.device)
-                for example_in, example_grad in zip(inputs, grads, strict=True):
-                    weight_grad = example_grad.reshape(-1, grads.shape[-1]).T @ example_in.reshape(
-                        -1, inputs.shape[-1]
-                    )
-                    total += weight_grad.square().sum(0)
+                total = per_example_squared_sums(
+                    inputs.reshape(batch, -1, inputs.shape[-1]), grads.reshape(batch, -1, grads.shape[-1])
+                )
             total *= batch * batch
             if name in self.sums:
                 self.sums[name] += total
             else:
                 self.sums[name] = total
+
+
+def per_example_squared_sums(
+    inputs: torch.Tensor, grads: torch.Tensor, method: str = "auto", chunk_elements: int = CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """``sum_n sum_o ((G_n^T X_n)_oi)^2`` for every input feature ``i``, without a per-example Python loop.
+
+    ``G_n^T X_n`` is example ``n``'s weight gradient (``out x in``) when ``X_n`` (``tokens x in``) is its layer input
+    and ``G_n`` (``tokens x out``) the gradient at the layer output. Examples are processed in chunks with batched
+    matmuls. Two exact, equivalent forms; ``"auto"`` picks the one with fewer FLOPs per example:
+
+    - ``"direct"``: form the ``out x in`` gradients and square them (``tokens * out * in`` multiply-adds);
+    - ``"gram"``: ``sum_o (G^T X)_oi^2 = sum_ts (G G^T)_ts X_ti X_si``, i.e. the diagonal of ``X^T (G G^T) X``
+      (``tokens^2 * (out + in)``), cheaper whenever ``tokens * (out + in) < out * in``.
+
+    Args:
+        inputs (`torch.Tensor`): ``examples x tokens x in`` (float32).
+        grads (`torch.Tensor`): ``examples x tokens x out`` (float32).
+        method (`str`, *optional*, defaults to `"auto"`): `"auto"`, `"direct"` or `"gram"`.
+        chunk_elements (`int`, *optional*): Bound on the floats of the per-chunk intermediate (``chunk * out * in``
+            or ``chunk * tokens * (tokens + in)``); at least one example is processed at a time.
+
+    Returns:
+        `torch.Tensor`: float32 vector of length ``in``.
+    """
+    examples, tokens, in_features = inputs.shape
+    out_features = grads.shape[-1]
+    if method == "auto":
+        method = "gram" if tokens * (out_features + in_features) < out_features * in_features else "direct"
+    if method not in ("direct", "gram"):
+        raise ValueError(f"Unknown method {method!r}; choose 'auto', 'direct' or 'gram'.")
+    per_example = out_features * in_features if method == "direct" else tokens * (tokens + in_features)
+    chunk = max(1, chunk_elements // max(per_example, 1))
+    total = torch.zeros(in_features, dtype=torch.float32, device=inputs.device)
+    for start in range(0, examples, chunk):
+        x = inputs[start : start + chunk]
+        g = grads[start : start + chunk]
+        if method == "direct":
+            total += torch.bmm(g.transpose(1, 2), x).square_().sum((0, 1))
+        else:
+            kernel_x = torch.bmm(torch.bmm(g, g.transpose(1, 2)), x)
+            total += (kernel_x.mul_(x)).sum((0, 1))
+    return total
 
 
 def _frozen_state(model: nn.Module) -> tuple[bool, dict[str, bool]]:
