@@ -16,6 +16,7 @@ from .factorize import low_rank_params, relative_errors
 from .fisher import estimate_fisher, model_loss
 from .importances import check_importances, load_importances
 from .layers import LowRankLinear, dense_weight
+from .payoff import low_rank_pays_off
 from .ranks import resolve_ranks
 from .replace import replace_with_dense, shape_of
 from .report import CompressionReport, ModuleReport
@@ -114,7 +115,12 @@ def compress(
     for name, module in tqdm(targets.items(), desc="Factorising", unit="layer", disable=not show_progress):
         importance = None if importances is None else importances[name]
         replacement = LowRankLinear.from_linear(
-            module, ranks[name], importance, name=name, floor=run_config.importance_floor
+            module,
+            ranks[name],
+            importance,
+            name=name,
+            floor=run_config.importance_floor,
+            svd_solver=run_config.svd_solver,
         )
         errors = relative_errors(dense_weight(module), replacement.weight, importance)
         out_features, in_features = shapes[name]
@@ -128,6 +134,7 @@ def compress(
                 params_after=low_rank_params(out_features, in_features, ranks[name]),
                 plain_error=errors["plain"],
                 weighted_error=errors["weighted"],
+                pays_off=low_rank_pays_off(out_features, in_features, ranks[name]),
             )
         )
         if type(module).__name__ != "Linear":

@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .factorize import SVD_SOLVERS
 from .version import __version__
 
 __all__ = ["FWSVDConfig", "METHODS"]
@@ -48,6 +49,9 @@ class FWSVDConfig(QuantizationConfigMixin):
         importances (`dict[str, torch.Tensor] | str`, *optional*): Precomputed importances (module name -> one value
             per input feature) or the path of a safetensors file holding them; skips Fisher estimation.
         importance_floor (`float`, *optional*, defaults to 1e-6): Relative floor on importances (see `factorize`).
+        svd_solver (`str`, *optional*, defaults to `"auto"`): `"full"` (exact SVD), `"randomized"` (randomized range
+            finder) or `"auto"` (randomized only for large matrices at low ranks, where its extra error was measured
+            to be negligible; see `factorize.choose_svd_solver`).
         ranks (`dict[str, int]`, *optional*): The resolved rank of every compressed module. Filled in by compression
             and saved in `config.json`, so a reload builds exact shapes before reading any weight.
         source_classes (`dict[str, str]`, *optional*): Original class of modules that were not `nn.Linear`
@@ -73,6 +77,7 @@ class FWSVDConfig(QuantizationConfigMixin):
     max_length: int = 128
     importances: Any = None
     importance_floor: float = 1e-6
+    svd_solver: str = "auto"
     ranks: dict[str, int] | None = None
     source_classes: dict[str, str] = field(default_factory=dict)
     weights_file: str | None = None
@@ -104,6 +109,8 @@ class FWSVDConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if self.svd_solver not in SVD_SOLVERS:
+            raise ValueError(f"Unknown svd_solver {self.svd_solver!r}; choose one of {', '.join(SVD_SOLVERS)}.")
         if not 0 <= self.importance_floor < 1:
             raise ValueError(f"`importance_floor` must be in [0, 1), got {self.importance_floor!r}.")
         if isinstance(self.importances, (str, os.PathLike)) and not os.path.isfile(self.importances):

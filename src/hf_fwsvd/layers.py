@@ -103,6 +103,7 @@ class LowRankLinear(nn.Module):
         importance: torch.Tensor | None = None,
         name: str = "weight",
         floor: float | None = None,
+        svd_solver: str = "full",
     ) -> LowRankLinear:
         """Factorise a dense layer (`nn.Linear` or `Conv1D`) with FWSVD (or plain SVD when `importance` is `None`).
 
@@ -112,10 +113,12 @@ class LowRankLinear(nn.Module):
             importance (`torch.Tensor`, *optional*): Per-input-feature Fisher importance.
             name (`str`, *optional*): Module name for error messages.
             floor (`float`, *optional*): Relative importance floor passed to [`factorize`].
+            svd_solver (`str`, *optional*, defaults to `"full"`): `"full"`, `"randomized"` or `"auto"` (see
+                [`factorize`]).
         """
         weight = dense_weight(linear)
         kwargs = {} if floor is None else {"floor": floor}
-        factors = factorize(weight, rank, importance, name=name, **kwargs)
+        factors = factorize(weight, rank, importance, name=name, svd_solver=svd_solver, **kwargs)
         return cls.from_factors(factors, linear.bias, dtype=weight.dtype, device=weight.device)
 
     def to_linear(self) -> nn.Linear:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 from .config import FWSVDConfig
 from .factorize import full_rank, low_rank_params
+from .payoff import low_rank_pays_off, max_paying_rank
 from .targets import matches
 
 __all__ = ["rank_for_shape", "resolve_ranks"]
+
+logger = logging.getLogger(__name__)
 
 
 def rank_for_shape(out_features: int, in_features: int, config: FWSVDConfig, name: str) -> int:
@@ -22,6 +26,8 @@ def rank_for_shape(out_features: int, in_features: int, config: FWSVDConfig, nam
         rank = config.rank
     elif config.param_ratio is not None:
         rank = max(1, math.floor(config.param_ratio * out_features * in_features / (out_features + in_features)))
+        # A parameter budget never asks for a slower layer: clamp to the largest rank that is faster than dense.
+        rank = max(1, min(rank, max_paying_rank(out_features, in_features)))
     else:
         rank = max(1, round(config.rank_ratio * full))
     return _checked(rank, full, name, out_features, in_features)
@@ -63,4 +69,21 @@ def resolve_ranks(shapes: dict[str, tuple[int, int]], config: FWSVDConfig) -> di
         full = full_rank((out_features, in_features))
         rank = max(1, round(override * full)) if isinstance(override, float) else override
         ranks[name] = _checked(rank, full, name, out_features, in_features)
+    _warn_slow(shapes, ranks)
     return ranks
+
+
+def _warn_slow(shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> None:
+    slow = [name for name, rank in ranks.items() if not low_rank_pays_off(*shapes[name], rank)]
+    if slow:
+        out_features, in_features = shapes[slow[0]]
+        logger.warning(
+            "%d module(s) get a rank too high to run faster than the dense layer, e.g. `%s` (%dx%d) at rank %d: its "
+            "two matmuls cost about as much as the dense one. Ranks up to %d pay off there (see hf_fwsvd.payoff).",
+            len(slow),
+            slow[0],
+            out_features,
+            in_features,
+            ranks[slow[0]],
+            max_paying_rank(out_features, in_features),
+        )

@@ -19,6 +19,7 @@ class ModuleReport:
     params_after: int
     plain_error: float
     weighted_error: float
+    pays_off: bool = True  # whether the rank is low enough to run faster than the dense layer (see `payoff`)
 
 
 @dataclass
@@ -48,7 +49,7 @@ class CompressionReport:
             shape = f"{row.out_features}x{row.in_features}"
             lines.append(
                 f"{row.name:<48} {shape:>11} {row.rank:>5} {row.params_before:>10,} {row.params_after:>10,} "
-                f"{row.plain_error:>7.4f} {row.weighted_error:>7.4f}"
+                f"{row.plain_error:>7.4f} {row.weighted_error:>7.4f}" + ("" if row.pays_off else "  slow")
             )
         before = sum(row.params_before for row in self.modules)
         after = sum(row.params_after for row in self.modules)
@@ -58,4 +59,6 @@ class CompressionReport:
             f"{'whole model':<48} {'':>11} {'':>5} {self.model_params_before:>10,} {self.model_params_after:>10,}"
             f"  ({self.params_ratio:.1%} kept)"
         )
+        if not all(row.pays_off for row in self.modules):
+            lines.append("slow: rank too high for the two low-rank matmuls to beat the dense layer (hf_fwsvd.payoff)")
         return "\n".join(lines)
