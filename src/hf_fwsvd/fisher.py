@@ -86,8 +86,10 @@ class _FisherHooks:
     def _make_forward_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
             if torch.is_tensor(output) and output.requires_grad:
-                hidden = args[0]
-                output.register_hook(lambda grad: self._accumulate(name, hidden, grad))
+                # The layer input is held only until its gradient arrives, then released, so activations are freed
+                # during the backward pass as autograd frees its own saved tensors (not at the end of it).
+                held = [args[0]]
+                output.register_hook(lambda grad: self._accumulate(name, held.pop(), grad) if held else None)
 
         return hook
 
