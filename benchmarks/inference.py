@@ -47,7 +47,7 @@ def layer_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
 
 def bench_layers(shapes, batches, dtypes, repeats) -> tuple[list[list[object]], list[tuple]]:
     rows, records = [], []
-    for (out_features, in_features) in shapes:
+    for out_features, in_features in shapes:
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             dense = torch.nn.Linear(in_features, out_features).to(dtype)
@@ -56,8 +56,8 @@ def bench_layers(shapes, batches, dtypes, repeats) -> tuple[list[list[object]], 
             for batch in batches:
                 x = torch.randn(batch, SEQ_LEN, in_features, dtype=dtype)
                 with torch.inference_mode():
-                    variants = {"dense": lambda: dense(x)}
-                    variants.update({ratio: (lambda m=m: m(x)) for ratio, m in low.items()})
+                    variants = {"dense": lambda dense=dense, x=x: dense(x)}
+                    variants.update({ratio: (lambda m=m, x=x: m(x)) for ratio, m in low.items()})
                     times = time_side_by_side(variants, repeats=repeats)
                 for ratio, rank in ranks.items():
                     achieved = times.speedup("dense", ratio)
@@ -96,7 +96,7 @@ def bench_model(dense: torch.nn.Module, batches, dtypes, repeats) -> tuple[list[
             inputs = {"input_ids": torch.randint(1000, 20000, (batch, SEQ_LEN), generator=generator)}
             flops = {name: matmul_flops(model, inputs) for name, model in models.items()}
             with torch.inference_mode():
-                variants = {name: (lambda m=model: m(**inputs)) for name, model in models.items()}
+                variants = {name: (lambda m=model, inputs=inputs: m(**inputs)) for name, model in models.items()}
                 times = time_side_by_side(variants, repeats=repeats, min_time=0.0)
             for ratio in RATIOS:
                 achieved = times.speedup("dense", ratio)

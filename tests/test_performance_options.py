@@ -60,7 +60,7 @@ def test_full_solver_is_plain_svd():
         ((4096, 4096), 1025, "full"),
         ((2048, 8192), 512, "randomized"),
     ],
-    ids=["small", "big-low-rank", "big-high-rank", "wide"],
+    ids=["small", "big-low-rank", "big-high-rank", "wide", "just-below-min-side"],
 )
 def test_auto_solver_rule(shape, rank, expected):
     assert choose_svd_solver(shape, rank, "auto") == expected
