@@ -4,8 +4,7 @@
    ratios 0.1/0.25/0.33/0.5: time `factorize(..., svd_solver="full")` vs ``"randomized"`` side by side, and the
    relative increase of the weighted reconstruction error the randomized solver causes.
 2. The same on a larger Gaussian matrix (``--sizes``, default 1024; a flat spectrum, the hard case for randomized SVD)
-   to locate
-   where the randomized solver starts to pay off; this is what ``svd_solver="auto"`` encodes.
+   to locate where the randomized solver starts to pay off; this is what ``svd_solver="auto"`` encodes.
 3. All 36 MiniLM layers in sequence at 1 and 2 threads vs two worker threads of one torch thread each.
 
 Run: ``PYTHONPATH=src:. python benchmarks/bench_factorize.py --threads 1``
