@@ -59,6 +59,7 @@ def test_full_solver_is_plain_svd():
         ((4096, 4096), 1024, "randomized"),
         ((4096, 4096), 1025, "full"),
         ((2048, 8192), 512, "randomized"),
+        ((1023, 4096), 100, "full"),
     ],
     ids=["small", "big-low-rank", "big-high-rank", "wide", "just-below-min-side"],
 )
