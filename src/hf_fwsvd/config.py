@@ -48,7 +48,8 @@ class FWSVDConfig(QuantizationConfigMixin):
         max_length (`int`, *optional*, defaults to 128): Truncation length for text calibration data.
         importances (`dict[str, torch.Tensor] | str`, *optional*): Precomputed importances (module name -> one value
             per input feature) or the path of a safetensors file holding them; skips Fisher estimation.
-        importance_floor (`float`, *optional*, defaults to 1e-6): Relative floor on importances (see `factorize`).
+        importance_floor (`float`, *optional*, defaults to 0): Relative floor on importances (see `factorize`); 0 gives
+            the exact weighted optimum.
         ranks (`dict[str, int]`, *optional*): The resolved rank of every compressed module. Filled in by compression
             and saved in `config.json`, so a reload builds exact shapes before reading any weight.
         source_classes (`dict[str, str]`, *optional*): Original class of modules that were not `nn.Linear`
@@ -73,7 +74,7 @@ class FWSVDConfig(QuantizationConfigMixin):
     batch_size: int = 8
     max_length: int = 128
     importances: Any = None
-    importance_floor: float = 1e-6
+    importance_floor: float = 0.0
     ranks: dict[str, int] | None = None
     source_classes: dict[str, str] = field(default_factory=dict)
     weights_file: str | None = None
