@@ -87,6 +87,11 @@ def _pad_id(tokenizer: Any, model_config: Any) -> int:
                 value,
             )
             return int(value)
+    if tokenizer is not None:
+        logger.warning(
+            "Neither the tokenizer nor the model config has a pad, eos or unk token; padding calibration batches with "
+            "id 0 (masked out by the attention mask)."
+        )
     return 0
 
 
