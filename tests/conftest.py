@@ -25,27 +25,15 @@ VOCAB = 64
 
 def tiny_bert(**kwargs):
     config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        num_labels=2,
-        **kwargs,
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=64, num_labels=2, **kwargs,
     )
     return BertForSequenceClassification(config)
 
 
 def tiny_distilbert(**kwargs):
     config = DistilBertConfig(
-        vocab_size=VOCAB,
-        dim=16,
-        n_layers=2,
-        n_heads=2,
-        hidden_dim=32,
-        max_position_embeddings=64,
-        num_labels=2,
+        vocab_size=VOCAB, dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=64, num_labels=2,
         **kwargs,
     )
     return DistilBertForSequenceClassification(config)
@@ -53,15 +41,8 @@ def tiny_distilbert(**kwargs):
 
 def tiny_roberta(**kwargs):
     config = RobertaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=72,
-        num_labels=2,
-        pad_token_id=1,
-        **kwargs,
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=72, num_labels=2, pad_token_id=1, **kwargs,
     )
     return RobertaForSequenceClassification(config)
 
@@ -73,14 +54,8 @@ def tiny_gpt2(**kwargs):
 
 def tiny_llama(**kwargs):
     config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        **kwargs,
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, **kwargs,
     )
     return LlamaForCausalLM(config)
 

@@ -201,7 +201,9 @@ def test_nan_loss_from_the_model():
     ):
         run(model, calibration_dataset=calibration_data("bert"))
     assert not any(isinstance(module, LowRankLinear) for module in model.modules())
-    assert all(torch.equal(p, q) or p.isnan().any() for p, q in zip(model.parameters(), original.parameters()))
+    assert all(
+        torch.equal(p, q) or p.isnan().any() for p, q in zip(model.parameters(), original.parameters(), strict=True)
+    )
 
 
 def test_nan_loss_from_a_custom_loss_on_a_later_batch():

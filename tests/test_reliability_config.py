@@ -65,13 +65,13 @@ def test_bad_config_values(kwargs, message):
     [
         (
             100,
-            f"Rank 100 for `{QUERY}` (16x16) is not below its full rank 16: the factorised layer would keep 3200 weights "
-            "instead of 256. Use a smaller rank, a `rank_ratio`, or exclude the module.",
+            f"Rank 100 for `{QUERY}` (16x16) is not below its full rank 16: the factorised layer would keep 3200 "
+            "weights instead of 256. Use a smaller rank, a `rank_ratio`, or exclude the module.",
         ),
         (
             16,
-            f"Rank 16 for `{QUERY}` (16x16) is not below its full rank 16: the factorised layer would keep 512 weights "
-            "instead of 256. Use a smaller rank, a `rank_ratio`, or exclude the module.",
+            f"Rank 16 for `{QUERY}` (16x16) is not below its full rank 16: the factorised layer would keep 512 "
+            "weights instead of 256. Use a smaller rank, a `rank_ratio`, or exclude the module.",
         ),
     ],
     ids=["rank-above-full", "rank-equal-full"],
@@ -86,8 +86,8 @@ def test_rank_not_below_full_rank(rank, message):
 def test_rank_pattern_above_full_rank():
     with fails_with(
         ValueError,
-        f"Rank 40 for `{QUERY}` (16x16) is not below its full rank 16: the factorised layer would keep 1280 weights "
-        "instead of 256. Use a smaller rank, a `rank_ratio`, or exclude the module.",
+        f"Rank 40 for `{QUERY}` (16x16) is not below its full rank 16: the factorised layer would keep 1280 "
+        "weights instead of 256. Use a smaller rank, a `rank_ratio`, or exclude the module.",
         entry="compress",
     ):
         compress(tiny_bert(), FWSVDConfig(rank=2, rank_pattern={"query": 40}, method="svd"), show_progress=False)
@@ -120,8 +120,8 @@ def test_target_matches_a_non_linear_module():
 def test_everything_excluded_matches_nothing():
     config = FWSVDConfig(rank=2, method="svd", modules_to_not_convert=["transformer"])
     message = (
-        "No module of GPT2LMHeadModel matched `target_modules=None` (after `modules_to_not_convert`). Linear layers in "
-        "this model include: transformer.h.0.attn.c_attn, transformer.h.0.attn.c_proj, transformer.h.0.mlp.c_fc, "
+        "No module of GPT2LMHeadModel matched `target_modules=None` (after `modules_to_not_convert`). Linear layers "
+        "in this model include: transformer.h.0.attn.c_attn, transformer.h.0.attn.c_proj, transformer.h.0.mlp.c_fc, "
         "transformer.h.0.mlp.c_proj, transformer.h.1.attn.c_attn, transformer.h.1.attn.c_proj."
     )
     with fails_with(ValueError, message, entry="compress"):
