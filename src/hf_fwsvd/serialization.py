@@ -164,7 +164,9 @@ def _output_lock(save_directory: str) -> Iterator[None]:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        logger.warning("Another process is saving into %s; waiting for it to finish (lock %s).", save_directory, lock)
+        logger.warning(
+            "Another process is saving into %s; waiting for it to finish (lock %s).", save_directory, lock.lock_file
+        )
         lock.acquire()
     try:
         yield
