@@ -71,3 +71,35 @@ def word_tokenizer(pad: bool = True, eos: bool = False) -> PreTrainedTokenizerFa
     if eos:
         tokens["eos_token"] = "[EOS]"
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tokens)
+
+
+AREAS = ("config", "calibration", "importances", "checkpoints", "output", "concurrency")
+
+
+def render_table(path: str) -> str:
+    """Markdown tables, one per area (test file), of the cases recorded in `path` (one JSON object a line)."""
+    sections: dict[str, list[str]] = {area: [] for area in AREAS}
+    seen = set()
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            case = json.loads(line)
+            key = (case["test"], case["message"])
+            if key in seen:
+                continue
+            seen.add(key)
+            filename, test = case["test"].split("::", 1)
+            area = os.path.basename(filename).removeprefix("test_reliability_").removesuffix(".py")
+            message = case["message"].replace("|", "\\|").replace("\n", " ")
+            sections.setdefault(area, []).append(f"| `{test}` | {case['entry']} | {case['type']} | {message} |")
+    lines = []
+    for area, rows in sections.items():
+        if rows:
+            header = ["| Case (test) | Entry point | Raises / logs | Exact text |", "|---|---|---|---|"]
+            lines += [f"### {area.capitalize()} (`tests/test_reliability_{area}.py`)", "", *header, *rows, ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(render_table(sys.argv[1]))

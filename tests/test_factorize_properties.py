@@ -41,14 +41,13 @@ def problems(draw):
     if dtype == torch.float16 and weight.abs().max() > 1e4:  # stay inside float16's range
         weight = weight / weight.abs().max() * 1e4
     weight = weight.to(dtype)
-    importance_values = draw(
-        st.lists(
-            st.sampled_from([0.0, 1e-30, 1e-6, 0.5, 1.0, 7.0, 1e6, 1e30]), min_size=in_features, max_size=in_features
-        )
-    )
+    importance_dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    values = [0.0, 1e-30, 1e-6, 0.5, 1.0, 7.0, 1e6, 1e30]
+    if importance_dtype == torch.float64:
+        values.append(1e300)  # finite in float64, inf if cast to float32 before normalising
+    importance_values = draw(st.lists(st.sampled_from(values), min_size=in_features, max_size=in_features))
     if not any(importance_values):
         importance_values[0] = 1.0
-    importance_dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     importance = torch.tensor(importance_values, dtype=importance_dtype)
     return weight, rank, importance
 

@@ -14,8 +14,9 @@ make the weighted error zero, and the other ``r - k`` directions are free: we ta
 those ``k`` leave of ``W``, so zero-importance columns are still approximated as well as possible without costing any
 weighted error. The result is exactly the weighted optimum (Eckart-Young on ``W diag(d)``) for every importance
 vector; a relative floor (``floor > 0``) is available but trades that optimality for plain error, so it is off by
-default. Uniform importances give exactly plain SVD: the weights are normalised by their maximum, so a constant vector
-becomes all ones and ``W diag(d) == W``.
+default. Uniform importances give exactly plain SVD (the SVD of ``W`` itself). Only the ratios of the ``d_i`` matter,
+so they are formed in float64 and scaled so that the largest weighted entry is one before the float32 SVD: importances
+spanning more orders of magnitude than float32 holds neither overflow nor underflow.
 """
 
 from __future__ import annotations
@@ -108,9 +109,26 @@ def input_scaling(importance: torch.Tensor | None, floor: float = DEFAULT_IMPORT
     """
     if importance is None:
         return None
-    values = importance.detach().to(torch.float64)  # float64 first: a float32 cast could overflow to inf
-    normalised = (values / values.max()).to(torch.float32)
-    return normalised.clamp_min(floor).sqrt()
+    values = importance.detach().to(torch.float64)  # float64 first: a float32 cast could overflow or underflow
+    return (values / values.max()).clamp_min(floor).sqrt().to(torch.float32)
+
+
+def _column_factors(dense: torch.Tensor, importance: torch.Tensor, floor: float) -> torch.Tensor | None:
+    """float32 column factors proportional to ``sqrt(I / max I)`` for the SVD, or `None` for uniform importances.
+
+    Only the ratios between factors matter (a common scale does not change the left singular vectors), so they are
+    scaled in float64 to make the largest weighted entry of ``W`` one: importances spanning more orders of magnitude
+    than float32 holds still weigh the columns that carry weight instead of underflowing to zero.
+    """
+    values = importance.detach().to(device=dense.device, dtype=torch.float64)
+    weights = (values / values.max()).clamp_min(floor)
+    if bool((weights == 1).all()):
+        return None  # uniform importances: plain SVD, bit for bit
+    roots = weights.sqrt()
+    peak = (dense.abs().amax(dim=0).to(torch.float64) * roots).max()
+    if peak > 0:
+        roots = roots / peak
+    return roots.clamp(max=torch.finfo(torch.float32).max).to(torch.float32)
 
 
 def _output_basis(dense: torch.Tensor, scaling: torch.Tensor | None, rank: int) -> torch.Tensor:
@@ -166,7 +184,7 @@ def factorize(
         dense = weight.detach().to(torch.float32)
         if not torch.isfinite(dense).all():
             raise ValueError(f"`{name}` weight has NaN/Inf values; refusing to factorise it.")
-        scaling = input_scaling(importance.to(dense.device) if importance is not None else None, floor)
+        scaling = None if importance is None else _column_factors(dense, importance, floor)
         up = _output_basis(dense, scaling, rank).contiguous()
         down = up.T @ dense
     return LowRankFactors(down=down, up=up)
