@@ -94,8 +94,9 @@ def compress(
         show_progress (`bool`, *optional*, defaults to `True`): Progress bars for Fisher estimation and factorisation.
 
     Raises:
-        `ValueError`: For bad config values, no matched modules, missing calibration data or bad importances; the
-            model is left unchanged when any check fails before factorisation starts.
+        `ValueError`: For bad config values, no matched modules, missing calibration data or bad importances. On
+            any failure (including one in the middle of factorisation, or an interrupt) the model is left unchanged:
+            modules already factorised are put back.
     """
     if any(isinstance(module, LowRankLinear) for module in model.modules()):
         raise ValueError(f"{type(model).__name__} is already FWSVD-compressed; compress the dense model instead.")
@@ -111,6 +112,41 @@ def compress(
     report = CompressionReport(method=run_config.method, model_params_before=params_before)
     if run_config.method == "fwsvd" and run_config.importances is None:
         report.calibration_samples = _calibration_size(run_config)
+    swapped: list[str] = []
+    try:
+        _factorise_all(model, targets, shapes, ranks, importances, run_config, report, swapped, show_progress)
+    except BaseException:
+        # Never leave a partially compressed model behind: put every dense module back (they are still in `targets`).
+        for name in swapped:
+            model.set_submodule(name, targets[name])
+        raise
+    run_config.ranks = ranks
+    report.model_params_after = _count_params(model)
+    _mark_compressed(model, run_config)
+    model.fwsvd_report = report
+    logger.info(
+        "FWSVD (%s) compressed %d modules: %s -> %s parameters (%.1f%% kept).",
+        run_config.method,
+        len(ranks),
+        f"{params_before:,}",
+        f"{report.model_params_after:,}",
+        100 * report.params_ratio,
+    )
+    return model
+
+
+def _factorise_all(
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    shapes: dict[str, tuple[int, int]],
+    ranks: dict[str, int],
+    importances: dict[str, torch.Tensor] | None,
+    run_config: FWSVDConfig,
+    report: CompressionReport,
+    swapped: list[str],
+    show_progress: bool,
+) -> None:
+    """Factorise and swap every target in turn, recording each swapped name in `swapped` (for a rollback)."""
     for name, module in tqdm(targets.items(), desc="Factorising", unit="layer", disable=not show_progress):
         importance = None if importances is None else importances[name]
         replacement = LowRankLinear.from_linear(
@@ -133,19 +169,7 @@ def compress(
         if type(module).__name__ != "Linear":
             run_config.source_classes[name] = type(module).__name__
         model.set_submodule(name, replacement)
-    run_config.ranks = ranks
-    report.model_params_after = _count_params(model)
-    _mark_compressed(model, run_config)
-    model.fwsvd_report = report
-    logger.info(
-        "FWSVD (%s) compressed %d modules: %s -> %s parameters (%.1f%% kept).",
-        run_config.method,
-        len(ranks),
-        f"{params_before:,}",
-        f"{report.model_params_after:,}",
-        100 * report.params_ratio,
-    )
-    return model
+        swapped.append(name)
 
 
 def _calibration_size(config: FWSVDConfig) -> int | None:

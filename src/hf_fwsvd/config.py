@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,8 @@ class FWSVDConfig(QuantizationConfigMixin):
         max_length (`int`, *optional*, defaults to 128): Truncation length for text calibration data.
         importances (`dict[str, torch.Tensor] | str`, *optional*): Precomputed importances (module name -> one value
             per input feature) or the path of a safetensors file holding them; skips Fisher estimation.
-        importance_floor (`float`, *optional*, defaults to 1e-6): Relative floor on importances (see `factorize`).
+        importance_floor (`float`, *optional*, defaults to 0): Relative floor on importances (see `factorize`); 0 gives
+            the exact weighted optimum.
         ranks (`dict[str, int]`, *optional*): The resolved rank of every compressed module. Filled in by compression
             and saved in `config.json`, so a reload builds exact shapes before reading any weight.
         source_classes (`dict[str, str]`, *optional*): Original class of modules that were not `nn.Linear`
@@ -72,7 +74,7 @@ class FWSVDConfig(QuantizationConfigMixin):
     batch_size: int = 8
     max_length: int = 128
     importances: Any = None
-    importance_floor: float = 1e-6
+    importance_floor: float = 0.0
     ranks: dict[str, int] | None = None
     source_classes: dict[str, str] = field(default_factory=dict)
     weights_file: str | None = None
@@ -100,6 +102,10 @@ class FWSVDConfig(QuantizationConfigMixin):
             raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
             raise ValueError("`target_modules` is an empty list: nothing would be compressed.")
+        _check_patterns(self.target_modules, "target_modules")
+        _check_patterns(self.modules_to_not_convert, "modules_to_not_convert")
+        for key in self.rank_pattern:  # every key is also tried as a regex (see `ranks._override`)
+            _check_patterns(key, "rank_pattern")
         for name in ("num_samples", "batch_size", "max_length"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -178,3 +184,25 @@ def _check_fraction(value: Any, name: str, inclusive: bool) -> None:
     if not (value > 0 and upper_ok):
         bound = "(0, 1]" if inclusive else "(0, 1)"
         raise ValueError(f"`{name}` must be in {bound}, got {value}.")
+
+
+_REGEX_CHARS = "*+?[]()|\\^$"
+
+
+def _check_patterns(patterns: Any, name: str) -> None:
+    """Module-name patterns are a regex string or a list of names / suffixes / regexes; reject anything else early."""
+    if patterns is None:
+        return
+    if isinstance(patterns, str):
+        items = [patterns]
+    elif isinstance(patterns, (list, tuple, set)) and all(isinstance(item, str) for item in patterns):
+        items = [item for item in patterns if any(char in item for char in _REGEX_CHARS)]
+    else:
+        raise ValueError(
+            f"`{name}` must be a regex string or a list of module names, got {patterns!r} ({type(patterns).__name__})."
+        )
+    for item in items:
+        try:
+            re.compile(item)
+        except re.error as error:
+            raise ValueError(f"`{name}` pattern {item!r} is not a valid regular expression: {error}.") from error

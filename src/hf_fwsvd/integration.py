@@ -10,6 +10,7 @@ from typing import Any
 from transformers import PreTrainedModel
 from transformers.quantizers import auto as quantizers_auto
 
+from .checkpoint_checks import check_local_checkpoint
 from .config import FWSVDConfig
 from .quantizer import FWSVDHfQuantizer
 from .serialization import is_fwsvd_model, save_atomically
@@ -42,6 +43,9 @@ def _wrap_from_pretrained() -> None:
             if not isinstance(fwsvd_config, FWSVDConfig):
                 raise TypeError(f"`fwsvd_config` must be an FWSVDConfig, got {type(fwsvd_config).__name__}.")
             kwargs["quantization_config"] = fwsvd_config
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+            check_local_checkpoint(source, kwargs.get("subfolder") or "")
         return original_function(cls, *args, **kwargs)
 
     setattr(from_pretrained, _WRAPPED_FLAG, True)
