@@ -36,9 +36,10 @@ def _check_materialised(model: nn.Module, targets: dict[str, nn.Module]) -> None
     for name, module in targets.items():
         if dense_weight(module).device.type == "meta":
             raise ValueError(
-                f"`{name}` has its weight on the meta device (offloaded to disk or CPU by `device_map`). FWSVD must "
-                "read every dense weight: load the model without offloading (e.g. `device_map=None` or a map that "
-                "fits in memory) to compress it, then reload the compressed checkpoint with any device_map."
+                f"`{name}` has its weight on the meta device (offloaded to disk or CPU by `device_map`). `compress` "
+                "must hold every dense weight: for a model that does not fit, use `hf_fwsvd.compress_layerwise` on "
+                "its checkpoint folder (it estimates the Fisher with the same device_map and factorises block by "
+                "block from disk), or load the model without offloading."
             )
 
 
