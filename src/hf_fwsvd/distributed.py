@@ -88,8 +88,10 @@ def process_info() -> ProcessInfo:
             )
     backend = str(distributed.get_backend()).lower()
     device = torch.device("cpu")
-    if "nccl" in backend and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
+    if "nccl" in backend and torch.cuda.is_available():  # NCCL reduces GPU tensors: this process's GPU
+        from accelerate import PartialState
+
+        device = PartialState().device
     return ProcessInfo(distributed.get_rank(), distributed.get_world_size(), device)
 
 

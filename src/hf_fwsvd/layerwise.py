@@ -293,18 +293,20 @@ def compress_layerwise(
                                dir=os.path.dirname(os.path.abspath(save_directory)))  # fmt: skip
     try:
         weight_map, total_size = {}, 0
-        handles = {path: safe_open(path, framework="pt") for path in sorted(set(files.values()))}
         for number, (group, keys) in enumerate(
             tqdm(groups, desc="Factorising blocks", unit="block", disable=not show_progress), start=1
         ):
+            # Open the source files per block: a safetensors file is memory-mapped, and pages read through a mapping
+            # that stays open count as resident memory until it is closed.
+            handles = {path: safe_open(path, framework="pt") for path in sorted({files[key] for key in keys})}
             tensors = _factorise_group(keys, files, handles, targets, ranks, importances, run_config, report)
+            handles.clear()
             shard = f"model.fwsvd-{number:05d}-of-{len(groups):05d}.safetensors"
             save_file(tensors, os.path.join(staging, shard), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, shard))
             total_size += sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
             logger.debug("Wrote %s (%s, %d tensors)", shard, group or "non-block tensors", len(tensors))
             del tensors
-        handles.clear()
         with open(os.path.join(staging, WEIGHTS_INDEX_NAME), "w", encoding="utf-8") as handle:
             json.dump(
                 {"metadata": {"total_size": total_size}, "weight_map": weight_map}, handle, indent=2, sort_keys=True
