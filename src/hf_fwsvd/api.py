@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -12,9 +13,10 @@ from tqdm.auto import tqdm
 
 from .calibration import build_calibration_loader
 from .config import FWSVDConfig
+from .distributed import is_main_process
 from .factorize import low_rank_params, relative_errors
 from .fisher import estimate_fisher, model_loss
-from .importances import check_importances, load_importances
+from .importances import check_importances, load_importances, save_importances
 from .layers import LowRankLinear, dense_weight
 from .ranks import resolve_ranks
 from .replace import replace_with_dense, shape_of
@@ -34,9 +36,10 @@ def _check_materialised(model: nn.Module, targets: dict[str, nn.Module]) -> None
     for name, module in targets.items():
         if dense_weight(module).device.type == "meta":
             raise ValueError(
-                f"`{name}` has its weight on the meta device (offloaded to disk or CPU by `device_map`). FWSVD must "
-                "read every dense weight: load the model without offloading (e.g. `device_map=None` or a map that "
-                "fits in memory) to compress it, then reload the compressed checkpoint with any device_map."
+                f"`{name}` has its weight on the meta device (offloaded to disk or CPU by `device_map`). `compress` "
+                "must hold every dense weight: for a model that does not fit, use `hf_fwsvd.compress_layerwise` on "
+                "its checkpoint folder (it estimates the Fisher with the same device_map and factorises block by "
+                "block from disk), or load the model without offloading."
             )
 
 
@@ -58,8 +61,18 @@ def compute_importances(
     """
     targets = targets if targets is not None else find_target_modules(model, config)
     in_features = {name: shape_of(module)[1] for name, module in targets.items()}
+    cache = config.importances_cache
     if config.importances is not None:
         importances = load_importances(config.importances)
+    elif cache is not None and os.path.isfile(cache):
+        logger.info("Reusing the importances saved in %s; Fisher estimation is skipped.", cache)
+        importances = load_importances(cache)
+        try:
+            check_importances(importances, in_features)
+        except ValueError as error:
+            raise ValueError(
+                f"{error} They were read from `importances_cache` {cache!r}: delete it to re-estimate."
+            ) from error
     else:
         loader = build_calibration_loader(
             config.calibration_dataset,
@@ -70,6 +83,10 @@ def compute_importances(
             max_length=config.max_length,
         )
         importances = estimate_fisher(model, loader, targets, loss_fn or model_loss, show_progress)
+        if cache is not None and is_main_process():
+            check_importances(importances, in_features)
+            save_importances(importances, cache)
+            logger.info("Saved the importances to %s; a restarted run will reuse them.", cache)
     check_importances(importances, in_features)
     return {name: importances[name] for name in targets}
 

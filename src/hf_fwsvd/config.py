@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("fwsvd", "svd")
 # Fields that only matter while compressing; they are never written to `config.json`.
-RUNTIME_FIELDS = ("calibration_dataset", "tokenizer", "importances")
+RUNTIME_FIELDS = ("calibration_dataset", "tokenizer", "importances", "importances_cache")
 
 
 @dataclass
@@ -48,6 +48,10 @@ class FWSVDConfig(QuantizationConfigMixin):
         max_length (`int`, *optional*, defaults to 128): Truncation length for text calibration data.
         importances (`dict[str, torch.Tensor] | str`, *optional*): Precomputed importances (module name -> one value
             per input feature) or the path of a safetensors file holding them; skips Fisher estimation.
+        importances_cache (`str`, *optional*): Path of a safetensors file that makes a long estimation resumable: when
+            it exists the importances are read from it and estimation is skipped; otherwise they are estimated and
+            written there (by the main process) before any layer is factorised, so an interrupted run restarts from
+            it. Its directory must exist. Cannot be combined with `importances`.
         importance_floor (`float`, *optional*, defaults to 0): Relative floor on importances (see `factorize`); 0 gives
             the exact weighted optimum.
         ranks (`dict[str, int]`, *optional*): The resolved rank of every compressed module. Filled in by compression
@@ -74,6 +78,7 @@ class FWSVDConfig(QuantizationConfigMixin):
     batch_size: int = 8
     max_length: int = 128
     importances: Any = None
+    importances_cache: str | None = None
     importance_floor: float = 0.0
     ranks: dict[str, int] | None = None
     source_classes: dict[str, str] = field(default_factory=dict)
@@ -114,6 +119,19 @@ class FWSVDConfig(QuantizationConfigMixin):
             raise ValueError(f"`importance_floor` must be in [0, 1), got {self.importance_floor!r}.")
         if isinstance(self.importances, (str, os.PathLike)) and not os.path.isfile(self.importances):
             raise ValueError(f"`importances` file {os.fspath(self.importances)!r} does not exist.")
+        if self.importances_cache is not None:
+            if self.importances is not None:
+                raise ValueError(
+                    "Give either `importances` (precomputed) or `importances_cache` (estimate once, then reuse), not "
+                    "both."
+                )
+            self.importances_cache = os.fspath(self.importances_cache)
+            parent = os.path.dirname(os.path.abspath(self.importances_cache))
+            if not os.path.isdir(parent):
+                raise ValueError(
+                    f"`importances_cache` {self.importances_cache!r} is in a directory that does not exist; create "
+                    f"{parent!r} first."
+                )
         if self.ranks is not None:
             for key, value in self.ranks.items():
                 _check_rank(value, f"ranks[{key!r}]")
