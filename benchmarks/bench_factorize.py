@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from benchmarks.perf_common import machine_line, markdown_table, set_threads, time_side_by_side
-from hf_fwsvd.factorize import choose_svd_solver, factorize, input_scaling, left_singular_basis, relative_errors
+from hf_fwsvd.factorize import choose_svd_solver, factorize, relative_errors
 
 RATIOS = (0.1, 0.25, 0.33, 0.5)
 
@@ -44,13 +44,11 @@ def minilm_weights_and_importances(samples: int) -> dict[str, tuple[torch.Tensor
 
 
 def exact_errors(weight: torch.Tensor, importance: torch.Tensor | None, ranks: list[int]) -> dict[int, float]:
-    """Weighted errors of the exact solver at several ranks from one SVD (prefixes of the same basis)."""
-    scaling = input_scaling(importance)
-    basis = left_singular_basis(weight if scaling is None else weight * scaling, max(ranks), "full")
+    """Weighted errors of the exact solver at several ranks."""
     errors = {}
     for rank in ranks:
-        up = basis[:, :rank]
-        errors[rank] = relative_errors(weight, up @ (up.T @ weight), importance)["weighted"]
+        factors = factorize(weight, rank, importance, svd_solver="full")
+        errors[rank] = relative_errors(weight, factors.product(), importance)["weighted"]
     return errors
 
 

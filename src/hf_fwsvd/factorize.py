@@ -7,10 +7,16 @@ optimum is the rank-``r`` SVD of ``W diag(d)`` = ``U S Vt``, giving ``A = U_r S_
 We never divide by ``d``. For a fixed output basis ``U_r`` (orthonormal columns) every column of ``W`` is best
 approximated by its orthogonal projection, whatever that column's weight, so the optimum is also
 ``A = U_r`` and ``B = U_r^T W`` (a least-squares solve that needs no inverse). It is identical to the textbook form
-when every ``d_i > 0`` and stays finite when some importances are zero. A tiny relative floor on the importances
-keeps ``W diag(d)`` from losing rank because of zero-importance columns, so those columns still act as a tie-breaker
-for directions the task does not care about. Uniform importances give exactly plain SVD: the weights are normalised
-by their maximum, so a constant vector becomes all ones and ``W diag(d) == W``.
+when every ``d_i > 0`` and stays finite when some importances are zero.
+
+Zero importances need no floor. When ``W diag(d)`` has (numerical) rank ``k < r``, its ``k`` leading directions already
+make the weighted error zero, and the other ``r - k`` directions are free: we take them from the plain SVD of what
+those ``k`` leave of ``W``, so zero-importance columns are still approximated as well as possible without costing any
+weighted error. The result is exactly the weighted optimum (Eckart-Young on ``W diag(d)``) for every importance
+vector; a relative floor (``floor > 0``) is available but trades that optimality for plain error, so it is off by
+default. Uniform importances give exactly plain SVD (the SVD of ``W`` itself). Only the ratios of the ``d_i`` matter,
+so they are formed in float64 and scaled so that the largest weighted entry is one before the float32 SVD: importances
+spanning more orders of magnitude than float32 holds neither overflow nor underflow.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ __all__ = [
     "validate_importance",
 ]
 
-DEFAULT_IMPORTANCE_FLOOR = 1e-6
+DEFAULT_IMPORTANCE_FLOOR = 0.0
 SVD_SOLVERS = ("auto", "full", "randomized")
 # Randomized range finder settings: extra sampled directions and power iterations (Halko, Martinsson & Tropp 2011).
 RANDOMIZED_OVERSAMPLE = 16
@@ -108,15 +114,54 @@ def input_scaling(importance: torch.Tensor | None, floor: float = DEFAULT_IMPORT
 
     Args:
         importance (`torch.Tensor` or `None`): Non-negative importances; `None` means uniform (plain SVD).
-        floor (`float`): Relative floor applied to ``I / max(I)`` so zero-importance columns keep a tiny weight.
+        floor (`float`): Relative floor applied to ``I / max(I)`` (0: none, the exact weighted optimum).
 
     Returns:
         `torch.Tensor` or `None`: float32 scaling, or `None` for plain SVD.
     """
     if importance is None:
         return None
-    normalised = importance.detach().to(torch.float32) / importance.max().to(torch.float32)
-    return normalised.clamp_min(floor).sqrt()
+    values = importance.detach().to(torch.float64)  # float64 first: a float32 cast could overflow or underflow
+    return (values / values.max()).clamp_min(floor).sqrt().to(torch.float32)
+
+
+def _column_factors(dense: torch.Tensor, importance: torch.Tensor, floor: float) -> torch.Tensor | None:
+    """float32 column factors proportional to ``sqrt(I / max I)`` for the SVD, or `None` for uniform importances.
+
+    Only the ratios between factors matter (a common scale does not change the left singular vectors), so they are
+    scaled in float64 to make the largest weighted entry of ``W`` one: importances spanning more orders of magnitude
+    than float32 holds still weigh the columns that carry weight instead of underflowing to zero.
+    """
+    values = importance.detach().to(device=dense.device, dtype=torch.float64)
+    weights = (values / values.max()).clamp_min(floor)
+    if bool((weights == 1).all()):
+        return None  # uniform importances: plain SVD, bit for bit
+    roots = weights.sqrt()
+    peak = (dense.abs().amax(dim=0).to(torch.float64) * roots).max()
+    if peak > 0:
+        roots = roots / peak
+    return roots.clamp(max=torch.finfo(torch.float32).max).to(torch.float32)
+
+
+def _output_basis(dense: torch.Tensor, scaling: torch.Tensor | None, rank: int, solver: str = "full") -> torch.Tensor:
+    """Orthonormal ``out x rank`` basis: the top left singular vectors of ``W diag(d)``, completed from the plain SVD
+    of the rest of ``W`` when ``W diag(d)`` has fewer than `rank` (numerically) non-zero singular values."""
+    scaled = dense if scaling is None else dense * scaling
+    if solver == "randomized":
+        left, singular = _randomized_left(scaled, rank)
+    else:
+        left, singular, _ = torch.linalg.svd(scaled, full_matrices=False)
+    if scaling is None:
+        return left[:, :rank]
+    tolerance = singular[0] * max(scaled.shape) * torch.finfo(torch.float32).eps
+    kept = int((singular > tolerance).sum()) if singular[0] > 0 else 0
+    if kept >= rank:
+        return left[:, :rank]
+    basis = left[:, :kept]
+    rest, _, _ = torch.linalg.svd(dense - basis @ (basis.T @ dense), full_matrices=False)
+    # QR keeps the span of `basis` first and makes the completion orthonormal even where `rest` is degenerate.
+    orthonormal, _ = torch.linalg.qr(torch.cat([basis, rest[:, : rank - kept]], dim=1))
+    return orthonormal
 
 
 def choose_svd_solver(shape: tuple[int, int] | torch.Size, rank: int, solver: str = "auto") -> str:
@@ -136,28 +181,15 @@ def choose_svd_solver(shape: tuple[int, int] | torch.Size, rank: int, solver: st
     return "full"
 
 
-def left_singular_basis(
+def _randomized_left(
     matrix: torch.Tensor,
     rank: int,
-    solver: str = "full",
     oversample: int = RANDOMIZED_OVERSAMPLE,
     power_iterations: int = RANDOMIZED_POWER_ITERATIONS,
-) -> torch.Tensor:
-    """The top-`rank` left singular vectors of a float32 `matrix` (``m x rank``, orthonormal columns).
-
-    Args:
-        matrix (`torch.Tensor`): ``m x n`` float32 matrix.
-        rank (`int`): Number of singular vectors.
-        solver (`str`, *optional*, defaults to `"full"`): `"full"` (exact `torch.linalg.svd`) or `"randomized"` (a
-            seeded randomized range finder with power iterations: deterministic, and the global RNG is untouched).
-        oversample (`int`, *optional*): Extra random directions for the randomized solver.
-        power_iterations (`int`, *optional*): Power iterations for the randomized solver.
-    """
-    if solver == "full":
-        left, _, _ = torch.linalg.svd(matrix, full_matrices=False)
-        return left[:, :rank]
-    if solver != "randomized":
-        raise ValueError(f"Unknown svd_solver {solver!r}; choose 'full' or 'randomized' (or 'auto' in factorize).")
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate leading left singular vectors and values (``rank + oversample`` of them) of `matrix`: a seeded
+    randomized range finder with power iterations (Halko, Martinsson & Tropp 2011), deterministic, and the global RNG
+    is left untouched."""
     rows, cols = matrix.shape
     sketch = min(rank + oversample, rows, cols)
     generator = torch.Generator(device=matrix.device).manual_seed(0)
@@ -166,8 +198,25 @@ def left_singular_basis(
     for _ in range(power_iterations):
         basis, _ = torch.linalg.qr(matrix.T @ basis)
         basis, _ = torch.linalg.qr(matrix @ basis)
-    small_left, _, _ = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
-    return basis @ small_left[:, :rank]
+    small_left, singular, _ = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+    return basis @ small_left, singular
+
+
+def left_singular_basis(matrix: torch.Tensor, rank: int, solver: str = "full") -> torch.Tensor:
+    """The top-`rank` left singular vectors of a float32 `matrix` (``m x rank``, orthonormal columns).
+
+    Args:
+        matrix (`torch.Tensor`): ``m x n`` float32 matrix.
+        rank (`int`): Number of singular vectors.
+        solver (`str`, *optional*, defaults to `"full"`): `"full"` (exact `torch.linalg.svd`) or `"randomized"` (a
+            seeded randomized range finder with power iterations: deterministic, and the global RNG is untouched).
+    """
+    if solver == "full":
+        left, _, _ = torch.linalg.svd(matrix, full_matrices=False)
+        return left[:, :rank]
+    if solver != "randomized":
+        raise ValueError(f"Unknown svd_solver {solver!r}; choose 'full' or 'randomized' (or 'auto' in factorize).")
+    return _randomized_left(matrix, rank)[0][:, :rank]
 
 
 def factorize(
@@ -185,7 +234,7 @@ def factorize(
         rank (`int`): Kept rank, ``1 <= rank <= min(out, in)``.
         importance (`torch.Tensor`, *optional*): One non-negative value per input feature (FWSVD's row importance in
             the paper's ``in x out`` layout). `None` gives plain SVD.
-        floor (`float`, *optional*, defaults to 1e-6): Relative importance floor (see module docstring).
+        floor (`float`, *optional*, defaults to 0): Relative importance floor (see module docstring).
         name (`str`, *optional*): Module name used in error messages.
         svd_solver (`str`, *optional*, defaults to `"full"`): `"full"` (exact SVD), `"randomized"` (randomized range
             finder, see [`left_singular_basis`]) or `"auto"` (see [`choose_svd_solver`]).
@@ -209,9 +258,8 @@ def factorize(
         dense = weight.detach().to(torch.float32)
         if not torch.isfinite(dense).all():
             raise ValueError(f"`{name}` weight has NaN/Inf values; refusing to factorise it.")
-        scaling = input_scaling(importance.to(dense.device) if importance is not None else None, floor)
-        scaled = dense if scaling is None else dense * scaling
-        up = left_singular_basis(scaled, rank, solver).contiguous()
+        scaling = None if importance is None else _column_factors(dense, importance, floor)
+        up = _output_basis(dense, scaling, rank, solver).contiguous()
         down = up.T @ dense
     return LowRankFactors(down=down, up=up)
 

@@ -19,6 +19,7 @@ hf-fwsvd so it loads offline with ``evaluate.load(<path to this file>)``. The sc
 
 import datasets
 import evaluate
+import numpy as np
 from sklearn.metrics import f1_score
 
 _DESCRIPTION = """
@@ -90,4 +91,6 @@ class F1(evaluate.Metric):
         score = f1_score(
             references, predictions, labels=labels, pos_label=pos_label, average=average, sample_weight=sample_weight
         )
-        return {"f1": float(score) if score.size == 1 else score}
+        # Recent scikit-learn returns a Python float for a single score, older versions a NumPy scalar.
+        score = np.asarray(score)
+        return {"f1": float(score) if score.ndim == 0 else score}
