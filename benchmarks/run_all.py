@@ -1,6 +1,6 @@
 """Run every performance benchmark and write their tables to one file.
 
-Run from the repository root: ``PYTHONPATH=src:. python benchmarks/run_all.py [--out benchmarks/results/perf_raw.md]``
+Run from the repository root: ``PYTHONPATH=src:. python benchmarks/run_all.py [--out benchmarks/results/performance_raw.md]``
 
 Runs, in order (about five minutes of CPU time on two idle cores; the assets are fetched first if missing):
 
@@ -33,7 +33,7 @@ RUNS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/perf_raw.md", help="where to write all tables")
+    parser.add_argument("--out", default="benchmarks/results/performance_raw.md", help="where to write all tables")
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "HF_HUB_OFFLINE": "1"}
     env["TRANSFORMERS_VERBOSITY"] = "error"
