@@ -10,13 +10,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .allocation import allocate_ranks, direction_scores
 from .calibration import build_calibration_loader
 from .config import FWSVDConfig
 from .factorize import low_rank_params, relative_errors
 from .fisher import estimate_fisher, model_loss
 from .importances import check_importances, load_importances
 from .layers import LowRankLinear, dense_weight
-from .ranks import resolve_ranks
+from .methods import Statistics, collect_statistics, factorize_module, fisher_mass, module_importance, weighted_matrix
+from .ranks import rank_for_shape, resolve_ranks
 from .replace import replace_with_dense, shape_of
 from .report import CompressionReport, ModuleReport
 from .targets import find_target_modules
@@ -103,20 +105,23 @@ def compress(
     targets = find_target_modules(model, run_config)
     _check_materialised(model, targets)
     shapes = {name: shape_of(module) for name, module in targets.items()}
-    ranks = resolve_ranks(shapes, run_config)
-    importances = None
-    if run_config.method == "fwsvd":
-        importances = compute_importances(model, run_config, targets, loss_fn, show_progress)
+    ranks = resolve_ranks(shapes, run_config) if run_config.param_budget is None else None
+    stats = collect_statistics(model, run_config, targets, loss_fn, show_progress)
+    dense_modules: list[str] = []
+    if ranks is None:
+        ranks, dense_modules = _budget_ranks(targets, shapes, run_config, stats)
     params_before = _count_params(model)
     report = CompressionReport(method=run_config.method, model_params_before=params_before)
-    if run_config.method == "fwsvd" and run_config.importances is None:
+    report.dense_modules = dense_modules
+    if run_config.method != "svd" and run_config.importances is None:
         report.calibration_samples = _calibration_size(run_config)
     for name, module in tqdm(targets.items(), desc="Factorising", unit="layer", disable=not show_progress):
-        importance = None if importances is None else importances[name]
-        replacement = LowRankLinear.from_linear(
-            module, ranks[name], importance, name=name, floor=run_config.importance_floor
-        )
-        errors = relative_errors(dense_weight(module), replacement.weight, importance)
+        if name not in ranks:
+            continue
+        weight = dense_weight(module)
+        factors, importance = factorize_module(weight, ranks[name], run_config, stats, name)
+        replacement = LowRankLinear.from_factors(factors, module.bias, dtype=weight.dtype, device=weight.device)
+        errors = relative_errors(weight, replacement.weight, importance)
         out_features, in_features = shapes[name]
         report.modules.append(
             ModuleReport(
@@ -146,6 +151,23 @@ def compress(
         100 * report.params_ratio,
     )
     return model
+
+
+def _budget_ranks(
+    targets: dict[str, nn.Module], shapes: dict[str, tuple[int, int]], config: FWSVDConfig, stats: Statistics
+) -> tuple[dict[str, int], list[str]]:
+    """Ranks under `config.param_budget`: the same fraction everywhere, or the global Fisher allocation."""
+    if config.allocation == "uniform":
+        uniform = FWSVDConfig(param_ratio=config.param_budget)
+        return {name: rank_for_shape(*shape, uniform, name) for name, shape in shapes.items()}, []
+    scores = {}
+    for name, module in targets.items():
+        weight = dense_weight(module)
+        importance = module_importance(config.method, stats, name)
+        mass = fisher_mass(weight, stats.fisher.importance[name])
+        scores[name] = direction_scores(weighted_matrix(weight, importance, config.importance_floor), mass)
+    allocation = allocate_ranks(shapes, scores, config.param_budget)
+    return allocation.ranks, allocation.dense
 
 
 def _calibration_size(config: FWSVDConfig) -> int | None:
