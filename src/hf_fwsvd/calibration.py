@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-__all__ = ["build_calibration_loader", "infer_task"]
+__all__ = ["build_calibration_loader", "infer_task", "tokenize_examples"]
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +195,17 @@ def build_calibration_loader(
         )
     if isinstance(data, DataLoader):
         return data
+    examples, collate = tokenize_examples(data, tokenizer, model, num_samples, max_length)
+    return DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+
+def tokenize_examples(
+    data: Any, tokenizer: Any = None, model: Any = None, num_samples: int | None = None, max_length: int = 128
+) -> tuple[list[dict[str, Any]], Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]]:
+    """Tokenised examples and a collate function building the model's task-loss batches (also used by `finetune`).
+
+    Same arguments and errors as [`build_calibration_loader`] (without the batching).
+    """
     records = _as_records(data)
     if num_samples is not None:
         records = records[:num_samples]
@@ -209,5 +220,4 @@ def build_calibration_loader(
         raise ValueError(f"Calibration example {empty[0]} tokenises to no tokens; remove empty texts.")
     float_labels = _check_labels(examples, task, getattr(model, "config", None))
     padding_side = getattr(tokenizer, "padding_side", "right") if tokenizer is not None else "right"
-    collate = _Collator(task, _pad_id(tokenizer), padding_side, float_labels)
-    return DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    return examples, _Collator(task, _pad_id(tokenizer), padding_side, float_labels)

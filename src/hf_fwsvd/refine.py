@@ -46,8 +46,10 @@ class RefinementResult:
 
 def weighted_objective(weight: torch.Tensor, weights: torch.Tensor, factors: LowRankFactors) -> float:
     """``sum_oi weights_oi (weight - up @ down)_oi^2`` in float64."""
-    residual = weight.to(torch.float64) - factors.up.to(torch.float64) @ factors.down.to(torch.float64)
-    return float((weights.to(torch.float64) * residual.square()).sum())
+    with torch.no_grad():
+        up, down = factors.up.detach().to(torch.float64), factors.down.detach().to(torch.float64)
+        residual = weight.detach().to(torch.float64) - up @ down
+        return float((weights.detach().to(torch.float64) * residual.square()).sum())
 
 
 def _solve_rows(target: torch.Tensor, weights: torch.Tensor, right: torch.Tensor, ridge: float) -> torch.Tensor:
