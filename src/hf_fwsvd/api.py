@@ -17,7 +17,15 @@ from .factorize import low_rank_params, relative_errors
 from .fisher import estimate_fisher, model_loss
 from .importances import check_importances, load_importances
 from .layers import LowRankLinear, dense_weight
-from .methods import Statistics, collect_statistics, factorize_module, fisher_mass, module_importance, weighted_matrix
+from .methods import (
+    Statistics,
+    check_statistics,
+    collect_statistics,
+    factorize_module,
+    fisher_mass,
+    module_importance,
+    weighted_matrix,
+)
 from .ranks import rank_for_shape, resolve_ranks
 from .replace import replace_with_dense, shape_of
 from .report import CompressionReport, ModuleReport
@@ -81,6 +89,7 @@ def compress(
     config: FWSVDConfig,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     show_progress: bool = True,
+    statistics: Statistics | None = None,
 ) -> nn.Module:
     """Compress `model` in place with FWSVD (or plain SVD) and return it.
 
@@ -94,6 +103,9 @@ def compress(
         config ([`FWSVDConfig`]): What to compress and how.
         loss_fn (`Callable`, *optional*): Custom calibration loss `loss_fn(model, batch) -> scalar`.
         show_progress (`bool`, *optional*, defaults to `True`): Progress bars for Fisher estimation and factorisation.
+        statistics ([`~methods.Statistics`], *optional*): Calibration statistics already collected on this dense model
+            (see `hf_fwsvd.methods.collect_statistics`), to compress one model at several settings without repeating
+            the calibration passes.
 
     Raises:
         `ValueError`: For bad config values, no matched modules, missing calibration data or bad importances; the
@@ -106,7 +118,11 @@ def compress(
     _check_materialised(model, targets)
     shapes = {name: shape_of(module) for name, module in targets.items()}
     ranks = resolve_ranks(shapes, run_config) if run_config.param_budget is None else None
-    stats = collect_statistics(model, run_config, targets, loss_fn, show_progress)
+    if statistics is None:
+        stats = collect_statistics(model, run_config, targets, loss_fn, show_progress)
+    else:
+        stats = statistics
+        check_statistics(run_config, stats, targets)
     dense_modules: list[str] = []
     if ranks is None:
         ranks, dense_modules = _budget_ranks(targets, shapes, run_config, stats)

@@ -38,6 +38,7 @@ __all__ = [
     "ACTIVATION_METHODS",
     "FISHER_METHODS",
     "Statistics",
+    "check_statistics",
     "collect_statistics",
     "factorize_module",
     "module_importance",
@@ -114,6 +115,29 @@ def collect_statistics(
             model, loader, targets, second_moment=config.method == "whiten", show_progress=show_progress
         )
     return stats
+
+
+def check_statistics(config: FWSVDConfig, stats: Statistics, targets: dict[str, nn.Module]) -> None:
+    """Raise a `ValueError` when precomputed `stats` lack what `config` needs for some target."""
+    needed = []
+    if needs_fisher(config):
+        needed.append(("fisher.importance", stats.fisher.importance if stats.fisher else None))
+    if config.method == "tfwsvd":
+        needed.append(("fisher.elementwise", stats.fisher.elementwise if stats.fisher else None))
+    if config.method == "fisher_whiten":
+        needed.append(("fisher.second_moment", stats.fisher.second_moment if stats.fisher else None))
+    if config.method == "whiten":
+        needed.append(("activations.second_moment", stats.activations.second_moment if stats.activations else None))
+    if config.method == "asvd":
+        needed.append(("activations.abs_mean", stats.activations.abs_mean if stats.activations else None))
+    for label, table in needed:
+        missing = [name for name in targets if not table or name not in table]
+        if missing:
+            raise ValueError(
+                f"The given statistics lack `{label}` for {len(missing)} targeted module(s), e.g. `{missing[0]}`, "
+                f"which method={config.method!r} (allocation={config.allocation!r}) needs. Collect them with "
+                "`collect_statistics` for this config, or do not pass `statistics=`."
+            )
 
 
 def module_importance(method: str, stats: Statistics, name: str) -> torch.Tensor | None:
