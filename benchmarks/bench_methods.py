@@ -11,8 +11,9 @@ Every calibration statistic (row, element-wise and gradient-weighted Fisher; act
 on the dense model and reused for every setting through ``compress(..., statistics=...)``. Each row of the CSV is one
 (method, parameter fraction) setting; "kept" is the fraction of the targeted modules' weights kept (dense
 modules left by the allocation count in full). Methods: ``svd``, ``fwsvd``, ``fwsvd+alloc`` (FWSVD with the global
-Fisher allocation), ``tfwsvd``, ``whiten``, ``whiten+alloc``, ``asvd``, ``fisher_whiten``; the uniform ones use
-``param_ratio`` (the same fraction in every module), the ``+alloc`` ones ``param_budget`` at the same fraction.
+Fisher allocation, ``allocation_power=0.5``; ``+alloc1`` for power 1), ``tfwsvd``, ``whiten``, ``whiten+alloc``,
+``asvd``, ``fisher_whiten``; the uniform ones use ``param_ratio`` (the same fraction in every module), the
+``+alloc`` ones ``param_budget`` at the same fraction.
 
 Run from the repository root, e.g.::
 
@@ -61,8 +62,9 @@ FIELDS = [
 
 def setting_config(setting: str, fraction: float, base: dict) -> FWSVDConfig:
     method, _, suffix = setting.partition("+")
-    if suffix == "alloc":
-        return FWSVDConfig(method=method, param_budget=fraction, allocation="fisher", **base)
+    if suffix.startswith("alloc"):  # "alloc": the default allocation_power; "alloc1": allocation_power=1
+        power = {"alloc": 0.5, "alloc1": 1.0, "alloc0": 0.0}[suffix]
+        return FWSVDConfig(method=method, param_budget=fraction, allocation="fisher", allocation_power=power, **base)
     return FWSVDConfig(method=method, param_ratio=fraction, **base)
 
 

@@ -109,8 +109,9 @@ def test_direction_scores_sum_to_mass():
         (dict(param_budget=0.5, allocation="greedy"), "Unknown allocation 'greedy'"),
         (dict(param_budget=0.5, rank_pattern={"query": 2}), "`rank_pattern` cannot be combined"),
         (dict(method="whitening"), "Unknown method 'whitening'"),
+        (dict(param_budget=0.5, allocation_power=2.0), r"`allocation_power` must be in \[0, 1\]"),
     ],
-    ids=["exclusive", "range", "allocation-alone", "unknown-allocation", "pattern", "unknown-method"],
+    ids=["exclusive", "range", "allocation-alone", "unknown-allocation", "pattern", "unknown-method", "power"],
 )
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -163,7 +164,9 @@ def test_fisher_allocation_beats_uniform_on_fisher_weighted_error():
         torch.manual_seed(0)
         model = tiny_bert()
         compress(
-            model, FWSVDConfig(param_budget=0.4, allocation=allocation, calibration_dataset=data), show_progress=False
+            model,
+            FWSVDConfig(param_budget=0.4, allocation=allocation, allocation_power=1.0, calibration_dataset=data),
+            show_progress=False,
         )
         errors[allocation] = model
     # same budget, and the summed Fisher-weighted error (the allocation's objective) is lower

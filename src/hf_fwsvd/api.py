@@ -180,7 +180,7 @@ def _budget_ranks(
     for name, module in targets.items():
         weight = dense_weight(module)
         importance = module_importance(config.method, stats, name)
-        mass = fisher_mass(weight, stats.fisher.importance[name])
+        mass = fisher_mass(weight, stats.fisher.importance[name]) ** config.allocation_power
         scores[name] = direction_scores(weighted_matrix(weight, importance, config.importance_floor), mass)
     allocation = allocate_ranks(shapes, scores, config.param_budget)
     return allocation.ranks, allocation.dense

@@ -40,6 +40,10 @@ class FWSVDConfig(QuantizationConfigMixin):
         allocation (`str`, *optional*): With `param_budget` only. `"fisher"` (the default there): global greedy
             allocation minimising the summed Fisher-weighted truncation error (needs calibration data with labels);
             `"uniform"`: every module keeps the same parameter fraction (like `param_ratio`).
+        allocation_power (`float`, *optional*, defaults to 0.5): Exponent on each module's Fisher mass in the
+            `"fisher"` allocation: 1 trusts the second-order loss estimate fully, 0 ignores how sensitive the loss is
+            to each module (only its spectrum's shape counts). 1 starved the last layers of a real classifier at
+            strong compression (see `docs/methods.md`); 0.5 is the measured default.
         refine_iterations (`int`, *optional*, defaults to 10): Alternating-least-squares sweeps of `method="tfwsvd"`.
         rank_pattern (`dict[str, int | float]`, *optional*): Per-module overrides. Keys are module names, name
             suffixes or regexes (fullmatch); an int value is a rank, a float a rank ratio.
@@ -76,6 +80,7 @@ class FWSVDConfig(QuantizationConfigMixin):
     param_ratio: float | None = None
     param_budget: float | None = None
     allocation: str | None = None
+    allocation_power: float = 0.5
     refine_iterations: int = 10
     rank_pattern: dict[str, int | float] = field(default_factory=dict)
     method: str = "fwsvd"
@@ -124,6 +129,10 @@ class FWSVDConfig(QuantizationConfigMixin):
             if self.allocation not in ALLOCATIONS:
                 raise ValueError(f"Unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}.")
         _check_rank(self.refine_iterations, "refine_iterations")
+        if isinstance(self.allocation_power, bool) or not isinstance(self.allocation_power, (int, float)):
+            raise ValueError(f"`allocation_power` must be a float in [0, 1], got {self.allocation_power!r}.")
+        if not 0 <= self.allocation_power <= 1:
+            raise ValueError(f"`allocation_power` must be in [0, 1], got {self.allocation_power}.")
         for key, value in self.rank_pattern.items():
             if isinstance(value, float):
                 _check_fraction(value, f"rank_pattern[{key!r}]", inclusive=False)
