@@ -216,9 +216,35 @@ def plot() -> None:
     logger.info("wrote %s", RESULTS / "methods.png")
 
 
+def table() -> str:
+    """Markdown tables (one per task): rows = settings, columns = target fraction kept; the last row of a repeated
+    setting wins, and fine-tuned results go in their own rows."""
+    blocks = []
+    for task in ("classifier", "lm"):
+        path = RESULTS / f"methods_{task}.csv"
+        if not path.exists():
+            continue
+        rows = list(csv.DictReader(path.open()))
+        fractions = sorted({float(r["target"]) for r in rows if r["setting"] != "dense"}, reverse=True)
+        cells: dict[str, dict[float, str]] = {}
+        for r in rows:
+            name = r["setting"] + (" + fine-tune" if r["finetuned"] == "True" else "")
+            value = float(r["value"])
+            text = f"{value:.4f}" if r["metric"] == "accuracy" else (f"{value:.1f}" if value < 1e5 else f"{value:.2e}")
+            cells.setdefault(name, {})[float(r["target"])] = text
+        metric = rows[0]["metric"]
+        header = f"| {task} {metric} | " + " | ".join(f"{f:g} kept" for f in fractions) + " |"
+        lines = [header, "|---" * (len(fractions) + 1) + "|"]
+        lines.append(f"| dense | {cells.pop('dense')[1.0]} |" + " |" * (len(fractions) - 1))
+        for name in sorted(cells, key=lambda n: (n.endswith("fine-tune"), n)):
+            lines.append(f"| {name} | " + " | ".join(cells[name].get(f, "") for f in fractions) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("task", choices=["classifier", "lm", "plot"])
+    parser.add_argument("task", choices=["classifier", "lm", "plot", "table"])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     parser.add_argument("--methods", nargs="+",
                         default=["svd", "fwsvd", "fwsvd+alloc", "tfwsvd", "whiten", "whiten+alloc", "asvd",
@@ -240,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.task == "plot":
         plot()
+    elif args.task == "table":
+        print(table())
     else:
         run_task(args)
 
