@@ -7,18 +7,25 @@ optimum is the rank-``r`` SVD of ``W diag(d)`` = ``U S Vt``, giving ``A = U_r S_
 We never divide by ``d``. For a fixed output basis ``U_r`` (orthonormal columns) every column of ``W`` is best
 approximated by its orthogonal projection, whatever that column's weight, so the optimum is also
 ``A = U_r`` and ``B = U_r^T W`` (a least-squares solve that needs no inverse). It is identical to the textbook form
-when every ``d_i > 0`` and stays finite when some importances are zero. A tiny relative floor on the importances
-keeps ``W diag(d)`` from losing rank because of zero-importance columns, so those columns still act as a tie-breaker
-for directions the task does not care about. Uniform importances give exactly plain SVD: the weights are normalised
-by their maximum, so a constant vector becomes all ones and ``W diag(d) == W``.
+when every ``d_i > 0`` and stays finite when some importances are zero.
+
+Zero importances need no floor. When ``W diag(d)`` has (numerical) rank ``k < r``, its ``k`` leading directions already
+make the weighted error zero, and the other ``r - k`` directions are free: we take them from the plain SVD of what
+those ``k`` leave of ``W``, so zero-importance columns are still approximated as well as possible without costing any
+weighted error. The result is exactly the weighted optimum (Eckart-Young on ``W diag(d)``) for every importance
+vector; a relative floor (``floor > 0``) is available but trades that optimality for plain error, so it is off by
+default. Uniform importances give exactly plain SVD (the SVD of ``W`` itself). Only the ratios of the ``d_i`` matter,
+so they are formed in float64 and scaled so that the largest weighted entry is one before the float32 SVD: importances
+spanning more orders of magnitude than float32 holds neither overflow nor underflow.
 
 The same frame covers any input-side weighting ``||(W - A B) M||_F``: `importance` may also be a symmetric
-positive semi-definite ``in x in`` matrix ``C`` (e.g. the activations' second moment ``X^T X / n``), used through
-``M = C^{1/2}`` (see [`input_weighting`]). Then ``||(W - A B) M||_F^2 = tr((W - A B) C (W - A B)^T)``, which is the
-output error ``||(W - A B) X^T||_F^2 / n`` when ``C = X^T X / n`` (SVD-LLM's whitening): each discarded singular value
-of ``W M`` squared is exactly the output error it causes. The optimum is still ``A = U_r`` (the top left singular
-vectors of ``W M``) and ``B = U_r^T W``, so a rank-deficient ``C`` needs no inverse. A diagonal ``C`` is the same as
-its diagonal given as a vector.
+positive semi-definite ``in x in`` matrix ``C`` (e.g. the activations' second moment ``X^T X / n``), used through a
+factor ``M`` with ``M M^T = C`` (see [`input_weighting`]). Then ``||(W - A B) M||_F^2 = tr((W - A B) C (W - A B)^T)``,
+which is the output error ``||(W - A B) X^T||_F^2 / n`` when ``C = X^T X / n`` (SVD-LLM's whitening): each discarded
+singular value of ``W M`` squared is exactly the output error it causes. The optimum is still ``A = U_r`` (the top
+left singular vectors of ``W M``) and ``B = U_r^T W``, so a rank-deficient ``C`` needs no inverse; its unseen
+directions are completed from the plain SVD of the rest of ``W``, as for zero importances. A diagonal ``C`` is the
+same as its diagonal given as a vector.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ __all__ = [
     "validate_importance",
 ]
 
-DEFAULT_IMPORTANCE_FLOOR = 1e-6
+DEFAULT_IMPORTANCE_FLOOR = 0.0
 
 
 @dataclass
@@ -73,7 +80,9 @@ def low_rank_params(out_features: int, in_features: int, rank: int) -> int:
     return rank * (out_features + in_features)
 
 
-def validate_importance(importance: torch.Tensor, in_features: int, name: str = "weight") -> None:
+def validate_importance(
+    importance: torch.Tensor, in_features: int, name: str = "weight", matrix_ok: bool = True
+) -> None:
     """Raise a `ValueError` naming `name` when an importance cannot weight a factorisation.
 
     Args:
@@ -81,8 +90,9 @@ def validate_importance(importance: torch.Tensor, in_features: int, name: str = 
             ``in_features x in_features`` matrix.
         in_features (`int`): Expected length.
         name (`str`): Module name used in the error messages.
+        matrix_ok (`bool`, *optional*, defaults to `True`): Accept a matrix (`False` for Fisher row importances).
     """
-    if importance.ndim == 2:
+    if importance.ndim == 2 and matrix_ok:
         _validate_importance_matrix(importance, in_features, name)
         return
     if importance.ndim != 1 or importance.shape[0] != in_features:
@@ -130,13 +140,29 @@ def _validate_importance_matrix(matrix: torch.Tensor, in_features: int, name: st
         raise ValueError(f"Importance matrix for `{name}` is not symmetric; it must be a second moment X^T X / n.")
 
 
+def input_scaling(importance: torch.Tensor | None, floor: float = DEFAULT_IMPORTANCE_FLOOR) -> torch.Tensor | None:
+    """Turn per-input-feature importances into the column scaling ``d = sqrt(I / max(I))``, floored.
+
+    Args:
+        importance (`torch.Tensor` or `None`): Non-negative importances; `None` means uniform (plain SVD).
+        floor (`float`): Relative floor applied to ``I / max(I)`` (0: none, the exact weighted optimum).
+
+    Returns:
+        `torch.Tensor` or `None`: float32 scaling, or `None` for plain SVD.
+    """
+    if importance is None:
+        return None
+    values = importance.detach().to(torch.float64)  # float64 first: a float32 cast could overflow or underflow
+    return (values / values.max()).clamp_min(floor).sqrt().to(torch.float32)
+
+
 def input_weighting(importance: torch.Tensor | None, floor: float = DEFAULT_IMPORTANCE_FLOOR) -> torch.Tensor | None:
     """The input-side weighting ``M`` of the objective ``||(W - A B) M||_F`` for a vector or matrix importance.
 
     A vector ``I`` gives the column scaling ``d = sqrt(I / max(I))`` (see [`input_scaling`]), to be applied as
     ``W * d``. A PSD matrix ``C`` gives a factor ``M`` with ``M M^T = C / max(diag C) + floor * Id`` (a Cholesky factor
-    computed in float64; the relative `floor` damps a rank-deficient ``C`` so it factorises and directions no
-    calibration input reached fall back to plain SVD as a tie-breaker), to be applied as ``W @ M``. Any factor with
+    computed in float64; a tiny damping makes a rank-deficient ``C`` factorise, and [`factorize`] completes the
+    directions no calibration input reached from the plain SVD), to be applied as ``W @ M``. Any factor with
     ``M M^T = C`` (Cholesky or symmetric square root) gives the same left singular vectors of ``W M``.
 
     Returns:
@@ -165,20 +191,41 @@ def apply_weighting(weight: torch.Tensor, weighting: torch.Tensor | None) -> tor
     return weight * weighting if weighting.ndim == 1 else weight @ weighting
 
 
-def input_scaling(importance: torch.Tensor | None, floor: float = DEFAULT_IMPORTANCE_FLOOR) -> torch.Tensor | None:
-    """Turn per-input-feature importances into the column scaling ``d = sqrt(I / max(I))``, floored.
+def _column_factors(dense: torch.Tensor, importance: torch.Tensor, floor: float) -> torch.Tensor | None:
+    """float32 column factors proportional to ``sqrt(I / max I)`` for the SVD, or `None` for uniform importances.
 
-    Args:
-        importance (`torch.Tensor` or `None`): Non-negative importances; `None` means uniform (plain SVD).
-        floor (`float`): Relative floor applied to ``I / max(I)`` so zero-importance columns keep a tiny weight.
-
-    Returns:
-        `torch.Tensor` or `None`: float32 scaling, or `None` for plain SVD.
+    Only the ratios between factors matter (a common scale does not change the left singular vectors), so they are
+    scaled in float64 to make the largest weighted entry of ``W`` one: importances spanning more orders of magnitude
+    than float32 holds still weigh the columns that carry weight instead of underflowing to zero.
     """
-    if importance is None:
-        return None
-    normalised = importance.detach().to(torch.float32) / importance.max().to(torch.float32)
-    return normalised.clamp_min(floor).sqrt()
+    values = importance.detach().to(device=dense.device, dtype=torch.float64)
+    weights = (values / values.max()).clamp_min(floor)
+    if bool((weights == 1).all()):
+        return None  # uniform importances: plain SVD, bit for bit
+    roots = weights.sqrt()
+    peak = (dense.abs().amax(dim=0).to(torch.float64) * roots).max()
+    if peak > 0:
+        roots = roots / peak
+    return roots.clamp(max=torch.finfo(torch.float32).max).to(torch.float32)
+
+
+def _output_basis(dense: torch.Tensor, scaling: torch.Tensor | None, rank: int) -> torch.Tensor:
+    """Orthonormal ``out x rank`` basis: the top left singular vectors of ``W M`` (``M = diag(d)`` for a vector
+    scaling, a matrix factor otherwise), completed from the plain SVD of the rest of ``W`` when ``W M`` has fewer than
+    `rank` (numerically) non-zero singular values."""
+    scaled = apply_weighting(dense, scaling)
+    left, singular, _ = torch.linalg.svd(scaled, full_matrices=False)
+    if scaling is None:
+        return left[:, :rank]
+    tolerance = singular[0] * max(scaled.shape) * torch.finfo(torch.float32).eps
+    kept = int((singular > tolerance).sum()) if singular[0] > 0 else 0
+    if kept >= rank:
+        return left[:, :rank]
+    basis = left[:, :kept]
+    rest, _, _ = torch.linalg.svd(dense - basis @ (basis.T @ dense), full_matrices=False)
+    # QR keeps the span of `basis` first and makes the completion orthonormal even where `rest` is degenerate.
+    orthonormal, _ = torch.linalg.qr(torch.cat([basis, rest[:, : rank - kept]], dim=1))
+    return orthonormal
 
 
 def factorize(
@@ -196,7 +243,7 @@ def factorize(
         importance (`torch.Tensor`, *optional*): One non-negative value per input feature (FWSVD's row importance in
             the paper's ``in x out`` layout), or a PSD ``in x in`` matrix such as the activations' second moment
             (whitening, see the module docstring). `None` gives plain SVD.
-        floor (`float`, *optional*, defaults to 1e-6): Relative importance floor (see module docstring).
+        floor (`float`, *optional*, defaults to 0): Relative importance floor (see module docstring).
         name (`str`, *optional*): Module name used in error messages.
 
     Returns:
@@ -217,10 +264,13 @@ def factorize(
         dense = weight.detach().to(torch.float32)
         if not torch.isfinite(dense).all():
             raise ValueError(f"`{name}` weight has NaN/Inf values; refusing to factorise it.")
-        weighting = input_weighting(importance.to(dense.device) if importance is not None else None, floor)
-        scaled = apply_weighting(dense, weighting)
-        left, _, _ = torch.linalg.svd(scaled, full_matrices=False)
-        up = left[:, :rank].contiguous()
+        if importance is None:
+            scaling = None
+        elif importance.ndim == 1:
+            scaling = _column_factors(dense, importance, floor)
+        else:
+            scaling = input_weighting(importance.to(dense.device), floor)
+        up = _output_basis(dense, scaling, rank).contiguous()
         down = up.T @ dense
     return LowRankFactors(down=down, up=up)
 

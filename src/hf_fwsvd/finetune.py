@@ -86,7 +86,7 @@ def finetune(
     """
     from transformers import Trainer, TrainingArguments
 
-    examples, collate = tokenize_examples(train_examples, tokenizer, model, num_samples, max_length)
+    examples, collate = tokenize_examples(train_examples, tokenizer, model, num_samples, max_length, batch_size)
     if train_only_low_rank:
         low_rank = {
             id(p) for module in model.modules() if isinstance(module, LowRankLinear) for p in module.parameters()

@@ -70,18 +70,21 @@ def collect_statistics(
     targets: dict[str, nn.Module],
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     show_progress: bool = True,
+    row_importances: Callable[[], dict[str, torch.Tensor]] | None = None,
 ) -> Statistics:
     """Run the calibration passes `config` needs (none for plain SVD with a fixed rank rule).
 
     Precomputed `config.importances` replace the row Fisher; `tfwsvd` and `fisher_whiten` still need calibration data
-    for their extra statistics.
+    for their extra statistics. `row_importances`, when given, supplies the row Fisher where nothing else is needed
+    from the Fisher pass (`compress` passes `compute_importances`, which honours `importances_cache`).
     """
     stats = Statistics()
     wants_fisher = needs_fisher(config)
     extras = config.method in ("tfwsvd", "fisher_whiten")
     in_features = {name: shape_of(module)[1] for name, module in targets.items()}
     loader = None
-    if config.method in ACTIVATION_METHODS or (wants_fisher and (config.importances is None or extras)):
+    row_only = wants_fisher and not extras and (row_importances is not None or config.importances is not None)
+    if config.method in ACTIVATION_METHODS or (wants_fisher and not row_only):
         loader = build_calibration_loader(
             config.calibration_dataset,
             config.tokenizer,
@@ -91,8 +94,8 @@ def collect_statistics(
             max_length=config.max_length,
         )
     if wants_fisher:
-        if config.importances is not None and not extras:
-            importances = load_importances(config.importances)
+        if row_only:
+            importances = row_importances() if row_importances is not None else load_importances(config.importances)
             check_importances(importances, in_features)
             stats.fisher = FisherStatistics({name: importances[name] for name in targets})
         else:
