@@ -54,6 +54,7 @@ __all__ = [
     "fisher_importances",
     "plot_results",
     "recovery_finetune",
+    "results_table",
     "run_sweep",
 ]
 
@@ -351,6 +352,17 @@ def plot_results(csv_path: Path, png_path: Path, metric: str = "accuracy", title
         ax.plot(
             *zip(*points, strict=True), linestyle=linestyle, marker=marker, color=color, label=f"{label}, {suffix}"
         )
+    label_rows = [r for r in rows if r["method"] == "svd" and r["stage"] == "none"]
+    for row in label_rows:  # the compression level under each point
+        ax.annotate(
+            f"{float(row['level']):g}",
+            (float(row["params_kept"]), float(row[metric])),
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(0, -11),
+            ha="center",
+            color="dimgrey",
+        )
     for row in rows:
         if row["method"] == "dense":
             style = ":" if row["stage"] == "none" else "-."
@@ -364,7 +376,8 @@ def plot_results(csv_path: Path, png_path: Path, metric: str = "accuracy", title
             )
     ax.axhline(0.5, color="grey", linewidth=0.6)
     ax.text(ax.get_xlim()[0], 0.505, "chance", color="grey", fontsize=8)
-    ax.set_xlabel("whole-model parameters kept (fraction of dense)")
+    kind = rows[0]["level_kind"].replace("_", " ") if rows else "level"
+    ax.set_xlabel(f"whole-model parameters kept (fraction of dense); grey labels: {kind}")
     ax.set_ylabel(f"dev {metric}")
     if title:
         ax.set_title(title, fontsize=10)
@@ -373,6 +386,39 @@ def plot_results(csv_path: Path, png_path: Path, metric: str = "accuracy", title
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)
+
+
+def results_table(csv_path: Path, metric: str = "accuracy") -> str:
+    """Markdown table of `csv_path`: one line per level, SVD and FWSVD without and with the recovery fine-tune."""
+    rows = _read_rows(csv_path)
+    cell = {(r["method"], r["level"], r["stage"]): r for r in rows}
+    kind = rows[0]["level_kind"].replace("_", " ") if rows else "level"
+    lines = [
+        f"| {kind} | params kept (whole model) | block-Linear weights kept | SVD | FWSVD | FWSVD - SVD "
+        "| SVD + recovery | FWSVD + recovery | FWSVD - SVD after recovery |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row["method"] == "dense":
+            label = "dense" if row["stage"] == "none" else "dense + the same recovery fine-tune"
+            lines.append(f"| {label} | 1.000 | 1.000 | {float(row[metric]):.4f} | | | | | |")
+    levels = sorted({r["level"] for r in rows if r["method"] != "dense"}, key=float)
+    for level in levels:
+        values = [
+            cell.get((m, level, s))
+            for s, m in [("none", "svd"), ("none", "fwsvd"), ("recovery", "svd"), ("recovery", "fwsvd")]
+        ]
+        some = next(v for v in values if v is not None)
+        text = [f"{float(v[metric]):.4f}" if v is not None else "-" for v in values]
+        diffs = []
+        for a, b in ((values[0], values[1]), (values[2], values[3])):
+            diffs.append(f"{100 * (float(b[metric]) - float(a[metric])):+.1f} pt" if a and b else "-")
+        linear = int(some["block_linear_kept"]) / int(some["block_linear_params"])
+        lines.append(
+            f"| {float(level):g} | {float(some['params_kept']):.3f} | {linear:.3f} | {text[0]} | {text[1]} "
+            f"| {diffs[0]} | {text[2]} | {text[3]} | {diffs[1]} |"
+        )
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -425,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
             report_path=prefix.with_name(prefix.name + "_reports.jsonl"),
         )
     plot_results(csv_path, png_path, title=title)
-    print(csv_path.read_text())
+    print(results_table(csv_path))
 
 
 if __name__ == "__main__":
