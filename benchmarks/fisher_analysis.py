@@ -17,6 +17,7 @@ of the task loss that FWSVD relies on. Run e.g.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from collections import defaultdict
@@ -77,13 +78,70 @@ def summarise(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def dev_predictions(model: torch.nn.Module, tokenizer, examples: list[dict], max_length: int = 64) -> dict:
+    """Per-example cross-entropy and correctness of a classifier (for paired SVD vs FWSVD comparisons)."""
+    model.eval()
+    losses, correct = [], []
+    for start in range(0, len(examples), 64):
+        chunk = examples[start : start + 64]
+        batch = tokenizer(
+            [e["text"] for e in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        logits = model(**batch).logits.float()
+        labels = torch.tensor([e["label"] for e in chunk])
+        losses += torch.nn.functional.cross_entropy(logits, labels, reduction="none").tolist()
+        correct += (logits.argmax(-1) == labels).tolist()
+    return {"loss": losses, "correct": correct}
+
+
+def paired_dev_comparison(levels: list[float]) -> str:
+    """Dev cross-entropy and accuracy of SVD and FWSVD at each rank ratio, with the paired disagreement counts."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.assets import polarity_splits
+    from benchmarks.compare_methods import compress_point
+    from benchmarks.task_model import build_task_model
+
+    task_dir = build_task_model()
+    tokenizer = AutoTokenizer.from_pretrained(task_dir)
+    dev = polarity_splits()["dev"]
+    importances = load_importances(cache_dir() / "fisher" / "minilm-polarity_train_1024.safetensors")
+    lines = [
+        "| rank ratio | SVD dev loss | FWSVD dev loss | SVD acc | FWSVD acc | only SVD right | only FWSVD right "
+        "| McNemar exact p |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for level in levels:
+        result = {}
+        for method in ("svd", "fwsvd"):
+            model, _ = compress_point(task_dir, method, importances, rank_ratio=level)
+            result[method] = dev_predictions(model, tokenizer, dev)
+        svd, fw = result["svd"], result["fwsvd"]
+        only_svd = sum(a and not b for a, b in zip(svd["correct"], fw["correct"], strict=True))
+        only_fw = sum(b and not a for a, b in zip(svd["correct"], fw["correct"], strict=True))
+        n, k = only_svd + only_fw, min(only_svd, only_fw)
+        p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+        mean = lambda values: sum(values) / len(values)  # noqa: E731
+        lines.append(
+            f"| {level:g} | {mean(svd['loss']):.4f} | {mean(fw['loss']):.4f} | {mean(svd['correct']):.4f} "
+            f"| {mean(fw['correct']):.4f} | {only_svd} | {only_fw} | {p:.3g} |"
+        )
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["minilm", "smollm2"], default="minilm")
     parser.add_argument("--rank-ratio", type=float, default=0.33)
     parser.add_argument("--fisher", type=Path, help="importances file (default: the cached one for --model)")
+    parser.add_argument("--paired-dev", type=float, nargs="+", help="instead: paired dev comparison at these ratios")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.paired_dev:
+        print(paired_dev_comparison(args.paired_dev))
+        return
     if args.model == "minilm":
         from transformers import AutoModelForSequenceClassification
 
