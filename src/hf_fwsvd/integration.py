@@ -10,7 +10,9 @@ from typing import Any
 from transformers import PreTrainedModel
 from transformers.quantizers import auto as quantizers_auto
 
+from .checkpoint_checks import check_local_checkpoint
 from .config import FWSVDConfig
+from .distributed import is_main_process
 from .quantizer import FWSVDHfQuantizer
 from .serialization import is_fwsvd_model, save_atomically
 
@@ -42,6 +44,9 @@ def _wrap_from_pretrained() -> None:
             if not isinstance(fwsvd_config, FWSVDConfig):
                 raise TypeError(f"`fwsvd_config` must be an FWSVDConfig, got {type(fwsvd_config).__name__}.")
             kwargs["quantization_config"] = fwsvd_config
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+            check_local_checkpoint(source, kwargs.get("subfolder") or "")
         return original_function(cls, *args, **kwargs)
 
     setattr(from_pretrained, _WRAPPED_FLAG, True)
@@ -59,6 +64,10 @@ def _wrap_save_pretrained() -> None:
             return original(self, save_directory, *args, **kwargs)
         if args:
             raise TypeError("Pass save_pretrained options of a compressed model as keywords.")
+        if not (kwargs.get("is_main_process", True) and is_main_process()):
+            # Under accelerate/torchrun only the main process writes; concurrent atomic saves would race.
+            logger.info("Not the main process: skipping save_pretrained of the FWSVD checkpoint to %s", save_directory)
+            return None
         push_to_hub = kwargs.pop("push_to_hub", False)
         repo_id = kwargs.pop("repo_id", None)
         hub_kwargs = {key: kwargs.pop(key) for key in ("token", "commit_message", "private") if key in kwargs}
