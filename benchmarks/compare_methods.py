@@ -374,8 +374,13 @@ def plot_results(csv_path: Path, png_path: Path, metric: str = "accuracy", title
                 linewidth=1,
                 label=f"{label} ({float(row[metric]):.3f})",
             )
-    ax.axhline(0.5, color="grey", linewidth=0.6)
-    ax.text(ax.get_xlim()[0], 0.505, "chance", color="grey", fontsize=8)
+    dense_rows = [r for r in rows if r["method"] == "dense" and r["stage"] == "none"]
+    if dense_rows:
+        top = float(dense_rows[0][metric])
+        ax.axhspan(top - 0.01, top, color="grey", alpha=0.15, label="within 1 point of dense")
+    if min(float(r[metric]) for r in rows) < 0.6:
+        ax.axhline(0.5, color="grey", linewidth=0.6)
+        ax.text(ax.get_xlim()[0], 0.505, "chance", color="grey", fontsize=8)
     kind = rows[0]["level_kind"].replace("_", " ") if rows else "level"
     ax.set_xlabel(f"whole-model parameters kept (fraction of dense); grey labels: {kind}")
     ax.set_ylabel(f"dev {metric}")
