@@ -152,8 +152,10 @@ def _check_labels(examples: list[dict[str, Any]], task: str | None, model_config
         return True
     for i, example in enumerate(examples):
         label = example["labels"]
-        if isinstance(label, bool) or not isinstance(label, int) and not (
-            isinstance(label, float) and label.is_integer()
+        if (
+            isinstance(label, bool)
+            or not isinstance(label, int)
+            and not (isinstance(label, float) and label.is_integer())
         ):
             raise ValueError(f"Calibration example {i} has label {label!r}; classification labels must be ints.")
         if num_labels is not None and not 0 <= int(label) < num_labels:
