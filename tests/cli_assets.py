@@ -45,8 +45,14 @@ def sentences(count: int, seed: int) -> list[dict]:
 
 def _bert_config(**kwargs) -> BertConfig:
     return BertConfig(
-        vocab_size=len(SPECIAL) + len(WORDS), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=64, pad_token_id=0, **kwargs,
+        vocab_size=len(SPECIAL) + len(WORDS),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        **kwargs,
     )
 
 

@@ -175,6 +175,9 @@ def evaluate_task(
     elif task == "token-classification":
         result = _token_accuracy(model, tokenizer, examples, batch_size, max_length)
     elif task == "causal-lm":
+        config = getattr(model, "config", None)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        window = min(window, limit) if isinstance(limit, int) and limit > 1 else window
         text = "\n\n".join(example["text"] for example in examples)
         perplexity = evaluate_perplexity(model, tokenizer, text, window=window, max_tokens=max_tokens)
         result = {"perplexity": perplexity, "num_examples": len(examples)}
