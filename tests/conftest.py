@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hub_stub.fixtures import hub_endpoint  # noqa: F401  (local Hugging Face Hub stand-in, see tests/hub_stub)
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -18,22 +19,33 @@ from transformers import (
 )
 
 import hf_fwsvd  # noqa: F401  (registers the fwsvd quantization method)
-from hub_stub.fixtures import hub_endpoint  # noqa: F401  (local Hugging Face Hub stand-in, see tests/hub_stub)
 
 VOCAB = 64
 
 
 def tiny_bert(**kwargs):
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=64, num_labels=2, **kwargs,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_labels=2,
+        **kwargs,
     )
     return BertForSequenceClassification(config)
 
 
 def tiny_distilbert(**kwargs):
     config = DistilBertConfig(
-        vocab_size=VOCAB, dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=64, num_labels=2,
+        vocab_size=VOCAB,
+        dim=16,
+        n_layers=2,
+        n_heads=2,
+        hidden_dim=32,
+        max_position_embeddings=64,
+        num_labels=2,
         **kwargs,
     )
     return DistilBertForSequenceClassification(config)
@@ -41,8 +53,15 @@ def tiny_distilbert(**kwargs):
 
 def tiny_roberta(**kwargs):
     config = RobertaConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=72, num_labels=2, pad_token_id=1, **kwargs,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=72,
+        num_labels=2,
+        pad_token_id=1,
+        **kwargs,
     )
     return RobertaForSequenceClassification(config)
 
@@ -54,8 +73,14 @@ def tiny_gpt2(**kwargs):
 
 def tiny_llama(**kwargs):
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64, **kwargs,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        **kwargs,
     )
     return LlamaForCausalLM(config)
 
@@ -105,3 +130,23 @@ def saved_dense(tmp_path):
         return path, type(model)
 
     return make
+
+
+def tiny_tokenizer(pad: bool = True):
+    """A word-level fast tokenizer over `VOCAB` ids: "[PAD] [UNK] [CLS] w3 ... w63"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2} | {f"w{i}": i for i in range(3, VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    kwargs = {"pad_token": "[PAD]"} if pad else {}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[CLS]", **kwargs)
+
+
+def sentences(count: int = 12, seed: int = 0) -> list[str]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        " ".join(f"w{i}" for i in torch.randint(3, VOCAB, (3 + k % 6,), generator=generator).tolist())
+        for k in range(count)
+    ]

@@ -1,15 +1,15 @@
 """Empirical Fisher importances, reduced to one value per input feature of each targeted linear layer.
 
-For a linear layer ``y = x W^T + b`` the gradient of a loss ``L`` w.r.t. ``W`` is ``g^T x`` with ``g = dL/dy``. We
-read ``x`` with a forward hook and ``g`` with a hook on the layer's output, form each example's weight gradient, square
-it, sum it over output features (the paper's row sum in its ``in x out`` layout) and add it to an fp32 vector of length
-``in_features``. No parameter ever gets a ``.grad``: all parameters are frozen during estimation and gradients flow only
-through activations, so the extra memory is the sum of the ``in_features`` of the targets plus one transient
-``out x in`` matrix.
+For a linear layer ``y = x W^T + b`` the gradient of a loss ``L`` w.r.t. ``W`` is ``g^T x`` with ``g = dL/dy``.
+We read ``x`` with a forward hook and ``g`` with a hook on the layer's output, form each example's weight gradient,
+square it, sum it over output features (the paper's row sum in its ``in x out`` layout) and add it to an fp32 vector
+of length ``in_features``. No parameter ever gets a ``.grad``: all parameters are frozen during estimation and
+gradients flow only through activations, so the extra memory is the sum of the ``in_features`` of the targets plus
+one transient ``out x in`` matrix.
 
 The importance of input feature ``i`` of a layer is ``F_i = 1/N sum_n sum_o (dL_n/dW_oi)^2`` over the ``N``
-calibration examples, where ``L_n`` is example ``n``'s loss. The per-example gradients are recovered from the gradient of
-the batch-mean loss by scaling with the batch size, which is exact when the model's loss is a mean over examples
+calibration examples, where ``L_n`` is example ``n``'s loss. The per-example gradients are recovered from the gradient
+of the batch-mean loss by scaling with the batch size, which is exact when the model's loss is a mean over examples
 (classification, regression) and a close approximation when it is a mean over tokens (causal LM).
 """
 
@@ -36,9 +36,9 @@ def model_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     loss = getattr(outputs, "loss", None)
     if loss is None:
         raise ValueError(
-            f"{type(model).__name__} returned no loss for the calibration batch (keys: {sorted(batch)}). FWSVD needs a "
-            "task loss: load the model with a task head (AutoModelForSequenceClassification, ...ForCausalLM) and give "
-            "labelled calibration data, pass `importances=`, or use `method='svd'`."
+            f"{type(model).__name__} returned no loss for the calibration batch (keys: {sorted(batch)}). FWSVD needs "
+            "a task loss: load the model with a task head (AutoModelForSequenceClassification, ...ForCausalLM) and "
+            "give labelled calibration data, pass `importances=`, or use `method='svd'`."
         )
     return loss
 
