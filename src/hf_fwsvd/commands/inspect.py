@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from typing import Any
 
 from .common import EXIT_USAGE, CommandError
@@ -51,6 +52,11 @@ def _tensor_shapes(directory: str, files: list[str]) -> tuple[dict[str, list[int
     return shapes, dtypes
 
 
+def _natural_key(name: str) -> list[Any]:
+    """Sort key putting `layer.2` before `layer.10` (config.json stores the rank map sorted as text)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def _numel(shape: list[int]) -> int:
     total = 1
     for size in shape:
@@ -81,7 +87,7 @@ def inspect_checkpoint(directory: str) -> dict[str, Any]:
     files = _weight_files(directory, quantization.get("weights_file") or "model.fwsvd.safetensors")
     shapes, dtypes = _tensor_shapes(directory, files)
     modules = []
-    for name, rank in quantization["ranks"].items():
+    for name, rank in sorted(quantization["ranks"].items(), key=lambda item: _natural_key(item[0])):
         down, up = shapes.get(f"{name}.down.weight"), shapes.get(f"{name}.up.weight")
         if down is None or up is None:
             raise CommandError(f"The rank map names {name!r} but the weights have no {name}.down/up tensors.")
