@@ -137,6 +137,10 @@ def run(args: argparse.Namespace) -> int:
     from ..config import FWSVDConfig
 
     ratios, methods = _check(args)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        raise CommandError("sweep draws its plot with matplotlib: pip install 'hf-fwsvd[plots]'.") from error
     dense = load_model(args.model, args.task, args.num_labels)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     calibration = read_examples(args, dense)
