@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         for row in rows:
             writer.writerow({**row, "ratio_kind": args.ratio_kind})
     name = os.path.basename(os.path.normpath(args.model))
-    title = f"{name}: {metric} vs parameters kept ({args.ratio_kind} sweep, {len(examples)} eval examples)"
+    title = f"{name}: {metric} vs parameters kept\n({args.ratio_kind} sweep, {len(examples)} evaluation examples)"
     plot_sweep(rows, metric, png_path, title)
     print(f"{'method':<8} {args.ratio_kind:>11} {'params kept':>12} {metric:>11}")
     for row in rows:
