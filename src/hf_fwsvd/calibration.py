@@ -67,12 +67,76 @@ def _encode(tokenizer: Any, text: str, max_length: int) -> list[int]:
     return tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for attribute in ("pad_token_id", "eos_token_id", "unk_token_id"):
+def _pad_id(tokenizer: Any, model_config: Any) -> int:
+    """The id used to pad batches: the model's own `pad_token_id` when it has one (sequence classifiers that pool the
+    last token find it by this id), else the tokenizer's pad, eos or unk token, else 0. Padded positions are masked
+    out by the attention mask and the labels, so the choice only matters to models that look for the pad id."""
+    model_pad = getattr(model_config, "pad_token_id", None)
+    tokenizer_pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    if isinstance(model_pad, int):
+        return model_pad
+    if tokenizer_pad is not None:
+        return int(tokenizer_pad)
+    for attribute in ("eos_token_id", "unk_token_id"):
         value = getattr(tokenizer, attribute, None) if tokenizer is not None else None
         if value is not None:
+            logger.warning(
+                "The tokenizer has no pad token; padding calibration batches with its %s %d (masked out by the "
+                "attention mask). Set `tokenizer.pad_token` to silence this.",
+                attribute.removesuffix("_id"),
+                value,
+            )
             return int(value)
+    if tokenizer is not None:
+        logger.warning(
+            "Neither the tokenizer nor the model config has a pad, eos or unk token; padding calibration batches with "
+            "id 0 (masked out by the attention mask)."
+        )
     return 0
+
+
+def _check_types(records: list[Any]) -> None:
+    kinds = [
+        "text" if isinstance(record, str) else "dict" if isinstance(record, Mapping) else "other" for record in records
+    ]
+    if "other" in kinds:
+        index = kinds.index("other")
+        raise ValueError(
+            f"Calibration example {index} is a {type(records[index]).__name__}; examples must be strings or dicts."
+        )
+    if len(set(kinds)) > 1:
+        index = kinds.index("dict" if kinds[0] == "text" else "text")
+        raise ValueError(
+            f"`calibration_dataset` mixes types: example 0 is a {type(records[0]).__name__} but example {index} is a "
+            f"{type(records[index]).__name__}. Use all strings or all dicts."
+        )
+
+
+def _check_token_ids(examples: list[dict[str, Any]], model_config: Any) -> None:
+    vocab_size = getattr(model_config, "vocab_size", None)
+    for index, example in enumerate(examples):
+        ids = example["input_ids"]
+        if not all(isinstance(token, int) and not isinstance(token, bool) for token in ids):
+            bad = next(token for token in ids if not isinstance(token, int) or isinstance(token, bool))
+            raise ValueError(f"Calibration example {index} has a non-integer token id {bad!r} in `input_ids`.")
+        if isinstance(vocab_size, int) and ids and not 0 <= min(ids) <= max(ids) < vocab_size:
+            bad = min(ids) if min(ids) < 0 else max(ids)
+            raise ValueError(
+                f"Calibration example {index} has token id {bad}, outside this model's vocabulary [0, {vocab_size}): "
+                "the data was tokenised with another tokenizer. Tokenise with the model's own tokenizer."
+            )
+
+
+def _check_padding(examples: list[dict[str, Any]], task: str | None, model: Any, batch_size: int) -> None:
+    config = getattr(model, "config", None)
+    if task != "sequence-classification" or batch_size == 1 or getattr(config, "pad_token_id", 0) is not None:
+        return
+    if len({len(example["input_ids"]) for example in examples}) > 1:
+        raise ValueError(
+            f"{type(model).__name__} has no `pad_token_id` in its config, so it cannot find the last real token of a "
+            "padded calibration batch. Set `model.config.pad_token_id` (e.g. to `tokenizer.eos_token_id`) or use "
+            "`batch_size=1`."
+        )
 
 
 class _Collator:
@@ -113,7 +177,8 @@ def _tokenize_record(record: Any, tokenizer: Any, max_length: int, task: str | N
         )
     label = _label_of(record)
     if "input_ids" in record:
-        example = {"input_ids": list(record["input_ids"])[:max_length]}
+        ids = record["input_ids"]
+        example = {"input_ids": (ids.tolist() if hasattr(ids, "tolist") else list(ids))[:max_length]}
     elif task == "token-classification" and "tokens" in record:
         encoding = tokenizer(record["tokens"], is_split_into_words=True, truncation=True, max_length=max_length)
         previous, aligned = None, []
@@ -200,14 +265,27 @@ def build_calibration_loader(
         records = records[:num_samples]
     if not records:
         raise ValueError("`calibration_dataset` is empty: FWSVD needs at least one calibration example.")
+    _check_types(records)
     task = infer_task(model)
-    model_max = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    length = min(max_length, model_max) if isinstance(model_max, int) and model_max > 0 else max_length
+    model_config = getattr(model, "config", None)
+    model_max = getattr(model_config, "max_position_embeddings", None)
+    length = max_length
+    if isinstance(model_max, int) and 0 < model_max < max_length:
+        logger.warning(
+            "`max_length=%d` exceeds the model's maximum of %d positions; calibration examples are truncated to %d "
+            "tokens.",
+            max_length,
+            model_max,
+            model_max,
+        )
+        length = model_max
     examples = [_tokenize_record(record, tokenizer, length, task, i) for i, record in enumerate(records)]
     empty = [i for i, example in enumerate(examples) if not example["input_ids"]]
     if empty:
         raise ValueError(f"Calibration example {empty[0]} tokenises to no tokens; remove empty texts.")
-    float_labels = _check_labels(examples, task, getattr(model, "config", None))
+    _check_token_ids(examples, model_config)
+    float_labels = _check_labels(examples, task, model_config)
+    _check_padding(examples, task, model, batch_size)
     padding_side = getattr(tokenizer, "padding_side", "right") if tokenizer is not None else "right"
-    collate = _Collator(task, _pad_id(tokenizer), padding_side, float_labels)
+    collate = _Collator(task, _pad_id(tokenizer, model_config), padding_side, float_labels)
     return DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=collate)

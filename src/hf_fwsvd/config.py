@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("fwsvd", "svd")
 # Fields that only matter while compressing; they are never written to `config.json`.
-RUNTIME_FIELDS = ("calibration_dataset", "tokenizer", "importances")
+RUNTIME_FIELDS = ("calibration_dataset", "tokenizer", "importances", "importances_cache")
 
 
 @dataclass
@@ -47,7 +48,12 @@ class FWSVDConfig(QuantizationConfigMixin):
         max_length (`int`, *optional*, defaults to 128): Truncation length for text calibration data.
         importances (`dict[str, torch.Tensor] | str`, *optional*): Precomputed importances (module name -> one value
             per input feature) or the path of a safetensors file holding them; skips Fisher estimation.
-        importance_floor (`float`, *optional*, defaults to 1e-6): Relative floor on importances (see `factorize`).
+        importances_cache (`str`, *optional*): Path of a safetensors file that makes a long estimation resumable: when
+            it exists the importances are read from it and estimation is skipped; otherwise they are estimated and
+            written there (by the main process) before any layer is factorised, so an interrupted run restarts from
+            it. Its directory must exist. Cannot be combined with `importances`.
+        importance_floor (`float`, *optional*, defaults to 0): Relative floor on importances (see `factorize`); 0 gives
+            the exact weighted optimum.
         ranks (`dict[str, int]`, *optional*): The resolved rank of every compressed module. Filled in by compression
             and saved in `config.json`, so a reload builds exact shapes before reading any weight.
         source_classes (`dict[str, str]`, *optional*): Original class of modules that were not `nn.Linear`
@@ -74,7 +80,8 @@ class FWSVDConfig(QuantizationConfigMixin):
     batch_size: int = 8
     max_length: int = 128
     importances: Any = None
-    importance_floor: float = 1e-6
+    importances_cache: str | None = None
+    importance_floor: float = 0.0
     ranks: dict[str, int] | None = None
     source_classes: dict[str, str] = field(default_factory=dict)
     weights_file: str | None = None
@@ -103,6 +110,10 @@ class FWSVDConfig(QuantizationConfigMixin):
             raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
             raise ValueError("`target_modules` is an empty list: nothing would be compressed.")
+        _check_patterns(self.target_modules, "target_modules")
+        _check_patterns(self.modules_to_not_convert, "modules_to_not_convert")
+        for key in self.rank_pattern:  # every key is also tried as a regex (see `ranks._override`)
+            _check_patterns(key, "rank_pattern")
         for name in ("num_samples", "batch_size", "max_length"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -111,6 +122,19 @@ class FWSVDConfig(QuantizationConfigMixin):
             raise ValueError(f"`importance_floor` must be in [0, 1), got {self.importance_floor!r}.")
         if isinstance(self.importances, (str, os.PathLike)) and not os.path.isfile(self.importances):
             raise ValueError(f"`importances` file {os.fspath(self.importances)!r} does not exist.")
+        if self.importances_cache is not None:
+            if self.importances is not None:
+                raise ValueError(
+                    "Give either `importances` (precomputed) or `importances_cache` (estimate once, then reuse), not "
+                    "both."
+                )
+            self.importances_cache = os.fspath(self.importances_cache)
+            parent = os.path.dirname(os.path.abspath(self.importances_cache))
+            if not os.path.isdir(parent):
+                raise ValueError(
+                    f"`importances_cache` {self.importances_cache!r} is in a directory that does not exist; create "
+                    f"{parent!r} first."
+                )
         if self.ranks is not None:
             for key, value in self.ranks.items():
                 _check_rank(value, f"ranks[{key!r}]")
@@ -181,3 +205,25 @@ def _check_fraction(value: Any, name: str, inclusive: bool) -> None:
     if not (value > 0 and upper_ok):
         bound = "(0, 1]" if inclusive else "(0, 1)"
         raise ValueError(f"`{name}` must be in {bound}, got {value}.")
+
+
+_REGEX_CHARS = "*+?[]()|\\^$"
+
+
+def _check_patterns(patterns: Any, name: str) -> None:
+    """Module-name patterns are a regex string or a list of names / suffixes / regexes; reject anything else early."""
+    if patterns is None:
+        return
+    if isinstance(patterns, str):
+        items = [patterns]
+    elif isinstance(patterns, (list, tuple, set)) and all(isinstance(item, str) for item in patterns):
+        items = [item for item in patterns if any(char in item for char in _REGEX_CHARS)]
+    else:
+        raise ValueError(
+            f"`{name}` must be a regex string or a list of module names, got {patterns!r} ({type(patterns).__name__})."
+        )
+    for item in items:
+        try:
+            re.compile(item)
+        except re.error as error:
+            raise ValueError(f"`{name}` pattern {item!r} is not a valid regular expression: {error}.") from error

@@ -7,10 +7,16 @@ optimum is the rank-``r`` SVD of ``W diag(d)`` = ``U S Vt``, giving ``A = U_r S_
 We never divide by ``d``. For a fixed output basis ``U_r`` (orthonormal columns) every column of ``W`` is best
 approximated by its orthogonal projection, whatever that column's weight, so the optimum is also
 ``A = U_r`` and ``B = U_r^T W`` (a least-squares solve that needs no inverse). It is identical to the textbook form
-when every ``d_i > 0`` and stays finite when some importances are zero. A tiny relative floor on the importances
-keeps ``W diag(d)`` from losing rank because of zero-importance columns, so those columns still act as a tie-breaker
-for directions the task does not care about. Uniform importances give exactly plain SVD: the weights are normalised
-by their maximum, so a constant vector becomes all ones and ``W diag(d) == W``.
+when every ``d_i > 0`` and stays finite when some importances are zero.
+
+Zero importances need no floor. When ``W diag(d)`` has (numerical) rank ``k < r``, its ``k`` leading directions already
+make the weighted error zero, and the other ``r - k`` directions are free: we take them from the plain SVD of what
+those ``k`` leave of ``W``, so zero-importance columns are still approximated as well as possible without costing any
+weighted error. The result is exactly the weighted optimum (Eckart-Young on ``W diag(d)``) for every importance
+vector; a relative floor (``floor > 0``) is available but trades that optimality for plain error, so it is off by
+default. Uniform importances give exactly plain SVD (the SVD of ``W`` itself). Only the ratios of the ``d_i`` matter,
+so they are formed in float64 and scaled so that the largest weighted entry is one before the float32 SVD: importances
+spanning more orders of magnitude than float32 holds neither overflow nor underflow.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ __all__ = [
     "validate_importance",
 ]
 
-DEFAULT_IMPORTANCE_FLOOR = 1e-6
+DEFAULT_IMPORTANCE_FLOOR = 0.0
 
 
 @dataclass
@@ -96,15 +102,51 @@ def input_scaling(importance: torch.Tensor | None, floor: float = DEFAULT_IMPORT
 
     Args:
         importance (`torch.Tensor` or `None`): Non-negative importances; `None` means uniform (plain SVD).
-        floor (`float`): Relative floor applied to ``I / max(I)`` so zero-importance columns keep a tiny weight.
+        floor (`float`): Relative floor applied to ``I / max(I)`` (0: none, the exact weighted optimum).
 
     Returns:
         `torch.Tensor` or `None`: float32 scaling, or `None` for plain SVD.
     """
     if importance is None:
         return None
-    normalised = importance.detach().to(torch.float32) / importance.max().to(torch.float32)
-    return normalised.clamp_min(floor).sqrt()
+    values = importance.detach().to(torch.float64)  # float64 first: a float32 cast could overflow or underflow
+    return (values / values.max()).clamp_min(floor).sqrt().to(torch.float32)
+
+
+def _column_factors(dense: torch.Tensor, importance: torch.Tensor, floor: float) -> torch.Tensor | None:
+    """float32 column factors proportional to ``sqrt(I / max I)`` for the SVD, or `None` for uniform importances.
+
+    Only the ratios between factors matter (a common scale does not change the left singular vectors), so they are
+    scaled in float64 to make the largest weighted entry of ``W`` one: importances spanning more orders of magnitude
+    than float32 holds still weigh the columns that carry weight instead of underflowing to zero.
+    """
+    values = importance.detach().to(device=dense.device, dtype=torch.float64)
+    weights = (values / values.max()).clamp_min(floor)
+    if bool((weights == 1).all()):
+        return None  # uniform importances: plain SVD, bit for bit
+    roots = weights.sqrt()
+    peak = (dense.abs().amax(dim=0).to(torch.float64) * roots).max()
+    if peak > 0:
+        roots = roots / peak
+    return roots.clamp(max=torch.finfo(torch.float32).max).to(torch.float32)
+
+
+def _output_basis(dense: torch.Tensor, scaling: torch.Tensor | None, rank: int) -> torch.Tensor:
+    """Orthonormal ``out x rank`` basis: the top left singular vectors of ``W diag(d)``, completed from the plain SVD
+    of the rest of ``W`` when ``W diag(d)`` has fewer than `rank` (numerically) non-zero singular values."""
+    scaled = dense if scaling is None else dense * scaling
+    left, singular, _ = torch.linalg.svd(scaled, full_matrices=False)
+    if scaling is None:
+        return left[:, :rank]
+    tolerance = singular[0] * max(scaled.shape) * torch.finfo(torch.float32).eps
+    kept = int((singular > tolerance).sum()) if singular[0] > 0 else 0
+    if kept >= rank:
+        return left[:, :rank]
+    basis = left[:, :kept]
+    rest, _, _ = torch.linalg.svd(dense - basis @ (basis.T @ dense), full_matrices=False)
+    # QR keeps the span of `basis` first and makes the completion orthonormal even where `rest` is degenerate.
+    orthonormal, _ = torch.linalg.qr(torch.cat([basis, rest[:, : rank - kept]], dim=1))
+    return orthonormal
 
 
 def factorize(
@@ -121,7 +163,7 @@ def factorize(
         rank (`int`): Kept rank, ``1 <= rank <= min(out, in)``.
         importance (`torch.Tensor`, *optional*): One non-negative value per input feature (FWSVD's row importance in
             the paper's ``in x out`` layout). `None` gives plain SVD.
-        floor (`float`, *optional*, defaults to 1e-6): Relative importance floor (see module docstring).
+        floor (`float`, *optional*, defaults to 0): Relative importance floor (see module docstring).
         name (`str`, *optional*): Module name used in error messages.
 
     Returns:
@@ -142,10 +184,8 @@ def factorize(
         dense = weight.detach().to(torch.float32)
         if not torch.isfinite(dense).all():
             raise ValueError(f"`{name}` weight has NaN/Inf values; refusing to factorise it.")
-        scaling = input_scaling(importance.to(dense.device) if importance is not None else None, floor)
-        scaled = dense if scaling is None else dense * scaling
-        left, _, _ = torch.linalg.svd(scaled, full_matrices=False)
-        up = left[:, :rank].contiguous()
+        scaling = None if importance is None else _column_factors(dense, importance, floor)
+        up = _output_basis(dense, scaling, rank).contiguous()
         down = up.T @ dense
     return LowRankFactors(down=down, up=up)
 

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .layers import is_supported_linear
+from .distributed import ProcessInfo, all_reduce_sum, process_info, shard_batches
+from .layers import dense_weight, is_supported_linear
 
 __all__ = ["estimate_fisher", "model_loss"]
 
@@ -116,6 +117,44 @@ def _frozen_state(model: nn.Module) -> tuple[bool, dict[str, bool]]:
     return model.training, {name: param.requires_grad for name, param in model.named_parameters()}
 
 
+def _input_device(model: nn.Module) -> torch.device:
+    """Where calibration batches go: the first materialised parameter's device, or, for a model dispatched with an
+    offloading `device_map` (its weights on `meta` until accelerate's hooks load them), the first execution device."""
+    device_map = getattr(model, "hf_device_map", None)
+    if isinstance(device_map, dict):
+        for value in device_map.values():
+            if value not in ("disk", "meta"):
+                return torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
+        return torch.device("cpu")
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")
+
+
+def _reduce(
+    hooks: _FisherHooks, modules: dict[str, nn.Module], info: ProcessInfo, failed: bool
+) -> tuple[dict[str, torch.Tensor], list[str], int, int]:
+    """Sum the per-feature sums, the example count, which modules got a gradient and failures over all processes.
+
+    Returns:
+        `(sums, missing, samples, failures)`: summed fp32 vectors of the modules some process saw, the modules no
+        process saw, the total example count and how many processes failed.
+    """
+    sizes = {name: int(dense_weight(module).shape[1]) for name, module in modules.items()}
+    flat = torch.cat([hooks.sums.get(name, torch.zeros(size)).to(torch.float32).cpu() for name, size in sizes.items()])
+    counts = torch.tensor([hooks.samples, int(failed), *(int(name in hooks.sums) for name in sizes)])
+    flat, counts = all_reduce_sum(flat, info), all_reduce_sum(counts, info)
+    sums, missing = {}, []
+    vectors = flat.split(list(sizes.values()))
+    for name, vector, seen in zip(sizes, vectors, counts[2:].tolist(), strict=True):
+        if seen:
+            sums[name] = vector
+        else:
+            missing.append(name)
+    return sums, missing, int(counts[0]), int(counts[1])
+
+
 def _batch_size(batch: Any) -> int:
     if isinstance(batch, dict):
         for value in batch.values():
@@ -138,6 +177,12 @@ def estimate_fisher(
     The model runs in eval mode (no dropout) with every parameter frozen; afterwards its mode and `requires_grad`
     flags are restored, no hook is left and no parameter has a gradient.
 
+    Under ``accelerate launch`` / ``torchrun`` with several processes, each process passes the same `batches` and
+    its own copy of the model (not wrapped in DDP); each works on a round-robin share of whole batches (see
+    [`~hf_fwsvd.distributed.shard_batches`]), the sums and example counts are added over processes, and every process
+    returns the same importances, equal to a single-process run on the same batches up to summation order. A model
+    dispatched with `device_map` (accelerate hooks, offloading included) works too.
+
     Args:
         model (`nn.Module`): The model; `loss_fn(model, batch)` must return a scalar task loss.
         batches (`Iterable`): Calibration batches (dicts of tensors for transformers models).
@@ -153,16 +198,20 @@ def estimate_fisher(
     for name, module in modules.items():
         if not is_supported_linear(module):
             raise ValueError(f"`{name}` is a {type(module).__name__}, not a linear layer; cannot estimate its Fisher.")
-    device = next(model.parameters()).device
+    device = _input_device(model)
+    info = process_info()
     was_training, requires_grad = _frozen_state(model)
     hooks = _FisherHooks(modules)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
     hooks.attach()
+    error: Exception | None = None
     try:
-        total = len(batches) if hasattr(batches, "__len__") else None
-        for batch in tqdm(batches, total=total, desc="Fisher", unit="batch", disable=not show_progress):
+        shard = shard_batches(batches, info)
+        total = len(shard) if hasattr(shard, "__len__") else None
+        progress = show_progress and info.is_main
+        for batch in tqdm(shard, total=total, desc="Fisher", unit="batch", disable=not progress):
             batch = _move(batch, device)
             with torch.enable_grad():
                 loss = loss_fn(model, batch)
@@ -179,17 +228,25 @@ def estimate_fisher(
                     loss.backward()
             hooks.leaves.clear()
             hooks.samples += _batch_size(batch)
+    except Exception as exc:
+        if not info.is_distributed:
+            raise
+        error = exc  # take part in the collective anyway, so the other processes fail instead of hanging
     finally:
         hooks.detach()
         for name, param in model.named_parameters():
             param.requires_grad_(requires_grad[name])
         model.train(was_training)
-    if hooks.samples == 0:
+    sums, missing, samples, failures = _reduce(hooks, modules, info, failed=error is not None)
+    if error is not None:
+        raise error
+    if failures:
+        raise RuntimeError(f"Fisher estimation failed on {failures} other process(es); see their error messages.")
+    if samples == 0:
         raise ValueError("The calibration data produced no batches: FWSVD needs at least one calibration example.")
-    missing = [name for name in modules if name not in hooks.sums]
     if missing:
         raise ValueError(
             f"No gradient reached {len(missing)} targeted module(s), e.g. `{missing[0]}`: they do not affect the task "
             "loss on this data. Exclude them with `modules_to_not_convert` or use `method='svd'`."
         )
-    return {name: (hooks.sums[name] / hooks.samples).cpu() for name in modules}
+    return {name: sums[name] / samples for name in modules}

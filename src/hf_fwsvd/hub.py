@@ -47,12 +47,16 @@ def push_compressed_to_hub(
     """Upload a compressed model (weights, config, model card) to `repo_id`; same arguments as transformers'.
 
     Returns:
-        The `huggingface_hub.CommitInfo` of the upload commit.
+        The `huggingface_hub.CommitInfo` of the upload commit (`None` on processes other than the main one).
     """
     from transformers.utils.hub import hf_api
 
+    from .distributed import is_main_process
     from .model_card import write_model_card
 
+    if not is_main_process():  # under accelerate/torchrun only the main process saves and uploads
+        logger.info("Not the main process: skipping push_to_hub of the FWSVD checkpoint to %s", repo_id)
+        return None
     api = hf_api()
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp_dir:

@@ -11,7 +11,9 @@ from typing import Any
 from transformers import PreTrainedModel
 from transformers.quantizers import auto as quantizers_auto
 
+from .checkpoint_checks import check_local_checkpoint
 from .config import FWSVDConfig
+from .distributed import is_main_process
 from .hub import push_compressed_to_hub
 from .model_card import write_model_card
 from .quantizer import FWSVDHfQuantizer
@@ -45,6 +47,9 @@ def _wrap_from_pretrained() -> None:
             if not isinstance(fwsvd_config, FWSVDConfig):
                 raise TypeError(f"`fwsvd_config` must be an FWSVDConfig, got {type(fwsvd_config).__name__}.")
             kwargs["quantization_config"] = fwsvd_config
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+            check_local_checkpoint(source, kwargs.get("subfolder") or "")
         return original_function(cls, *args, **kwargs)
 
     setattr(from_pretrained, _WRAPPED_FLAG, True)
@@ -63,6 +68,10 @@ def _wrap_save_pretrained() -> None:
             return original(self, save_directory, *args, **kwargs)
         if args:
             raise TypeError("Pass save_pretrained options of a compressed model as keywords.")
+        if not (kwargs.get("is_main_process", True) and is_main_process()):
+            # Under accelerate/torchrun only the main process writes; concurrent atomic saves would race.
+            logger.info("Not the main process: skipping save_pretrained of the FWSVD checkpoint to %s", save_directory)
+            return None
         push_to_hub = kwargs.pop("push_to_hub", False)
         repo_id = kwargs.pop("repo_id", None)
         write_card = kwargs.pop("model_card", True)

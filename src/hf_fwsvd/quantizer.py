@@ -7,6 +7,7 @@ from typing import Any
 
 from transformers.quantizers.base import HfQuantizer
 
+from .checkpoint_checks import check_factors_finite, check_weights_match_ranks
 from .config import FWSVDConfig
 
 __all__ = ["FWSVDHfQuantizer"]
@@ -51,8 +52,9 @@ class FWSVDHfQuantizer(HfQuantizer):
     def update_attn_implementation(self, config: Any) -> Any:
         # The only hook that sees the model config before transformers resolves the weight files: point it at the
         # FWSVD weights (see `serialization`). The attribute is removed again once loading is done.
-        if self.pre_quantized and self.quantization_config.weights_file:
-            config.transformers_weights = self.quantization_config.weights_file
+        if self.pre_quantized:
+            # Without a recorded file name, still force a safetensors file: never fall back to a pickle.
+            config.transformers_weights = self.quantization_config.weights_file or "model.safetensors"
         return config
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
@@ -61,11 +63,15 @@ class FWSVDHfQuantizer(HfQuantizer):
 
             found = build_low_rank_skeleton(model, self.quantization_config.ranks)
             self.quantization_config.source_classes = {**found, **self.quantization_config.source_classes}
+            checkpoint_files = kwargs.get("checkpoint_files")
+            if checkpoint_files:
+                check_weights_match_ranks(model, self.quantization_config.ranks, checkpoint_files)
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         if self.pre_quantized:
-            if getattr(model.config, "transformers_weights", None) == self.quantization_config.weights_file:
+            check_factors_finite(model)
+            if hasattr(model.config, "transformers_weights"):
                 del model.config.transformers_weights
         else:
             from .api import compress

@@ -9,14 +9,17 @@ raises instead. With hf_fwsvd imported, the quantizer points transformers at the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 __all__ = ["WEIGHTS_INDEX_NAME", "WEIGHTS_NAME", "finalize_checkpoint", "is_fwsvd_model", "save_atomically"]
 
@@ -26,6 +29,7 @@ WEIGHTS_NAME = "model.fwsvd.safetensors"
 WEIGHTS_INDEX_NAME = "model.fwsvd.safetensors.index.json"
 _PLAIN_WEIGHTS = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 _PLAIN_INDEX = "model.safetensors.index.json"
+_PICKLE_WEIGHTS = re.compile(r"^pytorch_model(-\d{5}-of-\d{5})?\.bin$")
 
 
 def is_fwsvd_model(model: Any) -> bool:
@@ -90,20 +94,84 @@ def _check_not_source(model: Any, save_directory: str) -> None:
         )
 
 
+def _is_checkpoint_file(name: str) -> bool:
+    """Weight files and indices a new save replaces (stale ones would otherwise be loaded instead of ours)."""
+    return bool(
+        _PLAIN_WEIGHTS.match(name)
+        or _PICKLE_WEIGHTS.match(name)
+        or name in (_PLAIN_INDEX, WEIGHTS_INDEX_NAME, "pytorch_model.bin.index.json")
+        or name.startswith("model.fwsvd")
+    )
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
 def _move_into(staging: str, save_directory: str) -> None:
+    """Put the finished checkpoint in `staging` at `save_directory` with directory renames, so a reader (or a crash)
+    sees either the old directory or the new one, never a mix. Files of an existing directory that are not part of
+    the checkpoint (tokenizer, README, ...) are carried over; its old weight files are dropped."""
     if not os.path.exists(save_directory):
         os.replace(staging, save_directory)
         return
-    stale = [
-        name
-        for name in os.listdir(save_directory)
-        if _PLAIN_WEIGHTS.match(name) or name in (_PLAIN_INDEX, WEIGHTS_INDEX_NAME) or name.startswith("model.fwsvd")
-    ]
-    for name in stale:
-        os.remove(os.path.join(save_directory, name))
-    for name in os.listdir(staging):
-        os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
-    shutil.rmtree(staging, ignore_errors=True)
+    written = set(os.listdir(staging))
+    kept = []
+    for name in sorted(os.listdir(save_directory)):
+        if name in written or _is_checkpoint_file(name):
+            continue
+        source, destination = os.path.join(save_directory, name), os.path.join(staging, name)
+        if os.path.isdir(source) and not os.path.islink(source):
+            shutil.copytree(source, destination, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(source, destination)
+        kept.append(name)
+    replaced = sorted(written & set(os.listdir(save_directory)))
+    if replaced or kept:
+        logger.warning(
+            "Saving into the existing directory %s: replacing %s; keeping %s.",
+            save_directory,
+            ", ".join(replaced) or "no file",
+            ", ".join(kept) or "no other file",
+        )
+    parent, base = os.path.split(save_directory)
+    backup = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+    os.replace(save_directory, backup)  # onto the empty directory just made
+    try:
+        os.replace(staging, save_directory)
+    except BaseException:
+        os.replace(backup, save_directory)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _check_writable(directory: str, save_directory: str) -> None:
+    if not os.access(directory, os.W_OK) or not os.stat(directory).st_mode & 0o222:
+        raise PermissionError(
+            f"Cannot save into {save_directory!r}: {directory!r} is read-only. Choose a writable output directory or "
+            "make it writable (chmod u+w)."
+        )
+
+
+@contextlib.contextmanager
+def _output_lock(save_directory: str) -> Iterator[None]:
+    """Serialise saves into one directory across processes (the second waits, then replaces the first's output)."""
+    parent, base = os.path.split(save_directory)
+    lock = FileLock(os.path.join(parent, f".{base}.fwsvd.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.warning(
+            "Another process is saving into %s; waiting for it to finish (lock %s).", save_directory, lock.lock_file
+        )
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def save_atomically(
@@ -115,7 +183,9 @@ def save_atomically(
 ) -> None:
     """Save a compressed model through transformers into a staging directory, finalise it, then move it in place.
 
-    A failure at any point leaves `save_directory` as it was (no half-written checkpoint that looks valid).
+    A failure at any point leaves `save_directory` as it was (no half-written checkpoint that looks valid). An
+    existing directory is replaced as a whole (see `_move_into`); concurrent saves into one directory are serialised
+    with a lock file next to it, so the result is always one complete checkpoint.
 
     Args:
         model: The compressed `PreTrainedModel`.
@@ -125,19 +195,23 @@ def save_atomically(
             card, ...).
         kwargs: Passed to `original_save`.
     """
-    save_directory = os.fspath(save_directory)
-    if os.path.isfile(save_directory):
+    save_directory = os.path.realpath(os.fspath(save_directory))
+    if os.path.exists(save_directory) and not os.path.isdir(save_directory):
         raise ValueError(f"`save_directory` {save_directory!r} is a file, not a directory.")
     _check_not_source(model, save_directory)
-    parent = os.path.dirname(os.path.abspath(save_directory))
+    parent = os.path.dirname(save_directory)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save_directory))}.tmp-", dir=parent)
+    _check_writable(parent, save_directory)
+    if os.path.isdir(save_directory):
+        _check_writable(save_directory, save_directory)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(save_directory)}.tmp-", dir=parent)
     try:
         original_save(model, staging, **kwargs)
         finalize_checkpoint(staging)
         for writer in extra_writers or []:
             writer(model, staging)
-        _move_into(staging, save_directory)
+        with _output_lock(save_directory):
+            _move_into(staging, save_directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -1,0 +1,179 @@
+"""Check an FWSVD checkpoint's files against its `config.json` before transformers reads a single weight.
+
+transformers treats several broken checkpoints leniently: a module whose weights are missing from the file is
+randomly initialised with only a load report, a truncated safetensors file fails with an error that does not name the
+file, and an unknown `quant_method` (a typo) is skipped with a warning. For a compressed model each of these means
+random or wrong weights behind a model that looks fine, so we turn them into errors that name the file or module.
+We never unpickle anything: pickle files (`pytorch_model.bin`) are refused.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+__all__ = ["check_factors_finite", "check_local_checkpoint", "check_weights_match_ranks", "read_tensor_shapes"]
+
+logger = logging.getLogger(__name__)
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_REEXPORT = "Re-export it with `save_pretrained` from the compressed model."
+
+
+def read_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header (no tensor data is read).
+
+    Raises:
+        `ValueError`: Naming the file when it is not a complete, valid safetensors file.
+    """
+    path = os.fspath(path)
+    if path.endswith(_PICKLE_SUFFIXES):
+        raise ValueError(
+            f"Refusing to load {path!r}: it is a pickle file, and hf_fwsvd never unpickles checkpoints (pickle can "
+            f"run arbitrary code). FWSVD checkpoints are safetensors only. {_REEXPORT}"
+        )
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"Weights file {path!r} is missing: the checkpoint is incomplete (an interrupted download or copy?). "
+            "Download it again (`force_download=True`) or re-save the checkpoint."
+        )
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(
+            f"Weights file {path!r} is not a valid safetensors file ({error}). It is truncated or corrupt (an "
+            "interrupted download, copy or save?): download it again (`force_download=True`) or re-save the "
+            "checkpoint."
+        ) from error
+
+
+def check_weights_match_ranks(model: nn.Module, ranks: dict[str, int], checkpoint_files: Iterable[str]) -> None:
+    """Raise unless the weight files hold exactly the factor shapes the rank map built into `model`'s skeleton.
+
+    Args:
+        model (`nn.Module`): The skeleton, after `build_low_rank_skeleton` (compressed modules are `LowRankLinear`).
+        ranks (`dict[str, int]`): The checkpoint's rank map.
+        checkpoint_files (`Iterable[str]`): The resolved weight files (one, or every shard).
+
+    Raises:
+        `ValueError`: Naming the modules whose factors are missing or mis-shaped, and any factorised module that the
+            rank map lacks (transformers would load it as a randomly initialised dense layer).
+    """
+    files = list(checkpoint_files)
+    shapes: dict[str, tuple[int, ...]] = {}
+    origin: dict[str, str] = {}
+    for path in files:
+        for key, shape in read_tensor_shapes(path).items():
+            shapes[key] = shape
+            origin[key] = os.path.basename(path)
+    problems = []
+    for name, rank in ranks.items():
+        module = model.get_submodule(name)
+        expected = {
+            f"{name}.down.weight": (rank, module.in_features),
+            f"{name}.up.weight": (module.out_features, rank),
+        }
+        if module.up.bias is not None:
+            expected[f"{name}.up.bias"] = (module.out_features,)
+        for key, shape in expected.items():
+            if key not in shapes:
+                problems.append(f"`{key}` is missing from the weights")
+            elif shapes[key] != shape:
+                problems.append(
+                    f"`{key}` has shape {list(shapes[key])} in {origin[key]}, but rank {rank} for `{name}` needs "
+                    f"{list(shape)}"
+                )
+    factorised = sorted({key.removesuffix(".down.weight") for key in shapes if key.endswith(".down.weight")})
+    for name in factorised:
+        if name not in ranks:
+            problems.append(
+                f"`{name}` is factorised in the weights but missing from the rank map (it would load as a randomly "
+                "initialised dense layer)"
+            )
+    if problems:
+        where = os.path.dirname(files[0]) if files else "the checkpoint"
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(
+            f"The FWSVD checkpoint in {where} does not match the rank map in its config.json "
+            f"(`quantization_config.ranks`): {'; '.join(problems[:5])}{more}. The config.json was edited or belongs "
+            f"to another checkpoint. {_REEXPORT}"
+        )
+
+
+def check_factors_finite(model: nn.Module) -> None:
+    """Raise naming the first compressed module whose loaded factors hold NaN/Inf (meta tensors are skipped)."""
+    from .layers import LowRankLinear
+
+    for name, module in model.named_modules():
+        if not isinstance(module, LowRankLinear):
+            continue
+        for part in ("down", "up"):
+            weight = getattr(module, part).weight
+            if weight.device.type != "meta" and not torch.isfinite(weight).all():
+                raise ValueError(
+                    f"The checkpoint's `{name}.{part}.weight` holds NaN/Inf values: the weights file is corrupt or "
+                    f"was saved from a broken model. {_REEXPORT}"
+                )
+
+
+def _looks_like_fwsvd(quantization: dict[str, Any]) -> bool:
+    method = str(quantization.get("quant_method", "")).lower()
+    weights_file = str(quantization.get("weights_file") or "")
+    return (
+        "ranks" in quantization
+        or weights_file.startswith("model.fwsvd")
+        or bool(difflib.get_close_matches(method, ["fwsvd"], n=1, cutoff=0.7))
+    )
+
+
+def check_local_checkpoint(path: str | os.PathLike, subfolder: str = "") -> None:
+    """Checks on a local checkpoint directory before `from_pretrained` reads it (remote repos are checked later, by
+    the quantizer, on the downloaded files).
+
+    Raises:
+        `ValueError`: When `config.json` names an unregistered `quant_method` but is an FWSVD checkpoint (a typo such
+            as `"fwsvdd"`, which transformers would skip with a warning), or when an FWSVD checkpoint has only pickle
+            weights (refused, never unpickled).
+    """
+    directory = os.path.normpath(os.path.join(os.fspath(path), subfolder))
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        return
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return  # transformers reports an unreadable config.json itself
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(quantization, dict):
+        return
+    method = quantization.get("quant_method")
+    if method != "fwsvd":
+        if _looks_like_fwsvd(quantization):
+            raise ValueError(
+                f"{config_path} has `quantization_config.quant_method` = {method!r}, which no quantization method is "
+                "registered under, but the checkpoint looks like an FWSVD one (it has a rank map or FWSVD weight "
+                "file). transformers would skip the quantization and fail or load random weights. Fix config.json: "
+                'set "quant_method": "fwsvd".'
+            )
+        return
+    names = os.listdir(directory)
+    weights_file = quantization.get("weights_file")
+    has_weights = weights_file is not None and os.path.isfile(os.path.join(directory, weights_file))
+    has_safetensors = any(name.endswith((".safetensors", ".safetensors.index.json")) for name in names)
+    pickles = sorted(name for name in names if name.endswith(_PICKLE_SUFFIXES))
+    if pickles and not has_weights and not has_safetensors:
+        raise ValueError(
+            f"{directory} is an FWSVD checkpoint with only pickle weights ({', '.join(pickles)}). hf_fwsvd never "
+            "unpickles checkpoints (pickle can run arbitrary code) and FWSVD checkpoints are safetensors only: "
+            f"convert the file to safetensors in a trusted environment. {_REEXPORT}"
+        )

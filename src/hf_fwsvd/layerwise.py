@@ -1,0 +1,334 @@
+"""Compress a checkpoint on disk block by block, never holding the dense model in memory while factorising.
+
+`compress_layerwise` works in two phases:
+
+1. **Importances.** FWSVD needs the gradient of the task loss, that is a backward pass through the whole model. They
+   come from `FWSVDConfig.importances` or `importances_cache` when given; otherwise the model is loaded (with the
+   `device_map`, `max_memory` and `offload_folder` you pass, so accelerate can offload it to CPU or disk) and the
+   Fisher is estimated, saved to `importances_cache` if set, and the model is freed before phase 2.
+2. **Factorisation.** The model is only built on the `meta` device (shapes, target names, ranks). The source
+   safetensors files are read with `safe_open` one transformer block at a time: each targeted weight is factorised
+   as soon as it is read, the block's factors and untouched tensors are written as one output shard, and the block is
+   dropped before the next one is read. Peak memory is about one block of dense weights plus its factors, plus the
+   largest non-block tensor (usually the embedding), on top of the Python/torch baseline.
+
+The result is an ordinary sharded FWSVD checkpoint (``model.fwsvd-0000k-of-0000n.safetensors`` and its index): it
+holds the same tensors as `compress()` followed by `save_pretrained()` and loads with `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import FWSVDConfig
+from .distributed import is_main_process
+from .factorize import factorize, low_rank_params, relative_errors
+from .importances import check_importances, load_importances
+from .ranks import resolve_ranks
+from .report import CompressionReport, ModuleReport
+from .serialization import WEIGHTS_INDEX_NAME
+from .targets import find_target_modules
+
+__all__ = ["compress_layerwise"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCE_WEIGHTS = ("model.safetensors.index.json", "model.safetensors")
+_NOT_COPIED_NAMES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+
+
+def _model_class(config: Any, model_class: type | None) -> type:
+    if model_class is not None:
+        return model_class
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    for name in names:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    raise ValueError(
+        f"Cannot tell which model class to build from config.architectures={names!r}; pass `model_class=` (for "
+        "example `AutoModelForCausalLM` or `LlamaForCausalLM`)."
+    )
+
+
+def _weight_files(model_dir: str) -> dict[str, str]:
+    """Checkpoint key -> safetensors file path."""
+    index = os.path.join(model_dir, _SOURCE_WEIGHTS[0])
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            weight_map = json.load(handle)["weight_map"]
+        return {key: os.path.join(model_dir, name) for key, name in weight_map.items()}
+    single = os.path.join(model_dir, _SOURCE_WEIGHTS[1])
+    if not os.path.isfile(single):
+        raise ValueError(
+            f"{model_dir!r} has no {' or '.join(_SOURCE_WEIGHTS)}: `compress_layerwise` reads a dense safetensors "
+            "checkpoint. Re-save the model with `save_pretrained(..., safe_serialization=True)`."
+        )
+    with safe_open(single, framework="pt") as handle:
+        return dict.fromkeys(handle.keys(), single)
+
+
+def _blocks(skeleton: nn.Module) -> list[str]:
+    """Names of the transformer blocks (entries of the outermost `nn.ModuleList`s), in model order."""
+    blocks: list[str] = []
+    for name, module in skeleton.named_modules():
+        if isinstance(module, nn.ModuleList) and not any(name.startswith(block + ".") for block in blocks):
+            blocks.extend(f"{name}.{index}" if name else str(index) for index in range(len(module)))
+    return blocks
+
+
+def _group_keys(keys: list[str], blocks: list[str]) -> list[tuple[str, list[str]]]:
+    """Split checkpoint keys into ``("", non-block keys)`` followed by one group per block, in model order."""
+    known = set(blocks)
+    groups: dict[str, list[str]] = {"": [], **{block: [] for block in blocks}}
+    for key in keys:
+        parts = key.split(".")
+        group = next(
+            (".".join(parts[:depth]) for depth in range(1, len(parts)) if ".".join(parts[:depth]) in known), ""
+        )
+        groups[group].append(key)
+    return [(group, members) for group, members in groups.items() if members]
+
+
+def _estimate(
+    model_dir: str,
+    model_cls: type,
+    config: FWSVDConfig,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
+    load_kwargs: dict[str, Any],
+    show_progress: bool,
+) -> dict[str, torch.Tensor]:
+    from .api import compute_importances
+
+    logger.info("Loading %s to estimate the Fisher (%s)", model_dir, load_kwargs or "no device_map")
+    model = model_cls.from_pretrained(model_dir, **load_kwargs)
+    try:
+        return compute_importances(model, config, loss_fn=loss_fn, show_progress=show_progress)
+    finally:
+        del model
+        gc.collect()
+
+
+def _importances(
+    model_dir: str,
+    model_cls: type,
+    config: FWSVDConfig,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
+    load_kwargs: dict[str, Any],
+    show_progress: bool,
+) -> dict[str, torch.Tensor] | None:
+    if config.method != "fwsvd":
+        return None
+    if config.importances is not None:
+        return load_importances(config.importances)
+    if config.importances_cache is not None and os.path.isfile(config.importances_cache):
+        logger.info("Reusing the importances saved in %s; Fisher estimation is skipped.", config.importances_cache)
+        return load_importances(config.importances_cache)
+    return _estimate(model_dir, model_cls, config, loss_fn, load_kwargs, show_progress)
+
+
+def _factorise_group(
+    keys: list[str],
+    files: dict[str, str],
+    handles: dict[str, Any],
+    targets: dict[str, nn.Module],
+    ranks: dict[str, int],
+    importances: dict[str, torch.Tensor] | None,
+    config: FWSVDConfig,
+    report: CompressionReport,
+) -> dict[str, torch.Tensor]:
+    """Read one block's tensors, replace each targeted weight by its factors (and bias by ``up.bias``)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for key in keys:
+        module_name, _, leaf = key.rpartition(".")
+        tensor = handles[files[key]].get_tensor(key)
+        if module_name not in targets:
+            tensors[key] = tensor
+            continue
+        if leaf == "bias":
+            tensors[f"{module_name}.up.bias"] = tensor
+            continue
+        if leaf != "weight":
+            raise ValueError(f"Unexpected tensor `{key}` in targeted module `{module_name}`; cannot factorise it.")
+        weight = tensor.T if type(targets[module_name]).__name__ == "Conv1D" else tensor
+        importance = None if importances is None else importances[module_name]
+        factors = factorize(weight, ranks[module_name], importance, floor=config.importance_floor, name=module_name)
+        down, up = factors.down.to(weight.dtype), factors.up.to(weight.dtype)
+        tensors[f"{module_name}.down.weight"], tensors[f"{module_name}.up.weight"] = down, up
+        errors = relative_errors(weight, up @ down, importance)
+        out_features, in_features = weight.shape
+        rank = ranks[module_name]
+        report.modules.append(
+            ModuleReport(
+                name=module_name,
+                out_features=out_features,
+                in_features=in_features,
+                rank=rank,
+                params_before=out_features * in_features,
+                params_after=low_rank_params(out_features, in_features, rank),
+                plain_error=errors["plain"],
+                weighted_error=errors["weighted"],
+            )
+        )
+    return tensors
+
+
+def _check_keys(targets: dict[str, nn.Module], files: dict[str, str], model_dir: str) -> None:
+    missing = [name for name in targets if f"{name}.weight" not in files]
+    if missing:
+        example = next(iter(files), "")
+        raise ValueError(
+            f"The checkpoint in {model_dir!r} has no `{missing[0]}.weight` ({len(missing)} targeted weights missing; "
+            f"its keys look like `{example}`): its key names differ from the model's module names. Load it with "
+            "`from_pretrained` and use `compress()` instead."
+        )
+
+
+def compress_layerwise(
+    model_dir: str | os.PathLike,
+    save_directory: str | os.PathLike,
+    config: FWSVDConfig,
+    model_class: type | None = None,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, str | int] | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    dtype: torch.dtype | str | None = None,
+    show_progress: bool = True,
+) -> CompressionReport | None:
+    """Compress the dense safetensors checkpoint in `model_dir` into an FWSVD checkpoint in `save_directory`, one
+    transformer block at a time (see the module docstring for the memory this needs).
+
+    Args:
+        model_dir (`str` or `os.PathLike`): A local dense checkpoint (`config.json` plus `model.safetensors` or a
+            sharded `model.safetensors.index.json`).
+        save_directory (`str` or `os.PathLike`): Where the FWSVD checkpoint goes (written in a staging folder and moved
+            into place, so a crash leaves no half-written checkpoint). Tokenizer and generation files are copied.
+        config ([`FWSVDConfig`]): What to compress and how; give `importances` or `importances_cache` to skip or
+            resume the Fisher estimation.
+        model_class (`type`, *optional*): The model class (e.g. `AutoModelForSequenceClassification`); defaults to
+            `config.architectures[0]` of the checkpoint.
+        loss_fn (`Callable`, *optional*): Custom calibration loss `loss_fn(model, batch)`.
+        device_map, max_memory, offload_folder, dtype (*optional*): Passed to `from_pretrained` when the model is
+            loaded for Fisher estimation, e.g. ``device_map="auto", max_memory={"cpu": "2GiB"}`` to offload the rest
+            to `offload_folder` on disk.
+        show_progress (`bool`, *optional*, defaults to `True`): Progress bars.
+
+    Returns:
+        [`CompressionReport`] of the compressed modules, or `None` on processes other than the main one of a
+        distributed run (they only help estimate the Fisher; the main process writes the checkpoint).
+
+    Raises:
+        `ValueError`: For a missing or non-safetensors checkpoint, an already-compressed checkpoint, key names that
+            do not match the model's modules, bad importances, or the usual config errors.
+    """
+    from transformers import AutoConfig
+
+    from .api import _calibration_size
+    from .serialization import _move_into
+
+    model_dir, save_directory = os.fspath(model_dir), os.fspath(save_directory)
+    model_config = AutoConfig.from_pretrained(model_dir)
+    existing = getattr(model_config, "quantization_config", None)
+    if existing is not None:
+        method = (
+            existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", None)
+        )
+        raise ValueError(f"{model_dir!r} is already quantized ({method}); compress the dense checkpoint instead.")
+    model_cls = _model_class(model_config, model_class)
+    files = _weight_files(model_dir)
+    # Shapes only, on the meta device (accelerate's init_empty_weights would untie tied embeddings). Auto classes
+    # build through `from_config`, concrete classes through their constructor.
+    with torch.device("meta"):
+        skeleton = (
+            model_cls.from_config(model_config) if hasattr(model_cls, "from_config") else model_cls(model_config)
+        )
+    run_config = config.copy_for_run()
+    targets = find_target_modules(skeleton, run_config)
+    _check_keys(targets, files, model_dir)
+    shapes = {name: (int(m.weight.shape[0]), int(m.weight.shape[1])) for name, m in targets.items()}
+    shapes = {
+        name: shape[::-1] if type(targets[name]).__name__ == "Conv1D" else shape for name, shape in shapes.items()
+    }
+    ranks = resolve_ranks(shapes, run_config)
+
+    load_kwargs = {
+        key: value
+        for key, value in {
+            "device_map": device_map,
+            "max_memory": max_memory,
+            "offload_folder": offload_folder and os.fspath(offload_folder),
+            "dtype": dtype,
+        }.items()
+        if value is not None
+    }
+    importances = _importances(model_dir, model_cls, run_config, loss_fn, load_kwargs, show_progress)
+    if importances is not None:
+        check_importances(importances, {name: shape[1] for name, shape in shapes.items()})
+    if not is_main_process():
+        return None
+
+    params_before = sum(param.numel() for param in skeleton.parameters())
+    report = CompressionReport(method=run_config.method, model_params_before=params_before)
+    if run_config.method == "fwsvd" and run_config.importances is None:
+        report.calibration_samples = _calibration_size(run_config)
+    groups = _group_keys(list(files), _blocks(skeleton))
+    os.makedirs(os.path.dirname(os.path.abspath(save_directory)) or ".", exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save_directory))}.tmp-",
+                               dir=os.path.dirname(os.path.abspath(save_directory)))  # fmt: skip
+    try:
+        weight_map, total_size = {}, 0
+        for number, (group, keys) in enumerate(
+            tqdm(groups, desc="Factorising blocks", unit="block", disable=not show_progress), start=1
+        ):
+            # Open the source files per block: a safetensors file is memory-mapped, and pages read through a mapping
+            # that stays open count as resident memory until it is closed.
+            handles = {path: safe_open(path, framework="pt") for path in sorted({files[key] for key in keys})}
+            tensors = _factorise_group(keys, files, handles, targets, ranks, importances, run_config, report)
+            handles.clear()
+            shard = f"model.fwsvd-{number:05d}-of-{len(groups):05d}.safetensors"
+            save_file(tensors, os.path.join(staging, shard), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, shard))
+            total_size += sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+            logger.debug("Wrote %s (%s, %d tensors)", shard, group or "non-block tensors", len(tensors))
+            del tensors
+        with open(os.path.join(staging, WEIGHTS_INDEX_NAME), "w", encoding="utf-8") as handle:
+            json.dump(
+                {"metadata": {"total_size": total_size}, "weight_map": weight_map}, handle, indent=2, sort_keys=True
+            )
+        run_config.ranks = ranks
+        run_config.source_classes = {
+            name: type(module).__name__ for name, module in targets.items() if type(module).__name__ != "Linear"
+        }
+        run_config.weights_file = WEIGHTS_INDEX_NAME
+        model_config.quantization_config = run_config
+        model_config.save_pretrained(staging)
+        for name in sorted(os.listdir(model_dir)):
+            source = os.path.join(model_dir, name)
+            if os.path.isfile(source) and name not in _NOT_COPIED_NAMES and not name.endswith(_NOT_COPIED_SUFFIXES):
+                shutil.copy2(source, os.path.join(staging, name))
+        _move_into(staging, save_directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    order = {name: index for index, name in enumerate(targets)}
+    report.modules.sort(key=lambda module: order[module.name])  # model order, as `compress()` reports them
+    params_removed = sum(module.params_before - module.params_after for module in report.modules)
+    report.model_params_after = params_before - params_removed
+    logger.info("Wrote the FWSVD checkpoint of %d modules to %s", len(report.modules), save_directory)
+    return report

@@ -1,0 +1,76 @@
+"""Resumable compression: `FWSVDConfig(importances_cache=...)` saves the Fisher before factorising and reuses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import calibration_data, tiny_bert, tiny_llama
+from safetensors.torch import load_file
+
+import hf_fwsvd.api
+from hf_fwsvd import FWSVDConfig, compress, compute_importances
+
+
+def _model():
+    torch.manual_seed(0)
+    return tiny_llama()
+
+
+def _config(**kwargs) -> FWSVDConfig:
+    return FWSVDConfig(rank=4, calibration_dataset=calibration_data("llama", count=10), batch_size=4, **kwargs)
+
+
+def test_interrupted_compression_restarts_from_saved_importances(tmp_path, monkeypatch):
+    cache = tmp_path / "importances.safetensors"
+    reference = compress(_model(), _config(), show_progress=False).state_dict()
+    expected_importances = compute_importances(_model(), _config(), show_progress=False)
+
+    original = hf_fwsvd.api.LowRankLinear.from_linear
+    calls = []
+
+    def crash_on_third_layer(*args, **kwargs):
+        calls.append(kwargs.get("name"))
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated interruption while factorising")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hf_fwsvd.api.LowRankLinear, "from_linear", crash_on_third_layer)
+    with pytest.raises(KeyboardInterrupt, match="simulated interruption"):
+        compress(_model(), _config(importances_cache=str(cache)), show_progress=False)
+    assert len(calls) == 3
+    saved = load_file(cache)
+    assert sorted(saved) == sorted(expected_importances)
+    assert all(torch.equal(saved[name], value) for name, value in expected_importances.items())
+
+    monkeypatch.setattr(hf_fwsvd.api.LowRankLinear, "from_linear", original)
+
+    def no_estimation(*args, **kwargs):
+        raise AssertionError("the restarted run estimated the Fisher again")
+
+    monkeypatch.setattr(hf_fwsvd.api, "estimate_fisher", no_estimation)
+    resumed = compress(_model(), _config(importances_cache=str(cache)), show_progress=False).state_dict()
+    assert sorted(resumed) == sorted(reference)
+    for key, value in reference.items():
+        assert torch.equal(resumed[key], value), key
+
+
+def test_stale_cache_names_the_file(tmp_path):
+    cache = tmp_path / "bert.safetensors"
+    torch.manual_seed(0)
+    compress(
+        tiny_bert(), FWSVDConfig(rank=4, calibration_dataset=calibration_data("bert"), importances_cache=str(cache))
+    )
+    with pytest.raises(
+        ValueError, match=r"Importances are missing .* read from `importances_cache` .*bert\.safetensors"
+    ):
+        compress(_model(), _config(importances_cache=str(cache)), show_progress=False)
+
+
+def test_cache_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="either `importances` .* or `importances_cache`"):
+        FWSVDConfig(importances={"a": torch.ones(2)}, importances_cache=str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="directory that does not exist"):
+        FWSVDConfig(importances_cache=str(tmp_path / "missing" / "x.safetensors"))
+    config = FWSVDConfig(importances_cache=tmp_path / "x.safetensors")
+    assert config.importances_cache == str(tmp_path / "x.safetensors")
+    assert "importances_cache" not in config.to_dict()
