@@ -99,3 +99,19 @@ def test_save_without_card_and_errors(tmp_path):
         record_evaluation(model, {"accuracy": 1.0}, "dev", splt="test")
     with pytest.raises(ValueError, match="BertForSequenceClassification is not FWSVD-compressed"):
         build_model_card(tiny_bert())
+
+
+def test_a_previous_fwsvd_card_is_replaced_but_a_users_readme_is_kept(tmp_path, caplog):
+    model = _compressed_bert()
+    model.save_pretrained(tmp_path / "out")
+    assert "No evaluation was recorded" in (tmp_path / "out" / "README.md").read_text()
+    record_evaluation(model, {"accuracy": 0.5}, "dev.csv")
+    model.save_pretrained(tmp_path / "out")
+    assert "| accuracy | n/a | 0.5000 |" in (tmp_path / "out" / "README.md").read_text()
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "README.md").write_text("# my own notes\n")
+    with caplog.at_level("WARNING", logger="hf_fwsvd.integration"):
+        model.save_pretrained(tmp_path / "mine")
+    assert (tmp_path / "mine" / "README.md").read_text() == "# my own notes\n"
+    assert "the FWSVD model card is not written over it" in caplog.text

@@ -15,7 +15,7 @@ from .checkpoint_checks import check_local_checkpoint
 from .config import FWSVDConfig
 from .distributed import is_main_process
 from .hub import push_compressed_to_hub
-from .model_card import write_model_card
+from .model_card import is_fwsvd_card, write_model_card
 from .quantizer import FWSVDHfQuantizer
 from .serialization import is_fwsvd_model, save_atomically
 
@@ -84,6 +84,10 @@ def _wrap_save_pretrained() -> None:
             api = HfApi(token=hub_kwargs.get("token"))
             repo_id = repo_id or os.path.basename(os.path.abspath(save_directory))
             repo_id = load_path = api.create_repo(repo_id, exist_ok=True, private=hub_kwargs.get("private")).repo_id
+        readme = os.path.join(os.fspath(save_directory), "README.md")
+        if write_card and os.path.isfile(readme) and not is_fwsvd_card(readme):
+            logger.warning("Keeping your %s: the FWSVD model card is not written over it.", readme)
+            write_card = False
         writers = [functools.partial(write_model_card, load_path=load_path)] if write_card else []
         save_atomically(self, save_directory, original, extra_writers=writers, **kwargs)
         if push_to_hub:

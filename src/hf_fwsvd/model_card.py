@@ -32,6 +32,7 @@ __all__ = [
     "EvaluationRecord",
     "TEMPLATE_PATH",
     "build_model_card",
+    "is_fwsvd_card",
     "record_evaluation",
     "write_model_card",
 ]
@@ -270,6 +271,14 @@ def build_model_card(
         ],
     }
     return ModelCard.from_template(card_data, template_path=str(TEMPLATE_PATH), **context)
+
+
+def is_fwsvd_card(path: str | os.PathLike) -> bool:
+    """Whether the `README.md` at `path` is a card hf_fwsvd wrote (its metadata carries the `fwsvd` tag)."""
+    try:
+        return "fwsvd" in (ModelCard.load(path).data.tags or [])
+    except Exception:  # an unparsable README is the user's, not ours
+        return False
 
 
 def write_model_card(model: Any, directory: str | os.PathLike, load_path: str | None = None, **kwargs: Any) -> None:
