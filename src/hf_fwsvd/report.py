@@ -30,6 +30,8 @@ class CompressionReport:
     model_params_before: int = 0
     model_params_after: int = 0
     calibration_samples: int | None = None
+    base_model: str | None = None
+    calibration_data: str | None = None  # a description for the model card, e.g. "train.csv (3,200 examples)"
 
     @property
     def params_ratio(self) -> float:
