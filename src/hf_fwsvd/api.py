@@ -161,6 +161,8 @@ def compress(
             model.set_submodule(name, targets[name])
         raise
     run_config.ranks = ranks
+    run_config.base_model = run_config.base_model or _source_name(model)
+    report.base_model = run_config.base_model
     report.model_params_after = _count_params(model)
     _mark_compressed(model, run_config)
     model.fwsvd_report = report
@@ -236,6 +238,14 @@ def _calibration_size(config: FWSVDConfig) -> int | None:
         return None
     size = len(data.dataset) if hasattr(data, "dataset") and hasattr(data.dataset, "__len__") else len(data)
     return size if config.num_samples is None else min(size, config.num_samples)
+
+
+def _source_name(model: nn.Module) -> str | None:
+    """Where the dense model came from: its Hub id, or the absolute path of its local folder."""
+    source = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if source and os.path.isdir(source):
+        return os.path.abspath(source)
+    return source
 
 
 def _mark_compressed(model: nn.Module, config: FWSVDConfig) -> None:

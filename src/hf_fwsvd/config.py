@@ -78,6 +78,8 @@ class FWSVDConfig(QuantizationConfigMixin):
             checkpoints do not use `model.safetensors`, so transformers without hf_fwsvd fails instead of silently
             loading random weights into the compressed layers.
         hf_fwsvd_version (`str`, *optional*): Version of hf_fwsvd that wrote the checkpoint.
+        base_model (`str`, *optional*): The dense model that was compressed (a Hub id or a local path). Filled in from
+            the model's `name_or_path` by compression unless given; the model card's `base_model` comes from it.
     """
 
     quant_method: str = "fwsvd"
@@ -104,6 +106,7 @@ class FWSVDConfig(QuantizationConfigMixin):
     source_classes: dict[str, str] = field(default_factory=dict)
     weights_file: str | None = None
     hf_fwsvd_version: str = __version__
+    base_model: str | None = None
 
     def __post_init__(self) -> None:
         self.quant_method = "fwsvd"

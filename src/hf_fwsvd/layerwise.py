@@ -322,6 +322,7 @@ def compress_layerwise(
             name: type(module).__name__ for name, module in targets.items() if type(module).__name__ != "Linear"
         }
         run_config.weights_file = WEIGHTS_INDEX_NAME
+        run_config.base_model = run_config.base_model or os.path.abspath(model_dir)  # as `compress()` records it
         model_config.quantization_config = run_config
         model_config.save_pretrained(staging)
         for name in sorted(os.listdir(model_dir)):
@@ -336,5 +337,6 @@ def compress_layerwise(
     report.modules.sort(key=lambda module: order[module.name])  # model order, as `compress()` reports them
     params_removed = sum(module.params_before - module.params_after for module in report.modules)
     report.model_params_after = params_before - params_removed
+    report.base_model = run_config.base_model
     logger.info("Wrote the FWSVD checkpoint of %d modules to %s", len(report.modules), save_directory)
     return report

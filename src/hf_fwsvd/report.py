@@ -31,6 +31,8 @@ class CompressionReport:
     model_params_after: int = 0
     calibration_samples: int | None = None
     dense_modules: list[str] = field(default_factory=list)
+    base_model: str | None = None
+    calibration_data: str | None = None  # a description for the model card, e.g. "train.csv (3,200 examples)"
 
     @property
     def params_ratio(self) -> float:
