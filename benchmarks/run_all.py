@@ -1,6 +1,7 @@
 """Run every performance benchmark and write their tables to one file.
 
-Run from the repository root: ``PYTHONPATH=src:. python benchmarks/run_all.py [--out benchmarks/results/performance_raw.md]``
+Run from the repository root: ``PYTHONPATH=src:. python benchmarks/run_all.py`` (``--out`` to choose the file the
+tables go to; default ``benchmarks/results/performance_raw.md``).
 
 Runs, in order (about five minutes of CPU time on two idle cores; the assets are fetched first if missing):
 

@@ -35,7 +35,7 @@ from benchmarks.assets import MINILM_PACKAGE, POLARITY_PACKAGE, cached_asset, mi
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TRAINING_ARGS", "build_task_model", "pick_num_threads", "train_task_model"]
+__all__ = ["TRAINING_ARGS", "build_task_model", "pick_num_threads", "train_classifier", "train_task_model"]
 
 # Measured on the seed-0 split (dev accuracy / training seconds with 1 thread on 2 cores shared with other jobs):
 # 1 epoch at 5e-5: 0.796 / 229 s; 1 epoch at 1e-4: 0.804 / 249 s; 2 epochs at 1e-4: 0.815 / 529 s. One epoch at
@@ -98,6 +98,100 @@ def pick_num_threads(max_threads: int = 2, sample_seconds: float = 0.5) -> int:
     return max(1, min(max_threads, int(idle_cores + 0.2)))
 
 
+def train_classifier(
+    model: torch.nn.Module,
+    tokenizer,
+    train: list[dict],
+    epochs: int = TRAINING_ARGS["epochs"],
+    max_steps: int | None = None,
+    learning_rate: float = TRAINING_ARGS["learning_rate"],
+    batch_size: int = TRAINING_ARGS["batch_size"],
+    max_length: int = TRAINING_ARGS["max_length"],
+    warmup_ratio: float = TRAINING_ARGS["warmup_ratio"],
+    weight_decay: float = TRAINING_ARGS["weight_decay"],
+    freeze_embeddings: bool = TRAINING_ARGS["freeze_embeddings"],
+    seed: int = 0,
+) -> dict:
+    """Fine-tunes a sequence classifier in place with the task model's loop; also the benchmarks' recovery fine-tune.
+
+    A plain PyTorch loop: AdamW (no weight decay on biases and LayerNorms), linear warm-up then linear decay to 0,
+    batches of `batch_size` similar-length examples padded to their longest (`_length_grouped_batches`). The batch
+    order depends only on `seed` and the example lengths, so two models fine-tuned with the same arguments see the
+    same batches in the same order. Works on FWSVD-compressed models too (their `LowRankLinear` factors train).
+
+    Args:
+        model (`torch.nn.Module`): A sequence classifier (returns ``.loss`` given ``labels``); left in eval mode.
+        tokenizer (`PreTrainedTokenizerBase`): Its tokenizer.
+        train (`list[dict]`): Training examples ``{"text": str, "label": int}``.
+        epochs (`int`, *optional*, defaults to 1): Passes over `train` (ignored when `max_steps` is given).
+        max_steps (`int`, *optional*): Train for exactly this many steps instead (cycling over `train` if needed).
+        learning_rate (`float`, *optional*, defaults to 1e-4): Peak AdamW learning rate.
+        batch_size (`int`, *optional*, defaults to 32): Examples per step.
+        max_length (`int`, *optional*, defaults to 64): Texts are truncated to this many tokens.
+        warmup_ratio (`float`, *optional*, defaults to 0.1): Fraction of steps of linear warm-up.
+        weight_decay (`float`, *optional*, defaults to 0.01): AdamW weight decay (not on biases and LayerNorms).
+        freeze_embeddings (`bool`, *optional*, defaults to `True`): Keep the embedding layer fixed.
+        seed (`int`, *optional*, defaults to 0): Seed of the batch order.
+
+    Returns:
+        `dict`: ``{"steps": int, "examples": int, "train_seconds": float, "final_loss": float}``.
+    """
+    from transformers import get_linear_schedule_with_warmup
+
+    if freeze_embeddings:
+        model.base_model.embeddings.requires_grad_(False)
+    encoded = tokenizer([e["text"] for e in train], truncation=True, max_length=max_length)["input_ids"]
+    lengths = [len(ids) for ids in encoded]
+    labels = torch.tensor([e["label"] for e in train])
+    steps = max_steps if max_steps is not None else epochs * math.ceil(len(train) / batch_size)
+    if steps <= 0:
+        raise ValueError(f"train_classifier needs a positive number of steps, got {steps}.")
+
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=learning_rate,
+    )
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(warmup_ratio * steps), steps)
+    generator = torch.Generator().manual_seed(seed)
+
+    start = time.perf_counter()
+    model.train()
+    step, examples, epoch, loss = 0, 0, 0, None
+    while step < steps:
+        epoch += 1
+        for batch_idx in _length_grouped_batches(lengths, batch_size, generator):
+            batch = tokenizer.pad({"input_ids": [encoded[i] for i in batch_idx]}, return_tensors="pt")
+            loss = model(**batch, labels=labels[batch_idx]).loss
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            examples += len(batch_idx)
+            if step % 20 == 0 or step == steps:
+                logger.info(
+                    "epoch %d step %d/%d loss %.4f (%.0f s)",
+                    epoch,
+                    step,
+                    steps,
+                    loss.item(),
+                    time.perf_counter() - start,
+                )
+            if step == steps:
+                break
+    model.eval()
+    return {
+        "steps": step,
+        "examples": examples,
+        "train_seconds": time.perf_counter() - start,
+        "final_loss": float(loss.item()),
+    }
+
+
 def train_task_model(
     seed: int = 0,
     epochs: int = TRAINING_ARGS["epochs"],
@@ -127,7 +221,7 @@ def train_task_model(
         `tuple`: ``(model, tokenizer, info)``, the model in eval mode and ``info`` the dict written to
         ``task_model_info.json``.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from hf_fwsvd.evaluation import evaluate_classifier
 
@@ -143,48 +237,20 @@ def train_task_model(
             id2label={0: "negative", 1: "positive"},
             label2id={"negative": 0, "positive": 1},
         )
-        if freeze_embeddings:
-            model.base_model.embeddings.requires_grad_(False)
-
         train = splits["train"]
-        encoded = tokenizer([e["text"] for e in train], truncation=True, max_length=max_length)["input_ids"]
-        lengths = [len(ids) for ids in encoded]
-        labels = torch.tensor([e["label"] for e in train])
-        steps = epochs * math.ceil(len(train) / batch_size)
-
-        decay, no_decay = [], []
-        for param in model.parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim < 2 else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=learning_rate,
-        )
-        scheduler = get_linear_schedule_with_warmup(optimizer, round(warmup_ratio * steps), steps)
-        generator = torch.Generator().manual_seed(seed)
-
-        start = time.perf_counter()
-        model.train()
-        step = 0
-        for epoch in range(epochs):
-            for batch_idx in _length_grouped_batches(lengths, batch_size, generator):
-                batch = tokenizer.pad({"input_ids": [encoded[i] for i in batch_idx]}, return_tensors="pt")
-                loss = model(**batch, labels=labels[batch_idx]).loss
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if step % 20 == 0 or step == steps:
-                    logger.info(
-                        "epoch %d step %d/%d loss %.4f (%.0f s)",
-                        epoch + 1,
-                        step,
-                        steps,
-                        loss.item(),
-                        time.perf_counter() - start,
-                    )
-        train_seconds = time.perf_counter() - start
+        train_seconds = train_classifier(
+            model,
+            tokenizer,
+            train,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            max_length=max_length,
+            warmup_ratio=warmup_ratio,
+            weight_decay=weight_decay,
+            freeze_embeddings=freeze_embeddings,
+            seed=seed,
+        )["train_seconds"]
 
         start = time.perf_counter()
         metrics = evaluate_classifier(model, tokenizer, splits["dev"], batch_size=64, max_length=max_length)

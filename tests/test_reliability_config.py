@@ -24,9 +24,12 @@ CONFIG_CASES = {
     "param-ratio-string": ({"param_ratio": "0.5"}, "`param_ratio` must be a float, got '0.5'."),
     "rank-and-rank-ratio": (
         {"rank": 2, "rank_ratio": 0.5},
-        "Give only one of `rank`, `rank_ratio` and `param_ratio`; got rank, rank_ratio.",
+        "Give only one of `rank`, `rank_ratio`, `param_ratio` and `param_budget`; got rank, rank_ratio.",
     ),
-    "unknown-method": ({"method": "fisher"}, "Unknown method 'fisher'; choose one of fwsvd, svd."),
+    "unknown-method": (
+        {"method": "fisher"},
+        "Unknown method 'fisher'; choose one of fwsvd, svd, tfwsvd, whiten, asvd, fisher_whiten.",
+    ),
     "rank-pattern-string-value": (
         {"rank_pattern": {"query": "4"}},
         "`rank_pattern['query']` must be a positive int, got '4' (str).",

@@ -128,7 +128,7 @@ def test_nan_weight_in_the_last_module_rolls_back_every_module():
 def test_interrupt_during_factorisation_rolls_back(monkeypatch):
     model = tiny_bert()
     original = copy.deepcopy(model)
-    real = hf_fwsvd.api.LowRankLinear.from_linear
+    real = hf_fwsvd.api.LowRankLinear.from_factors
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -137,7 +137,7 @@ def test_interrupt_during_factorisation_rolls_back(monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hf_fwsvd.api.LowRankLinear, "from_linear", interrupted)
+    monkeypatch.setattr(hf_fwsvd.api.LowRankLinear, "from_factors", interrupted)
     with pytest.raises(KeyboardInterrupt):
         compress(model, FWSVDConfig(rank=2, method="svd"), show_progress=False)
     assert len(calls) == 5

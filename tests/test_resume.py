@@ -25,7 +25,7 @@ def test_interrupted_compression_restarts_from_saved_importances(tmp_path, monke
     reference = compress(_model(), _config(), show_progress=False).state_dict()
     expected_importances = compute_importances(_model(), _config(), show_progress=False)
 
-    original = hf_fwsvd.api.LowRankLinear.from_linear
+    original = hf_fwsvd.api.LowRankLinear.from_factors
     calls = []
 
     def crash_on_third_layer(*args, **kwargs):
@@ -34,7 +34,7 @@ def test_interrupted_compression_restarts_from_saved_importances(tmp_path, monke
             raise KeyboardInterrupt("simulated interruption while factorising")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(hf_fwsvd.api.LowRankLinear, "from_linear", crash_on_third_layer)
+    monkeypatch.setattr(hf_fwsvd.api.LowRankLinear, "from_factors", crash_on_third_layer)
     with pytest.raises(KeyboardInterrupt, match="simulated interruption"):
         compress(_model(), _config(importances_cache=str(cache)), show_progress=False)
     assert len(calls) == 3
@@ -42,7 +42,7 @@ def test_interrupted_compression_restarts_from_saved_importances(tmp_path, monke
     assert sorted(saved) == sorted(expected_importances)
     assert all(torch.equal(saved[name], value) for name, value in expected_importances.items())
 
-    monkeypatch.setattr(hf_fwsvd.api.LowRankLinear, "from_linear", original)
+    monkeypatch.setattr(hf_fwsvd.api.LowRankLinear, "from_factors", original)
 
     def no_estimation(*args, **kwargs):
         raise AssertionError("the restarted run estimated the Fisher again")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .allocation import allocate_ranks, direction_scores
 from .calibration import build_calibration_loader
 from .config import FWSVDConfig
 from .distributed import is_main_process
@@ -18,8 +20,17 @@ from .factorize import low_rank_params, relative_errors
 from .fisher import estimate_fisher, model_loss
 from .importances import check_importances, load_importances, save_importances
 from .layers import LowRankLinear, dense_weight
+from .methods import (
+    Statistics,
+    check_statistics,
+    collect_statistics,
+    factorize_module,
+    fisher_mass,
+    module_importance,
+    weighted_matrix,
+)
 from .payoff import low_rank_pays_off
-from .ranks import resolve_ranks
+from .ranks import rank_for_shape, resolve_ranks
 from .replace import replace_with_dense, shape_of
 from .report import CompressionReport, ModuleReport
 from .targets import find_target_modules
@@ -97,6 +108,7 @@ def compress(
     config: FWSVDConfig,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     show_progress: bool = True,
+    statistics: Statistics | None = None,
 ) -> nn.Module:
     """Compress `model` in place with FWSVD (or plain SVD) and return it.
 
@@ -110,6 +122,9 @@ def compress(
         config ([`FWSVDConfig`]): What to compress and how.
         loss_fn (`Callable`, *optional*): Custom calibration loss `loss_fn(model, batch) -> scalar`.
         show_progress (`bool`, *optional*, defaults to `True`): Progress bars for Fisher estimation and factorisation.
+        statistics ([`~methods.Statistics`], *optional*): Calibration statistics already collected on this dense model
+            (see `hf_fwsvd.methods.collect_statistics`), to compress one model at several settings without repeating
+            the calibration passes.
 
     Raises:
         `ValueError`: For bad config values, no matched modules, missing calibration data or bad importances. On
@@ -122,23 +137,33 @@ def compress(
     targets = find_target_modules(model, run_config)
     _check_materialised(model, targets)
     shapes = {name: shape_of(module) for name, module in targets.items()}
-    ranks = resolve_ranks(shapes, run_config)
-    importances = None
-    if run_config.method == "fwsvd":
-        importances = compute_importances(model, run_config, targets, loss_fn, show_progress)
+    ranks = resolve_ranks(shapes, run_config) if run_config.param_budget is None else None
+    if statistics is None:
+        # the row Fisher alone goes through `compute_importances` (precomputed importances, `importances_cache`)
+        row_fisher = functools.partial(compute_importances, model, run_config, targets, loss_fn, show_progress)
+        stats = collect_statistics(model, run_config, targets, loss_fn, show_progress, row_importances=row_fisher)
+    else:
+        stats = statistics
+        check_statistics(run_config, stats, targets)
+    dense_modules: list[str] = []
+    if ranks is None:
+        ranks, dense_modules = _budget_ranks(targets, shapes, run_config, stats)
     params_before = _count_params(model)
     report = CompressionReport(method=run_config.method, model_params_before=params_before)
-    if run_config.method == "fwsvd" and run_config.importances is None:
+    report.dense_modules = dense_modules
+    if run_config.method != "svd" and run_config.importances is None:
         report.calibration_samples = _calibration_size(run_config)
     swapped: list[str] = []
     try:
-        _factorise_all(model, targets, shapes, ranks, importances, run_config, report, swapped, show_progress)
+        _factorise_all(model, targets, shapes, ranks, stats, run_config, report, swapped, show_progress)
     except BaseException:
         # Never leave a partially compressed model behind: put every dense module back (they are still in `targets`).
         for name in swapped:
             model.set_submodule(name, targets[name])
         raise
     run_config.ranks = ranks
+    run_config.base_model = run_config.base_model or _source_name(model)
+    report.base_model = run_config.base_model
     report.model_params_after = _count_params(model)
     _mark_compressed(model, run_config)
     model.fwsvd_report = report
@@ -158,7 +183,7 @@ def _factorise_all(
     targets: dict[str, nn.Module],
     shapes: dict[str, tuple[int, int]],
     ranks: dict[str, int],
-    importances: dict[str, torch.Tensor] | None,
+    stats: Statistics,
     run_config: FWSVDConfig,
     report: CompressionReport,
     swapped: list[str],
@@ -166,16 +191,12 @@ def _factorise_all(
 ) -> None:
     """Factorise and swap every target in turn, recording each swapped name in `swapped` (for a rollback)."""
     for name, module in tqdm(targets.items(), desc="Factorising", unit="layer", disable=not show_progress):
-        importance = None if importances is None else importances[name]
-        replacement = LowRankLinear.from_linear(
-            module,
-            ranks[name],
-            importance,
-            name=name,
-            floor=run_config.importance_floor,
-            svd_solver=run_config.svd_solver,
-        )
-        errors = relative_errors(dense_weight(module), replacement.weight, importance)
+        if name not in ranks:
+            continue
+        weight = dense_weight(module)
+        factors, importance = factorize_module(weight, ranks[name], run_config, stats, name)
+        replacement = LowRankLinear.from_factors(factors, module.bias, dtype=weight.dtype, device=weight.device)
+        errors = relative_errors(weight, replacement.weight, importance)
         out_features, in_features = shapes[name]
         report.modules.append(
             ModuleReport(
@@ -196,12 +217,37 @@ def _factorise_all(
         swapped.append(name)
 
 
+def _budget_ranks(
+    targets: dict[str, nn.Module], shapes: dict[str, tuple[int, int]], config: FWSVDConfig, stats: Statistics
+) -> tuple[dict[str, int], list[str]]:
+    """Ranks under `config.param_budget`: the same fraction everywhere, or the global Fisher allocation."""
+    if config.allocation == "uniform":
+        uniform = FWSVDConfig(param_ratio=config.param_budget)
+        return {name: rank_for_shape(*shape, uniform, name) for name, shape in shapes.items()}, []
+    scores = {}
+    for name, module in targets.items():
+        weight = dense_weight(module)
+        importance = module_importance(config.method, stats, name)
+        mass = fisher_mass(weight, stats.fisher.importance[name]) ** config.allocation_power
+        scores[name] = direction_scores(weighted_matrix(weight, importance, config.importance_floor), mass)
+    allocation = allocate_ranks(shapes, scores, config.param_budget)
+    return allocation.ranks, allocation.dense
+
+
 def _calibration_size(config: FWSVDConfig) -> int | None:
     data = config.calibration_dataset
     if data is None or not hasattr(data, "__len__"):
         return None
     size = len(data.dataset) if hasattr(data, "dataset") and hasattr(data.dataset, "__len__") else len(data)
     return size if config.num_samples is None else min(size, config.num_samples)
+
+
+def _source_name(model: nn.Module) -> str | None:
+    """Where the dense model came from: its Hub id, or the absolute path of its local folder."""
+    source = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if source and os.path.isdir(source):
+        return os.path.abspath(source)
+    return source
 
 
 def _mark_compressed(model: nn.Module, config: FWSVDConfig) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-__all__ = ["build_calibration_loader", "infer_task"]
+__all__ = ["build_calibration_loader", "infer_task", "tokenize_examples"]
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +260,22 @@ def build_calibration_loader(
         )
     if isinstance(data, DataLoader):
         return data
+    examples, collate = tokenize_examples(data, tokenizer, model, num_samples, max_length, batch_size)
+    return DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+
+def tokenize_examples(
+    data: Any,
+    tokenizer: Any = None,
+    model: Any = None,
+    num_samples: int | None = None,
+    max_length: int = 128,
+    batch_size: int = 8,
+) -> tuple[list[dict[str, Any]], Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]]:
+    """Tokenised examples and a collate function building the model's task-loss batches (also used by `finetune`).
+
+    Same arguments and errors as [`build_calibration_loader`] (without the batching).
+    """
     records = _as_records(data)
     if num_samples is not None:
         records = records[:num_samples]
@@ -287,5 +303,4 @@ def build_calibration_loader(
     float_labels = _check_labels(examples, task, model_config)
     _check_padding(examples, task, model, batch_size)
     padding_side = getattr(tokenizer, "padding_side", "right") if tokenizer is not None else "right"
-    collate = _Collator(task, _pad_id(tokenizer, model_config), padding_side, float_labels)
-    return DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    return examples, _Collator(task, _pad_id(tokenizer, model_config), padding_side, float_labels)

@@ -15,11 +15,12 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .factorize import SVD_SOLVERS
 from .version import __version__
 
-__all__ = ["FWSVDConfig", "METHODS"]
+__all__ = ["ALLOCATIONS", "FWSVDConfig", "METHODS"]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("fwsvd", "svd")
+METHODS = ("fwsvd", "svd", "tfwsvd", "whiten", "asvd", "fisher_whiten")
+ALLOCATIONS = ("fisher", "uniform")
 # Fields that only matter while compressing; they are never written to `config.json`.
 RUNTIME_FIELDS = ("calibration_dataset", "tokenizer", "importances", "importances_cache")
 
@@ -28,15 +29,30 @@ RUNTIME_FIELDS = ("calibration_dataset", "tokenizer", "importances", "importance
 class FWSVDConfig(QuantizationConfigMixin):
     """Configuration of a Fisher-Weighted SVD compression; also the `quantization_config` of a compressed model.
 
-    Give exactly one of `rank`, `rank_ratio` or `param_ratio` (the default is the paper's `rank_ratio=0.33`).
+    Give at most one of `rank`, `rank_ratio`, `param_ratio` or `param_budget` (the default is the paper's
+    `rank_ratio=0.33`). See `docs/methods.md` for the methods beyond the paper.
 
     Args:
         rank (`int`, *optional*): The same rank for every targeted module.
         rank_ratio (`float`, *optional*): Fraction of each module's full rank ``min(in, out)`` to keep, in (0, 1).
         param_ratio (`float`, *optional*): Fraction of each module's weight parameters to keep, in (0, 1].
+        param_budget (`float`, *optional*): Fraction of the targeted modules' weight parameters to keep in total, in
+            (0, 1); `allocation` decides how the budget is shared between modules. Modules whose share would not pay
+            off (``r * (in + out) >= in * out``) stay dense and are left out of `ranks`.
+        allocation (`str`, *optional*): With `param_budget` only. `"fisher"` (the default there): global greedy
+            allocation minimising the summed Fisher-weighted truncation error (needs calibration data with labels);
+            `"uniform"`: every module keeps the same parameter fraction (like `param_ratio`).
+        allocation_power (`float`, *optional*, defaults to 0.5): Exponent on each module's Fisher mass in the
+            `"fisher"` allocation: 1 trusts the second-order loss estimate fully, 0 ignores how sensitive the loss is
+            to each module (only its spectrum's shape counts). 1 starved the last layers of a real classifier at
+            strong compression (see `docs/methods.md`); 0.5 is the measured default.
+        refine_iterations (`int`, *optional*, defaults to 10): Alternating-least-squares sweeps of `method="tfwsvd"`.
         rank_pattern (`dict[str, int | float]`, *optional*): Per-module overrides. Keys are module names, name
             suffixes or regexes (fullmatch); an int value is a rank, a float a rank ratio.
-        method (`str`, *optional*, defaults to `"fwsvd"`): `"fwsvd"` (Fisher-weighted) or `"svd"` (plain SVD).
+        method (`str`, *optional*, defaults to `"fwsvd"`): `"fwsvd"` (row-wise Fisher, the paper), `"svd"` (plain
+            SVD), `"tfwsvd"` (element-wise Fisher refinement of FWSVD), `"whiten"` (SVD-LLM activation whitening),
+            `"asvd"` (activation-magnitude column scaling) or `"fisher_whiten"` (whitening with the gradient-weighted
+            activation second moment). See `docs/methods.md`.
         target_modules (`str | list[str]`, *optional*): A regex (fullmatch on the module name) or a list of names /
             name suffixes. Default: every linear layer inside the transformer blocks.
         modules_to_not_convert (`list[str]`, *optional*): Names, suffixes or regexes never compressed. Default:
@@ -66,12 +82,18 @@ class FWSVDConfig(QuantizationConfigMixin):
             checkpoints do not use `model.safetensors`, so transformers without hf_fwsvd fails instead of silently
             loading random weights into the compressed layers.
         hf_fwsvd_version (`str`, *optional*): Version of hf_fwsvd that wrote the checkpoint.
+        base_model (`str`, *optional*): The dense model that was compressed (a Hub id or a local path). Filled in from
+            the model's `name_or_path` by compression unless given; the model card's `base_model` comes from it.
     """
 
     quant_method: str = "fwsvd"
     rank: int | None = None
     rank_ratio: float | None = None
     param_ratio: float | None = None
+    param_budget: float | None = None
+    allocation: str | None = None
+    allocation_power: float = 0.5
+    refine_iterations: int = 10
     rank_pattern: dict[str, int | float] = field(default_factory=dict)
     method: str = "fwsvd"
     target_modules: str | list[str] | None = None
@@ -89,12 +111,17 @@ class FWSVDConfig(QuantizationConfigMixin):
     source_classes: dict[str, str] = field(default_factory=dict)
     weights_file: str | None = None
     hf_fwsvd_version: str = __version__
+    base_model: str | None = None
 
     def __post_init__(self) -> None:
         self.quant_method = "fwsvd"
-        given = [name for name in ("rank", "rank_ratio", "param_ratio") if getattr(self, name) is not None]
+        given = [
+            name for name in ("rank", "rank_ratio", "param_ratio", "param_budget") if getattr(self, name) is not None
+        ]
         if len(given) > 1:
-            raise ValueError(f"Give only one of `rank`, `rank_ratio` and `param_ratio`; got {', '.join(given)}.")
+            raise ValueError(
+                f"Give only one of `rank`, `rank_ratio`, `param_ratio` and `param_budget`; got {', '.join(given)}."
+            )
         if not given and self.ranks is None:
             self.rank_ratio = 0.33
         if self.rank is not None:
@@ -103,6 +130,24 @@ class FWSVDConfig(QuantizationConfigMixin):
             _check_fraction(self.rank_ratio, "rank_ratio", inclusive=False)
         if self.param_ratio is not None:
             _check_fraction(self.param_ratio, "param_ratio", inclusive=True)
+        if self.param_budget is not None:
+            _check_fraction(self.param_budget, "param_budget", inclusive=False)
+            if self.allocation is None:
+                self.allocation = "fisher"
+            if self.rank_pattern:
+                raise ValueError(
+                    "`rank_pattern` cannot be combined with `param_budget`: the allocation sets every rank."
+                )
+        if self.allocation is not None:
+            if self.param_budget is None and self.ranks is None:
+                raise ValueError(f"`allocation={self.allocation!r}` needs `param_budget=` (a fraction of parameters).")
+            if self.allocation not in ALLOCATIONS:
+                raise ValueError(f"Unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}.")
+        _check_rank(self.refine_iterations, "refine_iterations")
+        if isinstance(self.allocation_power, bool) or not isinstance(self.allocation_power, (int, float)):
+            raise ValueError(f"`allocation_power` must be a float in [0, 1], got {self.allocation_power!r}.")
+        if not 0 <= self.allocation_power <= 1:
+            raise ValueError(f"`allocation_power` must be in [0, 1], got {self.allocation_power}.")
         for key, value in self.rank_pattern.items():
             if isinstance(value, float):
                 _check_fraction(value, f"rank_pattern[{key!r}]", inclusive=False)

@@ -17,6 +17,15 @@ vector; a relative floor (``floor > 0``) is available but trades that optimality
 default. Uniform importances give exactly plain SVD (the SVD of ``W`` itself). Only the ratios of the ``d_i`` matter,
 so they are formed in float64 and scaled so that the largest weighted entry is one before the float32 SVD: importances
 spanning more orders of magnitude than float32 holds neither overflow nor underflow.
+
+The same frame covers any input-side weighting ``||(W - A B) M||_F``: `importance` may also be a symmetric
+positive semi-definite ``in x in`` matrix ``C`` (e.g. the activations' second moment ``X^T X / n``), used through a
+factor ``M`` with ``M M^T = C`` (see [`input_weighting`]). Then ``||(W - A B) M||_F^2 = tr((W - A B) C (W - A B)^T)``,
+which is the output error ``||(W - A B) X^T||_F^2 / n`` when ``C = X^T X / n`` (SVD-LLM's whitening): each discarded
+singular value of ``W M`` squared is exactly the output error it causes. The optimum is still ``A = U_r`` (the top
+left singular vectors of ``W M``) and ``B = U_r^T W``, so a rank-deficient ``C`` needs no inverse; its unseen
+directions are completed from the plain SVD of the rest of ``W``, as for zero importances. A diagonal ``C`` is the
+same as its diagonal given as a vector.
 """
 
 from __future__ import annotations
@@ -29,10 +38,12 @@ __all__ = [
     "DEFAULT_IMPORTANCE_FLOOR",
     "SVD_SOLVERS",
     "LowRankFactors",
+    "apply_weighting",
     "choose_svd_solver",
     "factorize",
     "full_rank",
     "input_scaling",
+    "input_weighting",
     "left_singular_basis",
     "low_rank_params",
     "relative_errors",
@@ -81,14 +92,21 @@ def low_rank_params(out_features: int, in_features: int, rank: int) -> int:
     return rank * (out_features + in_features)
 
 
-def validate_importance(importance: torch.Tensor, in_features: int, name: str = "weight") -> None:
-    """Raise a `ValueError` naming `name` when an importance vector cannot weight a factorisation.
+def validate_importance(
+    importance: torch.Tensor, in_features: int, name: str = "weight", matrix_ok: bool = True
+) -> None:
+    """Raise a `ValueError` naming `name` when an importance cannot weight a factorisation.
 
     Args:
-        importance (`torch.Tensor`): One non-negative value per input feature.
+        importance (`torch.Tensor`): One non-negative value per input feature, or a symmetric positive semi-definite
+            ``in_features x in_features`` matrix.
         in_features (`int`): Expected length.
         name (`str`): Module name used in the error messages.
+        matrix_ok (`bool`, *optional*, defaults to `True`): Accept a matrix (`False` for Fisher row importances).
     """
+    if importance.ndim == 2 and matrix_ok:
+        _validate_importance_matrix(importance, in_features, name)
+        return
     if importance.ndim != 1 or importance.shape[0] != in_features:
         raise ValueError(
             f"Importance for `{name}` has shape {tuple(importance.shape)}, expected ({in_features},): one value per "
@@ -109,6 +127,31 @@ def validate_importance(importance: torch.Tensor, in_features: int, name: str = 
         )
 
 
+def _validate_importance_matrix(matrix: torch.Tensor, in_features: int, name: str) -> None:
+    if tuple(matrix.shape) != (in_features, in_features):
+        raise ValueError(
+            f"Importance matrix for `{name}` has shape {tuple(matrix.shape)}, expected "
+            f"({in_features}, {in_features}): an input second moment of this module. Recompute the statistics for "
+            "this model."
+        )
+    if not torch.isfinite(matrix).all():
+        raise ValueError(
+            f"Importance matrix for `{name}` has NaN/Inf values: the calibration activations overflowed; collect them "
+            "in float32."
+        )
+    diagonal = matrix.diagonal()
+    if (diagonal < 0).any():
+        raise ValueError(f"Importance matrix for `{name}` has negative diagonal entries; it must be a second moment.")
+    if not (diagonal > 0).any():
+        raise ValueError(
+            f"Importance matrix for `{name}` is all zeros: no calibration activation reached this module. Check the "
+            "calibration data, exclude the module with `modules_to_not_convert`, or use `method='svd'`."
+        )
+    scale = diagonal.abs().max()
+    if (matrix - matrix.T).abs().max() > 1e-4 * scale:
+        raise ValueError(f"Importance matrix for `{name}` is not symmetric; it must be a second moment X^T X / n.")
+
+
 def input_scaling(importance: torch.Tensor | None, floor: float = DEFAULT_IMPORTANCE_FLOOR) -> torch.Tensor | None:
     """Turn per-input-feature importances into the column scaling ``d = sqrt(I / max(I))``, floored.
 
@@ -123,6 +166,41 @@ def input_scaling(importance: torch.Tensor | None, floor: float = DEFAULT_IMPORT
         return None
     values = importance.detach().to(torch.float64)  # float64 first: a float32 cast could overflow or underflow
     return (values / values.max()).clamp_min(floor).sqrt().to(torch.float32)
+
+
+def input_weighting(importance: torch.Tensor | None, floor: float = DEFAULT_IMPORTANCE_FLOOR) -> torch.Tensor | None:
+    """The input-side weighting ``M`` of the objective ``||(W - A B) M||_F`` for a vector or matrix importance.
+
+    A vector ``I`` gives the column scaling ``d = sqrt(I / max(I))`` (see [`input_scaling`]), to be applied as
+    ``W * d``. A PSD matrix ``C`` gives a factor ``M`` with ``M M^T = C / max(diag C) + floor * Id`` (a Cholesky factor
+    computed in float64; a tiny damping makes a rank-deficient ``C`` factorise, and [`factorize`] completes the
+    directions no calibration input reached from the plain SVD), to be applied as ``W @ M``. Any factor with
+    ``M M^T = C`` (Cholesky or symmetric square root) gives the same left singular vectors of ``W M``.
+
+    Returns:
+        `torch.Tensor` or `None`: float32 vector (length ``in``) or ``in x in`` matrix; `None` for plain SVD.
+    """
+    if importance is None or importance.ndim == 1:
+        return input_scaling(importance, floor)
+    matrix = importance.detach().to(torch.float64)
+    matrix = (matrix + matrix.T) / 2
+    matrix = matrix / matrix.diagonal().max()
+    identity = torch.eye(matrix.shape[0], dtype=torch.float64, device=matrix.device)
+    damping = max(floor, 1e-12)
+    for _ in range(8):  # fp64 Cholesky of a damped PSD matrix; raise the damping if rounding made it indefinite
+        factor, info = torch.linalg.cholesky_ex(matrix + damping * identity)
+        if int(info) == 0:
+            return factor.to(torch.float32)
+        damping *= 100
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp_min(0).add(floor).sqrt()).to(torch.float32)
+
+
+def apply_weighting(weight: torch.Tensor, weighting: torch.Tensor | None) -> torch.Tensor:
+    """``W * d`` for a vector weighting, ``W @ M`` for a matrix one, ``W`` for `None`."""
+    if weighting is None:
+        return weight
+    return weight * weighting if weighting.ndim == 1 else weight @ weighting
 
 
 def _column_factors(dense: torch.Tensor, importance: torch.Tensor, floor: float) -> torch.Tensor | None:
@@ -144,9 +222,10 @@ def _column_factors(dense: torch.Tensor, importance: torch.Tensor, floor: float)
 
 
 def _output_basis(dense: torch.Tensor, scaling: torch.Tensor | None, rank: int, solver: str = "full") -> torch.Tensor:
-    """Orthonormal ``out x rank`` basis: the top left singular vectors of ``W diag(d)``, completed from the plain SVD
-    of the rest of ``W`` when ``W diag(d)`` has fewer than `rank` (numerically) non-zero singular values."""
-    scaled = dense if scaling is None else dense * scaling
+    """Orthonormal ``out x rank`` basis: the top left singular vectors of ``W M`` (``M = diag(d)`` for a vector
+    scaling, a matrix factor otherwise), completed from the plain SVD of the rest of ``W`` when ``W M`` has fewer than
+    `rank` (numerically) non-zero singular values. `solver` is ``"full"`` or ``"randomized"``."""
+    scaled = apply_weighting(dense, scaling)
     if solver == "randomized":
         left, singular = _randomized_left(scaled, rank)
     else:
@@ -233,7 +312,8 @@ def factorize(
         weight (`torch.Tensor`): ``out x in`` matrix (PyTorch `nn.Linear` layout), any float dtype and device.
         rank (`int`): Kept rank, ``1 <= rank <= min(out, in)``.
         importance (`torch.Tensor`, *optional*): One non-negative value per input feature (FWSVD's row importance in
-            the paper's ``in x out`` layout). `None` gives plain SVD.
+            the paper's ``in x out`` layout), or a PSD ``in x in`` matrix such as the activations' second moment
+            (whitening, see the module docstring). `None` gives plain SVD.
         floor (`float`, *optional*, defaults to 0): Relative importance floor (see module docstring).
         name (`str`, *optional*): Module name used in error messages.
         svd_solver (`str`, *optional*, defaults to `"full"`): `"full"` (exact SVD), `"randomized"` (randomized range
@@ -258,7 +338,12 @@ def factorize(
         dense = weight.detach().to(torch.float32)
         if not torch.isfinite(dense).all():
             raise ValueError(f"`{name}` weight has NaN/Inf values; refusing to factorise it.")
-        scaling = None if importance is None else _column_factors(dense, importance, floor)
+        if importance is None:
+            scaling = None
+        elif importance.ndim == 1:
+            scaling = _column_factors(dense, importance, floor)
+        else:
+            scaling = input_weighting(importance.to(dense.device), floor)
         up = _output_basis(dense, scaling, rank, solver).contiguous()
         down = up.T @ dense
     return LowRankFactors(down=down, up=up)
@@ -272,10 +357,12 @@ def relative_errors(
     Args:
         weight (`torch.Tensor`): ``out x in`` reference.
         approximation (`torch.Tensor`): same shape.
-        importance (`torch.Tensor`, *optional*): per-input-feature importance; uniform when `None`.
+        importance (`torch.Tensor`, *optional*): per-input-feature importance, or a PSD ``in x in`` matrix ``C``;
+            uniform when `None`.
 
     Returns:
-        `dict`: ``{"plain": ||W - W'|| / ||W||, "weighted": ||(W - W') diag(sqrt I)|| / ||W diag(sqrt I)||}``.
+        `dict`: ``{"plain": ||W - W'|| / ||W||, "weighted": ||(W - W') diag(sqrt I)|| / ||W diag(sqrt I)||}`` (for a
+        matrix, ``sqrt(tr(dW C dW^T) / tr(W C W^T))``).
     """
     with torch.no_grad():
         dense = weight.detach().to(torch.float32)
@@ -283,6 +370,11 @@ def relative_errors(
         plain = (residual.norm() / dense.norm().clamp_min(1e-30)).item()
         if importance is None:
             return {"plain": plain, "weighted": plain}
+        if importance.ndim == 2:
+            matrix = importance.detach().to(torch.float32).to(dense.device)
+            numerator = ((residual @ matrix) * residual).sum().clamp_min(0).sqrt()
+            denominator = ((dense @ matrix) * dense).sum().clamp_min(1e-30).sqrt()
+            return {"plain": plain, "weighted": (numerator / denominator).item()}
         root = importance.detach().to(torch.float32).to(dense.device).clamp_min(0).sqrt()
         weighted = ((residual * root).norm() / (dense * root).norm().clamp_min(1e-30)).item()
     return {"plain": plain, "weighted": weighted}

@@ -12,12 +12,21 @@ The importance of input feature ``i`` of a layer is ``F_i = 1/N sum_n sum_o (dL_
 calibration examples, where ``L_n`` is example ``n``'s loss. The per-example gradients are recovered from the gradient
 of the batch-mean loss by scaling with the batch size, which is exact when the model's loss is a mean over examples
 (classification, regression) and a close approximation when it is a mean over tokens (causal LM).
+
+Two optional extras (see [`estimate_fisher_statistics`]), collected by the same hooks:
+
+- ``elementwise=True`` (for `method="tfwsvd"`): the full per-element Fisher ``I_oi = 1/N sum_n (dL_n/dW_oi)^2``, one
+  fp32 ``out x in`` matrix per module: a second copy of the targeted parameters in memory.
+- ``second_moment=True`` (for `method="fisher_whiten"`): the gradient-weighted activation second moment
+  ``C = 1/N sum_n sum_t |g_nt|^2 x_nt x_nt^T`` (``in x in`` per module, with the same batch-size scaling), whose
+  diagonal is the per-token version of the row Fisher above.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,7 +36,14 @@ from tqdm.auto import tqdm
 from .distributed import ProcessInfo, all_reduce_sum, process_info, shard_batches
 from .layers import dense_weight, is_supported_linear
 
-__all__ = ["estimate_fisher", "model_loss", "per_example_squared_sums"]
+__all__ = [
+    "FisherStatistics",
+    "estimate_fisher",
+    "estimate_fisher_statistics",
+    "model_loss",
+    "per_example_squared_gradients",
+    "per_example_squared_sums",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +70,39 @@ def _move(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+@dataclass
+class FisherStatistics:
+    """What one Fisher pass collected; every tensor is fp32 on CPU, keyed by module name.
+
+    Args:
+        importance (`dict[str, torch.Tensor]`): Row Fisher, one value per input feature (always present).
+        elementwise (`dict[str, torch.Tensor]`): Per-element Fisher ``out x in`` (only when requested).
+        second_moment (`dict[str, torch.Tensor]`): Gradient-weighted activation second moment ``in x in`` (only
+            when requested).
+    """
+
+    importance: dict[str, torch.Tensor]
+    elementwise: dict[str, torch.Tensor] = field(default_factory=dict)
+    second_moment: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _add(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    if name in sums:
+        sums[name] += value
+    else:
+        sums[name] = value
+
+
 class _FisherHooks:
     """Forward/backward hooks that accumulate per-input-feature squared-gradient sums for a set of modules."""
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
+    def __init__(self, modules: dict[str, nn.Module], elementwise: bool = False, second_moment: bool = False) -> None:
         self.modules = modules
+        self.elementwise = elementwise
+        self.second_moment = second_moment
         self.sums: dict[str, torch.Tensor] = {}
+        self.element_sums: dict[str, torch.Tensor] = {}
+        self.moment_sums: dict[str, torch.Tensor] = {}
         self.leaves: list[torch.Tensor] = []
         self.handles: list[Any] = []
         self.samples = 0
@@ -100,20 +143,27 @@ class _FisherHooks:
             inputs = hidden.detach().to(torch.float32)
             grads = grad.detach().to(torch.float32)
             batch = inputs.shape[0] if inputs.ndim >= 2 else 1
+            rows_in = inputs.reshape(-1, inputs.shape[-1])
+            rows_grad = grads.reshape(-1, grads.shape[-1])
             if inputs.ndim <= 2:
                 # one example per row: (dL_n/dW)_oi = B g_no x_ni, so sum_o (.)^2 = B^2 |g_n|^2 x_ni^2
-                rows_in = inputs.reshape(-1, inputs.shape[-1])
-                rows_grad = grads.reshape(-1, grads.shape[-1])
                 total = (rows_grad.square().sum(-1)) @ rows_in.square()
+                if self.elementwise:
+                    _add(self.element_sums, name, rows_grad.square().T @ rows_in.square() * (batch * batch))
             else:
-                total = per_example_squared_sums(
-                    inputs.reshape(batch, -1, inputs.shape[-1]), grads.reshape(batch, -1, grads.shape[-1])
-                )
+                examples_in = inputs.reshape(batch, -1, inputs.shape[-1])
+                examples_grad = grads.reshape(batch, -1, grads.shape[-1])
+                if self.elementwise:
+                    squared = per_example_squared_gradients(examples_in, examples_grad)
+                    total = squared.sum(0)
+                    _add(self.element_sums, name, squared * (batch * batch))
+                else:
+                    total = per_example_squared_sums(examples_in, examples_grad)
             total *= batch * batch
-            if name in self.sums:
-                self.sums[name] += total
-            else:
-                self.sums[name] = total
+            _add(self.sums, name, total)
+            if self.second_moment:
+                weighted = rows_in * rows_grad.norm(dim=-1, keepdim=True)
+                _add(self.moment_sums, name, weighted.T @ weighted * (batch * batch))
 
 
 def per_example_squared_sums(
@@ -156,6 +206,21 @@ def per_example_squared_sums(
         else:
             kernel_x = torch.bmm(torch.bmm(g, g.transpose(1, 2)), x)
             total += (kernel_x.mul_(x)).sum((0, 1))
+    return total
+
+
+def per_example_squared_gradients(
+    inputs: torch.Tensor, grads: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """``sum_n (G_n^T X_n)^2`` element-wise (``out x in``): the squared per-example weight gradients, summed, formed
+    with batched matmuls over chunks of examples (see [`per_example_squared_sums`] for the shapes)."""
+    out_features, in_features = grads.shape[-1], inputs.shape[-1]
+    chunk = max(1, chunk_elements // max(out_features * in_features, 1))
+    total = torch.zeros(out_features, in_features, dtype=torch.float32, device=inputs.device)
+    for start in range(0, inputs.shape[0], chunk):
+        x = inputs[start : start + chunk]
+        g = grads[start : start + chunk]
+        total += torch.bmm(g.transpose(1, 2), x).square_().sum(0)
     return total
 
 
@@ -220,6 +285,22 @@ def estimate_fisher(
 ) -> dict[str, torch.Tensor]:
     """Estimate per-input-feature empirical Fisher importances of `modules` on calibration `batches`.
 
+    Same arguments as [`estimate_fisher_statistics`] without the extras; returns its `importance` dict.
+    """
+    return estimate_fisher_statistics(model, batches, modules, loss_fn, show_progress).importance
+
+
+def estimate_fisher_statistics(
+    model: nn.Module,
+    batches: Iterable[Any],
+    modules: dict[str, nn.Module] | list[str],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] = model_loss,
+    show_progress: bool = True,
+    elementwise: bool = False,
+    second_moment: bool = False,
+) -> FisherStatistics:
+    """Estimate the empirical Fisher statistics of `modules` on calibration `batches`.
+
     The model runs in eval mode (no dropout) with every parameter frozen; afterwards its mode and `requires_grad`
     flags are restored, no hook is left and no parameter has a gradient.
 
@@ -235,9 +316,13 @@ def estimate_fisher(
         modules (`dict[str, nn.Module]` or `list[str]`): Target linear layers, or their names in `model`.
         loss_fn (`Callable`, *optional*): Loss of one batch; defaults to the model's own `outputs.loss`.
         show_progress (`bool`, *optional*, defaults to `True`): Show a tqdm progress bar over batches.
+        elementwise (`bool`, *optional*, defaults to `False`): Also collect the per-element Fisher (``out x in`` per
+            module: as much memory as the targeted weights).
+        second_moment (`bool`, *optional*, defaults to `False`): Also collect the gradient-weighted activation
+            second moment (``in x in`` per module).
 
     Returns:
-        `dict[str, torch.Tensor]`: Module name -> fp32 importance vector of length ``in_features`` (on CPU).
+        [`FisherStatistics`]: `importance` maps module name -> fp32 vector of length ``in_features`` (on CPU).
     """
     if not isinstance(modules, dict):
         modules = {name: model.get_submodule(name) for name in modules}
@@ -247,7 +332,7 @@ def estimate_fisher(
     device = _input_device(model)
     info = process_info()
     was_training, requires_grad = _frozen_state(model)
-    hooks = _FisherHooks(modules)
+    hooks = _FisherHooks(modules, elementwise=elementwise, second_moment=second_moment)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -295,4 +380,30 @@ def estimate_fisher(
             f"No gradient reached {len(missing)} targeted module(s), e.g. `{missing[0]}`: they do not affect the task "
             "loss on this data. Exclude them with `modules_to_not_convert` or use `method='svd'`."
         )
-    return {name: sums[name] / samples for name in modules}
+    return FisherStatistics(
+        {name: sums[name] / samples for name in modules},
+        _extra_means(hooks.element_sums, modules, elementwise, samples, info, square=False),
+        _extra_means(hooks.moment_sums, modules, second_moment, samples, info, square=True),
+    )
+
+
+def _extra_means(
+    table: dict[str, torch.Tensor],
+    modules: dict[str, nn.Module],
+    enabled: bool,
+    samples: int,
+    info: ProcessInfo,
+    square: bool,
+) -> dict[str, torch.Tensor]:
+    """Means of the optional element-wise (``out x in``) or second-moment (``in x in``) sums, summed over processes."""
+    if not enabled:
+        return {}
+    means = {}
+    for name, module in modules.items():
+        out_features, in_features = dense_weight(module).shape
+        shape = (in_features, in_features) if square else (out_features, in_features)
+        value = table.get(name, torch.zeros(shape)).to(torch.float32).cpu()
+        if info.is_distributed:
+            value = all_reduce_sum(value, info)
+        means[name] = value / samples
+    return means

@@ -54,4 +54,4 @@ def check_importances(importances: dict[str, torch.Tensor], in_features: dict[st
             "for another model or other target modules; recompute them or adjust `target_modules`."
         )
     for name, size in in_features.items():
-        validate_importance(importances[name], size, name)
+        validate_importance(importances[name], size, name, matrix_ok=False)

@@ -1,4 +1,5 @@
-"""Register FWSVD with transformers and add the `fwsvd_config=` keyword to every `from_pretrained`."""
+"""Register FWSVD with transformers, add `fwsvd_config=` to `from_pretrained`, and route saves and pushes of
+compressed models through the FWSVD checkpoint writer (weights, config, model card)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from transformers.quantizers import auto as quantizers_auto
 from .checkpoint_checks import check_local_checkpoint
 from .config import FWSVDConfig
 from .distributed import is_main_process
+from .hub import push_compressed_to_hub
+from .model_card import is_fwsvd_card, write_model_card
 from .quantizer import FWSVDHfQuantizer
 from .serialization import is_fwsvd_model, save_atomically
 
@@ -61,6 +64,7 @@ def _wrap_save_pretrained() -> None:
     @functools.wraps(original)
     def save_pretrained(self: PreTrainedModel, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         if not is_fwsvd_model(self):
+            kwargs.pop("model_card", None)
             return original(self, save_directory, *args, **kwargs)
         if args:
             raise TypeError("Pass save_pretrained options of a compressed model as keywords.")
@@ -70,14 +74,23 @@ def _wrap_save_pretrained() -> None:
             return None
         push_to_hub = kwargs.pop("push_to_hub", False)
         repo_id = kwargs.pop("repo_id", None)
+        write_card = kwargs.pop("model_card", True)
         hub_kwargs = {key: kwargs.pop(key) for key in ("token", "commit_message", "private") if key in kwargs}
-        save_atomically(self, save_directory, original, **kwargs)
+        api = None
+        load_path = os.fspath(save_directory)
         if push_to_hub:
             from huggingface_hub import HfApi
 
             api = HfApi(token=hub_kwargs.get("token"))
             repo_id = repo_id or os.path.basename(os.path.abspath(save_directory))
-            repo_id = api.create_repo(repo_id, exist_ok=True, private=hub_kwargs.get("private")).repo_id
+            repo_id = load_path = api.create_repo(repo_id, exist_ok=True, private=hub_kwargs.get("private")).repo_id
+        readme = os.path.join(os.fspath(save_directory), "README.md")
+        if write_card and os.path.isfile(readme) and not is_fwsvd_card(readme):
+            logger.warning("Keeping your %s: the FWSVD model card is not written over it.", readme)
+            write_card = False
+        writers = [functools.partial(write_model_card, load_path=load_path)] if write_card else []
+        save_atomically(self, save_directory, original, extra_writers=writers, **kwargs)
+        if push_to_hub:
             api.upload_folder(
                 repo_id=repo_id, folder_path=save_directory, commit_message=hub_kwargs.get("commit_message")
             )
@@ -87,8 +100,26 @@ def _wrap_save_pretrained() -> None:
     PreTrainedModel.save_pretrained = save_pretrained
 
 
+def _wrap_push_to_hub() -> None:
+    original = PreTrainedModel.push_to_hub
+    if getattr(original, _WRAPPED_FLAG, False):
+        return
+
+    @functools.wraps(original)
+    def push_to_hub(self: PreTrainedModel, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+        if not is_fwsvd_model(self):
+            return original(self, repo_id, *args, **kwargs)
+        if args:
+            raise TypeError("Pass push_to_hub options of a compressed model as keywords.")
+        return push_compressed_to_hub(self, repo_id, **kwargs)
+
+    setattr(push_to_hub, _WRAPPED_FLAG, True)
+    PreTrainedModel.push_to_hub = push_to_hub
+
+
 def install() -> None:
-    """Register the `fwsvd` quantization method and the `fwsvd_config=` keyword (idempotent)."""
+    """Register the `fwsvd` method, the `fwsvd_config=` keyword and the save/push wrappers (idempotent)."""
     _register()
     _wrap_from_pretrained()
     _wrap_save_pretrained()
+    _wrap_push_to_hub()

@@ -251,6 +251,12 @@ def compress_layerwise(
     from .api import _calibration_size
     from .serialization import _move_into
 
+    if config.method not in ("fwsvd", "svd") or config.param_budget is not None:
+        raise ValueError(
+            f"compress_layerwise supports method='fwsvd' or 'svd' with per-module rank rules; got method="
+            f"{config.method!r}, param_budget={config.param_budget!r}. Load the model and use `compress` for the "
+            "other methods and for `param_budget` (they need every module's statistics at once)."
+        )
     model_dir, save_directory = os.fspath(model_dir), os.fspath(save_directory)
     model_config = AutoConfig.from_pretrained(model_dir)
     existing = getattr(model_config, "quantization_config", None)
@@ -325,6 +331,7 @@ def compress_layerwise(
             name: type(module).__name__ for name, module in targets.items() if type(module).__name__ != "Linear"
         }
         run_config.weights_file = WEIGHTS_INDEX_NAME
+        run_config.base_model = run_config.base_model or os.path.abspath(model_dir)  # as `compress()` records it
         model_config.quantization_config = run_config
         model_config.save_pretrained(staging)
         for name in sorted(os.listdir(model_dir)):
@@ -339,5 +346,6 @@ def compress_layerwise(
     report.modules.sort(key=lambda module: order[module.name])  # model order, as `compress()` reports them
     params_removed = sum(module.params_before - module.params_after for module in report.modules)
     report.model_params_after = params_before - params_removed
+    report.base_model = run_config.base_model
     logger.info("Wrote the FWSVD checkpoint of %d modules to %s", len(report.modules), save_directory)
     return report

@@ -1,0 +1,195 @@
+"""What the CLI commands share: the error type with its exit code, model/tokenizer loading, task evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+import torch
+
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_USAGE",
+    "TASKS",
+    "CommandError",
+    "add_data_arguments",
+    "count_parameters",
+    "evaluate_task",
+    "load_model",
+    "load_tokenizer",
+    "read_examples",
+]
+
+logger = logging.getLogger(__name__)
+
+EXIT_FAILURE = 1  # the command ran and failed (bad data, a model that cannot be compressed, ...)
+EXIT_USAGE = 2  # the command line is wrong (argparse uses 2 too): nothing was run
+TASKS = ("sequence-classification", "token-classification", "causal-lm", "masked-lm")
+EVALUATED_TASKS = ("sequence-classification", "token-classification", "causal-lm")
+AUTO_CLASSES = {
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "causal-lm": "AutoModelForCausalLM",
+    "masked-lm": "AutoModelForMaskedLM",
+}
+
+
+class CommandError(Exception):
+    """An error the CLI prints as ``hf-fwsvd <command>: error: <message>`` before exiting with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def add_data_arguments(parser: Any, prefix: str = "", required: bool = True) -> None:
+    """`--data`, `--split`, `--text-column`, `--label-column` (optionally prefixed, e.g. `--eval-data`)."""
+    dest = prefix.replace("-", "_")
+    what = "evaluation" if prefix else "calibration"
+    parser.add_argument(
+        f"--{prefix}data",
+        required=required,
+        metavar="FILE_OR_DATASET",
+        help=f"{what.capitalize()} data: a .csv/.tsv/.json/.jsonl/.txt file, a saved `datasets` folder or a "
+        "`datasets` name (classification: text and label columns).",
+    )
+    parser.add_argument(f"--{prefix}split", dest=f"{dest}split", metavar="NAME", help="Split of a dataset dict.")
+    parser.add_argument(
+        f"--{prefix}text-column", dest=f"{dest}text_column", metavar="COL", help="Text column (default: text)."
+    )
+    parser.add_argument(
+        f"--{prefix}label-column", dest=f"{dest}label_column", metavar="COL", help="Label column (default: label)."
+    )
+
+
+def check_input_path(source: str, what: str) -> None:
+    """Fail early (exit code 2) on a path-looking argument that does not exist."""
+    if source.startswith((".", os.sep, "~")) and not os.path.exists(source):
+        raise CommandError(f"{what} {source!r} does not exist.", EXIT_USAGE)
+
+
+def load_model(model_id: str, task: str, num_labels: int | None = None) -> Any:
+    """Load `model_id` (a folder or Hub id, dense or FWSVD-compressed) with the auto class of `task`."""
+    import transformers
+
+    check_input_path(model_id, "Model")
+    auto = getattr(transformers, AUTO_CLASSES[task])
+    kwargs = {} if num_labels is None else {"num_labels": num_labels}
+    try:
+        return auto.from_pretrained(model_id, **kwargs)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"Cannot load {model_id!r} as a {task} model: {error}") from error
+
+
+def load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise CommandError(
+            f"Cannot load a tokenizer from {source!r}: {error}. Pass --tokenizer with a folder that has one."
+        ) from error
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def read_examples(args: argparse.Namespace, model: Any, prefix: str = "", limit: int | None = None) -> list[dict]:
+    """The examples named by `--<prefix>data` (and its split/column options) for `args.task`."""
+    from ..data_files import load_examples
+
+    dest = prefix.replace("-", "_")
+    source = getattr(args, f"{dest}data")
+    check_input_path(source, "Data")
+    label2id = getattr(getattr(model, "config", None), "label2id", None)
+    try:
+        return load_examples(
+            source,
+            args.task,
+            split=getattr(args, f"{dest}split"),
+            text_column=getattr(args, f"{dest}text_column"),
+            label_column=getattr(args, f"{dest}label_column"),
+            limit=limit,
+            label2id=label2id,
+        )
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+
+
+def count_parameters(model: Any) -> int:
+    return sum(param.numel() for param in model.parameters())
+
+
+@torch.no_grad()
+def _token_accuracy(model: Any, tokenizer: Any, examples: list[dict], batch_size: int, max_length: int) -> dict:
+    """Accuracy over labelled words (first sub-token of each word), with the shipped `accuracy` metric."""
+    from ..evaluation import load_metric
+
+    model.eval()
+    predictions, references = [], []
+    device = next(model.parameters()).device
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        encoding = tokenizer(
+            [example["tokens"] for example in chunk],
+            is_split_into_words=True,
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        predicted = model(**encoding.to(device)).logits.argmax(-1).tolist()
+        for row, example in enumerate(chunk):
+            previous = None
+            for position, word in enumerate(encoding.word_ids(row)):
+                if word is not None and word != previous:
+                    predictions.append(predicted[row][position])
+                    references.append(int(example["label"][word]))
+                previous = word
+    accuracy = load_metric("accuracy").compute(predictions=predictions, references=references)["accuracy"]
+    return {"accuracy": float(accuracy), "num_examples": len(examples), "num_tokens": len(references)}
+
+
+def evaluate_task(
+    model: Any,
+    tokenizer: Any,
+    task: str,
+    examples: list[dict],
+    batch_size: int = 32,
+    max_length: int = 128,
+    window: int = 512,
+    max_tokens: int | None = None,
+) -> dict[str, float]:
+    """The task metric(s) of `model` on `examples`, plus its parameter count.
+
+    Sequence classification: accuracy and F1 (`evaluate`'s `accuracy`/`f1` modules shipped with hf_fwsvd); token
+    classification: word-level accuracy; causal LM: perplexity over the texts joined by blank lines.
+    """
+    from ..evaluation import evaluate_classifier, evaluate_perplexity
+
+    if task == "sequence-classification":
+        result = evaluate_classifier(model, tokenizer, examples, batch_size=batch_size, max_length=max_length)
+    elif task == "token-classification":
+        result = _token_accuracy(model, tokenizer, examples, batch_size, max_length)
+    elif task == "causal-lm":
+        config = getattr(model, "config", None)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        window = min(window, limit) if isinstance(limit, int) and limit > 1 else window
+        text = "\n\n".join(example["text"] for example in examples)
+        perplexity = evaluate_perplexity(model, tokenizer, text, window=window, max_tokens=max_tokens)
+        result = {"perplexity": perplexity, "num_examples": len(examples)}
+    else:
+        raise CommandError(f"Evaluation supports --task {', '.join(EVALUATED_TASKS)}; got {task}.", EXIT_USAGE)
+    result["parameters"] = count_parameters(model)
+    return result
+
+
+def main_metric(result: dict[str, float]) -> tuple[str, float]:
+    """The headline metric of an `evaluate_task` result: accuracy, or perplexity for language models."""
+    for name in ("accuracy", "perplexity"):
+        if name in result:
+            return name, result[name]
+    raise KeyError(f"No headline metric in {sorted(result)}")

@@ -1,0 +1,167 @@
+"""`hf-fwsvd compress`: compress a model with FWSVD (or plain SVD), print the per-layer table, save (and push) it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from .common import (
+    EXIT_USAGE,
+    TASKS,
+    CommandError,
+    add_data_arguments,
+    check_input_path,
+    evaluate_task,
+    load_model,
+    load_tokenizer,
+    read_examples,
+)
+
+__all__ = ["add_parser", "run"]
+
+EXAMPLES = """examples:
+  hf-fwsvd compress ./my-classifier --task sequence-classification --data train.csv --rank-ratio 0.33 \\
+      --eval-data dev.csv --output ./my-classifier-fwsvd
+  hf-fwsvd compress ./gpt --task causal-lm --data corpus.txt --param-ratio 0.5 --output ./gpt-fwsvd
+  hf-fwsvd compress ./my-classifier --task sequence-classification --method svd --rank 64 --output ./svd64
+"""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "compress",
+        help="Compress a model and save the factorised checkpoint (with its model card).",
+        description="Estimate Fisher importances on task data, factorise every targeted linear layer, print a "
+        "per-layer report and save a checkpoint that `from_pretrained` reloads once `hf_fwsvd` is imported.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL", help="Dense model: a local folder or a Hub id.")
+    parser.add_argument("--task", required=True, choices=TASKS, metavar="TASK", help=f"One of: {', '.join(TASKS)}.")
+    parser.add_argument("--output", required=True, metavar="DIR", help="Folder to save the compressed model into.")
+    data = parser.add_argument_group("calibration data (needed by --method fwsvd)")
+    add_data_arguments(data, required=False)
+    data.add_argument("--num-samples", type=int, default=256, metavar="N", help="Examples to use (default 256).")
+    data.add_argument("--batch-size", type=int, default=8, metavar="N", help="Batch size (default 8).")
+    data.add_argument("--max-length", type=int, default=128, metavar="N", help="Truncation length (default 128).")
+    how = parser.add_argument_group("how much to compress (one of; default --rank-ratio 0.33)")
+    ranks = how.add_mutually_exclusive_group()
+    ranks.add_argument("--rank-ratio", type=float, metavar="R", help="Keep this fraction of each module's full rank.")
+    ranks.add_argument("--rank", type=int, metavar="N", help="The same rank for every module.")
+    ranks.add_argument(
+        "--param-ratio", type=float, metavar="P", help="Keep about this fraction of each module's weights."
+    )
+    how.add_argument("--method", choices=("fwsvd", "svd"), default="fwsvd", help="Default: fwsvd.")
+    how.add_argument(
+        "--target-modules", metavar="NAMES", help="Comma-separated module names/suffixes (default: all block linears)."
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--num-labels", type=int, metavar="N", help="Labels of a new classification head.")
+    model.add_argument("--tokenizer", metavar="PATH", help="Tokenizer folder or Hub id (default: MODEL).")
+    model.add_argument("--base-model", metavar="HUB_ID", help="Hub id of the dense model, for the model card.")
+    evaluation = parser.add_argument_group("evaluation before/after (optional; goes into the model card)")
+    add_data_arguments(evaluation, prefix="eval-", required=False)
+    evaluation.add_argument("--eval-limit", type=int, metavar="N", help="Evaluate on the first N examples only.")
+    output = parser.add_argument_group("output")
+    output.add_argument("--overwrite", action="store_true", help="Replace the checkpoint files already in --output.")
+    output.add_argument("--push-to-hub", metavar="REPO_ID", help="Also upload the result to this Hub repo.")
+    output.add_argument("--report-json", metavar="FILE", help="Also write the per-layer report as JSON.")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if args.method == "fwsvd" and not args.data:
+        raise CommandError(
+            "--method fwsvd needs calibration data: pass --data FILE (or use --method svd).", EXIT_USAGE
+        )
+    for name in ("num_samples", "batch_size", "max_length", "rank", "num_labels", "eval_limit"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise CommandError(f"--{name.replace('_', '-')} must be positive, got {value}.", EXIT_USAGE)
+    for name in ("rank_ratio", "param_ratio"):
+        value = getattr(args, name)
+        if value is not None and not 0 < value <= (1 if name == "param_ratio" else 0.999999):
+            bound = "(0, 1]" if name == "param_ratio" else "(0, 1)"
+            raise CommandError(f"--{name.replace('_', '-')} must be in {bound}, got {value}.", EXIT_USAGE)
+    check_input_path(args.model, "Model")
+    if os.path.isfile(args.output):
+        raise CommandError(f"--output {args.output!r} is a file; give a folder.", EXIT_USAGE)
+    if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
+        raise CommandError(
+            f"--output {args.output!r} already exists and is not empty; pass --overwrite to replace the checkpoint "
+            "in it, or choose another folder.",
+            EXIT_USAGE,
+        )
+    if os.path.isdir(args.model) and os.path.isdir(args.output) and os.path.samefile(args.model, args.output):
+        raise CommandError("--output is the MODEL folder; save the compressed model somewhere else.", EXIT_USAGE)
+
+
+def _config(args: argparse.Namespace, examples: list[dict] | None, tokenizer: Any) -> Any:
+    from ..config import FWSVDConfig
+
+    ranks = {"rank": args.rank, "rank_ratio": args.rank_ratio, "param_ratio": args.param_ratio}
+    targets = [name.strip() for name in args.target_modules.split(",")] if args.target_modules else None
+    try:
+        return FWSVDConfig(
+            **{key: value for key, value in ranks.items() if value is not None},
+            method=args.method,
+            target_modules=targets,
+            calibration_dataset=examples,
+            tokenizer=tokenizer,
+            num_samples=args.num_samples,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            base_model=args.base_model or (None if os.path.isdir(args.model) else args.model),
+        )
+    except ValueError as error:
+        raise CommandError(str(error), EXIT_USAGE) from error
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..api import compress
+    from ..data_files import describe_source
+    from ..model_card import record_evaluation
+
+    _check_arguments(args)
+    model = load_model(args.model, args.task, args.num_labels)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    examples = read_examples(args, model) if args.data else None
+    eval_examples = read_examples(args, model, prefix="eval-", limit=args.eval_limit) if args.eval_data else None
+    config = _config(args, examples, tokenizer)
+    before = None
+    if eval_examples:
+        before = evaluate_task(model, tokenizer, args.task, eval_examples, max_length=args.max_length)
+    try:
+        compress(model, config, show_progress=not args.quiet)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    report = model.fwsvd_report
+    if examples is not None:
+        report.calibration_data = describe_source(args.data, len(examples))
+    print(report.format_table())
+    if eval_examples:
+        after = evaluate_task(model, tokenizer, args.task, eval_examples, max_length=args.max_length)
+        record_evaluation(
+            model, after, describe_source(args.eval_data, len(eval_examples)), before=before, split=args.eval_split
+        )
+        print()
+        print(f"{'evaluation':<14} {'dense':>12} {'compressed':>12}")
+        for name in model.fwsvd_evaluation.metric_names():
+            print(f"{name:<14} {before.get(name, float('nan')):>12.4f} {after[name]:>12.4f}")
+    model.save_pretrained(args.output)
+    tokenizer.save_pretrained(args.output)
+    if args.report_json:
+        payload = report.to_dict()
+        if eval_examples:
+            payload["evaluation"] = {"dataset": args.eval_data, "before": before, "after": after}
+        with open(args.report_json, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2)
+    print(f"\nSaved to {args.output} (model card: {os.path.join(args.output, 'README.md')})")
+    if args.push_to_hub:
+        commit = model.push_to_hub(args.push_to_hub)
+        tokenizer.push_to_hub(args.push_to_hub)
+        print(f"Pushed to {getattr(commit, 'repo_url', args.push_to_hub)}")
+    return 0

@@ -1,0 +1,243 @@
+"""`hf-fwsvd` commands run in-process (`main([...])`) on tiny saved models and small data files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import matplotlib.image
+import pytest
+import torch
+from cli_assets import (
+    save_causal_lm,
+    save_classifier,
+    save_token_classifier,
+    sentences,
+    tagged_sentences,
+    tokenizer,
+    write_csv,
+    write_jsonl,
+)
+from huggingface_hub import ModelCard
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+from hf_fwsvd import LowRankLinear
+from hf_fwsvd.cli import main
+from hf_fwsvd.commands.inspect import inspect_checkpoint
+
+SEQ = "sequence-classification"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A dense tiny classifier, train/dev CSVs and one compressed checkpoint made by the CLI (shared, read-only)."""
+    root = tmp_path_factory.mktemp("cli")
+    dense = save_classifier(root / "dense")
+    train = write_csv(root / "train.csv", sentences(40, seed=0))
+    dev = write_csv(root / "dev.csv", sentences(30, seed=1))
+    out = root / "compressed"
+    args = ["compress", str(dense), "--task", SEQ, "--data", str(train), "--rank-ratio", "0.25"]
+    args += ["--eval-data", str(dev), "--output", str(out), "--report-json", str(root / "report.json"), "-q"]
+    assert main(args) == 0
+    return {"root": root, "dense": dense, "train": train, "dev": dev, "out": out}
+
+
+def _accuracy(model, rows) -> float:
+    tok = tokenizer()
+    correct = 0
+    with torch.no_grad():
+        for row in rows:
+            logits = model(**tok(row["text"], return_tensors="pt")).logits
+            correct += int(logits.argmax(-1).item() == row["label"])
+    return correct / len(rows)
+
+
+def test_compress_saves_a_reloadable_checkpoint_and_prints_the_table(work, capsys):
+    model = AutoModelForSequenceClassification.from_pretrained(work["out"])
+    low_rank = {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    assert len(low_rank) == 12 and {m.rank for m in low_rank.values()} == {4}  # round(0.25 * 16)
+    assert (work["out"] / "tokenizer.json").is_file()
+    report = json.loads((work["root"] / "report.json").read_text())
+    assert [row["name"] for row in report["modules"]] == list(low_rank)
+    assert report["model_params_after"] == sum(p.numel() for p in model.parameters())
+    dense = BertForSequenceClassification.from_pretrained(work["dense"])
+    assert report["model_params_before"] == sum(p.numel() for p in dense.parameters())
+    assert report["calibration_data"] == "train.csv (40 examples)"
+    # The evaluation recorded in the card is that of the saved model and of the dense one, computed by hand here.
+    rows = sentences(30, seed=1)
+    assert report["evaluation"]["after"]["accuracy"] == pytest.approx(_accuracy(model, rows))
+    assert report["evaluation"]["before"]["accuracy"] == pytest.approx(_accuracy(dense, rows))
+
+
+def test_compress_table_has_one_row_per_module_and_totals(tmp_path, work, capsys):
+    code = main(
+        ["compress", str(work["dense"]), "--task", SEQ, "--method", "svd", "--rank", "3", "--output",
+         str(tmp_path / "svd"), "-q"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith("bert.encoder.layer.")]
+    assert len(rows) == 12 and all(re.search(r"\s3\s", row) for row in rows)
+    assert re.search(r"whole model\s+6,194\s+3,\d{3}\s+\(\d+\.\d% kept\)", out), out
+    card = ModelCard.load(tmp_path / "svd" / "README.md")
+    assert "plain truncated SVD" in card.text and "none (plain SVD uses no data)" in card.text
+
+
+def test_evaluate_reports_accuracy_and_parameters_as_json(work, capsys):
+    code = main(["evaluate", str(work["out"]), "--task", SEQ, "--data", str(work["dev"]), "--json", "-q"])
+    result = json.loads(capsys.readouterr().out)
+    model = AutoModelForSequenceClassification.from_pretrained(work["out"])
+    assert code == 0
+    assert result["accuracy"] == pytest.approx(_accuracy(model, sentences(30, seed=1)))
+    assert result["parameters"] == sum(p.numel() for p in model.parameters())
+    assert result["num_examples"] == 30 and result["compression"] == "FWSVD, 12 low-rank modules"
+
+
+def test_inspect_matches_the_loaded_model_without_loading_it(work, capsys, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("inspect must not load a model")
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", forbidden)
+    assert main(["inspect", str(work["out"])]) == 0
+    out = capsys.readouterr().out
+    monkeypatch.undo()
+    summary = inspect_checkpoint(str(work["out"]))
+    model = AutoModelForSequenceClassification.from_pretrained(work["out"])
+    dense = BertForSequenceClassification.from_pretrained(work["dense"])
+    assert summary["parameters"] == sum(p.numel() for p in model.parameters())
+    assert summary["dense_parameters"] == sum(p.numel() for p in dense.parameters())
+    assert {row["name"]: row["rank"] for row in summary["modules"]} == model.config.quantization_config.ranks
+    assert "3,890 stored, 6,194 dense (62.8% kept, compression 1.59x)" in out
+    assert "bert.encoder.layer.1.output.dense" in out and "16x32" in out
+
+
+def test_export_dense_loads_without_the_plugin_and_matches(work, tmp_path, capsys):
+    out = tmp_path / "dense-export"
+    assert main(["export-dense", str(work["out"]), str(out)]) == 0
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert (out / "model.safetensors").is_file() and not (out / "model.fwsvd.safetensors").exists()
+    compressed = AutoModelForSequenceClassification.from_pretrained(work["out"])
+    exported = BertForSequenceClassification.from_pretrained(out)
+    assert not any(isinstance(m, LowRankLinear) for m in exported.modules())
+    inputs = tokenizer()(["good movie", "the plot was boring and bad"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**inputs).logits, compressed(**inputs).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_sweep_writes_csv_and_png(work, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", str(work["dense"]), "--task", SEQ, "--data", str(work["train"]), "--eval-data", str(work["dev"])]
+    assert main(args + ["--ratios", "0.5,0.25", "--output", str(out), "-q"]) == 0
+    with open(out / "sweep.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["method"], r["ratio"]) for r in rows] == [
+        ("dense", "1.0"), ("fwsvd", "0.25"), ("fwsvd", "0.5"), ("svd", "0.25"), ("svd", "0.5")
+    ]  # fmt: skip
+    kept = {(r["method"], r["ratio"]): float(r["params_kept"]) for r in rows}
+    assert kept[("fwsvd", "0.25")] == kept[("svd", "0.25")] == pytest.approx(3890 / 6194)
+    assert kept[("fwsvd", "0.25")] < kept[("fwsvd", "0.5")] < 1.0
+    image = matplotlib.image.imread(out / "sweep.png")
+    assert image.shape[0] > 300 and image.shape[1] > 500
+
+
+def test_causal_lm_compress_and_perplexity(tmp_path, capsys):
+    model_dir = save_causal_lm(tmp_path / "gpt2")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(row["text"] for row in sentences(30, seed=2)) + "\n")
+    out = tmp_path / "gpt2-fwsvd"
+    args = ["compress", str(model_dir), "--task", "causal-lm", "--data", str(corpus), "--param-ratio", "0.5"]
+    assert main(args + ["--eval-data", str(corpus), "--output", str(out), "-q"]) == 0
+    assert main(["evaluate", str(out), "--task", "causal-lm", "--data", str(corpus), "--json", "-q"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    card = ModelCard.load(out / "README.md")
+    after = card.data.eval_results[0]
+    assert card.data.pipeline_tag == "text-generation" and after.metric_type == "perplexity"
+    assert after.metric_value == pytest.approx(result["perplexity"])
+    assert 1 < result["perplexity"] < 1000
+
+
+def test_token_classification_compress_and_evaluate(tmp_path, capsys):
+    model_dir = save_token_classifier(tmp_path / "ner")
+    data = write_jsonl(tmp_path / "tags.jsonl", tagged_sentences(24, seed=3))
+    out = tmp_path / "ner-fwsvd"
+    args = ["compress", str(model_dir), "--task", "token-classification", "--data", str(data), "--rank", "2"]
+    assert main(args + ["--output", str(out), "-q"]) == 0
+    assert main(["evaluate", str(out), "--task", "token-classification", "--data", str(data), "--json", "-q"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["num_tokens"] == sum(len(row["tokens"]) for row in tagged_sentences(24, seed=3))
+    assert 0 <= result["accuracy"] <= 1
+
+
+C = "compress {dense} --task sequence-classification"
+S = "sweep {dense} --task sequence-classification --data {train} --eval-data {dev} --output {tmp}/s"
+# name -> (command line, exit code, expected message in stderr)
+ARGUMENT_ERRORS = {
+    "no-task": ("compress {dense} --data {train} --output {tmp}/o", 2, "the following arguments are required: --task"),
+    "two-rank-options": (
+        C + " --data {train} --rank 2 --rank-ratio 0.5 --output {tmp}/o",
+        2,
+        "argument --rank-ratio: not allowed with argument --rank",
+    ),
+    "ratio-out-of-range": (
+        C + " --data {train} --rank-ratio 1.5 --output {tmp}/o",
+        2,
+        "--rank-ratio must be in (0, 1), got 1.5",
+    ),
+    "fwsvd-without-data": (C + " --output {tmp}/o", 2, "--method fwsvd needs calibration data"),
+    "missing-data-file": (C + " --data {tmp}/nope.csv --output {tmp}/o", 2, "Data '{tmp}/nope.csv' does not exist"),
+    "missing-model": (
+        "compress {tmp}/no-model --task causal-lm --method svd --output {tmp}/o",
+        2,
+        "Model '{tmp}/no-model' does not exist",
+    ),
+    "output-not-empty": (C + " --method svd --output {dense}", 2, "already exists and is not empty; pass --overwrite"),
+    "unknown-data-format": (C + " --data {tmp}/data.parquet.gz --output {tmp}/o", 1, "unknown file type '.gz'"),
+    "bad-label-column": (
+        C + " --data {train} --label-column stars --output {tmp}/o",
+        1,
+        "has no column 'stars' (label); its columns are text, label",
+    ),
+    "rank-too-large": (
+        C + " --method svd --rank 16 --output {tmp}/o",
+        1,
+        "Rank 16 for `bert.encoder.layer.0.attention.self.query` (16x16) is not below its full rank 16",
+    ),
+    "inspect-dense": ("inspect {dense}", 2, "is not an FWSVD checkpoint"),
+    "inspect-missing": ("inspect {tmp}/nothing", 2, "is not a folder"),
+    "export-dense-of-dense": ("export-dense {dense} {tmp}/x", 2, "is not an FWSVD checkpoint; it is already dense"),
+    "evaluate-masked-lm": ("evaluate {out} --task masked-lm --data {dev}", 2, "Evaluation supports --task"),
+    "evaluate-bad-task": (
+        "evaluate {out} --task summarization --data {dev}",
+        2,
+        "argument --task: invalid choice: 'summarization'",
+    ),
+    "sweep-bad-ratios": (S + " --ratios 0.2,x", 2, "--ratios must be a comma-separated list"),
+    "sweep-bad-method": (S + " --ratios 0.2 --methods fwsvd,qr", 2, "--methods accepts fwsvd and svd; got qr"),
+    "no-command": ("", 2, "the following arguments are required: COMMAND"),
+}
+
+
+@pytest.mark.parametrize("case", list(ARGUMENT_ERRORS), ids=list(ARGUMENT_ERRORS))
+def test_argument_errors_exit_codes_and_messages(case, work, tmp_path, capsys):
+    argv, expected_code, message = ARGUMENT_ERRORS[case]
+    (tmp_path / "data.parquet.gz").write_bytes(b"x")
+    paths = {key: str(work[key]) for key in ("dense", "train", "dev", "out")} | {"tmp": str(tmp_path)}
+    argv = argv.format(**paths).split()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == expected_code, err
+    assert message.format(**paths) in err, err
+    if expected_code == 2:  # argparse prints the usage line, our own checks point at --help
+        assert "usage: hf-fwsvd" in err or f"Run `hf-fwsvd {argv[0]} --help`" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_and_version(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("compress", "evaluate", "inspect", "export-dense", "sweep"):
+        assert command in out
+    assert "exit codes:" in out
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("hf-fwsvd ")
