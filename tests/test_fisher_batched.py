@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_bert, tiny_llama
 
-from hf_fwsvd.fisher import estimate_fisher, per_example_squared_sums
+from hf_fwsvd.fisher import estimate_fisher, per_example_squared_gradients, per_example_squared_sums
 
 
 def _loop_reference(inputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -26,6 +26,17 @@ def test_per_example_squared_sums_matches_loop(method, chunk_elements, shape):
     grads = torch.randn(examples, tokens, out_features, generator=generator)
     actual = per_example_squared_sums(inputs, grads, method=method, chunk_elements=chunk_elements)
     torch.testing.assert_close(actual.double(), _loop_reference(inputs, grads), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 50, 1 << 22], ids=["chunk1", "chunk-small", "chunk-default"])
+def test_per_example_squared_gradients_matches_loop(chunk_elements):
+    generator = torch.Generator().manual_seed(4)
+    inputs = torch.randn(5, 6, 7, generator=generator)
+    grads = torch.randn(5, 6, 4, generator=generator)
+    expected = sum((g.double().T @ x.double()).square() for x, g in zip(inputs, grads, strict=True))
+    actual = per_example_squared_gradients(inputs, grads, chunk_elements=chunk_elements)
+    assert actual.shape == (4, 7)
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_per_example_squared_sums_rejects_unknown_method():
