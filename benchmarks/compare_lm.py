@@ -13,7 +13,6 @@ Run from the repository root, e.g. ``python benchmarks/compare_lm.py`` (``--help
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -28,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable f
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.assets import cache_dir, smollm2_dir, sotu_split
-from benchmarks.compare_methods import RESULTS_DIR, compress_point
+from benchmarks.compare_methods import RESULTS_DIR, append_row, compress_point, read_rows
 from hf_fwsvd import FWSVDConfig, compute_importances, load_importances, save_importances
 from hf_fwsvd.evaluation import evaluate_perplexity
 
@@ -87,20 +86,8 @@ def lm_importances(model, tokenizer, num_sequences: int, length: int, cache: Pat
     return importances
 
 
-def _rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _append(path: Path, row: dict) -> None:
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow({key: row.get(key, "") for key in CSV_FIELDS})
+    append_row(path, row, CSV_FIELDS)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -123,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     csv_path = args.out_prefix.with_suffix(".csv")
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r["method"], r["level_kind"], r["level"]) for r in _rows(csv_path)}
+    done = {(r["method"], r["level_kind"], r["level"]) for r in read_rows(csv_path)}
     model_dir = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text = eval_text()

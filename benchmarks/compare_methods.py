@@ -199,20 +199,22 @@ def evaluate_point(model: torch.nn.Module, tokenizer, dev: list[dict]) -> tuple[
     return metrics, time.perf_counter() - start
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a results CSV written by `append_row` (empty when the file does not exist yet)."""
     if not path.is_file():
         return []
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
 
 
-def _append_row(path: Path, row: dict) -> None:
+def append_row(path: Path, row: dict, fields: list[str] = CSV_FIELDS) -> None:
+    """Append one row (missing fields left empty) to a results CSV, writing the header first if it is new."""
     new = not path.is_file()
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
-        writer.writerow({key: row.get(key, "") for key in CSV_FIELDS})
+        writer.writerow({key: row.get(key, "") for key in fields})
         f.flush()
 
 
@@ -244,7 +246,7 @@ def run_sweep(
     """
     splits = polarity_splits()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    done = {(r["model"], r["method"], r["level_kind"], r["level"], r["stage"]) for r in _read_rows(csv_path)}
+    done = {(r["model"], r["method"], r["level_kind"], r["level"], r["stage"]) for r in read_rows(csv_path)}
 
     def key(method: str, level: float | str, stage: str) -> tuple:
         return (model_name, method, level_kind, str(level), stage)
@@ -255,7 +257,7 @@ def run_sweep(
     base["block_linear_params"] = dense_linear
     if key("dense", 1.0, "none") not in done:
         metrics, eval_s = evaluate_point(dense, tokenizer, splits["dev"])
-        _append_row(
+        append_row(
             csv_path,
             base
             | {
@@ -291,14 +293,14 @@ def run_sweep(
                     )
             if key(method, level, "none") not in done:
                 metrics, eval_s = evaluate_point(model, tokenizer, splits["dev"])
-                _append_row(csv_path, point | {"stage": "none", "eval_s": round(eval_s, 1)} | metrics)
+                append_row(csv_path, point | {"stage": "none", "eval_s": round(eval_s, 1)} | metrics)
                 logger.info(
                     "%s %s=%s: %s (%.1f%% params kept)", method, level_kind, level, metrics, 100 * point["params_kept"]
                 )
             if finetune and key(method, level, "recovery") not in done:
                 stats = recovery_finetune(model, tokenizer, splits["train"])
                 metrics, eval_s = evaluate_point(model, tokenizer, splits["dev"])
-                _append_row(
+                append_row(
                     csv_path,
                     point
                     | {"stage": "recovery", "finetune_s": round(stats["train_seconds"], 1), "eval_s": round(eval_s, 1)}
@@ -310,7 +312,7 @@ def run_sweep(
         dense = AutoModelForSequenceClassification.from_pretrained(model_dir)
         stats = recovery_finetune(dense, tokenizer, splits["train"])
         metrics, eval_s = evaluate_point(dense, tokenizer, splits["dev"])
-        _append_row(
+        append_row(
             csv_path,
             base
             | {
@@ -325,7 +327,7 @@ def run_sweep(
             | metrics,
         )
         logger.info("dense + recovery fine-tune: %s", metrics)
-    return _read_rows(csv_path)
+    return read_rows(csv_path)
 
 
 def plot_results(csv_path: Path, png_path: Path, metric: str = "accuracy", title: str | None = None) -> None:
@@ -335,7 +337,7 @@ def plot_results(csv_path: Path, png_path: Path, metric: str = "accuracy", title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _read_rows(csv_path)
+    rows = read_rows(csv_path)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     styles = {"svd": ("tab:red", "SVD"), "fwsvd": ("tab:blue", "FWSVD")}
     for (method, stage), (color_label, linestyle) in [
@@ -395,7 +397,7 @@ def plot_results(csv_path: Path, png_path: Path, metric: str = "accuracy", title
 
 def results_table(csv_path: Path, metric: str = "accuracy") -> str:
     """Markdown table of `csv_path`: one line per level, SVD and FWSVD without and with the recovery fine-tune."""
-    rows = _read_rows(csv_path)
+    rows = read_rows(csv_path)
     cell = {(r["method"], r["level"], r["stage"]): r for r in rows}
     kind = rows[0]["level_kind"].replace("_", " ") if rows else "level"
     lines = [

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import allocate_ranks, direction_scores
-from .calibration import build_calibration_loader
+from .calibration import calibration_loader_from_config
 from .config import FWSVDConfig
 from .distributed import is_main_process
 from .factorize import low_rank_params, relative_errors
@@ -86,14 +86,7 @@ def compute_importances(
                 f"{error} They were read from `importances_cache` {cache!r}: delete it to re-estimate."
             ) from error
     else:
-        loader = build_calibration_loader(
-            config.calibration_dataset,
-            config.tokenizer,
-            model,
-            num_samples=config.num_samples,
-            batch_size=config.batch_size,
-            max_length=config.max_length,
-        )
+        loader = calibration_loader_from_config(config, model)
         importances = estimate_fisher(model, loader, targets, loss_fn or model_loss, show_progress)
         if cache is not None and is_main_process():
             check_importances(importances, in_features)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-__all__ = ["build_calibration_loader", "infer_task", "tokenize_examples"]
+__all__ = ["build_calibration_loader", "calibration_loader_from_config", "infer_task", "tokenize_examples"]
 
 logger = logging.getLogger(__name__)
 
@@ -304,3 +304,15 @@ def tokenize_examples(
     _check_padding(examples, task, model, batch_size)
     padding_side = getattr(tokenizer, "padding_side", "right") if tokenizer is not None else "right"
     return examples, _Collator(task, _pad_id(tokenizer, model_config), padding_side, float_labels)
+
+
+def calibration_loader_from_config(config: Any, model: Any) -> DataLoader | Iterable[dict[str, Any]]:
+    """[`build_calibration_loader`] with the calibration settings of an [`FWSVDConfig`]."""
+    return build_calibration_loader(
+        config.calibration_dataset,
+        config.tokenizer,
+        model,
+        num_samples=config.num_samples,
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+    )

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .activations import ActivationStatistics, collect_activation_statistics
-from .calibration import build_calibration_loader
+from .calibration import calibration_loader_from_config
 from .config import FWSVDConfig
 from .factorize import LowRankFactors, apply_weighting, factorize, input_weighting
 from .fisher import FisherStatistics, estimate_fisher_statistics, model_loss
@@ -85,14 +85,7 @@ def collect_statistics(
     loader = None
     row_only = wants_fisher and not extras and (row_importances is not None or config.importances is not None)
     if config.method in ACTIVATION_METHODS or (wants_fisher and not row_only):
-        loader = build_calibration_loader(
-            config.calibration_dataset,
-            config.tokenizer,
-            model,
-            num_samples=config.num_samples,
-            batch_size=config.batch_size,
-            max_length=config.max_length,
-        )
+        loader = calibration_loader_from_config(config, model)
     if wants_fisher:
         if row_only:
             importances = row_importances() if row_importances is not None else load_importances(config.importances)
