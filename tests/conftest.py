@@ -23,9 +23,9 @@ import hf_fwsvd  # noqa: F401  (registers the fwsvd quantization method)
 VOCAB = 64
 
 
-def tiny_bert(**kwargs):
+def tiny_bert(vocab_size: int = VOCAB, **kwargs):
     config = BertConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         hidden_size=16,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -37,9 +37,9 @@ def tiny_bert(**kwargs):
     return BertForSequenceClassification(config)
 
 
-def tiny_distilbert(**kwargs):
+def tiny_distilbert(vocab_size: int = VOCAB, **kwargs):
     config = DistilBertConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         dim=16,
         n_layers=2,
         n_heads=2,
@@ -51,9 +51,9 @@ def tiny_distilbert(**kwargs):
     return DistilBertForSequenceClassification(config)
 
 
-def tiny_roberta(**kwargs):
+def tiny_roberta(vocab_size: int = VOCAB, **kwargs):
     config = RobertaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         hidden_size=16,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -66,14 +66,14 @@ def tiny_roberta(**kwargs):
     return RobertaForSequenceClassification(config)
 
 
-def tiny_gpt2(**kwargs):
-    config = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=64, **kwargs)
+def tiny_gpt2(vocab_size: int = VOCAB, **kwargs):
+    config = GPT2Config(vocab_size=vocab_size, n_embd=16, n_layer=2, n_head=2, n_positions=64, **kwargs)
     return GPT2LMHeadModel(config)
 
 
-def tiny_llama(**kwargs):
+def tiny_llama(vocab_size: int = VOCAB, **kwargs):
     config = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=2,

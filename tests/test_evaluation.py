@@ -8,15 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_gpt2, tiny_llama
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -105,19 +102,7 @@ def test_metrics_load_without_hub():
 
 def _tiny_causal_lm(arch: str, vocab_size: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    if arch == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=64,
-        )
-        return LlamaForCausalLM(config)
-    config = GPT2Config(vocab_size=vocab_size, n_embd=16, n_layer=2, n_head=2, n_positions=64)
-    return GPT2LMHeadModel(config)
+    return (tiny_llama if arch == "llama" else tiny_gpt2)(vocab_size=vocab_size)
 
 
 def _brute_force_perplexity(model, ids: list[int], window: int) -> float:
