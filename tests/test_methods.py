@@ -136,7 +136,7 @@ def test_precomputed_statistics_are_reused_and_checked(sample_input):
     compress(reused, FWSVDConfig(method="whiten", rank=3), show_progress=False, statistics=stats)
     with torch.no_grad():
         assert torch.equal(fresh(**sample_input).logits, reused(**sample_input).logits)
-    with pytest.raises(ValueError, match=r"lack `fisher.importance` .* method='fwsvd'"):
+    with pytest.raises(ValueError, match=r"lack `row_fisher` .* method='fwsvd'"):
         compress(tiny_bert(), FWSVDConfig(method="fwsvd", rank=3), show_progress=False, statistics=stats)
 
 

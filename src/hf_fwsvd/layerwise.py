@@ -248,7 +248,7 @@ def compress_layerwise(
     """
     from transformers import AutoConfig
 
-    from .api import _calibration_size
+    from .pipeline import calibration_size
     from .serialization import _move_into
 
     if config.method not in ("fwsvd", "svd") or config.param_budget is not None:
@@ -301,7 +301,7 @@ def compress_layerwise(
     params_before = sum(param.numel() for param in skeleton.parameters())
     report = CompressionReport(method=run_config.method, model_params_before=params_before)
     if run_config.method == "fwsvd" and run_config.importances is None:
-        report.calibration_samples = _calibration_size(run_config)
+        report.calibration_samples = calibration_size(run_config)
     groups = _group_keys(list(files), _blocks(skeleton))
     os.makedirs(os.path.dirname(os.path.abspath(save_directory)) or ".", exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save_directory))}.tmp-",
