@@ -22,7 +22,7 @@ from .registry import available_methods, get_method, register_method, unregister
 
 # The built-ins, in the order the CLI and error messages list them.
 from . import fwsvd, svd, tfwsvd, whiten, asvd, fisher_whiten  # noqa: E402, F401, I001  isort: skip
-from .calibrate import check_statistics, collect_statistics, required_statistics  # noqa: E402
+from .calibrate import check_statistics, collect_statistics, known_statistics, required_statistics  # noqa: E402
 
 __all__ = [
     "CompressionMethod",
@@ -31,6 +31,7 @@ __all__ = [
     "check_statistics",
     "collect_statistics",
     "get_method",
+    "known_statistics",
     "register_method",
     "required_statistics",
     "unregister_method",
