@@ -12,8 +12,9 @@ from hf_fwsvd.activations import collect_activation_statistics
 from hf_fwsvd.calibration import build_calibration_loader
 from hf_fwsvd.factorize import factorize
 from hf_fwsvd.finetune import finetune
+from hf_fwsvd.methods import available_methods
 
-METHODS = ["svd", "fwsvd", "tfwsvd", "whiten", "asvd", "fisher_whiten"]
+METHODS = available_methods()  # the registry: a new method is tested here at once
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -34,19 +34,22 @@ def register_method(cls: MethodClass) -> MethodClass:
     for attribute in _REQUIRED:
         value = getattr(cls, attribute, None)
         if not isinstance(value, str) or not value:
-            raise ValueError(f"{cls.__qualname__} must set the class attribute `{attribute}` (a non-empty str).")
+            raise ValueError(f"{cls.__name__} must set the class attribute `{attribute}` (a non-empty str).")
     if not cls.name.isidentifier():
-        raise ValueError(f"Method name {cls.name!r} of {cls.__qualname__} must be a Python identifier.")
+        raise ValueError(f"Method name {cls.name!r} of {cls.__name__} must be a Python identifier.")
     if not isinstance(cls.statistics, tuple) or not all(isinstance(item, str) for item in cls.statistics):
-        raise ValueError(f"{cls.__qualname__}.statistics must be a tuple of statistic names, got {cls.statistics!r}.")
+        raise ValueError(f"{cls.__name__}.statistics must be a tuple of statistic names, got {cls.statistics!r}.")
     unknown = [item for item in cls.statistics if item not in available_statistics()]
     if unknown:
         raise ValueError(
-            f"{cls.__qualname__} needs the unknown statistic {unknown[0]!r}; register it first "
+            f"{cls.__name__} needs the unknown statistic {unknown[0]!r}; register it first "
             f"(`hf_fwsvd.statistics.register_statistic`) or choose one of {', '.join(available_statistics())}."
         )
     existing = _METHODS.get(cls.name)
-    if existing is not None and type(existing).__qualname__ != cls.__qualname__:
+    if existing is not None and (type(existing).__module__, type(existing).__qualname__) != (
+        cls.__module__,
+        cls.__qualname__,
+    ):
         raise ValueError(
             f"Method {cls.name!r} is already registered by {type(existing).__module__}.{type(existing).__qualname__}; "
             "choose another name or call `unregister_method` first."
