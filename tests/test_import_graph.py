@@ -40,7 +40,8 @@ def import_graph() -> dict[str, set[str]]:
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
                 base = _resolve(name, is_package, node)
-                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+                names = [f"{base}.{alias.name}" for alias in node.names]
+                targets = [full if full in modules else base for full in names]
             for target in targets:
                 while target and target not in modules:  # `import hf_fwsvd.x.y` -> the deepest known module
                     target = target.rpartition(".")[0]
