@@ -3,7 +3,9 @@
 Usage: ``accelerate launch --multi_gpu --num_processes 2 tests/distributed_worker.py OUT_DIR`` (also runs as a single
 plain process). Every process writes ``batches-rank{R}.json`` (the batch sizes its loss saw) and
 ``importances-rank{R}.safetensors``; the checkpoint and ``importances.safetensors`` are written by the library's own
-main-process logic (`save_pretrained` on every process, `FWSVDConfig.importances_cache`).
+main-process logic (`save_pretrained` on every process, `FWSVDConfig.importances_cache`). Then every registered method
+compresses the model in memory (``methods/<method>``) and block by block from a dense checkpoint
+(``layerwise/<method>``), its statistics collected data-parallel; ``methods.json`` lists the methods run.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 
 import torch
+from safetensors.torch import save_model
 
-from hf_fwsvd import FWSVDConfig, compress, estimate_fisher, save_importances
+from hf_fwsvd import FWSVDConfig, compress, compress_layerwise, estimate_fisher, save_importances
 from hf_fwsvd.calibration import build_calibration_loader
 from hf_fwsvd.distributed import process_info
 from hf_fwsvd.fisher import model_loss
+from hf_fwsvd.methods import available_methods
 from hf_fwsvd.targets import find_target_modules
 
 # Odd count, batch 2: batches of 2, 2, 2, 2, 1 examples; with 2 processes rank 0 gets 3 batches, rank 1 gets 2.
@@ -65,6 +70,21 @@ def run(out_dir: str) -> None:
         build_model(), config(importances_cache=os.path.join(out_dir, "importances.safetensors")), show_progress=False
     )
     compressed.save_pretrained(os.path.join(out_dir, "checkpoint"))
+
+    with tempfile.TemporaryDirectory() as dense:  # one dense copy per process, outside OUT_DIR
+        # every process needs its own copy (transformers' save_pretrained writes on the main process only)
+        model = build_model()
+        model.config.to_json_file(os.path.join(dense, "config.json"))
+        save_model(model, os.path.join(dense, "model.safetensors"), metadata={"format": "pt"})
+        for method in available_methods():
+            compress(build_model(), config(method=method), show_progress=False).save_pretrained(
+                os.path.join(out_dir, "methods", method)
+            )
+            layerwise = os.path.join(out_dir, "layerwise", method)
+            compress_layerwise(dense, layerwise, config(method=method), model_class=type(model), show_progress=False)
+    if info.is_main:
+        with open(os.path.join(out_dir, "methods.json"), "w") as handle:
+            json.dump(list(available_methods()), handle)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_fwsvd.distributed import ProcessInfo, all_reduce_sum, is_main_process, process_info, shard_batches
+from hf_fwsvd.methods import available_methods
 
 TESTS = Path(__file__).resolve().parent
 ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
@@ -107,6 +108,44 @@ def test_checkpoint_equals_single_process(runs):
         product = tensors[f"{module}.up.weight"] @ tensors[f"{module}.down.weight"]
         reference = expected[f"{module}.up.weight"] @ expected[f"{module}.down.weight"]
         torch.testing.assert_close(product, reference, rtol=1e-4, atol=1e-6)
+
+
+def _products(directory: Path) -> dict[str, torch.Tensor]:
+    """``up @ down`` of every factorised module, and every other tensor as it is."""
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    result = {key: value for key, value in tensors.items() if not key.endswith((".down.weight", ".up.weight"))}
+    for key in tensors:
+        if key.endswith(".up.weight"):
+            module = key[: -len(".up.weight")]
+            result[module] = tensors[key] @ tensors[f"{module}.down.weight"]
+    return result
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_method_two_processes_and_layerwise_equal_single_process_in_memory(runs, method):
+    distributed, single = runs
+    assert json.loads((distributed / "methods.json").read_text()) == list(available_methods())
+    reference_dir = single / "methods" / method
+    expected = _products(reference_dir)
+    assert sum(key.endswith(("proj",)) for key in expected) == 14  # every targeted module factorised
+    config = json.loads((reference_dir / "config.json").read_text())["quantization_config"]
+    assert config["method"] == method
+    for directory in (
+        distributed / "methods" / method,
+        distributed / "layerwise" / method,
+        single / "layerwise" / method,
+    ):
+        produced = _products(directory)
+        assert sorted(produced) == sorted(expected), directory
+        for key, value in expected.items():
+            torch.testing.assert_close(produced[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+        other = json.loads((directory / "config.json").read_text())["quantization_config"]
+        assert other["ranks"] == config["ranks"] and other["method"] == method
+    # in one process, block by block gives exactly the in-memory tensors
+    layerwise = _products(single / "layerwise" / method)
+    assert all(torch.equal(layerwise[key], value) for key, value in expected.items())
 
 
 def test_single_process_helpers_are_no_ops():
