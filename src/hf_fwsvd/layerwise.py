@@ -142,8 +142,7 @@ def _statistics(
     needed = required_statistics(config)
     known = known_statistics(config, targets, needed)
     if all(key in known for key in needed):
-        result = known.subset(needed, targets)
-        return result
+        return known.subset(needed, targets)
     return _estimate(model_dir, model_cls, config, loss_fn, load_kwargs, show_progress)
 
 

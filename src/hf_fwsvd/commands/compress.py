@@ -123,14 +123,15 @@ def needs_data(method: str, budget: float | None, allocation: str | None) -> str
     if get_method(method).needs_data:
         return f"--method {method}"
     if budget is not None and allocation in (None, "fisher"):
-        return "--allocation fisher"
+        return "--allocation fisher (the default with --param-budget)"
     return None
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
     reason = needs_data(args.method, args.param_budget, args.allocation)
     if reason and not args.data:
-        raise CommandError(f"{reason} needs calibration data: pass --data FILE (or use --method svd).", EXIT_USAGE)
+        other = "--allocation uniform" if reason.startswith("--allocation") else "--method svd"
+        raise CommandError(f"{reason} needs calibration data: pass --data FILE (or use {other}).", EXIT_USAGE)
     for name in ("num_samples", "batch_size", "max_length", "rank", "num_labels", "eval_limit"):
         value = getattr(args, name)
         if value is not None and value <= 0:
