@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import hf_fwsvd.methods.calibrate
-from hf_fwsvd import FWSVDConfig, compress, compress_layerwise
+from hf_fwsvd import FWSVDConfig, LowRankLinear, compress, compress_layerwise
 from hf_fwsvd.cli import main
-from hf_fwsvd.methods import collect_statistics
+from hf_fwsvd.methods import CompressionMethod, collect_statistics, register_method, unregister_method
 from hf_fwsvd.targets import find_target_modules
 
 # Blocks and final norm on disk: accelerate's hooks load them per forward (as in test_layerwise).
@@ -130,3 +130,57 @@ def test_cli_param_budget_and_allocation(tmp_path, capsys):
     too_much = ["--method", "svd", "--param-budget", "1.5", "--allocation", "uniform", "--output", str(tmp_path / "b")]
     assert main(base + too_much) == 2
     assert "--param-budget must be in (0, 1), got 1.5" in capsys.readouterr().err
+
+
+class HalvedSVD(CompressionMethod):
+    """Plain SVD, then a model-level step that halves every `up` factor (stands in for a sequential update)."""
+
+    name = "halved_svd"
+    title = "plain SVD with a halving refinement (a test plug-in)"
+    short_title = "halved SVD"
+    summary = "plain SVD, then every up factor halved after replacement"
+    calibration_use = "the refinement step"
+    statistics = ()
+    plot_style = {}
+    calls: list = []
+
+    def refine_model(self, model, compressed_names, calibration_batches, config):
+        self.calls.append((list(compressed_names), len(list(calibration_batches))))
+        if config.refine_iterations == 13:
+            raise RuntimeError("refinement failed")
+        with torch.no_grad():
+            for name in compressed_names:
+                model.get_submodule(name).up.weight.mul_(0.5)
+
+
+def test_refine_model_runs_after_replacement_and_before_the_report(tmp_path):
+    register_method(HalvedSVD)
+    try:
+        data = calibration_data("llama")
+        svd = compress(tiny_llama_seeded(), FWSVDConfig(method="svd", rank=3), show_progress=False)
+        model = compress(tiny_llama_seeded(), FWSVDConfig(method="halved_svd", rank=3, calibration_dataset=data))
+        names = list(model.config.quantization_config.ranks)
+        assert HalvedSVD.calls == [(names, 2)]  # every compressed module; the 12 examples in batches of 8
+        for name in names:
+            assert torch.equal(model.get_submodule(name).up.weight, 0.5 * svd.get_submodule(name).up.weight)
+        halved = {row.name: row.plain_error for row in model.fwsvd_report.modules}
+        plain = {row.name: row.plain_error for row in svd.fwsvd_report.modules}
+        assert all(halved[name] > plain[name] for name in names)  # the report describes the refined model
+
+        dense = tiny_llama_seeded()
+        before = {key: value.clone() for key, value in dense.state_dict().items()}
+        failing = FWSVDConfig(method="halved_svd", rank=3, calibration_dataset=data, refine_iterations=13)
+        with pytest.raises(RuntimeError, match="refinement failed"):
+            compress(dense, failing, show_progress=False)
+        assert not any(isinstance(module, LowRankLinear) for module in dense.modules())  # rolled back
+        assert all(torch.equal(dense.state_dict()[key], value) for key, value in before.items())
+
+        path = _dense(tmp_path)
+        with pytest.raises(ValueError) as error:
+            compress_layerwise(path, tmp_path / "out", FWSVDConfig(method="halved_svd", rank=3))
+        assert str(error.value) == (
+            "method='halved_svd' refines the whole compressed model after factorising (HalvedSVD.refine_model), "
+            "which needs the model in memory: load it and use `compress`."
+        )
+    finally:
+        unregister_method("halved_svd")
