@@ -159,3 +159,18 @@ def test_finetune_only_low_rank_freezes_the_rest():
     assert not torch.equal(model.bert.encoder.layer[0].attention.self.query.up.weight, factor)
     with pytest.raises(ValueError, match="has no LowRankLinear module: compress it first"):
         finetune(tiny_bert(), calibration_data("bert", 4), train_only_low_rank=True, show_progress=False)
+
+
+def test_docs_and_cli_help_list_every_registered_method(capsys):
+    from pathlib import Path
+
+    from hf_fwsvd.cli import main
+    from hf_fwsvd.methods import get_method
+
+    table = (Path(__file__).resolve().parent.parent / "docs" / "methods.md").read_text()
+    assert main(["compress", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    width = max(len(method) for method in available_methods())
+    for method in available_methods():
+        assert f'| `"{method}"`' in table, method
+        assert f"  {method:<{width}}  {get_method(method).summary}" in help_text, method
