@@ -3,6 +3,7 @@ block, and the CLI's budget options."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -184,3 +185,23 @@ def test_refine_model_runs_after_replacement_and_before_the_report(tmp_path):
         )
     finally:
         unregister_method("halved_svd")
+
+
+def test_cli_sweep_over_parameter_budgets(tmp_path, capsys):
+    dense = save_classifier(tmp_path / "dense")
+    train = write_csv(tmp_path / "train.csv", sentences(16, seed=0))
+    args = ["sweep", str(dense), "--task", "sequence-classification", "--data", str(train), "--eval-data", str(train)]
+    args += ["--methods", "whiten,fisher_whiten", "--ratio-kind", "param-budget", "--ratios", "0.5,0.7"]
+    assert main(args + ["--allocation", "uniform", "--output", str(tmp_path / "s"), "-q"]) == 0
+    with open(tmp_path / "s" / "sweep.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["method"] != "dense"]
+    assert [(row["method"], row["ratio_kind"], row["ratio"]) for row in rows] == [
+        ("whiten", "param-budget", "0.5"), ("whiten", "param-budget", "0.7"),
+        ("fisher_whiten", "param-budget", "0.5"), ("fisher_whiten", "param-budget", "0.7"),
+    ]  # fmt: skip
+    assert rows[0]["parameters"] == rows[2]["parameters"] and rows[1]["parameters"] == rows[3]["parameters"]
+    assert (tmp_path / "s" / "sweep.png").stat().st_size > 10_000
+    capsys.readouterr()
+    rank_ratios = args[:-4] + ["--ratios", "0.5", "--allocation", "uniform", "--output", str(tmp_path / "u")]
+    assert main(rank_ratios) == 2
+    assert "--allocation and --allocation-power need --ratio-kind param-budget." in capsys.readouterr().err
