@@ -66,10 +66,11 @@ class FWSVDConfig(QuantizationConfigMixin):
         max_length (`int`, *optional*, defaults to 128): Truncation length for text calibration data.
         importances (`dict[str, torch.Tensor] | str`, *optional*): Precomputed importances (module name -> one value
             per input feature) or the path of a safetensors file holding them; skips Fisher estimation.
-        importances_cache (`str`, *optional*): Path of a safetensors file that makes a long estimation resumable: when
-            it exists the importances are read from it and estimation is skipped; otherwise they are estimated and
-            written there (by the main process) before any layer is factorised, so an interrupted run restarts from
-            it. Its directory must exist. Cannot be combined with `importances`.
+        importances_cache (`str`, *optional*): Path of a safetensors file that makes a long calibration resumable: the
+            statistics the method needs (the Fisher importances, activation moments, ...) that it holds are read from
+            it and not collected again; the others are collected and the file rewritten with all of them (by the main
+            process) before any layer is factorised, so an interrupted run restarts from it. Its directory must
+            exist. Cannot be combined with `importances`.
         importance_floor (`float`, *optional*, defaults to 0): Relative floor on importances (see `factorize`); 0 gives
             the exact weighted optimum.
         svd_solver (`str`, *optional*, defaults to `"auto"`): `"full"` (exact SVD), `"randomized"` (randomized range
