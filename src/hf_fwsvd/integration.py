@@ -11,7 +11,8 @@ from typing import Any
 from transformers import PreTrainedModel
 from transformers.quantizers import auto as quantizers_auto
 
-from .checkpoint_checks import check_local_checkpoint
+from .atomic_dir import pinned_directory
+from .checkpoint_checks import check_loading_info, check_local_checkpoint
 from .config import FWSVDConfig
 from .distributed import is_main_process
 from .hub import push_compressed_to_hub
@@ -33,6 +34,30 @@ def _register() -> None:
     quantizers_auto.AUTO_QUANTIZER_MAPPING["fwsvd"] = FWSVDHfQuantizer
 
 
+def _with_path(error: Exception, pinned: str, source: str) -> Exception:
+    """`error` with the pinned ``/proc/self/fd/N`` path shown as the path the user gave."""
+    try:
+        return type(error)(str(error).replace(pinned, source))
+    except Exception:  # an exception type that takes other arguments: keep it as it is
+        return error
+
+
+def _load_checked(
+    original_function: Any, cls: type, args: tuple, kwargs: dict, shown: Any = None, pinned: str | None = None
+) -> Any:
+    """Load with transformers, then refuse an FWSVD checkpoint whose weights lack tensors the model needs. `pinned`
+    is the path actually loaded when it differs from the one the user gave (`shown`)."""
+    wants_info = kwargs.pop("output_loading_info", False)
+    loaded = original_function(cls, *args, output_loading_info=True, **kwargs)
+    model, info = loaded if isinstance(loaded, tuple) else (loaded, None)
+    if pinned is not None and hasattr(model, "config"):
+        model.config._name_or_path = shown
+    quantizer = getattr(model, "hf_quantizer", None)
+    if info is not None and getattr(quantizer, "loaded_from_checkpoint", False):
+        check_loading_info(model, info, str(shown), pinned, kwargs.get("subfolder") or "")
+    return (model, info) if wants_info else model
+
+
 def _wrap_from_pretrained() -> None:
     original = PreTrainedModel.from_pretrained
     if getattr(original, _WRAPPED_FLAG, False):
@@ -48,9 +73,21 @@ def _wrap_from_pretrained() -> None:
                 raise TypeError(f"`fwsvd_config` must be an FWSVDConfig, got {type(fwsvd_config).__name__}.")
             kwargs["quantization_config"] = fwsvd_config
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-            check_local_checkpoint(source, kwargs.get("subfolder") or "")
-        return original_function(cls, *args, **kwargs)
+        if not (isinstance(source, (str, os.PathLike)) and os.path.isdir(source)):
+            return _load_checked(original_function, cls, args, kwargs, shown=source)
+        source = os.fspath(source)
+        with pinned_directory(source) as pinned:  # a concurrent save cannot swap files under this load
+            check_local_checkpoint(pinned, kwargs.get("subfolder") or "", shown_as=source)
+            if args:
+                args = (pinned, *args[1:])
+            else:
+                kwargs["pretrained_model_name_or_path"] = pinned
+            try:
+                return _load_checked(original_function, cls, args, kwargs, shown=source, pinned=pinned)
+            except Exception as error:
+                if pinned != source and pinned in str(error):
+                    raise _with_path(error, pinned, source) from error
+                raise
 
     setattr(from_pretrained, _WRAPPED_FLAG, True)
     PreTrainedModel.from_pretrained = classmethod(from_pretrained)

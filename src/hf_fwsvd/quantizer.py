@@ -32,6 +32,7 @@ class FWSVDHfQuantizer(HfQuantizer):
         if copy_config:
             quantization_config = quantization_config.copy_for_run()
         super().__init__(quantization_config, **kwargs)
+        self.loaded_from_checkpoint = self.pre_quantized  # compress-on-load sets `pre_quantized` later
         if self.pre_quantized and not quantization_config.is_compressed:
             raise ValueError(
                 "This checkpoint's quantization_config has quant_method 'fwsvd' but no rank map (`ranks`): it was "
