@@ -62,6 +62,24 @@ def read_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         ) from error
 
 
+def _as_model_keys(values: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Checkpoint keys as `model` names them, renamed exactly as transformers renames them on load: its conversion
+    mapping (ViT saves ``vit.layers.0.attention.k_proj`` as ``vit.encoder.layer.0.attention.attention.key``) and
+    the base-model prefix (a base model reading a `*For<Task>` checkpoint drops ``bert.``, a task model reading a base
+    one adds it)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # an older transformers without conversion mappings: keys are used as saved
+        return values
+    transforms = get_model_conversion_mapping(model)
+    renamings = [transform for transform in transforms if isinstance(transform, WeightRenaming)]
+    converters = [transform for transform in transforms if isinstance(transform, WeightConverter)]
+    expected = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None) or None
+    return {rename_source_key(key, renamings, converters, prefix, expected)[0]: value for key, value in values.items()}
+
+
 def check_weights_match_ranks(model: nn.Module, ranks: dict[str, int], checkpoint_files: Iterable[str]) -> None:
     """Raise unless the weight files hold exactly the factor shapes the rank map built into `model`'s skeleton.
 
@@ -81,6 +99,7 @@ def check_weights_match_ranks(model: nn.Module, ranks: dict[str, int], checkpoin
         for key, shape in read_tensor_shapes(path).items():
             shapes[key] = shape
             origin[key] = os.path.basename(path)
+    shapes, origin = _as_model_keys(shapes, model), _as_model_keys(origin, model)
     problems = []
     for name, rank in ranks.items():
         module = model.get_submodule(name)

@@ -10,7 +10,7 @@ from .factorize import full_rank, low_rank_params
 from .payoff import low_rank_pays_off, max_paying_rank
 from .targets import matches
 
-__all__ = ["rank_for_shape", "resolve_ranks"]
+__all__ = ["match_model_prefix", "rank_for_shape", "resolve_ranks"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,3 +87,23 @@ def _warn_slow(shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> Non
             ranks[slow[0]],
             max_paying_rank(out_features, in_features),
         )
+
+
+def match_model_prefix(names: dict[str, object], model: object) -> dict[str, object]:
+    """Module-name keys (a rank map, ...) renamed the way transformers maps checkpoint keys: a base model loaded from a
+    `*For<Task>` checkpoint drops the `base_model_prefix` (``bert.``), a task model loaded from a base checkpoint
+    adds it. Keys that already name modules of `model`, or that no prefix change fixes, are returned unchanged."""
+    modules = {name for name, _ in model.named_modules()}
+    if all(name in modules for name in names):
+        return names
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix:
+        return names
+    if all(name.startswith(prefix + ".") for name in names):
+        stripped = {name.removeprefix(prefix + "."): value for name, value in names.items()}
+        if all(name in modules for name in stripped):
+            return stripped
+    added = {f"{prefix}.{name}": value for name, value in names.items()}
+    if all(name in modules for name in added):
+        return added
+    return names
