@@ -188,7 +188,9 @@ def _factorise_all(
             continue
         weight = dense_weight(module)
         factors, importance = factorize_module(weight, ranks[name], run_config, stats, name)
-        replacement = LowRankLinear.from_factors(factors, module.bias, dtype=weight.dtype, device=weight.device)
+        replacement = LowRankLinear.from_factors(
+            factors, module.bias, dtype=weight.dtype, device=weight.device, name=name
+        )
         errors = relative_errors(weight, replacement.weight, importance)
         out_features, in_features = shapes[name]
         report.modules.append(
