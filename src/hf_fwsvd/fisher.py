@@ -25,7 +25,7 @@ Two optional extras (see [`estimate_fisher_statistics`]), collected by the same 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,12 @@ CHUNK_ELEMENTS = 1 << 22
 
 def model_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """The default loss: a transformers model's own ``outputs.loss`` computed from ``batch["labels"]``."""
+    if not isinstance(batch, Mapping):
+        raise ValueError(
+            f"A calibration batch is a {type(batch).__name__}, not a dict of model inputs (a DataLoader over a "
+            "TensorDataset yields tuples). Yield dicts such as {'input_ids': ..., 'attention_mask': ..., 'labels': "
+            "...} (e.g. with a `collate_fn`), or pass `loss_fn(model, batch)` that unpacks your batches."
+        )
     outputs = model(**batch)
     loss = getattr(outputs, "loss", None)
     if loss is None:
@@ -324,6 +330,11 @@ def estimate_fisher_statistics(
     Returns:
         [`FisherStatistics`]: `importance` maps module name -> fp32 vector of length ``in_features`` (on CPU).
     """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "Fisher importances need gradients, but this runs inside `torch.inference_mode()`, where none can be "
+            "computed. Call compress (or compute_importances) outside the inference_mode block."
+        )
     if not isinstance(modules, dict):
         modules = {name: model.get_submodule(name) for name in modules}
     for name, module in modules.items():

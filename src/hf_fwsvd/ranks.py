@@ -60,6 +60,18 @@ def resolve_ranks(shapes: dict[str, tuple[int, int]], config: FWSVDConfig) -> di
     Returns:
         `dict[str, int]`: Module name -> rank, each in ``[1, min(out, in))``.
     """
+    unmatched = [
+        pattern
+        for pattern in config.rank_pattern
+        if not any(matches(name, [pattern]) or matches(name, pattern) for name in shapes)
+    ]
+    if unmatched:
+        examples = ", ".join(list(shapes)[:3])
+        raise ValueError(
+            f"`rank_pattern` key(s) {', '.join(repr(key) for key in unmatched)} match none of the {len(shapes)} "
+            f"targeted modules (e.g. {examples}), so their rank would be silently ignored. Use a module name, a name "
+            "suffix or a regex of a targeted module."
+        )
     ranks = {}
     for name, (out_features, in_features) in shapes.items():
         override = _override(name, config)
