@@ -12,7 +12,9 @@ from .common import (
     TASKS,
     CommandError,
     add_data_arguments,
+    check_hub_reachable,
     check_input_path,
+    check_output_path,
     evaluate_task,
     load_model,
     load_tokenizer,
@@ -87,16 +89,13 @@ def _check_arguments(args: argparse.Namespace) -> None:
             bound = "(0, 1]" if name == "param_ratio" else "(0, 1)"
             raise CommandError(f"--{name.replace('_', '-')} must be in {bound}, got {value}.", EXIT_USAGE)
     check_input_path(args.model, "Model")
-    if os.path.isfile(args.output):
-        raise CommandError(f"--output {args.output!r} is a file; give a folder.", EXIT_USAGE)
-    if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
-        raise CommandError(
-            f"--output {args.output!r} already exists and is not empty; pass --overwrite to replace the checkpoint "
-            "in it, or choose another folder.",
-            EXIT_USAGE,
-        )
     if os.path.isdir(args.model) and os.path.isdir(args.output) and os.path.samefile(args.model, args.output):
         raise CommandError("--output is the MODEL folder; save the compressed model somewhere else.", EXIT_USAGE)
+    check_output_path(args.output, [args.model], "--output", args.overwrite)
+    if args.report_json:
+        check_output_path(os.path.dirname(os.path.abspath(args.report_json)), [], "--report-json folder", True)
+    if args.push_to_hub:
+        check_hub_reachable(args.push_to_hub)
 
 
 def _config(args: argparse.Namespace, examples: list[dict] | None, tokenizer: Any) -> Any:
