@@ -422,10 +422,14 @@ class LimitedLoader:
         self.dataset, self.batch_size = loader.dataset, loader.batch_size
 
     def __len__(self) -> int:
-        batches = len(self.loader)
-        if self.num_samples is None or not self.batch_size:
-            return batches
-        return min(batches, -(-self.num_samples // self.batch_size))
+        limit = -(-self.num_samples // self.batch_size) if self.num_samples and self.batch_size else None
+        try:
+            batches = len(self.loader)
+        except TypeError:  # a loader over an IterableDataset
+            if limit is None:
+                raise
+            return limit
+        return batches if limit is None else min(batches, limit)
 
     def __iter__(self) -> Iterator[Any]:
         seen = 0

@@ -78,6 +78,12 @@ def check_output_path(output: str, inputs: list[str], option: str, overwrite: bo
     real = os.path.realpath(output)
     if os.path.isfile(output):
         raise CommandError(f"{option} {output!r} is a file; give a folder.", EXIT_USAGE)
+    if os.path.isdir(output) and os.listdir(output) and not overwrite:
+        raise CommandError(
+            f"{option} {output!r} already exists and is not empty; pass --overwrite to replace the checkpoint in it, "
+            "or choose another folder.",
+            EXIT_USAGE,
+        )
     for source in inputs:
         if os.path.exists(source) and os.path.realpath(source) == real:
             raise CommandError(
@@ -85,12 +91,6 @@ def check_output_path(output: str, inputs: list[str], option: str, overwrite: bo
                 "another folder.",
                 EXIT_USAGE,
             )
-    if os.path.isdir(output) and os.listdir(output) and not overwrite:
-        raise CommandError(
-            f"{option} {output!r} already exists and is not empty; pass --overwrite to replace the checkpoint in it, "
-            "or choose another folder.",
-            EXIT_USAGE,
-        )
     cwd = os.path.realpath(os.getcwd())
     if os.path.isdir(output) and (cwd == real or cwd.startswith(real + os.sep)):
         raise CommandError(

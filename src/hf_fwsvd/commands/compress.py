@@ -89,11 +89,15 @@ def _check_arguments(args: argparse.Namespace) -> None:
             bound = "(0, 1]" if name == "param_ratio" else "(0, 1)"
             raise CommandError(f"--{name.replace('_', '-')} must be in {bound}, got {value}.", EXIT_USAGE)
     check_input_path(args.model, "Model")
+    check_output_path(args.output, [], "--output", args.overwrite)
     if os.path.isdir(args.model) and os.path.isdir(args.output) and os.path.samefile(args.model, args.output):
         raise CommandError("--output is the MODEL folder; save the compressed model somewhere else.", EXIT_USAGE)
-    check_output_path(args.output, [args.model], "--output", args.overwrite)
-    if args.report_json:
-        check_output_path(os.path.dirname(os.path.abspath(args.report_json)), [], "--report-json folder", True)
+    report_dir = os.path.dirname(os.path.abspath(args.report_json)) if args.report_json else None
+    if report_dir and not (os.path.isdir(report_dir) and os.access(report_dir, os.W_OK)):
+        raise CommandError(
+            f"--report-json {args.report_json!r} cannot be written: {report_dir!r} is not a writable folder.",
+            EXIT_USAGE,
+        )
     if args.push_to_hub:
         check_hub_reachable(args.push_to_hub)
 
