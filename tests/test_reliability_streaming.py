@@ -27,6 +27,11 @@ class EndlessTorchStream(IterableDataset):
         return itertools.cycle(RECORDS)
 
 
+class TokenisedStream(IterableDataset):
+    def __iter__(self):
+        return ({"input_ids": r["input_ids"], "labels": r["label"]} for r in itertools.cycle(RECORDS))
+
+
 def endless_hf_stream():
     return datasets.IterableDataset.from_generator(endless_generator)
 
@@ -101,8 +106,9 @@ def test_dataloader_stops_after_num_samples(num_samples, batch_size):
 
 
 def test_dataloader_over_an_endless_stream_returns():
-    collate = _loader(RECORDS, 4).collate_fn
-    loader = DataLoader(EndlessTorchStream(), batch_size=4, collate_fn=collate)
+    collate = _loader(RECORDS, 4).collate_fn  # pads `input_ids`, batches `labels`
+    stream = TokenisedStream()
+    loader = DataLoader(stream, batch_size=4, collate_fn=collate)
     limited = build_calibration_loader(loader, num_samples=10)
     assert sum(len(batch["input_ids"]) for batch in limited) == 10 and len(limited) == 3
     reference = importances(RECORDS[:10], num_samples=None)
