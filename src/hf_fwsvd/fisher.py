@@ -273,8 +273,8 @@ def _reduce(
 
 
 def _batch_size(batch: Any) -> int:
-    if isinstance(batch, dict):
-        for value in batch.values():
+    if isinstance(batch, (Mapping, tuple, list)):  # dicts, or tuples for a custom `loss_fn` (TensorDataset)
+        for value in batch.values() if isinstance(batch, Mapping) else batch:
             if torch.is_tensor(value) and value.ndim >= 1:
                 return int(value.shape[0])
     if torch.is_tensor(batch):
