@@ -52,8 +52,8 @@ def test_seq2seq_ragged_label_ids_are_padded_with_minus_100():
 def test_seq2seq_without_targets():
     model = tiny_t5()
     message = (
-        "The seq2seq loss needs target texts, but 2 of 2 calibration examples have none (first: example 0). Give dicts "
-        "with a text and a `target` (or `summary`, `translation`, `labels`) field, or use `method='svd'`."
+        "The seq2seq loss needs target texts, but 2 of 2 calibration examples have none (first: example 0). Give "
+        "dicts with a text and a `target` (or `summary`, `translation`, `labels`) field, or use `method='svd'`."
     )
     with fails_with(ValueError, message, entry="compress"):
         config = FWSVDConfig(rank=4, calibration_dataset=["the movie", "a plot"], tokenizer=word_tokenizer())
@@ -132,9 +132,7 @@ def test_multi_label_classification_calibrates():
     assert not unchanged(model)
 
 
-@pytest.mark.parametrize(
-    "label", [[1.0, 0.0], 2, [0.0, 2.0, 1.0]], ids=["wrong-width", "class-id", "not-multi-hot"]
-)
+@pytest.mark.parametrize("label", [[1.0, 0.0], 2, [0.0, 2.0, 1.0]], ids=["wrong-width", "class-id", "not-multi-hot"])
 def test_bad_multi_label_labels(label):
     message = (
         f"Calibration example 0 has label {label!r:.60}; this multi-label model needs a multi-hot list of 3 numbers "
@@ -248,9 +246,7 @@ def test_vision_model_calibrates_on_pixel_values_and_labels():
 
 def test_vision_label_out_of_range():
     model = tiny_vit()
-    message = (
-        "Calibration example 1 has label 5, outside [0, 3) for this 3-label model. Map the labels to 0..2."
-    )
+    message = "Calibration example 1 has label 5, outside [0, 3) for this 3-label model. Map the labels to 0..2."
     with fails_with(ValueError, message, entry="compress"):
         config = FWSVDConfig(rank=4, calibration_dataset=images(2, label=lambda i: 5 * i))
         compress(model, config, show_progress=False)

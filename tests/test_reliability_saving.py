@@ -182,7 +182,10 @@ def test_export_dense_into_its_own_checkpoint_is_refused(checkpoint, capsys):
     root, out = checkpoint
     before = sorted(os.listdir(out))
     assert main(["export-dense", str(out), str(out), "--overwrite"]) == 2
-    message = f"OUT {str(out)!r} is the input checkpoint {str(out)!r}; writing there would destroy it. Choose another folder."
+    message = (
+        f"OUT {str(out)!r} is the input checkpoint {str(out)!r}; writing there would destroy it. Choose another "
+        "folder."
+    )
     _one_line_error(capsys, "export-dense", 2, message, root)
     assert sorted(os.listdir(out)) == before
 
