@@ -40,10 +40,15 @@ _SHOWN: dict[str, str] = {}  # pinned path (``/proc/self/fd/N``) -> the path the
 
 
 @contextlib.contextmanager
-def _pinned(source: str) -> Iterator[tuple[str, str]]:
-    """``(pinned path, path to show in messages)``; a path an outer call already pinned is used as it is."""
+def _pinned(source: str, kwargs: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """``(pinned path, path to show in messages)``; a path an outer call already pinned is used as it is. Loads with
+    a `device_map` or `offload_folder` are not pinned: offloaded weights are read from the checkpoint files after
+    `from_pretrained` returns, when the pinned handle is closed."""
     if source in _SHOWN:
         yield source, _SHOWN[source]
+        return
+    if kwargs.get("device_map") is not None or kwargs.get("offload_folder") is not None:
+        yield source, source
         return
     with pinned_directory(source) as pinned:
         if pinned == source:
@@ -100,7 +105,7 @@ def _wrap_from_pretrained() -> None:
         if not (isinstance(source, (str, os.PathLike)) and os.path.isdir(source)):
             return _load_checked(original_function, cls, args, kwargs, shown=source)
         source = os.fspath(source)
-        with _pinned(source) as (pinned, source):  # a concurrent save cannot swap files under this load
+        with _pinned(source, kwargs) as (pinned, source):  # a concurrent save cannot swap files under this load
             check_local_checkpoint(pinned, kwargs.get("subfolder") or "", shown_as=source)
             if args:
                 args = (pinned, *args[1:])
@@ -130,7 +135,7 @@ def _pinning(original_function: Any) -> Any:
         if not (isinstance(source, (str, os.PathLike)) and os.path.isdir(source)):
             return original_function(cls, *args, **kwargs)
         source = os.fspath(source)
-        with _pinned(source) as (pinned, source):
+        with _pinned(source, kwargs) as (pinned, source):
             if pinned == source:
                 return original_function(cls, *args, **kwargs)
             if args:
