@@ -73,7 +73,21 @@ def word_tokenizer(pad: bool = True, eos: bool = False) -> PreTrainedTokenizerFa
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tokens)
 
 
-AREAS = ("config", "calibration", "importances", "checkpoints", "output", "concurrency")
+AREAS = (
+    "config",
+    "calibration",
+    "importances",
+    "checkpoints",
+    "completeness",
+    "output",
+    "saving",
+    "concurrency",
+    "precision",
+    "options",
+    "streaming",
+    "inputs",
+    "cli",
+)
 
 
 def render_table(path: str) -> str:

@@ -80,7 +80,7 @@ def test_save_waits_for_another_process_holding_the_lock(tmp_path, caplog):
     )
     assert holder.stdout.readline().strip() == "locked"
     begin = time.monotonic()
-    with caplog.at_level("WARNING", logger="hf_fwsvd.serialization"):
+    with caplog.at_level("WARNING", logger="hf_fwsvd.atomic_dir"):
         compressed(4, seed=0).save_pretrained(out)
     waited = time.monotonic() - begin
     assert holder.wait(timeout=30) == 0
@@ -88,7 +88,7 @@ def test_save_waits_for_another_process_holding_the_lock(tmp_path, caplog):
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.fwsvd.safetensors"]  # + the model card
     expect_warning(
         caplog,
-        "hf_fwsvd.serialization",
+        "hf_fwsvd.atomic_dir",
         f"Another process is saving into {out}; waiting for it to finish (lock {lock}).",
         entry="save_pretrained",
         replacements={str(tmp_path): "<tmp>"},

@@ -15,6 +15,7 @@ from reliability_cases import expect_warning, fails_with
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from transformers.quantizers import auto as quantizers_auto
 
+import hf_fwsvd.atomic_dir
 import hf_fwsvd.serialization
 from hf_fwsvd import FWSVDConfig, compress
 
@@ -185,21 +186,28 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, e
     assert digest(out) == before and leftovers(tmp_path) == []
 
 
-def test_failure_while_swapping_directories_restores_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("exchange", [True, False], ids=["rename-exchange", "two-renames"])
+def test_failure_while_swapping_directories_restores_the_previous_checkpoint(tmp_path, monkeypatch, exchange):
     out = tmp_path / "out"
     compressed(rank=4).save_pretrained(out)
     before = digest(out)
     real_replace = os.replace
+
+    def failing_exchange(first, second):
+        if exchange:
+            raise OSError(errno.EIO, "Input/output error")
+        return False
 
     def failing_replace(source, destination):
         if ".tmp-" in os.fspath(source) and os.fspath(destination) == str(out):
             raise OSError(errno.EIO, "Input/output error")
         return real_replace(source, destination)
 
-    monkeypatch.setattr(hf_fwsvd.serialization.os, "replace", failing_replace)
+    monkeypatch.setattr(hf_fwsvd.atomic_dir, "exchange", failing_exchange)
+    monkeypatch.setattr(hf_fwsvd.atomic_dir.os, "replace", failing_replace)
     with pytest.raises(OSError, match="Input/output error"):
         compressed(rank=2, seed=1).save_pretrained(out)
-    monkeypatch.setattr(hf_fwsvd.serialization.os, "replace", real_replace)
+    monkeypatch.setattr(hf_fwsvd.atomic_dir.os, "replace", real_replace)
     assert digest(out) == before and leftovers(tmp_path) == []
 
 

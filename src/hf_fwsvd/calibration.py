@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-__all__ = ["build_calibration_loader", "calibration_loader_from_config", "infer_task", "tokenize_examples"]
+__all__ = [
+    "LimitedLoader",
+    "build_calibration_loader",
+    "calibration_loader_from_config",
+    "infer_task",
+    "tokenize_examples",
+]
 
 logger = logging.getLogger(__name__)
 
 TEXT_KEYS = ("text", "sentence", "content", "review", "question")
+SOURCE_KEYS = (*TEXT_KEYS, "document", "source")  # seq2seq inputs (summarisation datasets call them `document`)
 LABEL_KEYS = ("labels", "label")
-TASKS = ("sequence-classification", "token-classification", "causal-lm", "masked-lm", "question-answering")
+TARGET_KEYS = ("target", "summary", "translation", "labels")
+TASKS = (
+    "sequence-classification",
+    "token-classification",
+    "causal-lm",
+    "masked-lm",
+    "question-answering",
+    "seq2seq",
+    "image-classification",
+)
 
 
 def infer_task(model: Any) -> str | None:
@@ -28,13 +45,17 @@ def infer_task(model: Any) -> str | None:
         ("ForTokenClassification", "token-classification"),
         ("ForMaskedLM", "masked-lm"),
         ("ForQuestionAnswering", "question-answering"),
+        ("ForConditionalGeneration", "seq2seq"),
+        ("ForImageClassification", "image-classification"),
     ):
         if name.endswith(suffix):
             return task
     return None
 
 
-def _as_records(data: Any) -> list[Any]:
+def _as_records(data: Any, num_samples: int | None = None) -> list[Any]:
+    """The first `num_samples` records of `data`, read lazily: a generator or a streaming (`Iterable`) dataset is
+    consumed only up to `num_samples`, never to its end."""
     if isinstance(data, (str, bytes)) or isinstance(data, Mapping):
         raise ValueError(
             "`calibration_dataset` must be a list of strings, a list of dicts, a `datasets.Dataset` or a DataLoader, "
@@ -42,11 +63,19 @@ def _as_records(data: Any) -> list[Any]:
         )
     if not isinstance(data, Iterable):
         raise ValueError(f"`calibration_dataset` of type {type(data).__name__} is not iterable.")
-    return list(data)
+    if num_samples is None:
+        if not hasattr(data, "__len__"):
+            logger.warning(
+                "`calibration_dataset` is a %s without a length and `num_samples=None`: it is read to its end (an "
+                "endless stream never returns). Set `num_samples` to read only that many examples.",
+                type(data).__name__,
+            )
+        return list(data)
+    return list(itertools.islice(data, num_samples))
 
 
-def _text_of(record: Mapping[str, Any]) -> str | None:
-    for key in TEXT_KEYS:
+def _text_of(record: Mapping[str, Any], keys: tuple[str, ...] = TEXT_KEYS) -> str | None:
+    for key in keys:
         if key in record:
             return record[key]
     return None
@@ -152,19 +181,58 @@ class _Collator:
         return [list(row) + [value] * (width - len(row)) for row in rows]
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if "pixel_values" in examples[0]:
+            batch = {"pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples])}
+            if "labels" in examples[0]:
+                batch["labels"] = torch.tensor([example["labels"] for example in examples])
+            return batch
         ids = [example["input_ids"] for example in examples]
         batch = {
             "input_ids": torch.tensor(self._pad(ids, self.pad_id)),
             "attention_mask": torch.tensor(self._pad([[1] * len(row) for row in ids], 0)),
         }
-        if self.task == "causal-lm":
-            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        elif self.task == "token-classification":
+        if self.task == "causal-lm" and "labels" in examples[0]:  # the user's labels, with their -100 masking
             batch["labels"] = torch.tensor(self._pad([example["labels"] for example in examples], -100))
+        elif self.task == "causal-lm":
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        elif self.task in ("token-classification", "seq2seq"):
+            if self.task == "seq2seq":  # targets are right-padded whatever the tokenizer's side
+                width = max(len(example["labels"]) for example in examples)
+                rows = [list(e["labels"]) + [-100] * (width - len(e["labels"])) for e in examples]
+            else:
+                rows = self._pad([example["labels"] for example in examples], -100)
+            batch["labels"] = torch.tensor(rows)
         elif "labels" in examples[0]:
             dtype = torch.float32 if self.float_labels else torch.long
             batch["labels"] = torch.tensor([example["labels"] for example in examples], dtype=dtype)
         return batch
+
+
+def _token_list(value: Any) -> list[Any]:
+    return value.tolist() if hasattr(value, "tolist") else list(value)
+
+
+def _target_of(record: Mapping[str, Any], tokenizer: Any, max_length: int, index: int) -> list[int] | None:
+    """Token ids of a seq2seq example's target: `labels` ids as given, or a `target`/`summary`/`translation` text."""
+    for key in TARGET_KEYS:
+        if key not in record:
+            continue
+        value = record[key]
+        if isinstance(
+            value, Mapping
+        ):  # a `translation` column: {"en": ..., "fr": ...}; the last language is the target
+            value = list(value.values())[-1] if value else None
+        if isinstance(value, str):
+            if tokenizer is None:
+                raise ValueError("Text calibration data needs a tokenizer: pass `tokenizer=` in FWSVDConfig.")
+            return tokenizer(text_target=value, truncation=True, max_length=max_length)["input_ids"]
+        if value is not None and not isinstance(value, (int, float)):
+            return _token_list(value)[:max_length]
+        raise ValueError(
+            f"Calibration example {index} has `{key}` = {value!r:.60}; a seq2seq target must be a text or a list of "
+            "token ids."
+        )
+    return None
 
 
 def _tokenize_record(record: Any, tokenizer: Any, max_length: int, task: str | None, index: int) -> dict[str, Any]:
@@ -175,6 +243,22 @@ def _tokenize_record(record: Any, tokenizer: Any, max_length: int, task: str | N
             f"Calibration example {index} is a {type(record).__name__}; mix of types is not supported: use all "
             "strings or all dicts."
         )
+    if "pixel_values" in record:
+        label = _label_of(record)
+        return {"pixel_values": record["pixel_values"]} | ({} if label is None else {"labels": label})
+    if task == "seq2seq":
+        text = _text_of(record, SOURCE_KEYS)
+        if "input_ids" in record:
+            source = _token_list(record["input_ids"])[:max_length]
+        elif text is not None:
+            source = _encode(tokenizer, text, max_length)
+        else:
+            raise ValueError(
+                f"Calibration example {index} has no text field (looked for {', '.join(SOURCE_KEYS)}) and no "
+                f"`input_ids`; its keys are {sorted(record)}."
+            )
+        target = _target_of(record, tokenizer, max_length, index)
+        return {"input_ids": source} | ({} if target is None else {"labels": target})
     label = _label_of(record)
     if "input_ids" in record:
         ids = record["input_ids"]
@@ -194,35 +278,106 @@ def _tokenize_record(record: Any, tokenizer: Any, max_length: int, task: str | N
                 f"`input_ids`; its keys are {sorted(record)}."
             )
         example = {"input_ids": _encode(tokenizer, text, max_length)}
-    if label is not None:
-        example["labels"] = list(label)[:max_length] if task == "token-classification" else label
+    if task == "causal-lm":  # only per-token `labels` (e.g. with -100 masking) replace the input ids as targets
+        label = record.get("labels")
+        if label is not None and not isinstance(label, (str, bytes, int, float)):
+            example["labels"] = _token_list(label)[:max_length]
+    elif label is not None:
+        example["labels"] = _token_list(label)[:max_length] if task == "token-classification" else label
     return example
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_token_labels(examples: list[dict[str, Any]], task: str, model_config: Any) -> None:
+    """Per-token labels: one per input id, ints, in ``[0, num_labels)`` or -100 (ignored)."""
+    num_labels = getattr(model_config, "num_labels", None) if task == "token-classification" else None
+    vocab_size = getattr(model_config, "vocab_size", None) if task == "causal-lm" else None
+    bound = num_labels if isinstance(num_labels, int) else vocab_size if isinstance(vocab_size, int) else None
+    for i, example in enumerate(examples):
+        if "labels" not in example:
+            continue
+        labels, ids = example["labels"], example["input_ids"]
+        if len(labels) != len(ids):
+            raise ValueError(
+                f"Calibration example {i} has {len(labels)} labels for {len(ids)} tokens; {task} labels need one per "
+                "token id (-100 where the loss should ignore it). Align the labels with the tokenised input (e.g. "
+                "with `word_ids()`), or give `tokens` and word labels and let hf_fwsvd align them."
+            )
+        bad = next(
+            (
+                label
+                for label in labels
+                if not _is_int(label) or not (label == -100 or bound is None or 0 <= label < bound)
+            ),
+            None,
+        )
+        if bad is not None:
+            what = f"[0, {bound})" if bound is not None else "ints"
+            raise ValueError(
+                f"Calibration example {i} has label {bad!r}; {task} labels must be in {what} or -100 (ignored)."
+            )
+        example["labels"] = [int(label) for label in labels]
+
+
 def _check_labels(examples: list[dict[str, Any]], task: str | None, model_config: Any) -> bool:
-    """Validate labels for the task; returns whether labels are float (regression)."""
+    """Validate labels for the task; returns whether labels are float (regression, multi-label)."""
+    if task in ("causal-lm", "token-classification"):
+        _check_token_labels(examples, task, model_config)
     if task in (None, "causal-lm", "masked-lm"):
         return False
     missing = [i for i, example in enumerate(examples) if "labels" not in example]
     if missing:
+        if task == "seq2seq":
+            raise ValueError(
+                f"The seq2seq loss needs target texts, but {len(missing)} of {len(examples)} calibration examples "
+                f"have none (first: example {missing[0]}). Give dicts with a text and a `target` (or `summary`, "
+                "`translation`, `labels`) field, or use `method='svd'`."
+            )
         raise ValueError(
             f"The {task} loss needs labels, but {len(missing)} of {len(examples)} calibration examples have none "
             f"(first: example {missing[0]}). Give dicts with a `label` field, or use `method='svd'`."
         )
-    if task != "sequence-classification":
+    if task not in ("sequence-classification", "image-classification"):
         return False
     num_labels = getattr(model_config, "num_labels", None)
-    regression = getattr(model_config, "problem_type", None) == "regression" or num_labels == 1
-    if regression:
+    problem = getattr(model_config, "problem_type", None)
+    if problem == "multi_label_classification":
+        for i, example in enumerate(examples):
+            label = example["labels"]
+            values = _token_list(label) if not isinstance(label, (str, bytes, int, float)) else None
+            if values is None or len(values) != num_labels or not all(_is_number(v) and 0 <= v <= 1 for v in values):
+                raise ValueError(
+                    f"Calibration example {i} has label {label!r:.60}; this multi-label model needs a multi-hot list "
+                    f"of {num_labels} numbers in [0, 1] per example (1.0 for each label that applies)."
+                )
+            example["labels"] = [float(value) for value in values]
+        return True
+    if problem == "regression" or num_labels == 1:
+        for i, example in enumerate(examples):
+            label = example["labels"]
+            if not _is_number(label):
+                raise ValueError(
+                    f"Calibration example {i} has label {label!r:.60} ({type(label).__name__}); regression labels "
+                    "must be numbers. Convert them (e.g. `float(label)`)."
+                )
         return True
     for i, example in enumerate(examples):
         label = example["labels"]
-        if (
-            isinstance(label, bool)
-            or not isinstance(label, int)
-            and not (isinstance(label, float) and label.is_integer())
-        ):
-            raise ValueError(f"Calibration example {i} has label {label!r}; classification labels must be ints.")
+        if not _is_int(label):
+            hint = (
+                " For multi-label data set `model.config.problem_type = 'multi_label_classification'` and give "
+                "multi-hot lists."
+                if not isinstance(label, (str, bytes, int, float))
+                else ""
+            )
+            raise ValueError(f"Calibration example {i} has label {label!r}; classification labels must be ints.{hint}")
         if num_labels is not None and not 0 <= int(label) < num_labels:
             raise ValueError(
                 f"Calibration example {i} has label {label!r}, outside [0, {num_labels}) for this "
@@ -232,6 +387,66 @@ def _check_labels(examples: list[dict[str, Any]], task: str | None, model_config
     return False
 
 
+def _batch_rows(batch: Any) -> int | None:
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]
+    for value in values:
+        if torch.is_tensor(value) and value.ndim >= 1:
+            return int(value.shape[0])
+    return None
+
+
+def _head(batch: Any, rows: int) -> Any:
+    """The first `rows` examples of a batch (tensors with a leading batch dimension are sliced)."""
+
+    def cut(value: Any) -> Any:
+        return value[:rows] if torch.is_tensor(value) and value.ndim >= 1 else value
+
+    if isinstance(batch, Mapping):
+        return {key: cut(value) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(cut(value) for value in batch)
+    return cut(batch)
+
+
+class LimitedLoader:
+    """A user's `DataLoader`, read up to `num_samples` examples (the last batch is cut to fit), with `BatchEncoding`
+    batches (what `DataCollatorWithPadding` yields) turned into plain dicts. Iterable any number of times.
+
+    Args:
+        loader (`DataLoader`): The calibration batches.
+        num_samples (`int`, *optional*): Stop after this many examples (`None`: the whole loader).
+    """
+
+    def __init__(self, loader: DataLoader, num_samples: int | None) -> None:
+        self.loader, self.num_samples = loader, num_samples
+        self.dataset, self.batch_size = loader.dataset, loader.batch_size
+
+    def __len__(self) -> int:
+        limit = -(-self.num_samples // self.batch_size) if self.num_samples and self.batch_size else None
+        try:
+            batches = len(self.loader)
+        except TypeError:  # a loader over an IterableDataset
+            if limit is None:
+                raise
+            return limit
+        return batches if limit is None else min(batches, limit)
+
+    def __iter__(self) -> Iterator[Any]:
+        seen = 0
+        for batch in self.loader:
+            if isinstance(batch, Mapping) and not isinstance(batch, dict):
+                batch = dict(batch)
+            if self.num_samples is not None:
+                rows = _batch_rows(batch)
+                if rows is not None and seen + rows > self.num_samples:
+                    batch, rows = _head(batch, self.num_samples - seen), self.num_samples - seen
+                seen += rows if rows is not None else 1
+            yield batch
+            if self.num_samples is not None and seen >= self.num_samples:
+                logger.info("Read the first %d calibration examples of the DataLoader (`num_samples`).", seen)
+                return
+
+
 def build_calibration_loader(
     data: Any,
     tokenizer: Any = None,
@@ -239,11 +454,12 @@ def build_calibration_loader(
     num_samples: int | None = 256,
     batch_size: int = 8,
     max_length: int = 128,
-) -> DataLoader | Iterable[dict[str, Any]]:
+) -> DataLoader | LimitedLoader:
     """Batches of model inputs (with `labels` where the task needs them) from the calibration data.
 
     Args:
-        data: A `DataLoader` (used as is), a list of strings, a list of dicts, or a `datasets.Dataset`.
+        data: A `DataLoader` (read up to `num_samples` examples, see [`LimitedLoader`]), a list of strings, a list of
+            dicts, a `datasets.Dataset`, or any iterable of those (read lazily up to `num_samples`).
         tokenizer: Tokenizer for text data.
         model: The model; its class decides the task and how labels are built.
         num_samples (`int`, *optional*): Use the first `num_samples` examples (all when `None`).
@@ -259,7 +475,7 @@ def build_calibration_loader(
             "`tokenizer=`) or precomputed `importances=` in FWSVDConfig, or use `method='svd'`."
         )
     if isinstance(data, DataLoader):
-        return data
+        return LimitedLoader(data, num_samples)
     examples, collate = tokenize_examples(data, tokenizer, model, num_samples, max_length, batch_size)
     return DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=collate)
 
@@ -276,9 +492,7 @@ def tokenize_examples(
 
     Same arguments and errors as [`build_calibration_loader`] (without the batching).
     """
-    records = _as_records(data)
-    if num_samples is not None:
-        records = records[:num_samples]
+    records = _as_records(data, num_samples)
     if not records:
         raise ValueError("`calibration_dataset` is empty: FWSVD needs at least one calibration example.")
     _check_types(records)
@@ -296,10 +510,11 @@ def tokenize_examples(
         )
         length = model_max
     examples = [_tokenize_record(record, tokenizer, length, task, i) for i, record in enumerate(records)]
-    empty = [i for i, example in enumerate(examples) if not example["input_ids"]]
+    text = [example for example in examples if "pixel_values" not in example]
+    empty = [i for i, example in enumerate(text) if not example["input_ids"]]
     if empty:
         raise ValueError(f"Calibration example {empty[0]} tokenises to no tokens; remove empty texts.")
-    _check_token_ids(examples, model_config)
+    _check_token_ids(text, model_config)
     float_labels = _check_labels(examples, task, model_config)
     _check_padding(examples, task, model, batch_size)
     padding_side = getattr(tokenizer, "padding_side", "right") if tokenizer is not None else "right"

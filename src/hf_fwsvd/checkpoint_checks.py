@@ -20,7 +20,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-__all__ = ["check_factors_finite", "check_local_checkpoint", "check_weights_match_ranks", "read_tensor_shapes"]
+__all__ = [
+    "check_factors_finite",
+    "check_loading_info",
+    "check_local_checkpoint",
+    "check_weights_match_ranks",
+    "read_tensor_shapes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +62,24 @@ def read_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         ) from error
 
 
+def _as_model_keys(values: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Checkpoint keys as `model` names them, renamed exactly as transformers renames them on load: its conversion
+    mapping (ViT saves ``vit.layers.0.attention.k_proj`` as ``vit.encoder.layer.0.attention.attention.key``) and
+    the base-model prefix (a base model reading a `*For<Task>` checkpoint drops ``bert.``, a task model reading a base
+    one adds it)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # an older transformers without conversion mappings: keys are used as saved
+        return values
+    transforms = get_model_conversion_mapping(model)
+    renamings = [transform for transform in transforms if isinstance(transform, WeightRenaming)]
+    converters = [transform for transform in transforms if isinstance(transform, WeightConverter)]
+    expected = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None) or None
+    return {rename_source_key(key, renamings, converters, prefix, expected)[0]: value for key, value in values.items()}
+
+
 def check_weights_match_ranks(model: nn.Module, ranks: dict[str, int], checkpoint_files: Iterable[str]) -> None:
     """Raise unless the weight files hold exactly the factor shapes the rank map built into `model`'s skeleton.
 
@@ -75,6 +99,7 @@ def check_weights_match_ranks(model: nn.Module, ranks: dict[str, int], checkpoin
         for key, shape in read_tensor_shapes(path).items():
             shapes[key] = shape
             origin[key] = os.path.basename(path)
+    shapes, origin = _as_model_keys(shapes, model), _as_model_keys(origin, model)
     problems = []
     for name, rank in ranks.items():
         module = model.get_submodule(name)
@@ -135,7 +160,95 @@ def _looks_like_fwsvd(quantization: dict[str, Any]) -> bool:
     )
 
 
-def check_local_checkpoint(path: str | os.PathLike, subfolder: str = "") -> None:
+_REDOWNLOAD = (
+    "Download or copy it again (`force_download=True`), or re-save it with `save_pretrained` from the compressed "
+    "model."
+)
+
+
+def _read_index(directory: str, index_name: str, shown: str) -> dict[str, str]:
+    """The `weight_map` of a shard index, checked: valid JSON, a non-empty name -> shard map, every shard present."""
+    path = os.path.join(directory, index_name)
+    shown_path = os.path.join(shown, index_name)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            index = json.load(handle)
+    except ValueError as error:
+        raise ValueError(
+            f"The shard index {shown_path!r} is not valid JSON ({error}): it is truncated or corrupt. {_REDOWNLOAD}"
+        ) from error
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(
+            f"The shard index {shown_path!r} has no `weight_map` (tensor name -> shard file), so its shards cannot be "
+            f"found. {_REDOWNLOAD}"
+        )
+    missing = sorted({name for name in weight_map.values() if not os.path.isfile(os.path.join(directory, name))})
+    if missing:
+        raise ValueError(
+            f"The shard index {shown_path!r} lists {len(missing)} shard(s) missing from {shown!r}: "
+            f"{', '.join(missing[:5])}. The checkpoint is incomplete. {_REDOWNLOAD}"
+        )
+    return weight_map
+
+
+def check_loading_info(
+    model: nn.Module, info: dict[str, Any], shown: str, directory: str | None = None, subfolder: str = ""
+) -> None:
+    """Refuse an FWSVD checkpoint that lacks tensors the model needs (transformers would initialise them randomly).
+
+    Only a new task head is allowed to be missing, as in transformers: loading a `*For<Task>` class from a
+    checkpoint saved as another class (e.g. the base model) whose missing tensors all sit outside the base model.
+
+    Args:
+        model (`nn.Module`): The loaded model.
+        info (`dict`): transformers' loading info (`output_loading_info=True`).
+        shown (`str`): The checkpoint as the user named it (folder or Hub id), for the message.
+        directory (`str`, *optional*): The local folder actually read (to list shards the index does not name).
+        subfolder (`str`, *optional*): `from_pretrained`'s `subfolder`.
+
+    Raises:
+        `ValueError`: Naming the checkpoint, the weight files, the missing tensors and the fix.
+    """
+    missing = sorted(info.get("missing_keys") or [])
+    if not missing:
+        return
+    config = getattr(model, "config", None)
+    saved_as = (getattr(config, "architectures", None) or [None])[0]
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    in_base = any(key.startswith(prefix + ".") for key in missing)
+    if saved_as not in (None, type(model).__name__) and prefix and not in_base:
+        logger.warning(
+            "%s holds a %s checkpoint: the %s head (%s) is not in it and is newly initialised. Train it before use.",
+            shown,
+            saved_as,
+            type(model).__name__,
+            ", ".join(missing[:5]),
+        )
+        return
+    quantization = getattr(config, "quantization_config", None)
+    weights_file = getattr(quantization, "weights_file", None) or "model.fwsvd.safetensors"
+    hint = ""
+    if directory is not None and weights_file.endswith(".index.json"):
+        folder = os.path.join(directory, subfolder)
+        try:
+            listed = set(_read_index(folder, weights_file, shown).values())
+            unlisted = sorted(
+                name for name in os.listdir(folder) if name.startswith("model.fwsvd-") and name not in listed
+            )
+        except (OSError, ValueError):
+            unlisted = []
+        if unlisted:
+            hint = f" The index {weights_file} does not list the shard(s) {', '.join(unlisted[:5])}."
+    more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+    raise ValueError(
+        f"The FWSVD checkpoint {shown!r} is incomplete: {len(missing)} tensor(s) that {type(model).__name__} needs "
+        f"are not in its weights ({weights_file}): {', '.join(missing[:5])}{more}. They would be randomly "
+        f"initialised.{hint} {_REDOWNLOAD}"
+    )
+
+
+def check_local_checkpoint(path: str | os.PathLike, subfolder: str = "", shown_as: str | None = None) -> None:
     """Checks on a local checkpoint directory before `from_pretrained` reads it (remote repos are checked later, by
     the quantizer, on the downloaded files).
 
@@ -145,14 +258,21 @@ def check_local_checkpoint(path: str | os.PathLike, subfolder: str = "") -> None
             weights (refused, never unpickled).
     """
     directory = os.path.normpath(os.path.join(os.fspath(path), subfolder))
+    shown = os.path.normpath(os.path.join(os.fspath(shown_as if shown_as is not None else path), subfolder))
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         return
     try:
         with open(config_path, encoding="utf-8") as handle:
             config = json.load(handle)
-    except (OSError, ValueError):
+    except ValueError as error:
+        raise ValueError(
+            f"{os.path.join(shown, 'config.json')} is not valid JSON ({error}): it is truncated or corrupt. Restore "
+            "it from the original checkpoint, or re-save the model with `save_pretrained`."
+        ) from error
+    except OSError:
         return  # transformers reports an unreadable config.json itself
+    config_path = os.path.join(shown, "config.json")
     quantization = config.get("quantization_config") if isinstance(config, dict) else None
     if not isinstance(quantization, dict):
         return
@@ -168,12 +288,14 @@ def check_local_checkpoint(path: str | os.PathLike, subfolder: str = "") -> None
         return
     names = os.listdir(directory)
     weights_file = quantization.get("weights_file")
+    if isinstance(weights_file, str) and weights_file.endswith(".index.json") and weights_file in names:
+        _read_index(directory, weights_file, shown)
     has_weights = weights_file is not None and os.path.isfile(os.path.join(directory, weights_file))
     has_safetensors = any(name.endswith((".safetensors", ".safetensors.index.json")) for name in names)
     pickles = sorted(name for name in names if name.endswith(_PICKLE_SUFFIXES))
     if pickles and not has_weights and not has_safetensors:
         raise ValueError(
-            f"{directory} is an FWSVD checkpoint with only pickle weights ({', '.join(pickles)}). hf_fwsvd never "
+            f"{shown} is an FWSVD checkpoint with only pickle weights ({', '.join(pickles)}). hf_fwsvd never "
             "unpickles checkpoints (pickle can run arbitrary code) and FWSVD checkpoints are safetensors only: "
             f"convert the file to safetensors in a trusted environment. {_REEXPORT}"
         )

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from .commands import COMMANDS
-from .commands.common import EXIT_USAGE, CommandError
+from .commands.common import EXIT_FAILURE, EXIT_USAGE, CommandError
 from .version import __version__
 
 __all__ = ["build_parser", "main"]
@@ -87,6 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hf-fwsvd {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # any other failure: still one line (the traceback with --verbose)
+        if args.verbose:
+            logging.getLogger("hf_fwsvd").exception("hf-fwsvd %s failed", args.command)
+        message = " ".join(str(error).split()) or "(no message)"
+        print(f"hf-fwsvd {args.command}: error: {type(error).__name__}: {message}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

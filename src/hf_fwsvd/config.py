@@ -180,6 +180,11 @@ class FWSVDConfig(QuantizationConfigMixin):
                     "both."
                 )
             self.importances_cache = os.fspath(self.importances_cache)
+            if os.path.isdir(self.importances_cache):
+                raise ValueError(
+                    f"`importances_cache` {self.importances_cache!r} is a directory; it must be a file path, e.g. "
+                    f"{os.path.join(self.importances_cache, 'importances.safetensors')!r}."
+                )
             parent = os.path.dirname(os.path.abspath(self.importances_cache))
             if not os.path.isdir(parent):
                 raise ValueError(

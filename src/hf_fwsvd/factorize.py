@@ -47,6 +47,7 @@ __all__ = [
     "left_singular_basis",
     "low_rank_params",
     "relative_errors",
+    "representable_factors",
     "validate_importance",
 ]
 
@@ -347,6 +348,35 @@ def factorize(
         up = _output_basis(dense, scaling, rank, solver).contiguous()
         down = up.T @ dense
     return LowRankFactors(down=down, up=up)
+
+
+def representable_factors(factors: LowRankFactors, dtype: torch.dtype, name: str = "weight") -> LowRankFactors:
+    """`factors` made safe to store in `dtype` (float16/bfloat16): unchanged when they fit, else rebalanced.
+
+    `factorize` returns an orthonormal `up` and a `down` carrying the singular values, so `down` can exceed float16's
+    range (65504) although the layer's weight fits in it. Rebalancing moves ``sqrt(s_k)`` of each component's scale
+    ``s_k = ||down_k||`` into `up` (``up_k * sqrt(s_k)``, ``down_k / sqrt(s_k)``): the product is unchanged and both
+    factors hold about the square root of the largest singular value, so a representable layer stays representable.
+
+    Raises:
+        `ValueError`: Naming the module when even the rebalanced factors overflow `dtype`.
+    """
+    if not dtype.is_floating_point or torch.finfo(dtype).bits > 16:
+        return factors
+    limit = torch.finfo(dtype).max
+    if max(float(factors.down.abs().max()), float(factors.up.abs().max())) < limit:
+        return factors
+    with torch.no_grad():
+        scale = (factors.down.norm(dim=1) / factors.up.norm(dim=0).clamp_min(1e-30)).clamp_min(1e-30).sqrt()
+        balanced = LowRankFactors(down=factors.down / scale[:, None], up=factors.up * scale[None, :])
+    peak = max(float(balanced.down.abs().max()), float(balanced.up.abs().max()))
+    if peak >= limit:
+        raise ValueError(
+            f"The factors of `{name}` cannot be stored in {str(dtype).removeprefix('torch.')}: even with its singular "
+            f"values balanced between `up` and `down` the largest entry is {peak:.3g}, above the dtype's maximum "
+            f"{limit:.3g}. Compress the model in float32 (`model.float()`) or bfloat16, or exclude the module."
+        )
+    return balanced
 
 
 def relative_errors(

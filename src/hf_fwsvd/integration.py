@@ -3,15 +3,18 @@ compressed models through the FWSVD checkpoint writer (weights, config, model ca
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from transformers import PreTrainedModel
 from transformers.quantizers import auto as quantizers_auto
 
-from .checkpoint_checks import check_local_checkpoint
+from .atomic_dir import pinned_directory, recover
+from .checkpoint_checks import check_loading_info, check_local_checkpoint
 from .config import FWSVDConfig
 from .distributed import is_main_process
 from .hub import push_compressed_to_hub
@@ -33,6 +36,55 @@ def _register() -> None:
     quantizers_auto.AUTO_QUANTIZER_MAPPING["fwsvd"] = FWSVDHfQuantizer
 
 
+_SHOWN: dict[str, str] = {}  # pinned path (``/proc/self/fd/N``) -> the path the user gave, while a load runs
+
+
+@contextlib.contextmanager
+def _pinned(source: str, kwargs: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """``(pinned path, path to show in messages)``; a path an outer call already pinned is used as it is. Loads with
+    a `device_map` or `offload_folder` are not pinned: offloaded weights are read from the checkpoint files after
+    `from_pretrained` returns, when the pinned handle is closed."""
+    if source in _SHOWN:
+        yield source, _SHOWN[source]
+        return
+    if kwargs.get("device_map") is not None or kwargs.get("offload_folder") is not None:
+        yield source, source
+        return
+    with pinned_directory(source) as pinned:
+        if pinned == source:
+            yield source, source
+            return
+        _SHOWN[pinned] = source
+        try:
+            yield pinned, source
+        finally:
+            del _SHOWN[pinned]
+
+
+def _with_path(error: Exception, pinned: str, source: str) -> Exception:
+    """`error` with the pinned ``/proc/self/fd/N`` path shown as the path the user gave."""
+    try:
+        return type(error)(str(error).replace(pinned, source))
+    except Exception:  # an exception type that takes other arguments: keep it as it is
+        return error
+
+
+def _load_checked(
+    original_function: Any, cls: type, args: tuple, kwargs: dict, shown: Any = None, pinned: str | None = None
+) -> Any:
+    """Load with transformers, then refuse an FWSVD checkpoint whose weights lack tensors the model needs. `pinned`
+    is the path actually loaded when it differs from the one the user gave (`shown`)."""
+    wants_info = kwargs.pop("output_loading_info", False)
+    loaded = original_function(cls, *args, output_loading_info=True, **kwargs)
+    model, info = loaded if isinstance(loaded, tuple) else (loaded, None)
+    if pinned is not None and hasattr(model, "config"):
+        model.config._name_or_path = shown
+    quantizer = getattr(model, "hf_quantizer", None)
+    if info is not None and getattr(quantizer, "loaded_from_checkpoint", False):
+        check_loading_info(model, info, str(shown), pinned, kwargs.get("subfolder") or "")
+    return (model, info) if wants_info else model
+
+
 def _wrap_from_pretrained() -> None:
     original = PreTrainedModel.from_pretrained
     if getattr(original, _WRAPPED_FLAG, False):
@@ -48,12 +100,77 @@ def _wrap_from_pretrained() -> None:
                 raise TypeError(f"`fwsvd_config` must be an FWSVDConfig, got {type(fwsvd_config).__name__}.")
             kwargs["quantization_config"] = fwsvd_config
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-            check_local_checkpoint(source, kwargs.get("subfolder") or "")
-        return original_function(cls, *args, **kwargs)
+        if isinstance(source, (str, os.PathLike)):
+            recover(source)  # a save killed between its renames left the folder missing: put it back first
+        if not (isinstance(source, (str, os.PathLike)) and os.path.isdir(source)):
+            return _load_checked(original_function, cls, args, kwargs, shown=source)
+        source = os.fspath(source)
+        with _pinned(source, kwargs) as (pinned, source):  # a concurrent save cannot swap files under this load
+            check_local_checkpoint(pinned, kwargs.get("subfolder") or "", shown_as=source)
+            if args:
+                args = (pinned, *args[1:])
+            else:
+                kwargs["pretrained_model_name_or_path"] = pinned
+            try:
+                return _load_checked(original_function, cls, args, kwargs, shown=source, pinned=pinned)
+            except Exception as error:
+                if pinned != source and pinned in str(error):
+                    raise _with_path(error, pinned, source) from error
+                raise
 
     setattr(from_pretrained, _WRAPPED_FLAG, True)
     PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+
+
+def _pinning(original_function: Any) -> Any:
+    """Wrap an Auto class's `from_pretrained`: Auto classes read `config.json` before the model class loads the
+    weights, so pin the folder for both; a concurrent save cannot give this load the config of one checkpoint and
+    the weights of another."""
+
+    @functools.wraps(original_function)
+    def from_pretrained(cls: type, *args: Any, **kwargs: Any) -> Any:
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if isinstance(source, (str, os.PathLike)):
+            recover(source)  # a save killed between its renames left the folder missing: put it back first
+        if not (isinstance(source, (str, os.PathLike)) and os.path.isdir(source)):
+            return original_function(cls, *args, **kwargs)
+        source = os.fspath(source)
+        with _pinned(source, kwargs) as (pinned, source):
+            if pinned == source:
+                return original_function(cls, *args, **kwargs)
+            if args:
+                args = (pinned, *args[1:])
+            else:
+                kwargs["pretrained_model_name_or_path"] = pinned
+            try:
+                loaded = original_function(cls, *args, **kwargs)
+            except Exception as error:
+                if pinned in str(error):
+                    raise _with_path(error, pinned, source) from error
+                raise
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if hasattr(model, "config"):
+            model.config._name_or_path = source
+        return loaded
+
+    setattr(from_pretrained, _WRAPPED_FLAG, True)
+    return from_pretrained
+
+
+def _wrap_auto_from_pretrained() -> None:
+    import transformers.models.auto.modeling_auto  # noqa: F401  (defines every Auto model class)
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    pending, seen = [_BaseAutoModelClass], set()
+    while pending:
+        auto_class = pending.pop()
+        if auto_class in seen:
+            continue
+        seen.add(auto_class)
+        pending.extend(auto_class.__subclasses__())
+        method = auto_class.__dict__.get("from_pretrained")
+        if isinstance(method, classmethod) and not getattr(method.__func__, _WRAPPED_FLAG, False):
+            auto_class.from_pretrained = classmethod(_pinning(method.__func__))
 
 
 def _wrap_save_pretrained() -> None:
@@ -121,5 +238,6 @@ def install() -> None:
     """Register the `fwsvd` method, the `fwsvd_config=` keyword and the save/push wrappers (idempotent)."""
     _register()
     _wrap_from_pretrained()
+    _wrap_auto_from_pretrained()
     _wrap_save_pretrained()
     _wrap_push_to_hub()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .factorize import LowRankFactors, factorize
+from .factorize import LowRankFactors, factorize, representable_factors
 
 __all__ = ["LowRankLinear", "dense_weight", "is_supported_linear"]
 
@@ -84,9 +84,16 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     def from_factors(
-        cls, factors: LowRankFactors, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device
+        cls,
+        factors: LowRankFactors,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        device: torch.device,
+        name: str = "weight",
     ) -> LowRankLinear:
-        """Build the module from computed factors, cast to `dtype` on `device`."""
+        """Build the module from computed factors, cast to `dtype` on `device` (float16/bfloat16 factors are
+        rebalanced to fit, see [`representable_factors`]; `name` names the module if they cannot)."""
+        factors = representable_factors(factors, dtype, name)
         rank, in_features = factors.down.shape
         module = cls(in_features, factors.up.shape[0], rank, bias=bias is not None, device="meta", dtype=dtype)
         module.down.weight = nn.Parameter(factors.down.to(device=device, dtype=dtype), requires_grad=True)
@@ -119,7 +126,7 @@ class LowRankLinear(nn.Module):
         weight = dense_weight(linear)
         kwargs = {} if floor is None else {"floor": floor}
         factors = factorize(weight, rank, importance, name=name, svd_solver=svd_solver, **kwargs)
-        return cls.from_factors(factors, linear.bias, dtype=weight.dtype, device=weight.device)
+        return cls.from_factors(factors, linear.bias, dtype=weight.dtype, device=weight.device, name=name)
 
     def to_linear(self) -> nn.Linear:
         """The equivalent dense `nn.Linear` (same dtype and device)."""

@@ -199,7 +199,9 @@ def compress_model(
                 continue
             weight = dense_weight(module)
             factors, importances[name] = factorize_weight(method, weight, ranks[name], name, stats, run_config)
-            replacement = LowRankLinear.from_factors(factors, module.bias, dtype=weight.dtype, device=weight.device)
+            replacement = LowRankLinear.from_factors(
+                factors, module.bias, dtype=weight.dtype, device=weight.device, name=name
+            )
             if type(module).__name__ != "Linear":
                 run_config.source_classes[name] = type(module).__name__
             model.set_submodule(name, replacement)

@@ -32,6 +32,7 @@ class FWSVDHfQuantizer(HfQuantizer):
         if copy_config:
             quantization_config = quantization_config.copy_for_run()
         super().__init__(quantization_config, **kwargs)
+        self.loaded_from_checkpoint = self.pre_quantized  # compress-on-load sets `pre_quantized` later
         if self.pre_quantized and not quantization_config.is_compressed:
             raise ValueError(
                 "This checkpoint's quantization_config has quant_method 'fwsvd' but no rank map (`ranks`): it was "
@@ -59,8 +60,12 @@ class FWSVDHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         if self.pre_quantized:
+            from .ranks import match_model_prefix
             from .replace import build_low_rank_skeleton
 
+            config = self.quantization_config  # `AutoModel` on a `*For<Task>` checkpoint (and the reverse)
+            config.ranks = match_model_prefix(config.ranks, model)
+            config.source_classes = match_model_prefix(config.source_classes, model) if config.source_classes else {}
             found = build_low_rank_skeleton(model, self.quantization_config.ranks)
             self.quantization_config.source_classes = {**found, **self.quantization_config.source_classes}
             checkpoint_files = kwargs.get("checkpoint_files")

@@ -13,7 +13,7 @@ from .targets import matches
 if TYPE_CHECKING:
     from .config import FWSVDConfig
 
-__all__ = ["rank_for_param_ratio", "rank_for_shape", "resolve_ranks"]
+__all__ = ["match_model_prefix", "rank_for_param_ratio", "rank_for_shape", "resolve_ranks"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,18 @@ def resolve_ranks(shapes: dict[str, tuple[int, int]], config: FWSVDConfig) -> di
     Returns:
         `dict[str, int]`: Module name -> rank, each in ``[1, min(out, in))``.
     """
+    unmatched = [
+        pattern
+        for pattern in config.rank_pattern
+        if not any(matches(name, [pattern]) or matches(name, pattern) for name in shapes)
+    ]
+    if unmatched:
+        examples = ", ".join(list(shapes)[:3])
+        raise ValueError(
+            f"`rank_pattern` key(s) {', '.join(repr(key) for key in unmatched)} match none of the {len(shapes)} "
+            f"targeted modules (e.g. {examples}), so their rank would be silently ignored. Use a module name, a name "
+            "suffix or a regex of a targeted module."
+        )
     ranks = {}
     for name, (out_features, in_features) in shapes.items():
         override = _override(name, config)
@@ -100,3 +112,23 @@ def _warn_slow(shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> Non
             ranks[slow[0]],
             max_paying_rank(out_features, in_features),
         )
+
+
+def match_model_prefix(names: dict[str, object], model: object) -> dict[str, object]:
+    """Module-name keys (a rank map, ...) renamed the way transformers maps checkpoint keys: a base model loaded from a
+    `*For<Task>` checkpoint drops the `base_model_prefix` (``bert.``), a task model loaded from a base checkpoint
+    adds it. Keys that already name modules of `model`, or that no prefix change fixes, are returned unchanged."""
+    modules = {name for name, _ in model.named_modules()}
+    if all(name in modules for name in names):
+        return names
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix:
+        return names
+    if all(name.startswith(prefix + ".") for name in names):
+        stripped = {name.removeprefix(prefix + "."): value for name, value in names.items()}
+        if all(name in modules for name in stripped):
+            return stripped
+    added = {f"{prefix}.{name}": value for name, value in names.items()}
+    if all(name in modules for name in added):
+        return added
+    return names

@@ -9,17 +9,15 @@ raises instead. With hf_fwsvd imported, the quantizer points transformers at the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-from filelock import FileLock, Timeout
+from .atomic_dir import publish, staging_directory, writer_lock
 
 __all__ = ["WEIGHTS_INDEX_NAME", "WEIGHTS_NAME", "finalize_checkpoint", "is_fwsvd_model", "save_atomically"]
 
@@ -111,12 +109,10 @@ def _link_or_copy(source: str, destination: str) -> None:
         shutil.copy2(source, destination)
 
 
-def _move_into(staging: str, save_directory: str) -> None:
-    """Put the finished checkpoint in `staging` at `save_directory` with directory renames, so a reader (or a crash)
-    sees either the old directory or the new one, never a mix. Files of an existing directory that are not part of
-    the checkpoint (tokenizer, README, ...) are carried over; its old weight files are dropped."""
-    if not os.path.exists(save_directory):
-        os.replace(staging, save_directory)
+def _carry_over(staging: str, save_directory: str) -> None:
+    """Copy (hard-link) the files of an existing `save_directory` that are not part of the checkpoint (tokenizer,
+    README, ...) into `staging`; its old weight files are dropped."""
+    if not os.path.isdir(save_directory):
         return
     written = set(os.listdir(staging))
     kept = []
@@ -137,15 +133,15 @@ def _move_into(staging: str, save_directory: str) -> None:
             ", ".join(replaced) or "no file",
             ", ".join(kept) or "no other file",
         )
-    parent, base = os.path.split(save_directory)
-    backup = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-    os.replace(save_directory, backup)  # onto the empty directory just made
-    try:
-        os.replace(staging, save_directory)
-    except BaseException:
-        os.replace(backup, save_directory)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _move_into(staging: str, save_directory: str) -> None:
+    """Put the finished checkpoint in `staging` at `save_directory` atomically (see `atomic_dir.publish`): a reader
+    or a crash sees the old folder or the new one, never a mix or nothing. Files of an existing folder that are not
+    part of the checkpoint are carried over; its old weight files are dropped."""
+    with writer_lock(save_directory):
+        _carry_over(staging, save_directory)
+    publish(staging, save_directory)
 
 
 def _check_writable(directory: str, save_directory: str) -> None:
@@ -156,22 +152,16 @@ def _check_writable(directory: str, save_directory: str) -> None:
         )
 
 
-@contextlib.contextmanager
-def _output_lock(save_directory: str) -> Iterator[None]:
-    """Serialise saves into one directory across processes (the second waits, then replaces the first's output)."""
-    parent, base = os.path.split(save_directory)
-    lock = FileLock(os.path.join(parent, f".{base}.fwsvd.lock"))
+def _check_not_cwd(save_directory: str) -> None:
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        logger.warning(
-            "Another process is saving into %s; waiting for it to finish (lock %s).", save_directory, lock.lock_file
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:
+        return
+    if cwd == save_directory or cwd.startswith(save_directory + os.sep):
+        raise ValueError(
+            f"Refusing to save into {save_directory!r}: it is (or contains) the current working directory, which the "
+            "save replaces as a whole. Change to another directory (`cd ..`) or save somewhere else."
         )
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def save_atomically(
@@ -181,11 +171,11 @@ def save_atomically(
     extra_writers: list[Callable[[Any, str], None]] | None = None,
     **kwargs: Any,
 ) -> None:
-    """Save a compressed model through transformers into a staging directory, finalise it, then move it in place.
+    """Save a compressed model through transformers into a staging directory, finalise it, then swap it in place.
 
-    A failure at any point leaves `save_directory` as it was (no half-written checkpoint that looks valid). An
-    existing directory is replaced as a whole (see `_move_into`); concurrent saves into one directory are serialised
-    with a lock file next to it, so the result is always one complete checkpoint.
+    A failure or a kill at any point leaves `save_directory` as it was (or, after the swap, the new checkpoint),
+    never a half-written checkpoint or no checkpoint; a concurrent reader sees the old or the new folder whole (see
+    `atomic_dir`). Concurrent saves into one directory are serialised with a lock file next to it.
 
     Args:
         model: The compressed `PreTrainedModel`.
@@ -196,23 +186,24 @@ def save_atomically(
         kwargs: Passed to `original_save`.
     """
     save_directory = os.path.realpath(os.fspath(save_directory))
+    if kwargs.get("variant"):
+        raise ValueError(
+            f"`save_pretrained(variant={kwargs['variant']!r})` is not supported for FWSVD-compressed models: their "
+            "weights are always saved as model.fwsvd.safetensors. Save each variant into its own directory instead."
+        )
     if os.path.exists(save_directory) and not os.path.isdir(save_directory):
         raise ValueError(f"`save_directory` {save_directory!r} is a file, not a directory.")
     _check_not_source(model, save_directory)
+    _check_not_cwd(save_directory)
     parent = os.path.dirname(save_directory)
     os.makedirs(parent, exist_ok=True)
     _check_writable(parent, save_directory)
     if os.path.isdir(save_directory):
         _check_writable(save_directory, save_directory)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(save_directory)}.tmp-", dir=parent)
-    try:
+    with staging_directory(save_directory) as staging:
         original_save(model, staging, **kwargs)
         finalize_checkpoint(staging)
         for writer in extra_writers or []:
             writer(model, staging)
-        with _output_lock(save_directory):
-            _move_into(staging, save_directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _move_into(staging, save_directory)
     logger.info("Saved FWSVD checkpoint to %s", save_directory)

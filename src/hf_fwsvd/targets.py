@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from .config import FWSVDConfig
@@ -23,6 +25,7 @@ DEFAULT_MODULES_TO_NOT_CONVERT = (
     "embed_out",
     "output_projection",
 )
+logger = logging.getLogger(__name__)
 _BLOCK_INDEX = re.compile(r"(^|\.)\d+(\.|$)")
 
 
@@ -66,6 +69,45 @@ def _output_embedding_names(model: nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if module is output}
 
 
+def config_excludes(name: str, config: FWSVDConfig) -> bool:
+    """Whether the user's own `modules_to_not_convert` (not the default list) excludes `name`."""
+    return config.modules_to_not_convert is not None and _excluded(name, config.modules_to_not_convert)
+
+
+def _report_skipped(
+    skipped: list[str], protected: set[str], targets: dict[str, nn.Module], config: FWSVDConfig
+) -> None:
+    heads = [name for name in skipped if name in protected]
+    if heads:
+        text = (
+            f"`target_modules={config.target_modules!r}` matches the output embedding {', '.join(heads)}, which "
+            "hf_fwsvd never compresses (it maps hidden states to the vocabulary and is usually tied to the input "
+            "embedding)"
+        )
+        if not targets:
+            raise ValueError(f"{text}. Target the linear layers of the transformer blocks instead.")
+        logger.warning("%s; it stays dense.", text)
+    others = [name for name in skipped if name not in protected]
+    if others:
+        logger.warning(
+            "`target_modules=%r` matches %s, excluded by default (task heads and poolers stay dense); it stays dense. "
+            "Pass `modules_to_not_convert=[]` to compress it.",
+            config.target_modules,
+            ", ".join(others[:5]),
+        )
+
+
+def _check_float_weights(targets: dict[str, nn.Module]) -> None:
+    for name, module in targets.items():
+        weight = getattr(module, "weight", None)
+        if torch.is_tensor(weight) and not weight.dtype.is_floating_point:
+            raise ValueError(
+                f"`{name}` has {str(weight.dtype).removeprefix('torch.')} weights (a quantized layer); FWSVD "
+                "factorises floating-point weights. Load the model unquantized (float32, float16 or bfloat16), or "
+                "exclude the module with `modules_to_not_convert`."
+            )
+
+
 def find_target_modules(model: nn.Module, config: FWSVDConfig) -> dict[str, nn.Module]:
     """Resolve the dense linear modules `config` compresses in `model`.
 
@@ -86,8 +128,17 @@ def find_target_modules(model: nn.Module, config: FWSVDConfig) -> dict[str, nn.M
     explicit = config.target_modules not in (None, "all-linear")
     targets: dict[str, nn.Module] = {}
     not_linear: list[str] = []
+    skipped: list[str] = []  # explicitly targeted, but an output embedding or excluded by default
     for name, module in model.named_modules():
-        if not name or isinstance(module, LowRankLinear) or name in protected or _excluded(name, excluded):
+        if not name or isinstance(module, LowRankLinear):
+            continue
+        if name in protected or _excluded(name, excluded):
+            if (
+                explicit
+                and matches(name, config.target_modules)
+                and (name in protected or not config_excludes(name, config))
+            ):
+                skipped.append(name)
             continue
         if explicit:
             if not matches(name, config.target_modules):
@@ -106,6 +157,9 @@ def find_target_modules(model: nn.Module, config: FWSVDConfig) -> dict[str, nn.M
             f"{', '.join(not_linear[:5])}{' ...' if len(not_linear) > 5 else ''}. Target the Linear/Conv1D leaves, "
             "e.g. ['query', 'key', 'value'] or a regex such as r'.*\\.(query|key|value)'."
         )
+    if skipped:
+        _report_skipped(skipped, protected, targets, config)
+    _check_float_weights(targets)
     if not targets:
         linear = [n for n, m in model.named_modules() if is_supported_linear(m)][:6]
         raise ValueError(

@@ -15,6 +15,8 @@ __all__ = [
     "TASKS",
     "CommandError",
     "add_data_arguments",
+    "check_hub_reachable",
+    "check_output_path",
     "count_parameters",
     "evaluate_task",
     "load_model",
@@ -68,6 +70,71 @@ def check_input_path(source: str, what: str) -> None:
     """Fail early (exit code 2) on a path-looking argument that does not exist."""
     if source.startswith((".", os.sep, "~")) and not os.path.exists(source):
         raise CommandError(f"{what} {source!r} does not exist.", EXIT_USAGE)
+
+
+def check_output_path(output: str, inputs: list[str], option: str, overwrite: bool) -> None:
+    """Fail before any work (exit code 2) when `output` cannot be written: a file, a non-empty folder without
+    `overwrite`, one of the `inputs`, the working directory (or a folder holding it), or not writable."""
+    real = os.path.realpath(output)
+    if os.path.isfile(output):
+        raise CommandError(f"{option} {output!r} is a file; give a folder.", EXIT_USAGE)
+    if os.path.isdir(output) and os.listdir(output) and not overwrite:
+        raise CommandError(
+            f"{option} {output!r} already exists and is not empty; pass --overwrite to replace the checkpoint in it, "
+            "or choose another folder.",
+            EXIT_USAGE,
+        )
+    for source in inputs:
+        if os.path.exists(source) and os.path.realpath(source) == real:
+            raise CommandError(
+                f"{option} {output!r} is the input checkpoint {source!r}; writing there would destroy it. Choose "
+                "another folder.",
+                EXIT_USAGE,
+            )
+    cwd = os.path.realpath(os.getcwd())
+    if os.path.isdir(output) and (cwd == real or cwd.startswith(real + os.sep)):
+        raise CommandError(
+            f"{option} {output!r} is the current directory (or holds it), which the save replaces as a whole. Run "
+            "the command from another directory.",
+            EXIT_USAGE,
+        )
+    existing = real
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    writable = os.access(existing, os.W_OK) and (existing == real or os.access(existing, os.X_OK))
+    parent = os.path.dirname(real)
+    if not writable or (os.path.isdir(real) and os.path.isdir(parent) and not os.access(parent, os.W_OK)):
+        blocked = existing if not writable else parent
+        raise CommandError(
+            f"{option} {output!r} cannot be written: {blocked!r} is not writable. Choose a writable folder.",
+            EXIT_USAGE,
+        )
+
+
+def check_hub_reachable(repo_id: str) -> None:
+    """Fail before any work (exit code 2) when `--push-to-hub` cannot reach the Hub (offline mode or no network)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise CommandError(
+            f"--push-to-hub {repo_id!r}: HF_HUB_OFFLINE is set, so nothing can be uploaded. Unset it, or drop "
+            "--push-to-hub.",
+            EXIT_USAGE,
+        )
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=5).close()
+    except OSError as error:
+        raise CommandError(
+            f"--push-to-hub {repo_id!r}: cannot reach {constants.ENDPOINT} ({error.strerror or error}). Check the "
+            "network (or HF_ENDPOINT), or drop --push-to-hub and upload the folder later with `huggingface-cli "
+            "upload`.",
+            EXIT_USAGE,
+        ) from error
 
 
 def load_model(model_id: str, task: str, num_labels: int | None = None) -> Any:

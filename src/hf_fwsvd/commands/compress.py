@@ -12,7 +12,9 @@ from .common import (
     TASKS,
     CommandError,
     add_data_arguments,
+    check_hub_reachable,
     check_input_path,
+    check_output_path,
     evaluate_task,
     load_model,
     load_tokenizer,
@@ -142,16 +144,17 @@ def _check_arguments(args: argparse.Namespace) -> None:
             bound = "(0, 1]" if name == "param_ratio" else "(0, 1)"
             raise CommandError(f"--{name.replace('_', '-')} must be in {bound}, got {value}.", EXIT_USAGE)
     check_input_path(args.model, "Model")
-    if os.path.isfile(args.output):
-        raise CommandError(f"--output {args.output!r} is a file; give a folder.", EXIT_USAGE)
-    if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
-        raise CommandError(
-            f"--output {args.output!r} already exists and is not empty; pass --overwrite to replace the checkpoint "
-            "in it, or choose another folder.",
-            EXIT_USAGE,
-        )
+    check_output_path(args.output, [], "--output", args.overwrite)
     if os.path.isdir(args.model) and os.path.isdir(args.output) and os.path.samefile(args.model, args.output):
         raise CommandError("--output is the MODEL folder; save the compressed model somewhere else.", EXIT_USAGE)
+    report_dir = os.path.dirname(os.path.abspath(args.report_json)) if args.report_json else None
+    if report_dir and not (os.path.isdir(report_dir) and os.access(report_dir, os.W_OK)):
+        raise CommandError(
+            f"--report-json {args.report_json!r} cannot be written: {report_dir!r} is not a writable folder.",
+            EXIT_USAGE,
+        )
+    if args.push_to_hub:
+        check_hub_reachable(args.push_to_hub)
 
 
 def _config(args: argparse.Namespace, examples: list[dict] | None, tokenizer: Any) -> Any:

@@ -35,7 +35,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help=f"One of: {', '.join(TASKS)}. Which task head to load and score.",
     )
     add_data_arguments(parser)
-    parser.add_argument("--limit", type=int, metavar="N", help="Evaluate on the first N examples only.")
+    parser.add_argument(
+        "--eval-limit",
+        "--limit",
+        dest="limit",
+        type=int,
+        metavar="N",
+        help="Evaluate on the first N examples only (the same name as in `compress` and `sweep`; `--limit` is an "
+        "alias).",
+    )
     parser.add_argument(
         "--batch-size", type=int, metavar="N", default=32, help="Examples per forward pass (default 32)."
     )
@@ -57,10 +65,11 @@ def run(args: argparse.Namespace) -> int:
     from ..serialization import is_fwsvd_model
     from .common import EXIT_USAGE, CommandError
 
-    for name in ("limit", "batch_size", "max_length", "max_tokens"):
+    for name, option in (("limit", "eval-limit"), ("batch_size", "batch-size"), ("max_length", "max-length"),
+                         ("max_tokens", "max-tokens")):  # fmt: skip
         value = getattr(args, name)
         if value is not None and value <= 0:
-            raise CommandError(f"--{name.replace('_', '-')} must be positive, got {value}.", EXIT_USAGE)
+            raise CommandError(f"--{option} must be positive, got {value}.", EXIT_USAGE)
     if args.window < 2:
         raise CommandError(f"--window must be at least 2, got {args.window}.", EXIT_USAGE)
     model = load_model(args.model, args.task)

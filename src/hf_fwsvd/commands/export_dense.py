@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from .common import EXIT_USAGE, CommandError, count_parameters
+from .common import EXIT_USAGE, CommandError, check_output_path, count_parameters
 
 __all__ = ["add_parser", "run"]
 
@@ -57,11 +57,16 @@ def run(args: argparse.Namespace) -> int:
 
     from ..api import decompress
 
-    if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
-        raise CommandError(f"OUT {args.output!r} is not empty; pass --overwrite or choose another folder.", EXIT_USAGE)
     if args.directory.startswith((".", os.sep, "~")) and not os.path.exists(args.directory):
         raise CommandError(f"DIR {args.directory!r} does not exist.", EXIT_USAGE)
-    model = _model_class(args.directory).from_pretrained(args.directory)
+    if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
+        raise CommandError(f"OUT {args.output!r} is not empty; pass --overwrite or choose another folder.", EXIT_USAGE)
+    check_output_path(args.output, [args.directory], "OUT", args.overwrite)
+    model_class = _model_class(args.directory)
+    try:
+        model = model_class.from_pretrained(args.directory)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"Cannot load the checkpoint {args.directory!r}: {error}") from error
     compressed_params = count_parameters(model)
     decompress(model, getattr(torch, args.dtype) if args.dtype else None)
     model.save_pretrained(args.output)

@@ -31,24 +31,34 @@ def _weight_files(directory: str, weights_file: str) -> list[str]:
     if not os.path.isfile(path):
         raise CommandError(f"{directory!r} names weights file {weights_file!r} in config.json, but it is missing.")
     if weights_file.endswith(".index.json"):
-        with open(path, encoding="utf-8") as handle:
-            return sorted(set(json.load(handle)["weight_map"].values()))
+        from ..checkpoint_checks import _read_index
+
+        try:
+            return sorted(set(_read_index(directory, weights_file, directory).values()))
+        except ValueError as error:
+            raise CommandError(str(error)) from error
     return [weights_file]
 
 
 def _tensor_shapes(directory: str, files: list[str]) -> tuple[dict[str, list[int]], dict[str, int]]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     shapes, dtypes = {}, {}
     for name in files:
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
             raise CommandError(f"Weights shard {path!r} is missing; the checkpoint is incomplete.")
-        with safe_open(path, framework="pt") as handle:
-            for key in handle.keys():
-                tensor = handle.get_slice(key)
-                shapes[key] = list(tensor.get_shape())
-                dtypes[tensor.get_dtype()] = dtypes.get(tensor.get_dtype(), 0) + 1
+        try:
+            with safe_open(path, framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118
+                    tensor = handle.get_slice(key)
+                    shapes[key] = list(tensor.get_shape())
+                    dtypes[tensor.get_dtype()] = dtypes.get(tensor.get_dtype(), 0) + 1
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CommandError(
+                f"Weights file {path!r} is not a valid safetensors file ({error}): it is truncated or corrupt. "
+                "Download or copy it again, or re-save the checkpoint."
+            ) from error
     return shapes, dtypes
 
 
@@ -75,9 +85,18 @@ def inspect_checkpoint(directory: str) -> dict[str, Any]:
         raise CommandError(f"{directory!r} is not a folder.", EXIT_USAGE)
     if not os.path.isfile(config_path):
         raise CommandError(f"{directory!r} has no config.json; it is not a saved model.", EXIT_USAGE)
-    with open(config_path, encoding="utf-8") as handle:
-        config = json.load(handle)
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise CommandError(
+            f"{config_path!r} is not readable JSON ({error}): restore it from the original checkpoint."
+        ) from error
+    if not isinstance(config, dict):
+        raise CommandError(f"{config_path!r} holds a {type(config).__name__}, not a model config object.")
     quantization = config.get("quantization_config") or {}
+    if not isinstance(quantization, dict) or not isinstance(quantization.get("ranks", {}), dict):
+        raise CommandError(f"{config_path!r} has a malformed `quantization_config`; re-save the checkpoint.")
     if quantization.get("quant_method") != "fwsvd" or not quantization.get("ranks"):
         raise CommandError(
             f"{directory!r} is not an FWSVD checkpoint (config.json has no fwsvd quantization_config with a rank "

@@ -19,7 +19,7 @@ uses along the token axis once the backward pass is done, never from a sum of pe
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -38,6 +38,12 @@ logger = logging.getLogger(__name__)
 
 def model_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """The default loss: a transformers model's own ``outputs.loss`` computed from ``batch["labels"]``."""
+    if not isinstance(batch, Mapping):
+        raise ValueError(
+            f"A calibration batch is a {type(batch).__name__}, not a dict of model inputs (a DataLoader over a "
+            "TensorDataset yields tuples). Yield dicts such as {'input_ids': ..., 'attention_mask': ..., 'labels': "
+            "...} (e.g. with a `collate_fn`), or pass `loss_fn(model, batch)` that unpacks your batches."
+        )
     outputs = model(**batch)
     loss = getattr(outputs, "loss", None)
     if loss is None:
@@ -71,8 +77,8 @@ def _move(batch: Any, device: torch.device) -> Any:
 
 
 def _batch_size(batch: Any) -> int:
-    if isinstance(batch, dict):
-        for value in batch.values():
+    if isinstance(batch, (Mapping, tuple, list)):  # dicts, or tuples for a custom `loss_fn` (TensorDataset)
+        for value in batch.values() if isinstance(batch, Mapping) else batch:
             if torch.is_tensor(value) and value.ndim >= 1:
                 return int(value.shape[0])
     if torch.is_tensor(batch):
@@ -292,6 +298,11 @@ def collect(
         return result
     info = process_info()
     hooks = _Hooks(modules, wanted)
+    if hooks.backward_stats and torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "Fisher importances need gradients, but this runs inside `torch.inference_mode()`, where none can be "
+            "computed. Call compress (or compute_importances) outside the inference_mode block."
+        )
     was_training, requires_grad = _frozen_state(model)
     model.eval()
     if hooks.backward_stats:
