@@ -32,7 +32,7 @@ from .methods import (
 from .payoff import low_rank_pays_off
 from .ranks import rank_for_shape, resolve_ranks
 from .replace import replace_with_dense, shape_of
-from .report import CompressionReport, ModuleReport
+from .report import CompressionReport, ModuleReport, weights_fingerprint
 from .targets import find_target_modules
 
 __all__ = ["compress", "compute_importances", "decompress"]
@@ -160,6 +160,7 @@ def compress(
     report.model_params_after = _count_params(model)
     _mark_compressed(model, run_config)
     model.fwsvd_report = report
+    report.fingerprint = weights_fingerprint(model)  # a later save records any training since (see `provenance`)
     logger.info(
         "FWSVD (%s) compressed %d modules: %s -> %s parameters (%.1f%% kept).",
         run_config.method,

@@ -15,7 +15,8 @@ from .checkpoint_checks import check_local_checkpoint
 from .config import FWSVDConfig
 from .distributed import is_main_process
 from .hub import push_compressed_to_hub
-from .model_card import is_fwsvd_card, write_model_card
+from .model_card import is_fwsvd_card, report_from_model, write_model_card
+from .provenance import read_saved_report, refresh_report, sync_ranks, write_report, write_tokenizer
 from .quantizer import FWSVDHfQuantizer
 from .serialization import is_fwsvd_model, save_atomically
 
@@ -50,10 +51,22 @@ def _wrap_from_pretrained() -> None:
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
             check_local_checkpoint(source, kwargs.get("subfolder") or "")
-        return original_function(cls, *args, **kwargs)
+        result = original_function(cls, *args, **kwargs)
+        model = result[0] if isinstance(result, tuple) else result
+        if fwsvd_config is None and is_fwsvd_model(model) and not hasattr(model, "fwsvd_report"):
+            _attach_saved_report(model, source, kwargs)
+        return result
 
     setattr(from_pretrained, _WRAPPED_FLAG, True)
     PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+
+
+def _attach_saved_report(model: PreTrainedModel, source: Any, kwargs: dict[str, Any]) -> None:
+    """Give a reloaded checkpoint its saved `fwsvd_report` (or one rebuilt from its modules for older checkpoints)."""
+    report = read_saved_report(source, **kwargs) if isinstance(source, (str, os.PathLike)) else None
+    model.fwsvd_report = report if report is not None else report_from_model(model)
+    model.fwsvd_report.fingerprint = None  # the loaded weights are the reference (dtype casts change the bytes)
+    refresh_report(model)
 
 
 def _wrap_save_pretrained() -> None:
@@ -88,7 +101,10 @@ def _wrap_save_pretrained() -> None:
         if write_card and os.path.isfile(readme) and not is_fwsvd_card(readme):
             logger.warning("Keeping your %s: the FWSVD model card is not written over it.", readme)
             write_card = False
-        writers = [functools.partial(write_model_card, load_path=load_path)] if write_card else []
+        sync_ranks(self)  # before config.json is written: a merged LoRA adapter grows ranks
+        writers = [write_tokenizer, write_report]
+        if write_card:
+            writers.append(functools.partial(write_model_card, load_path=load_path))
         save_atomically(self, save_directory, original, extra_writers=writers, **kwargs)
         if push_to_hub:
             api.upload_folder(
