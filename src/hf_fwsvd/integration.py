@@ -16,6 +16,7 @@ from .config import FWSVDConfig
 from .distributed import is_main_process
 from .hub import push_compressed_to_hub
 from .model_card import is_fwsvd_card, report_from_model, write_model_card
+from .peft_integration import install_peft_support
 from .provenance import read_saved_report, refresh_report, sync_ranks, write_report, write_tokenizer
 from .quantizer import FWSVDHfQuantizer
 from .serialization import is_fwsvd_model, save_atomically
@@ -134,8 +135,10 @@ def _wrap_push_to_hub() -> None:
 
 
 def install() -> None:
-    """Register the `fwsvd` method, the `fwsvd_config=` keyword and the save/push wrappers (idempotent)."""
+    """Register the `fwsvd` method, the `fwsvd_config=` keyword, the save/push wrappers and the peft LoRA layer for
+    `LowRankLinear` (idempotent)."""
     _register()
     _wrap_from_pretrained()
     _wrap_save_pretrained()
     _wrap_push_to_hub()
+    install_peft_support()
