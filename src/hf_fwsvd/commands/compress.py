@@ -12,7 +12,9 @@ from .common import (
     TASKS,
     CommandError,
     add_data_arguments,
+    add_metric_argument,
     check_input_path,
+    check_metrics,
     evaluate_task,
     load_model,
     load_tokenizer,
@@ -64,6 +66,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     evaluation = parser.add_argument_group("evaluation before/after (optional; goes into the model card)")
     add_data_arguments(evaluation, prefix="eval-", required=False)
     evaluation.add_argument("--eval-limit", type=int, metavar="N", help="Evaluate on the first N examples only.")
+    add_metric_argument(evaluation)
     output = parser.add_argument_group("output")
     output.add_argument("--overwrite", action="store_true", help="Replace the checkpoint files already in --output.")
     output.add_argument("--push-to-hub", metavar="REPO_ID", help="Also upload the result to this Hub repo.")
@@ -87,6 +90,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
             bound = "(0, 1]" if name == "param_ratio" else "(0, 1)"
             raise CommandError(f"--{name.replace('_', '-')} must be in {bound}, got {value}.", EXIT_USAGE)
     check_input_path(args.model, "Model")
+    check_metrics(args.metrics, args.task)
     if os.path.isfile(args.output):
         raise CommandError(f"--output {args.output!r} is a file; give a folder.", EXIT_USAGE)
     if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
@@ -132,8 +136,9 @@ def run(args: argparse.Namespace) -> int:
     eval_examples = read_examples(args, model, prefix="eval-", limit=args.eval_limit) if args.eval_data else None
     config = _config(args, examples, tokenizer)
     before = None
+    evaluation_kwargs = {"max_length": args.max_length, "metrics": args.metrics}
     if eval_examples:
-        before = evaluate_task(model, tokenizer, args.task, eval_examples, max_length=args.max_length)
+        before = evaluate_task(model, tokenizer, args.task, eval_examples, **evaluation_kwargs)
     try:
         compress(model, config, show_progress=not args.quiet)
     except ValueError as error:
@@ -143,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         report.calibration_data = describe_source(args.data, len(examples))
     print(report.format_table())
     if eval_examples:
-        after = evaluate_task(model, tokenizer, args.task, eval_examples, max_length=args.max_length)
+        after = evaluate_task(model, tokenizer, args.task, eval_examples, **evaluation_kwargs)
         record_evaluation(
             model, after, describe_source(args.eval_data, len(eval_examples)), before=before, split=args.eval_split
         )
