@@ -177,3 +177,16 @@ def test_a_previous_fwsvd_card_is_replaced_but_a_users_readme_is_kept(tmp_path, 
         model.save_pretrained(tmp_path / "mine")
     assert (tmp_path / "mine" / "README.md").read_text() == "# my own notes\n"
     assert "the FWSVD model card is not written over it" in caplog.text
+
+
+def test_weights_fingerprint_samples_every_parameter(monkeypatch):
+    from hf_fwsvd import report as report_module
+
+    monkeypatch.setattr(report_module, "_FINGERPRINT_SAMPLES", 2)  # stride 15: one-element strided samples
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(30, 1), torch.nn.Linear(1, 1, bias=False))
+    first = report_module.weights_fingerprint(model)
+    assert report_module.weights_fingerprint(model) == first
+    with torch.no_grad():
+        model[1].weight += 1e-6
+    assert report_module.weights_fingerprint(model) != first

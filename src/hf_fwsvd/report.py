@@ -180,7 +180,8 @@ def weights_fingerprint(model: Any) -> str:
         for name, param in named:
             if param.device.type == "meta":
                 continue
-            sample = param.detach().reshape(-1)[::stride].to("cpu").contiguous()
+            strided = param.detach().reshape(-1)[::stride]
+            sample = torch.empty(strided.numel(), dtype=strided.dtype).copy_(strided)  # dense, on CPU
             digest.update(name.encode())
-            digest.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
+            digest.update(sample.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
