@@ -35,8 +35,8 @@ def init_empty_compressed(path: str | os.PathLike, model_class: Any = None) -> t
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from .api import _mark_compressed
     from .config import FWSVDConfig
+    from .quantizer import mark_compressed
     from .replace import build_low_rank_skeleton
     from .serialization import WEIGHTS_NAME
 
@@ -62,5 +62,5 @@ def init_empty_compressed(path: str | os.PathLike, model_class: Any = None) -> t
         model = model_class._from_config(config)
         found = build_low_rank_skeleton(model, quantization.ranks)
     quantization.source_classes = {**found, **quantization.source_classes}
-    _mark_compressed(model, quantization)
+    mark_compressed(model, quantization)
     return model, os.path.join(path, quantization.weights_file or WEIGHTS_NAME)

@@ -12,6 +12,7 @@ reloaded checkpoint, from its rank map and module shapes.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -24,6 +25,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .calibration import infer_task
 from .factorize import low_rank_params
 from .layers import LowRankLinear
+from .methods import get_method
+from .provenance import calibration_description
 from .report import CompressionReport, FinetuneRecord, ModuleReport
 from .version import __version__
 
@@ -51,7 +54,6 @@ TASKS = {
     "masked-lm": ("fill-mask", "AutoModelForMaskedLM"),
     "question-answering": ("question-answering", "AutoModelForQuestionAnswering"),
 }
-METHOD_NAMES = {"fwsvd": "Fisher-Weighted SVD (FWSVD)", "svd": "plain truncated SVD"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _COUNT_KEYS = {"num_examples", "num_tokens", "parameters"}
 
@@ -226,6 +228,16 @@ def _finetune_row(record: FinetuneRecord) -> str:
     return text + (f" ({', '.join(settings)})." if settings else ".")
 
 
+def _calibration_text(method: Any, report: CompressionReport) -> str:
+    """The card's calibration row, from the method's registry entry: what its data was used for."""
+    if not method.needs_data:
+        return f"none ({method.short_title} uses no data)"
+    calibration = report.calibration_data or "not recorded in this checkpoint"
+    if report.calibration_samples:
+        calibration += f"; {report.calibration_samples:,} examples used for {method.calibration_use or 'calibration'}"
+    return calibration
+
+
 def build_model_card(
     model: Any, load_path: str | None = None, tags: list[str] | None = None, model_name: str | None = None
 ) -> ModelCard:
@@ -267,12 +279,10 @@ def build_model_card(
             f"A low-rank compressed {type(model).__name__}, compressed from a local checkpoint (pass "
             '`FWSVDConfig(base_model="org/name")` to link the dense model on the Hub).'
         )
-    if report.method == "svd":
-        calibration = "none (plain SVD uses no data)"
-    else:
-        calibration = report.calibration_data or "not recorded in this checkpoint"
-        if report.calibration_samples:
-            calibration += f"; {report.calibration_samples:,} examples used for the Fisher estimate"
+    method = get_method(report.method)
+    report = copy.copy(report)
+    report.calibration_data = calibration_description(model, report)
+    calibration = _calibration_text(method, report)
     module_before = sum(row.params_before for row in report.modules)
     module_after = sum(row.params_after for row in report.modules)
     context = {
@@ -280,7 +290,7 @@ def build_model_card(
         "description": description,
         "hf_fwsvd_version": getattr(config, "hf_fwsvd_version", __version__),
         "method": report.method,
-        "method_name": METHOD_NAMES.get(report.method, report.method),
+        "method_name": method.title,
         "rank_setting": _rank_setting(config),
         "num_modules": len(report.modules),
         "params_before": report.model_params_before,

@@ -21,6 +21,7 @@ from .layers import LowRankLinear
 from .report import REPORT_NAME, CompressionReport, FinetuneRecord, weights_fingerprint
 
 __all__ = [
+    "calibration_description",
     "describe_calibration",
     "read_saved_report",
     "record_finetune",
@@ -70,8 +71,7 @@ def sync_ranks(model: Any) -> None:
 def refresh_report(model: Any) -> CompressionReport:
     """``model.fwsvd_report``, created from the modules if missing and brought up to date with the weights.
 
-    Fills in the calibration data from the config when no description was recorded, and records a training run
-    when the weights changed since the report was last refreshed.
+    Records a training run when the weights changed since the report was last refreshed.
     """
     from .model_card import report_from_model
 
@@ -79,9 +79,6 @@ def refresh_report(model: Any) -> CompressionReport:
     if report is None:
         report = report_from_model(model)
         model.fwsvd_report = report
-    config = model.config.quantization_config
-    if report.calibration_data is None and report.method != "svd":
-        report.calibration_data = describe_calibration(getattr(config, "calibration_dataset", None))
     current = weights_fingerprint(model)
     if report.fingerprint is not None and report.fingerprint != current:
         logger.info("The weights changed since compression: recording an unrecorded training run in the report.")
@@ -102,13 +99,23 @@ def record_finetune(model: Any, record: FinetuneRecord) -> None:
     report.fingerprint = weights_fingerprint(model)
 
 
+def calibration_description(model: Any, report: CompressionReport) -> str | None:
+    """The report's calibration data description, or one made from the config's calibration data."""
+    from .methods import get_method
+
+    if report.calibration_data is not None or not get_method(report.method).needs_data:
+        return report.calibration_data
+    return describe_calibration(getattr(model.config.quantization_config, "calibration_dataset", None))
+
+
 def write_report(model: Any, directory: str | os.PathLike) -> None:
-    """Write ``fwsvd_report.json`` into `directory` (a `save_atomically` extra writer); a local path recorded as
-    the base model is left out of the file, which may be pushed to the Hub."""
+    """Write ``fwsvd_report.json`` into `directory` (a `save_atomically` extra writer), with the calibration data
+    described; a local path recorded as the base model is left out of the file, which may be pushed to the Hub."""
     from .model_card import hub_base_model
 
     report = copy.copy(refresh_report(model))
     report.base_model = hub_base_model(report.base_model)
+    report.calibration_data = calibration_description(model, report)
     report.save(directory)
 
 
