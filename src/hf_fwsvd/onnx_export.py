@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +99,27 @@ def check_with_onnxruntime(path: str, model: nn.Module, output_name: str) -> flo
     return float((torch.from_numpy(onnx_output).float() - expected).abs().max())
 
 
+def _export(
+    wrapper: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    output_name: str,
+    batch: Any,
+    sequence: Any,
+    opset_version: int | None,
+) -> Any:
+    return torch.onnx.export(
+        wrapper,
+        (input_ids, attention_mask),
+        input_names=["input_ids", "attention_mask"],
+        output_names=[output_name],
+        dynamic_shapes={"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}},
+        opset_version=opset_version,
+        dynamo=True,
+        verbose=False,
+    )
+
+
 def export_onnx(
     model: nn.Module,
     output_dir: str | os.PathLike,
@@ -143,17 +165,18 @@ def export_onnx(
             first = model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **wrapper.kwargs)
         output_name = next(iter(first.keys()))
         batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-        program = torch.onnx.export(
-            wrapper,
-            (input_ids, attention_mask),
-            input_names=["input_ids", "attention_mask"],
-            output_names=[output_name],
-            dynamic_shapes={"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}},
-            opset_version=opset_version,
-            dynamo=True,
-            verbose=False,
-        )
-        program.save(path)
+        # torch.onnx warns once per torchvision op it cannot register when torchvision is absent: noise here
+        registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+        level = registration.level
+        registration.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                # both inputs share the batch and sequence dims, which torch.onnx reports as a UserWarning
+                warnings.filterwarnings("ignore", r".*The axis name: \w+ will not be used", UserWarning)
+                program = _export(wrapper, input_ids, attention_mask, output_name, batch, sequence, opset_version)
+                program.save(path)
+        finally:
+            registration.setLevel(level)
         max_abs_diff = check_with_onnxruntime(path, model, output_name) if check else None
         model.config.save_pretrained(output_dir)
         if tokenizer is not None:
