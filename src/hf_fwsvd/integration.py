@@ -15,10 +15,11 @@ from .checkpoint_checks import check_local_checkpoint
 from .config import FWSVDConfig
 from .distributed import is_main_process
 from .hub import push_compressed_to_hub
-from .model_card import is_fwsvd_card, report_from_model, write_model_card
+from .model_card import is_fwsvd_card, write_model_card
 from .peft_integration import install_peft_support
 from .provenance import read_saved_report, refresh_report, sync_ranks, write_report, write_tokenizer
 from .quantizer import FWSVDHfQuantizer
+from .report import report_from_model
 from .serialization import is_fwsvd_model, save_atomically
 
 __all__ = ["install"]

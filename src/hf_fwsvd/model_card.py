@@ -23,11 +23,9 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .calibration import infer_task
-from .factorize import low_rank_params
-from .layers import LowRankLinear
 from .methods import get_method
-from .provenance import calibration_description
-from .report import CompressionReport, FinetuneRecord, ModuleReport
+from .provenance import calibration_description, hub_base_model
+from .report import CompressionReport, FinetuneRecord, report_from_model
 from .version import __version__
 
 __all__ = [
@@ -54,7 +52,6 @@ TASKS = {
     "masked-lm": ("fill-mask", "AutoModelForMaskedLM"),
     "question-answering": ("question-answering", "AutoModelForQuestionAnswering"),
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _COUNT_KEYS = {"num_examples", "num_tokens", "parameters"}
 
 
@@ -111,31 +108,6 @@ def record_evaluation(
     return record
 
 
-def report_from_model(model: Any) -> CompressionReport:
-    """Rebuild the statistics of a reloaded checkpoint from its low-rank modules (errors are unknown)."""
-    config = model.config.quantization_config
-    report = CompressionReport(method=config.method, base_model=config.base_model)
-    for name, module in model.named_modules():
-        if isinstance(module, LowRankLinear):
-            out_features, in_features, rank = module.out_features, module.in_features, module.rank
-            report.modules.append(
-                ModuleReport(
-                    name=name,
-                    out_features=out_features,
-                    in_features=in_features,
-                    rank=rank,
-                    params_before=out_features * in_features,
-                    params_after=low_rank_params(out_features, in_features, rank),
-                    plain_error=float("nan"),
-                    weighted_error=float("nan"),
-                )
-            )
-    report.model_params_after = sum(param.numel() for param in model.parameters())
-    saved = sum(row.params_before - row.params_after for row in report.modules)
-    report.model_params_before = report.model_params_after + saved
-    return report
-
-
 def _rank_setting(config: Any) -> str:
     if getattr(config, "rank", None) is not None:
         text = f"`rank={config.rank}` (the same rank for every module)"
@@ -187,13 +159,6 @@ def _eval_results(record: EvaluationRecord | None, pipeline_tag: str | None) -> 
         )
         for name in record.metric_names()
     ]
-
-
-def hub_base_model(base_model: str | None) -> str | None:
-    """`base_model` for the metadata: only a Hub id, never a local path (the Hub rejects paths)."""
-    if not base_model or os.path.isabs(base_model) or os.path.exists(base_model):
-        return None
-    return base_model if _HUB_ID.match(base_model) else None
 
 
 def _shown_load_path(load_path: str | os.PathLike | None) -> str:

@@ -15,14 +15,16 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 from typing import Any
 
 from .layers import LowRankLinear
-from .report import REPORT_NAME, CompressionReport, FinetuneRecord, weights_fingerprint
+from .report import REPORT_NAME, CompressionReport, FinetuneRecord, report_from_model, weights_fingerprint
 
 __all__ = [
     "calibration_description",
     "describe_calibration",
+    "hub_base_model",
     "read_saved_report",
     "record_finetune",
     "refresh_report",
@@ -33,6 +35,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
@@ -59,6 +62,13 @@ def describe_calibration(data: Any) -> str | None:
     return f"a {type(data).__name__} (size unknown)"
 
 
+def hub_base_model(base_model: str | None) -> str | None:
+    """`base_model` for the metadata: only a Hub id, never a local path (the Hub rejects paths)."""
+    if not base_model or os.path.isabs(base_model) or os.path.exists(base_model):
+        return None
+    return base_model if _HUB_ID.match(base_model) else None
+
+
 def sync_ranks(model: Any) -> None:
     """Make the saved rank map match the modules: a merged LoRA adapter grows a `LowRankLinear`'s rank."""
     config = model.config.quantization_config
@@ -73,8 +83,6 @@ def refresh_report(model: Any) -> CompressionReport:
 
     Records a training run when the weights changed since the report was last refreshed.
     """
-    from .model_card import report_from_model
-
     report = getattr(model, "fwsvd_report", None)
     if report is None:
         report = report_from_model(model)
@@ -111,8 +119,6 @@ def calibration_description(model: Any, report: CompressionReport) -> str | None
 def write_report(model: Any, directory: str | os.PathLike) -> None:
     """Write ``fwsvd_report.json`` into `directory` (a `save_atomically` extra writer), with the calibration data
     described; a local path recorded as the base model is left out of the file, which may be pushed to the Hub."""
-    from .model_card import hub_base_model
-
     report = copy.copy(refresh_report(model))
     report.base_model = hub_base_model(report.base_model)
     report.calibration_data = calibration_description(model, report)

@@ -13,7 +13,14 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["REPORT_NAME", "CompressionReport", "FinetuneRecord", "ModuleReport", "weights_fingerprint"]
+__all__ = [
+    "REPORT_NAME",
+    "CompressionReport",
+    "FinetuneRecord",
+    "ModuleReport",
+    "report_from_model",
+    "weights_fingerprint",
+]
 
 REPORT_NAME = "fwsvd_report.json"
 _FINGERPRINT_SAMPLES = 1 << 20  # elements hashed per model, spread evenly over every parameter
@@ -185,3 +192,31 @@ def weights_fingerprint(model: Any) -> str:
             digest.update(name.encode())
             digest.update(sample.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def report_from_model(model: Any) -> CompressionReport:
+    """Rebuild the statistics of a reloaded checkpoint from its low-rank modules (errors are unknown)."""
+    from .factorize import low_rank_params
+    from .layers import LowRankLinear
+
+    config = model.config.quantization_config
+    report = CompressionReport(method=config.method, base_model=config.base_model)
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            out_features, in_features, rank = module.out_features, module.in_features, module.rank
+            report.modules.append(
+                ModuleReport(
+                    name=name,
+                    out_features=out_features,
+                    in_features=in_features,
+                    rank=rank,
+                    params_before=out_features * in_features,
+                    params_after=low_rank_params(out_features, in_features, rank),
+                    plain_error=float("nan"),
+                    weighted_error=float("nan"),
+                )
+            )
+    report.model_params_after = sum(param.numel() for param in model.parameters())
+    saved = sum(row.params_before - row.params_after for row in report.modules)
+    report.model_params_before = report.model_params_after + saved
+    return report
