@@ -17,7 +17,7 @@ SRC = Path(hf_fwsvd.__file__).resolve().parents[1]
 
 def _quickstart() -> tuple[str, list[str]]:
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Quickstart") : readme.index("## How it works")]
+    section = readme[readme.index("## Quickstart") : readme.index("## Works with")]
     code, output = re.findall(r"```(?:python)?\n(.*?)```", section, flags=re.S)[:2]
     return code, output.strip().splitlines()
 
