@@ -240,7 +240,7 @@ def test_argument_errors_exit_codes_and_messages(case, work, tmp_path, capsys):
 def test_help_and_version(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("compress", "evaluate", "inspect", "export-dense", "sweep"):
+    for command in ("compress", "evaluate", "inspect", "export-dense", "export-onnx", "sweep"):
         assert command in out
     assert "exit codes:" in out
     assert main(["--version"]) == 0

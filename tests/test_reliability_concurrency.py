@@ -52,7 +52,8 @@ def test_two_processes_saving_into_the_same_directory(tmp_path):
     messages = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
     assert [worker.exitcode for worker in workers] == [0, 0], messages
     assert sorted(name for name in os.listdir(tmp_path) if not name.endswith(".lock")) == ["out"]
-    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.fwsvd.safetensors"]  # + the model card
+    # + the model card and the report
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "fwsvd_report.json", "model.fwsvd.safetensors"]
     ranks = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["ranks"]
     rank = set(ranks.values())
     assert rank in ({2}, {4})
@@ -85,7 +86,8 @@ def test_save_waits_for_another_process_holding_the_lock(tmp_path, caplog):
     waited = time.monotonic() - begin
     assert holder.wait(timeout=30) == 0
     assert waited > 0.5, waited  # it really waited for the other writer
-    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.fwsvd.safetensors"]  # + the model card
+    # + the model card and the report
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "fwsvd_report.json", "model.fwsvd.safetensors"]
     expect_warning(
         caplog,
         "hf_fwsvd.atomic_dir",

@@ -56,7 +56,8 @@ def test_existing_directory_keeps_other_files_and_drops_stale_weights(tmp_path, 
     model = compressed()
     with caplog.at_level("WARNING", logger="hf_fwsvd.serialization"):
         model.save_pretrained(out)
-    assert sorted(os.listdir(out)) == ["README.md", "config.json", "eval", "model.fwsvd.safetensors", "tokenizer.json"]
+    expected = ["README.md", "config.json", "eval", "fwsvd_report.json", "model.fwsvd.safetensors", "tokenizer.json"]
+    assert sorted(os.listdir(out)) == expected
     assert (out / "README.md").read_text() == "my notes" and (out / "eval" / "results.json").read_text() == "[]"
     expect_warning(
         caplog,

@@ -5,16 +5,20 @@ Importing the package registers the `fwsvd` quantization method with transformer
 rebuilds a compressed checkpoint.
 """
 
-from .api import compress, compute_importances, decompress
-from .config import FWSVDConfig
-from .factorize import factorize
-from .fisher import estimate_fisher
-from .importances import load_importances, save_importances
-from .integration import install
-from .layers import LowRankLinear
-from .layerwise import compress_layerwise
-from .report import CompressionReport
-from .version import __version__
+from .compat import check_transformers_version
+
+check_transformers_version()  # before anything touches transformers' quantizer API
+
+from .api import compress, compute_importances, decompress  # noqa: E402
+from .config import FWSVDConfig  # noqa: E402
+from .factorize import factorize  # noqa: E402
+from .fisher import estimate_fisher  # noqa: E402
+from .importances import load_importances, save_importances  # noqa: E402
+from .integration import install  # noqa: E402
+from .layers import LowRankLinear  # noqa: E402
+from .layerwise import compress_layerwise  # noqa: E402
+from .report import CompressionReport  # noqa: E402
+from .version import __version__  # noqa: E402
 
 install()
 

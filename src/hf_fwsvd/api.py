@@ -15,6 +15,7 @@ from .methods import Statistics, collect_statistics
 from .pipeline import compress_model
 from .quantizer import mark_compressed
 from .replace import replace_with_dense
+from .report import weights_fingerprint
 from .targets import find_target_modules
 
 __all__ = ["compress", "compute_importances", "decompress"]
@@ -79,6 +80,7 @@ def compress(
     run_config, report = compress_model(model, config, loss_fn, show_progress, statistics)
     mark_compressed(model, run_config)
     model.fwsvd_report = report
+    report.fingerprint = weights_fingerprint(model)  # a later save records any training since (see `provenance`)
     logger.info(
         "FWSVD (%s) compressed %d modules: %s -> %s parameters (%.1f%% kept).",
         run_config.method,

@@ -1,4 +1,4 @@
-"""The `hf-fwsvd` command line: compress, evaluate, inspect, export-dense and sweep.
+"""The `hf-fwsvd` command line: compress, evaluate, inspect, export-dense, export-onnx and sweep.
 
 Exit codes: 0 success; 1 the command ran and failed (bad data, a model that cannot be compressed, ...); 2 the
 command line is wrong (unknown option, contradictory or out-of-range values, missing input path, output folder in

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import evaluate
@@ -16,9 +17,19 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METRICS_DIR", "available_metrics", "load_metric", "evaluate_classifier", "evaluate_perplexity"]
+__all__ = [
+    "DEFAULT_METRICS",
+    "METRICS_DIR",
+    "available_metrics",
+    "compute_metrics",
+    "evaluate_classifier",
+    "evaluate_perplexity",
+    "load_metric",
+]
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
+DEFAULT_METRICS = ("accuracy", "f1")
+_AVERAGED = {"f1", "precision", "recall"}  # metrics that take `average=` ("binary" for 2 labels, else "macro")
 
 
 def available_metrics() -> list[str]:
@@ -30,16 +41,28 @@ def load_metric(name: str, **kwargs) -> evaluate.EvaluationModule:
     """Loads an `evaluate` metric, preferring the copy shipped with hf-fwsvd.
 
     Args:
-        name (`str`): Metric name, e.g. ``"accuracy"``, ``"f1"`` or ``"matthews_correlation"``. Names not shipped
-            in ``hf_fwsvd/metrics`` are passed to ``evaluate.load(name)``, which needs the Hub.
+        name (`str`): Metric name, e.g. ``"accuracy"``, ``"f1"`` or ``"matthews_correlation"``, or the path of a
+            local `evaluate` metric script (a ``.py`` file, or a folder holding ``<folder name>.py``). Other names
+            are passed to ``evaluate.load(name)``, which needs the Hub.
         **kwargs: Passed to `evaluate.load` (e.g. ``config_name="multilabel"``, ``keep_in_memory=True``).
 
     Returns:
         `evaluate.EvaluationModule`: The loaded metric.
+
+    Raises:
+        `FileNotFoundError`: When `name` looks like a path (ends in ``.py`` or contains a separator) and is missing.
     """
     script = METRICS_DIR / name / f"{name}.py"
     if script.is_file():
         return evaluate.load(str(script), **kwargs)
+    local = Path(name).expanduser()
+    if local.is_file() or local.is_dir():
+        return evaluate.load(str(local), **kwargs)
+    if name.endswith(".py") or "/" in name or "\\" in name:
+        raise FileNotFoundError(
+            f"Metric script {name!r} does not exist. Give one of the shipped metrics "
+            f"({', '.join(available_metrics())}) or the path of an `evaluate` metric script."
+        )
     logger.warning(
         "Metric %r is not shipped with hf-fwsvd (have %s); loading it from the Hub", name, available_metrics()
     )
@@ -50,6 +73,25 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def compute_metrics(
+    metrics: Sequence[str], predictions: list[int], references: list[int], num_labels: int
+) -> dict[str, float]:
+    """Compute each metric in `metrics` (shipped names or local script paths, see [`load_metric`]) on class ids.
+
+    ``f1``, ``precision`` and ``recall`` are binary (positive class 1) for two labels and macro-averaged otherwise.
+    The numeric values each metric returns are merged into one dict (``{"accuracy": ..., "f1": ...}``).
+    """
+    result: dict[str, float] = {}
+    for name in metrics:
+        module = load_metric(name)
+        kwargs = {"average": "binary" if num_labels <= 2 else "macro"} if module.name in _AVERAGED else {}
+        values = module.compute(predictions=predictions, references=references, **kwargs)
+        for key, value in (values or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                result[key] = float(value)
+    return result
+
+
 @torch.no_grad()
 def evaluate_classifier(
     model: torch.nn.Module,
@@ -57,8 +99,9 @@ def evaluate_classifier(
     examples: list[dict],
     batch_size: int = 64,
     max_length: int = 64,
+    metrics: Sequence[str] = DEFAULT_METRICS,
 ) -> dict:
-    """Accuracy and F1 of a sequence classifier on labelled texts.
+    """Task metrics (by default accuracy and F1) of a sequence classifier on labelled texts.
 
     Examples are batched in order of length (padding only to the longest in each batch) for speed; the result does
     not depend on that order.
@@ -70,10 +113,12 @@ def evaluate_classifier(
         examples (`list[dict]`): Items ``{"text": str, "label": int}``.
         batch_size (`int`, *optional*, defaults to 64): Examples per forward pass.
         max_length (`int`, *optional*, defaults to 64): Texts are truncated to this many tokens.
+        metrics (`Sequence[str]`, *optional*, defaults to ``("accuracy", "f1")``): Shipped metric names
+            (`available_metrics()`: accuracy, f1, matthews_correlation) or paths of local `evaluate` metric scripts.
 
     Returns:
-        `dict`: ``{"accuracy": float, "f1": float, "num_examples": int}``. F1 is binary (positive class 1) for two
-        labels and macro-averaged otherwise.
+        `dict`: ``{"accuracy": float, "f1": float, "num_examples": int}`` for the default metrics. F1 is binary
+        (positive class 1) for two labels and macro-averaged otherwise.
     """
     if not examples:
         raise ValueError("evaluate_classifier needs at least one example")
@@ -100,10 +145,7 @@ def evaluate_classifier(
 
     references = [int(e["label"]) for e in examples]
     num_labels = getattr(getattr(model, "config", None), "num_labels", None) or len(set(references) | set(predictions))
-    f1_kwargs = {"average": "binary"} if num_labels <= 2 else {"average": "macro"}
-    accuracy = load_metric("accuracy").compute(predictions=predictions, references=references)["accuracy"]
-    f1 = load_metric("f1").compute(predictions=predictions, references=references, **f1_kwargs)["f1"]
-    return {"accuracy": float(accuracy), "f1": float(f1), "num_examples": len(examples)}
+    return {**compute_metrics(metrics, predictions, references, num_labels), "num_examples": len(examples)}
 
 
 @torch.no_grad()

@@ -19,6 +19,8 @@ from torch import nn
 
 from .calibration import tokenize_examples
 from .layers import LowRankLinear
+from .provenance import record_finetune
+from .report import FinetuneRecord
 
 __all__ = ["FinetuneResult", "finetune"]
 
@@ -118,6 +120,17 @@ def finetune(
         output = trainer.train()
         history = list(trainer.state.log_history)
     model.eval()
+    record_finetune(
+        model,
+        FinetuneRecord(
+            by="hf_fwsvd.finetune",
+            examples=len(examples),
+            epochs=None if training_args.get("max_steps", -1) > 0 else epochs,
+            steps=output.global_step,
+            learning_rate=learning_rate,
+            train_loss=output.training_loss,
+        ),
+    )
     losses = [entry["loss"] for entry in history if "loss" in entry]
     logger.info(
         "Fine-tuned %s for %s epochs: mean training loss %.4f.", type(model).__name__, epochs, output.training_loss

@@ -19,7 +19,10 @@ from .config import FWSVDConfig
 from .distributed import is_main_process
 from .hub import push_compressed_to_hub
 from .model_card import is_fwsvd_card, write_model_card
+from .peft_integration import install_peft_support
+from .provenance import read_saved_report, refresh_report, sync_ranks, write_report, write_tokenizer
 from .quantizer import FWSVDHfQuantizer
+from .report import report_from_model
 from .serialization import is_fwsvd_model, save_atomically
 
 __all__ = ["install"]
@@ -100,26 +103,35 @@ def _wrap_from_pretrained() -> None:
                 raise TypeError(f"`fwsvd_config` must be an FWSVDConfig, got {type(fwsvd_config).__name__}.")
             kwargs["quantization_config"] = fwsvd_config
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        if isinstance(source, (str, os.PathLike)):
-            recover(source)  # a save killed between its renames left the folder missing: put it back first
-        if not (isinstance(source, (str, os.PathLike)) and os.path.isdir(source)):
-            return _load_checked(original_function, cls, args, kwargs, shown=source)
-        source = os.fspath(source)
-        with _pinned(source, kwargs) as (pinned, source):  # a concurrent save cannot swap files under this load
-            check_local_checkpoint(pinned, kwargs.get("subfolder") or "", shown_as=source)
-            if args:
-                args = (pinned, *args[1:])
-            else:
-                kwargs["pretrained_model_name_or_path"] = pinned
-            try:
-                return _load_checked(original_function, cls, args, kwargs, shown=source, pinned=pinned)
-            except Exception as error:
-                if pinned != source and pinned in str(error):
-                    raise _with_path(error, pinned, source) from error
-                raise
+        result = _load_with_checks(original_function, cls, args, kwargs, source)
+        model = result[0] if isinstance(result, tuple) else result
+        if fwsvd_config is None and is_fwsvd_model(model) and not hasattr(model, "fwsvd_report"):
+            _attach_saved_report(model, source, kwargs)
+        return result
 
     setattr(from_pretrained, _WRAPPED_FLAG, True)
     PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+
+
+def _load_with_checks(original_function: Any, cls: type, args: tuple, kwargs: dict, source: Any) -> Any:
+    """Load through transformers with hf_fwsvd's checks, the folder pinned against a concurrent save."""
+    if isinstance(source, (str, os.PathLike)):
+        recover(source)  # a save killed between its renames left the folder missing: put it back first
+    if not (isinstance(source, (str, os.PathLike)) and os.path.isdir(source)):
+        return _load_checked(original_function, cls, args, kwargs, shown=source)
+    source = os.fspath(source)
+    with _pinned(source, kwargs) as (pinned, source):  # a concurrent save cannot swap files under this load
+        check_local_checkpoint(pinned, kwargs.get("subfolder") or "", shown_as=source)
+        if args:
+            args = (pinned, *args[1:])
+        else:
+            kwargs["pretrained_model_name_or_path"] = pinned
+        try:
+            return _load_checked(original_function, cls, args, kwargs, shown=source, pinned=pinned)
+        except Exception as error:
+            if pinned != source and pinned in str(error):
+                raise _with_path(error, pinned, source) from error
+            raise
 
 
 def _pinning(original_function: Any) -> Any:
@@ -173,6 +185,14 @@ def _wrap_auto_from_pretrained() -> None:
             auto_class.from_pretrained = classmethod(_pinning(method.__func__))
 
 
+def _attach_saved_report(model: PreTrainedModel, source: Any, kwargs: dict[str, Any]) -> None:
+    """Give a reloaded checkpoint its saved `fwsvd_report` (or one rebuilt from its modules for older checkpoints)."""
+    report = read_saved_report(source, **kwargs) if isinstance(source, (str, os.PathLike)) else None
+    model.fwsvd_report = report if report is not None else report_from_model(model)
+    model.fwsvd_report.fingerprint = None  # the loaded weights are the reference (dtype casts change the bytes)
+    refresh_report(model)
+
+
 def _wrap_save_pretrained() -> None:
     original = PreTrainedModel.save_pretrained
     if getattr(original, _WRAPPED_FLAG, False):
@@ -205,7 +225,10 @@ def _wrap_save_pretrained() -> None:
         if write_card and os.path.isfile(readme) and not is_fwsvd_card(readme):
             logger.warning("Keeping your %s: the FWSVD model card is not written over it.", readme)
             write_card = False
-        writers = [functools.partial(write_model_card, load_path=load_path)] if write_card else []
+        sync_ranks(self)  # before config.json is written: a merged LoRA adapter grows ranks
+        writers = [write_tokenizer, write_report]
+        if write_card:
+            writers.append(functools.partial(write_model_card, load_path=load_path))
         save_atomically(self, save_directory, original, extra_writers=writers, **kwargs)
         if push_to_hub:
             api.upload_folder(
@@ -235,9 +258,11 @@ def _wrap_push_to_hub() -> None:
 
 
 def install() -> None:
-    """Register the `fwsvd` method, the `fwsvd_config=` keyword and the save/push wrappers (idempotent)."""
+    """Register the `fwsvd` method, the `fwsvd_config=` keyword, the save/push wrappers and the peft LoRA layer for
+    `LowRankLinear` (idempotent)."""
     _register()
     _wrap_from_pretrained()
     _wrap_auto_from_pretrained()
     _wrap_save_pretrained()
     _wrap_push_to_hub()
+    install_peft_support()

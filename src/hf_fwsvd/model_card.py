@@ -12,6 +12,7 @@ reloaded checkpoint, from its rank map and module shapes.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -22,10 +23,9 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .calibration import infer_task
-from .factorize import low_rank_params
-from .layers import LowRankLinear
 from .methods import get_method
-from .report import CompressionReport, ModuleReport
+from .provenance import calibration_description, hub_base_model
+from .report import CompressionReport, FinetuneRecord, report_from_model
 from .version import __version__
 
 __all__ = [
@@ -33,8 +33,10 @@ __all__ = [
     "EvaluationRecord",
     "TEMPLATE_PATH",
     "build_model_card",
+    "hub_base_model",
     "is_fwsvd_card",
     "record_evaluation",
+    "report_from_model",
     "write_model_card",
 ]
 
@@ -50,7 +52,6 @@ TASKS = {
     "masked-lm": ("fill-mask", "AutoModelForMaskedLM"),
     "question-answering": ("question-answering", "AutoModelForQuestionAnswering"),
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _COUNT_KEYS = {"num_examples", "num_tokens", "parameters"}
 
 
@@ -107,31 +108,6 @@ def record_evaluation(
     return record
 
 
-def _report_from_model(model: Any) -> CompressionReport:
-    """Rebuild the statistics of a reloaded checkpoint from its low-rank modules (errors are unknown)."""
-    config = model.config.quantization_config
-    report = CompressionReport(method=config.method, base_model=config.base_model)
-    for name, module in model.named_modules():
-        if isinstance(module, LowRankLinear):
-            out_features, in_features, rank = module.out_features, module.in_features, module.rank
-            report.modules.append(
-                ModuleReport(
-                    name=name,
-                    out_features=out_features,
-                    in_features=in_features,
-                    rank=rank,
-                    params_before=out_features * in_features,
-                    params_after=low_rank_params(out_features, in_features, rank),
-                    plain_error=float("nan"),
-                    weighted_error=float("nan"),
-                )
-            )
-    report.model_params_after = sum(param.numel() for param in model.parameters())
-    saved = sum(row.params_before - row.params_after for row in report.modules)
-    report.model_params_before = report.model_params_after + saved
-    return report
-
-
 def _rank_setting(config: Any) -> str:
     if getattr(config, "rank", None) is not None:
         text = f"`rank={config.rank}` (the same rank for every module)"
@@ -185,11 +161,36 @@ def _eval_results(record: EvaluationRecord | None, pipeline_tag: str | None) -> 
     ]
 
 
-def _hub_base_model(base_model: str | None) -> str | None:
-    """`base_model` for the metadata: only a Hub id, never a local path (the Hub rejects paths)."""
-    if not base_model or os.path.isabs(base_model) or os.path.exists(base_model):
-        return None
-    return base_model if _HUB_ID.match(base_model) else None
+def _shown_load_path(load_path: str | os.PathLike | None) -> str:
+    """The folder or Hub id for the loading snippet; an absolute local path is cut to its last part."""
+    if not load_path:
+        return "path/to/this/checkpoint"
+    load_path = os.fspath(load_path)
+    return os.path.basename(os.path.normpath(load_path)) if os.path.isabs(load_path) else load_path
+
+
+def _finetune_row(record: FinetuneRecord) -> str:
+    if record.by == "unrecorded":
+        return (
+            "The weights were trained after compression outside `hf_fwsvd.finetune` (e.g. with a `transformers` "
+            "`Trainer` or a merged LoRA adapter); the run's settings were not recorded."
+        )
+    parts = [f"with `{record.by}`"]
+    if record.data:
+        parts.append(f"on {record.data}")
+    elif record.examples:
+        parts.append(f"on {record.examples:,} examples")
+    settings = []
+    if record.epochs is not None:
+        settings.append(f"{record.epochs:g} epochs")
+    if record.steps is not None:
+        settings.append(f"{record.steps:,} steps")
+    if record.learning_rate is not None:
+        settings.append(f"learning rate {record.learning_rate:g}")
+    if record.train_loss is not None and record.train_loss == record.train_loss:
+        settings.append(f"mean training loss {record.train_loss:.4f}")
+    text = "Fine-tuned after compression " + " ".join(parts)
+    return text + (f" ({', '.join(settings)})." if settings else ".")
 
 
 def _calibration_text(method: Any, report: CompressionReport) -> str:
@@ -220,7 +221,7 @@ def build_model_card(
     config = getattr(getattr(model, "config", None), "quantization_config", None)
     if getattr(config, "quant_method", None) != "fwsvd" or not getattr(config, "ranks", None):
         raise ValueError(f"{type(model).__name__} is not FWSVD-compressed; there is no compression to describe.")
-    report = getattr(model, "fwsvd_report", None) or _report_from_model(model)
+    report = getattr(model, "fwsvd_report", None) or report_from_model(model)
     base_model = getattr(config, "base_model", None) or report.base_model
     task = infer_task(model)
     pipeline_tag, auto_class = TASKS.get(task, (None, "AutoModel"))
@@ -228,20 +229,24 @@ def build_model_card(
     model_name = model_name or (os.path.basename(os.path.normpath(load_path)) if load_path else f"{base_name}-fwsvd")
     record = getattr(model, "fwsvd_evaluation", None)
     card_data = ModelCardData(
-        base_model=_hub_base_model(base_model),
+        base_model=hub_base_model(base_model),
         library_name="transformers",
         tags=CARD_TAGS + [tag for tag in tags or [] if tag not in CARD_TAGS],
         pipeline_tag=pipeline_tag,
         model_name=model_name,
         eval_results=_eval_results(record, pipeline_tag),
     )
-    if base_model and _hub_base_model(base_model):
+    if hub_base_model(base_model):
         description = f"A low-rank compressed version of [{base_model}](https://huggingface.co/{base_model})."
-    elif base_model:
-        description = f"A low-rank compressed version of the local checkpoint `{base_model}`."
     else:
-        description = f"A low-rank compressed {type(model).__name__}."
+        # Never a local path (it means nothing to readers and leaks the author's file system).
+        description = (
+            f"A low-rank compressed {type(model).__name__}, compressed from a local checkpoint (pass "
+            '`FWSVDConfig(base_model="org/name")` to link the dense model on the Hub).'
+        )
     method = get_method(report.method)
+    report = copy.copy(report)
+    report.calibration_data = calibration_description(model, report)
     calibration = _calibration_text(method, report)
     module_before = sum(row.params_before for row in report.modules)
     module_after = sum(row.params_after for row in report.modules)
@@ -262,7 +267,9 @@ def build_model_card(
         "calibration": calibration,
         "evaluation": _evaluation_context(record),
         "auto_class": auto_class,
-        "load_path": load_path or "path/to/this/checkpoint",
+        "load_path": _shown_load_path(load_path),
+        "warnings": list(report.warnings),
+        "finetuning": [_finetune_row(record) for record in report.finetuning],
         "modules": [
             {
                 "name": row.name,

@@ -1,10 +1,29 @@
-"""Per-module statistics of a compression, for logs, the CLI table and the model card."""
+"""Per-module statistics of a compression, for logs, the CLI table and the model card.
+
+The report travels with the checkpoint: `save_pretrained` writes it as ``fwsvd_report.json`` next to the weights and
+`from_pretrained` reads it back into ``model.fwsvd_report`` (see `integration`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
-__all__ = ["CompressionReport", "ModuleReport"]
+__all__ = [
+    "REPORT_NAME",
+    "CompressionReport",
+    "FinetuneRecord",
+    "ModuleReport",
+    "report_from_model",
+    "weights_fingerprint",
+]
+
+REPORT_NAME = "fwsvd_report.json"
+_FINGERPRINT_SAMPLES = 1 << 20  # elements hashed per model, spread evenly over every parameter
 
 
 @dataclass
@@ -23,8 +42,37 @@ class ModuleReport:
 
 
 @dataclass
+class FinetuneRecord:
+    """One training run after compression, for the model card.
+
+    Args:
+        by (`str`): What trained it: ``"hf_fwsvd.finetune"``, or ``"unrecorded"`` when the weights changed after
+            compression without going through `finetune` (a `transformers.Trainer` run, a merged LoRA adapter, ...).
+        examples (`int`, *optional*): Training examples.
+        epochs (`float`, *optional*): Epochs.
+        steps (`int`, *optional*): Optimizer steps.
+        learning_rate (`float`, *optional*): Peak learning rate.
+        train_loss (`float`, *optional*): Mean training loss.
+        data (`str`, *optional*): A description of the training data.
+    """
+
+    by: str
+    examples: int | None = None
+    epochs: float | None = None
+    steps: int | None = None
+    learning_rate: float | None = None
+    train_loss: float | None = None
+    data: str | None = None
+
+
+@dataclass
 class CompressionReport:
-    """All modules of one compression plus whole-model parameter counts."""
+    """All modules of one compression plus whole-model parameter counts.
+
+    `warnings` holds sentences that every consumer must show (the model card puts them at the top), e.g. a collapse
+    of the compressed model's quality; `finetuning` the training runs after compression; `fingerprint` a hash of the
+    weights when the report was last brought up to date, so a save can tell that they were trained since.
+    """
 
     method: str
     modules: list[ModuleReport] = field(default_factory=list)
@@ -34,6 +82,9 @@ class CompressionReport:
     dense_modules: list[str] = field(default_factory=list)
     base_model: str | None = None
     calibration_data: str | None = None  # a description for the model card, e.g. "train.csv (3,200 examples)"
+    warnings: list[str] = field(default_factory=list)
+    finetuning: list[FinetuneRecord] = field(default_factory=list)
+    fingerprint: str | None = field(default=None, compare=False)
 
     @property
     def params_ratio(self) -> float:
@@ -41,8 +92,43 @@ class CompressionReport:
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        data.pop("fingerprint")
         data["params_ratio"] = self.params_ratio
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionReport:
+        """Inverse of [`to_dict`] (keys a newer version added are ignored; NaN errors come back as NaN)."""
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        module_fields = {f.name for f in fields(ModuleReport)}
+        values["modules"] = [
+            ModuleReport(**{key: _nan(value) for key, value in row.items() if key in module_fields})
+            for row in values.get("modules", [])
+        ]
+        record_fields = {f.name for f in fields(FinetuneRecord)}
+        values["finetuning"] = [
+            FinetuneRecord(**{key: value for key, value in row.items() if key in record_fields})
+            for row in values.get("finetuning", [])
+        ]
+        return cls(**values)
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write the report as `REPORT_NAME` in `directory` (strict JSON: NaN becomes `null`); returns the path."""
+        data = self.to_dict()
+        data.pop("params_ratio")
+        data["fingerprint"] = self.fingerprint
+        path = os.path.join(os.fspath(directory), REPORT_NAME)
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(_no_nan(data), handle, indent=2, allow_nan=False)
+            handle.write("\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CompressionReport:
+        """Read a report written by [`save`] (`path` is the file)."""
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_dict(json.load(handle))
 
     def format_table(self) -> str:
         """A plain-text table: module, shape, rank, params before/after, plain and weighted relative error."""
@@ -67,3 +153,70 @@ class CompressionReport:
         if not all(row.pays_off for row in self.modules):
             lines.append("slow: rank too high for the two low-rank matmuls to beat the dense layer (hf_fwsvd.payoff)")
         return "\n".join(lines)
+
+
+def _nan(value: Any) -> Any:
+    return math.nan if value is None else value
+
+
+def _no_nan(value: Any) -> Any:
+    """`value` with every float NaN replaced by `None` (strict JSON has no NaN)."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {key: _no_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(item) for item in value]
+    return value
+
+
+def weights_fingerprint(model: Any) -> str:
+    """A short hash of a model's weights that changes when it is trained, cheap enough for every save.
+
+    At most about a million elements are hashed, taken at an even stride from every parameter (sorted by name); a
+    training step moves practically every element, so a fine-tune is detected, while the same weights on another
+    device or after a save and reload give the same hash (raw bytes, no floating-point reduction).
+    """
+    import torch
+
+    named = sorted(model.named_parameters(), key=lambda item: item[0])
+    total = sum(param.numel() for _, param in named)
+    stride = max(1, total // _FINGERPRINT_SAMPLES)
+    digest = hashlib.blake2b(digest_size=16)
+    with torch.no_grad():
+        for name, param in named:
+            if param.device.type == "meta":
+                continue
+            strided = param.detach().reshape(-1)[::stride]
+            sample = torch.empty(strided.numel(), dtype=strided.dtype).copy_(strided)  # dense, on CPU
+            digest.update(name.encode())
+            digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def report_from_model(model: Any) -> CompressionReport:
+    """Rebuild the statistics of a reloaded checkpoint from its low-rank modules (errors are unknown)."""
+    from .factorize import low_rank_params
+    from .layers import LowRankLinear
+
+    config = model.config.quantization_config
+    report = CompressionReport(method=config.method, base_model=config.base_model)
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            out_features, in_features, rank = module.out_features, module.in_features, module.rank
+            report.modules.append(
+                ModuleReport(
+                    name=name,
+                    out_features=out_features,
+                    in_features=in_features,
+                    rank=rank,
+                    params_before=out_features * in_features,
+                    params_after=low_rank_params(out_features, in_features, rank),
+                    plain_error=float("nan"),
+                    weighted_error=float("nan"),
+                )
+            )
+    report.model_params_after = sum(param.numel() for param in model.parameters())
+    saved = sum(row.params_before - row.params_after for row in report.modules)
+    report.model_params_before = report.model_params_after + saved
+    return report

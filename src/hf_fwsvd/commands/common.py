@@ -18,6 +18,8 @@ __all__ = [
     "check_hub_reachable",
     "check_output_path",
     "count_parameters",
+    "add_metric_argument",
+    "check_metrics",
     "evaluate_task",
     "load_model",
     "load_tokenizer",
@@ -190,10 +192,45 @@ def count_parameters(model: Any) -> int:
     return sum(param.numel() for param in model.parameters())
 
 
+def add_metric_argument(parser: Any) -> None:
+    """`--metric NAME_OR_PATH` (repeatable): which `evaluate` metrics to compute for classification tasks."""
+    from ..evaluation import available_metrics
+
+    parser.add_argument(
+        "--metric",
+        action="append",
+        dest="metrics",
+        metavar="NAME_OR_PATH",
+        help=f"Classification metric, repeatable: one of the shipped {', '.join(available_metrics())} or the path "
+        "of a local `evaluate` metric script (default: accuracy and f1; token classification: accuracy).",
+    )
+
+
+def check_metrics(metrics: list[str] | None, task: str) -> None:
+    """Usage errors for `--metric`: not with causal LMs (perplexity), and a path that does not exist."""
+    from ..evaluation import available_metrics
+
+    if not metrics:
+        return
+    if task not in ("sequence-classification", "token-classification"):
+        raise CommandError(
+            f"--metric applies to classification tasks; --task {task} is measured by perplexity.", EXIT_USAGE
+        )
+    for name in metrics:
+        if name not in available_metrics() and not os.path.exists(os.path.expanduser(name)):
+            raise CommandError(
+                f"--metric {name!r} is neither a shipped metric ({', '.join(available_metrics())}) nor an existing "
+                "metric script path.",
+                EXIT_USAGE,
+            )
+
+
 @torch.no_grad()
-def _token_accuracy(model: Any, tokenizer: Any, examples: list[dict], batch_size: int, max_length: int) -> dict:
-    """Accuracy over labelled words (first sub-token of each word), with the shipped `accuracy` metric."""
-    from ..evaluation import load_metric
+def _token_accuracy(
+    model: Any, tokenizer: Any, examples: list[dict], batch_size: int, max_length: int, metrics: Any = ("accuracy",)
+) -> dict:
+    """Metrics (default: accuracy) over labelled words (first sub-token of each word)."""
+    from ..evaluation import compute_metrics
 
     model.eval()
     predictions, references = [], []
@@ -216,8 +253,9 @@ def _token_accuracy(model: Any, tokenizer: Any, examples: list[dict], batch_size
                     predictions.append(predicted[row][position])
                     references.append(int(example["label"][word]))
                 previous = word
-    accuracy = load_metric("accuracy").compute(predictions=predictions, references=references)["accuracy"]
-    return {"accuracy": float(accuracy), "num_examples": len(examples), "num_tokens": len(references)}
+    num_labels = getattr(model.config, "num_labels", None) or len(set(references) | set(predictions))
+    result = compute_metrics(metrics, predictions, references, num_labels)
+    return {**result, "num_examples": len(examples), "num_tokens": len(references)}
 
 
 def evaluate_task(
@@ -229,18 +267,23 @@ def evaluate_task(
     max_length: int = 128,
     window: int = 512,
     max_tokens: int | None = None,
+    metrics: list[str] | None = None,
 ) -> dict[str, float]:
     """The task metric(s) of `model` on `examples`, plus its parameter count.
 
-    Sequence classification: accuracy and F1 (`evaluate`'s `accuracy`/`f1` modules shipped with hf_fwsvd); token
-    classification: word-level accuracy; causal LM: perplexity over the texts joined by blank lines.
+    Sequence classification: `metrics` (default accuracy and F1, `evaluate` modules shipped with hf_fwsvd); token
+    classification: word-level `metrics` (default accuracy); causal LM: perplexity over the texts joined by blank
+    lines.
     """
     from ..evaluation import evaluate_classifier, evaluate_perplexity
 
     if task == "sequence-classification":
-        result = evaluate_classifier(model, tokenizer, examples, batch_size=batch_size, max_length=max_length)
+        chosen = {"metrics": metrics} if metrics else {}
+        result = evaluate_classifier(
+            model, tokenizer, examples, batch_size=batch_size, max_length=max_length, **chosen
+        )
     elif task == "token-classification":
-        result = _token_accuracy(model, tokenizer, examples, batch_size, max_length)
+        result = _token_accuracy(model, tokenizer, examples, batch_size, max_length, metrics or ("accuracy",))
     elif task == "causal-lm":
         config = getattr(model, "config", None)
         limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -254,9 +297,17 @@ def evaluate_task(
     return result
 
 
-def main_metric(result: dict[str, float]) -> tuple[str, float]:
-    """The headline metric of an `evaluate_task` result: accuracy, or perplexity for language models."""
+def main_metric(result: dict[str, float], metrics: list[str] | None = None) -> tuple[str, float]:
+    """The headline metric of an `evaluate_task` result: the first chosen metric, else accuracy, or perplexity."""
+    from ..evaluation import available_metrics
+
+    first = (metrics or [None])[0]
+    if first in available_metrics() and first in result:
+        return first, result[first]
     for name in ("accuracy", "perplexity"):
         if name in result:
             return name, result[name]
+    for name, value in result.items():
+        if name not in ("parameters", "num_examples", "num_tokens"):
+            return name, value
     raise KeyError(f"No headline metric in {sorted(result)}")

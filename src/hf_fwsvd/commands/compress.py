@@ -12,8 +12,10 @@ from .common import (
     TASKS,
     CommandError,
     add_data_arguments,
+    add_metric_argument,
     check_hub_reachable,
     check_input_path,
+    check_metrics,
     check_output_path,
     evaluate_task,
     load_model,
@@ -83,6 +85,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     evaluation = parser.add_argument_group("evaluation before/after (optional; goes into the model card)")
     add_data_arguments(evaluation, prefix="eval-", required=False)
     evaluation.add_argument("--eval-limit", type=int, metavar="N", help="Evaluate on the first N examples only.")
+    add_metric_argument(evaluation)
     output = parser.add_argument_group("output")
     output.add_argument("--overwrite", action="store_true", help="Replace the checkpoint files already in --output.")
     output.add_argument("--push-to-hub", metavar="REPO_ID", help="Also upload the result to this Hub repo.")
@@ -144,6 +147,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
             bound = "(0, 1]" if name == "param_ratio" else "(0, 1)"
             raise CommandError(f"--{name.replace('_', '-')} must be in {bound}, got {value}.", EXIT_USAGE)
     check_input_path(args.model, "Model")
+    check_metrics(args.metrics, args.task)
     check_output_path(args.output, [], "--output", args.overwrite)
     if os.path.isdir(args.model) and os.path.isdir(args.output) and os.path.samefile(args.model, args.output):
         raise CommandError("--output is the MODEL folder; save the compressed model somewhere else.", EXIT_USAGE)
@@ -197,8 +201,9 @@ def run(args: argparse.Namespace) -> int:
     eval_examples = read_examples(args, model, prefix="eval-", limit=args.eval_limit) if args.eval_data else None
     config = _config(args, examples, tokenizer)
     before = None
+    evaluation_kwargs = {"max_length": args.max_length, "metrics": args.metrics}
     if eval_examples:
-        before = evaluate_task(model, tokenizer, args.task, eval_examples, max_length=args.max_length)
+        before = evaluate_task(model, tokenizer, args.task, eval_examples, **evaluation_kwargs)
     try:
         compress(model, config, show_progress=not args.quiet)
     except ValueError as error:
@@ -208,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         report.calibration_data = describe_source(args.data, len(examples))
     print(report.format_table())
     if eval_examples:
-        after = evaluate_task(model, tokenizer, args.task, eval_examples, max_length=args.max_length)
+        after = evaluate_task(model, tokenizer, args.task, eval_examples, **evaluation_kwargs)
         record_evaluation(
             model, after, describe_source(args.eval_data, len(eval_examples)), before=before, split=args.eval_split
         )

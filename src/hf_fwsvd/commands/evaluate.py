@@ -6,12 +6,22 @@ import argparse
 import json
 from typing import Any
 
-from .common import TASKS, add_data_arguments, evaluate_task, load_model, load_tokenizer, read_examples
+from .common import (
+    TASKS,
+    add_data_arguments,
+    add_metric_argument,
+    check_metrics,
+    evaluate_task,
+    load_model,
+    load_tokenizer,
+    read_examples,
+)
 
 __all__ = ["add_parser", "run"]
 
 EXAMPLES = """examples:
   hf-fwsvd evaluate ./my-classifier-fwsvd --task sequence-classification --data dev.csv
+  hf-fwsvd evaluate ./my-classifier-fwsvd --task sequence-classification --data dev.csv --metric matthews_correlation
   hf-fwsvd evaluate ./gpt-fwsvd --task causal-lm --data held_out.txt --max-tokens 4096 --json
 """
 
@@ -20,9 +30,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "evaluate",
         help="Measure a model's task metric and parameter count.",
-        description="Sequence classification: accuracy and F1; token classification: word accuracy; causal LM: "
-        "perplexity over non-overlapping windows. Metrics are computed with `evaluate` modules shipped with "
-        "hf_fwsvd, so no network access is needed.",
+        description="Sequence classification: accuracy and F1 (or the --metric ones); token classification: word "
+        "accuracy; causal LM: perplexity over non-overlapping windows. Metrics are computed with `evaluate` modules "
+        "shipped with hf_fwsvd (accuracy, f1, matthews_correlation) or local metric scripts, so no network access "
+        "is needed.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -54,6 +65,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--window", type=int, metavar="N", default=512, help="Causal LM: tokens per window (default 512)."
     )
     parser.add_argument("--max-tokens", type=int, metavar="N", help="Causal LM: score only the first N tokens.")
+    add_metric_argument(parser)
     parser.add_argument("--tokenizer", metavar="PATH", help="Tokenizer folder or Hub id (default: MODEL).")
     parser.add_argument("--json", action="store_true", help="Print the result as one JSON object.")
     parser.set_defaults(run=run)
@@ -72,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"--{option} must be positive, got {value}.", EXIT_USAGE)
     if args.window < 2:
         raise CommandError(f"--window must be at least 2, got {args.window}.", EXIT_USAGE)
+    check_metrics(args.metrics, args.task)
     model = load_model(args.model, args.task)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     examples = read_examples(args, model, limit=args.limit)
@@ -84,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         window=args.window,
         max_tokens=args.max_tokens,
+        metrics=args.metrics,
     )
     ranks = getattr(getattr(model.config, "quantization_config", None), "ranks", None)
     compression = f"FWSVD, {len(ranks)} low-rank modules" if is_fwsvd_model(model) and ranks else "dense"

@@ -15,6 +15,8 @@ from .common import (
     TASKS,
     CommandError,
     add_data_arguments,
+    add_metric_argument,
+    check_metrics,
     evaluate_task,
     load_model,
     load_tokenizer,
@@ -82,6 +84,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--num-labels", type=int, metavar="N", help="Labels of a new classification head (raw encoders)."
     )
     parser.add_argument("--tokenizer", metavar="PATH", help="Tokenizer folder or Hub id (default: MODEL).")
+    add_metric_argument(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -113,6 +116,7 @@ def _check(args: argparse.Namespace) -> tuple[list[float], list[str]]:
         raise CommandError("--allocation and --allocation-power need --ratio-kind param-budget.", EXIT_USAGE)
     if os.path.isfile(args.output):
         raise CommandError(f"--output {args.output!r} is a file; give a folder.", EXIT_USAGE)
+    check_metrics(args.metrics, args.task)
     return sorted(set(ratios)), list(dict.fromkeys(methods))
 
 
@@ -163,10 +167,10 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     calibration = read_examples(args, dense)
     examples = read_examples(args, dense, prefix="eval-", limit=args.eval_limit)
-    evaluate_kwargs = {"max_length": args.max_length, "max_tokens": args.max_tokens}
+    evaluate_kwargs = {"max_length": args.max_length, "max_tokens": args.max_tokens, "metrics": args.metrics}
     started = time.perf_counter()
     baseline = evaluate_task(dense, tokenizer, args.task, examples, **evaluate_kwargs)
-    metric, _ = main_metric(baseline)
+    metric, _ = main_metric(baseline, args.metrics)
     rows = [
         {"method": "dense", "ratio": 1.0, "params_kept": 1.0, "seconds": time.perf_counter() - started, **baseline}
     ]
