@@ -54,3 +54,71 @@ def test_finite_check_skips_meta_factors():
     with torch.device("meta"):
         model = nn.Sequential(LowRankLinear(8, 6, 2))
     check_factors_finite(model)
+
+
+# -- rank rounding ----------------------------------------------------------------------------------------------------
+
+SHAPES = {"q": (384, 384), "ff_in": (1536, 384), "ff_out": (384, 1536), "small": (6, 40)}
+
+
+@pytest.mark.parametrize(
+    ("rule", "multiple", "expected"),
+    [
+        ({"rank_ratio": 0.33}, None, {"q": 127, "ff_in": 127, "ff_out": 127, "small": 2}),
+        ({"rank_ratio": 0.33}, 8, {"q": 120, "ff_in": 120, "ff_out": 120, "small": 2}),
+        ({"rank_ratio": 0.33}, 16, {"q": 112, "ff_in": 112, "ff_out": 112, "small": 2}),
+        ({"rank": 5}, 4, {"q": 4, "ff_in": 4, "ff_out": 4, "small": 4}),
+        # param_ratio 0.8 is clamped to the largest paying rank (153 for 384x384) before rounding down to 152
+        ({"param_ratio": 0.8}, 8, {"q": 152, "ff_in": 240, "ff_out": 240, "small": 4}),
+    ],
+    ids=["ratio", "ratio-8", "ratio-16", "rank-4", "param-ratio-8"],
+)
+def test_rank_multiple_rounds_every_rank_down(rule, multiple, expected):
+    from hf_fwsvd import FWSVDConfig
+    from hf_fwsvd.payoff import max_paying_rank
+    from hf_fwsvd.ranks import resolve_ranks
+
+    ranks = resolve_ranks(SHAPES, FWSVDConfig(rank_multiple=multiple, **rule))
+    assert ranks == expected
+    unrounded = resolve_ranks(SHAPES, FWSVDConfig(**rule))
+    for name, rank in ranks.items():
+        assert rank <= unrounded[name]
+        if multiple is not None and unrounded[name] >= multiple:
+            assert rank % multiple == 0
+        if "param_ratio" in rule:
+            assert rank <= max_paying_rank(*SHAPES[name])
+
+
+def test_rank_multiple_applies_to_rank_pattern_overrides():
+    from hf_fwsvd import FWSVDConfig
+    from hf_fwsvd.ranks import resolve_ranks
+
+    config = FWSVDConfig(rank_ratio=0.1, rank_multiple=8, rank_pattern={"q": 100, "ff_in": 0.5})
+    assert resolve_ranks(SHAPES, config) == {"q": 96, "ff_in": 192, "ff_out": 32, "small": 1}
+
+
+@pytest.mark.parametrize("value", [0, -8, 8.0, True], ids=["zero", "negative", "float", "bool"])
+def test_rank_multiple_must_be_a_positive_int(value):
+    from hf_fwsvd import FWSVDConfig
+
+    with pytest.raises(ValueError) as info:
+        FWSVDConfig(rank_multiple=value)
+    assert str(info.value).startswith("`rank_multiple` must be a positive int, got ")
+
+
+def test_rank_multiple_survives_save_and_reload(tmp_path, sample_input):
+    from conftest import tiny_bert
+    from transformers import BertForSequenceClassification
+
+    from hf_fwsvd import FWSVDConfig, compress
+
+    torch.manual_seed(0)
+    model = tiny_bert().eval()
+    compress(model, FWSVDConfig(rank_ratio=0.4, rank_multiple=4, method="svd"), show_progress=False)
+    # every targeted module has full rank 16: round(0.4 * 16) = 6 -> 4
+    assert set(model.config.quantization_config.ranks.values()) == {4}
+    model.save_pretrained(tmp_path)
+    reloaded = BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert reloaded.config.quantization_config.rank_multiple == 4
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**sample_input).logits, model(**sample_input).logits, rtol=0, atol=0)
