@@ -122,3 +122,85 @@ def test_rank_multiple_survives_save_and_reload(tmp_path, sample_input):
     assert reloaded.config.quantization_config.rank_multiple == 4
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**sample_input).logits, model(**sample_input).logits, rtol=0, atol=0)
+
+
+# -- compressing a model larger than the memory limit -----------------------------------------------------------------
+
+
+def _llama(hidden: int, intermediate: int, layers: int, vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def _compress_under_limit(tmp_path, size: dict, budget_mib: float, shard_size: str) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hf_fwsvd import FWSVDConfig, save_importances
+    from hf_fwsvd.replace import shape_of
+    from hf_fwsvd.targets import find_target_modules
+
+    dense = _llama(**size)
+    # Sharded like every large checkpoint: safetensors maps a whole file privately, which counts against the limit.
+    dense.save_pretrained(tmp_path / "dense", max_shard_size=shard_size)
+    _llama(hidden=16, intermediate=32, layers=2, vocab=64).save_pretrained(tmp_path / "warmup")
+    generator = torch.Generator().manual_seed(0)
+    importances = {
+        name: torch.rand(shape_of(module)[1], generator=generator) + 0.05
+        for name, module in find_target_modules(dense, FWSVDConfig()).items()
+    }
+    save_importances(importances, tmp_path / "importances.safetensors")
+    worker = Path(__file__).with_name("memory_limit_worker.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TRANSFORMERS_VERBOSITY": "error"}
+    importances_file = tmp_path / "importances.safetensors"
+    args = [tmp_path / "dense", tmp_path / "warmup", tmp_path / "out", budget_mib, importances_file]
+    result = subprocess.run(
+        [sys.executable, str(worker), *map(str, args)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["model_mib"] > 2 * budget_mib  # the model is far larger than the limit ...
+    assert summary["whole_model_fits"] is False  # ... and the limit is real: the model's size cannot be allocated
+    inputs = {"input_ids": torch.randint(0, size["vocab"], (2, 12), generator=generator)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # multi-threaded LAPACK on a loaded shared machine can take minutes for these SVDs
+    try:
+        _compare_with_in_memory(tmp_path, size, summary, inputs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_with_in_memory(tmp_path, size: dict, summary: dict, inputs: dict) -> None:
+    from transformers import LlamaForCausalLM
+
+    from hf_fwsvd import FWSVDConfig, compress
+
+    for method, extra in (("svd", {}), ("fwsvd", {"importances": str(tmp_path / "importances.safetensors")})):
+        reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "out" / method).eval()
+        expected = compress(_llama(**size), FWSVDConfig(rank_ratio=0.25, method=method, **extra), show_progress=False)
+        assert reloaded.config.quantization_config.ranks == expected.config.quantization_config.ranks
+        assert summary[method] == pytest.approx(expected.fwsvd_report.params_ratio)
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(**inputs).logits, expected(**inputs).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_compress_layerwise_fits_a_model_twice_the_memory_limit(tmp_path):
+    # 69 MiB of fp32 weights (4 MiB of them embeddings) in 4 MB shards, 32 MiB of anonymous memory allowed (about
+    # 20 MiB of it is taken by the allocator's own growth: heap fragmentation, arenas)
+    _compress_under_limit(tmp_path, {"hidden": 256, "intermediate": 768, "layers": 24, "vocab": 2048}, 40, "4MB")
+
+
+@pytest.mark.slow
+def test_compress_layerwise_fits_a_large_model_under_the_memory_limit(tmp_path):
+    # 464 MiB of fp32 weights in 60 MB shards, 200 MiB of anonymous memory allowed
+    size = {"hidden": 1024, "intermediate": 2816, "layers": 8, "vocab": 8192}
+    _compress_under_limit(tmp_path, size, 200, "60MB")
