@@ -204,3 +204,78 @@ def test_compress_layerwise_fits_a_large_model_under_the_memory_limit(tmp_path):
     # 464 MiB of fp32 weights in 60 MB shards, 200 MiB of anonymous memory allowed
     size = {"hidden": 1024, "intermediate": 2816, "layers": 8, "vocab": 8192}
     _compress_under_limit(tmp_path, size, 200, "60MB")
+
+
+# -- parallel factorisation -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["svd", "fwsvd", "whiten"])
+def test_parallel_factorisation_is_bit_identical_and_restores_threads(method, sample_input):
+    from conftest import calibration_data, tiny_bert
+
+    from hf_fwsvd import FWSVDConfig, compress
+
+    def run(num_workers: int):
+        torch.manual_seed(0)
+        model = tiny_bert().eval()
+        config = FWSVDConfig(rank_ratio=0.3, method=method, num_workers=num_workers, svd_solver="full")
+        if method != "svd":
+            config.calibration_dataset = calibration_data("bert")
+        return compress(model, config, show_progress=False)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = run(1)
+    finally:
+        torch.set_num_threads(threads)
+    parallel = run(3)
+    assert torch.get_num_threads() == threads
+    serial_state, parallel_state = serial.state_dict(), parallel.state_dict()
+    assert serial_state.keys() == parallel_state.keys()
+    for key, value in serial_state.items():
+        assert torch.equal(value, parallel_state[key]), key
+    assert [row.name for row in parallel.fwsvd_report.modules] == [row.name for row in serial.fwsvd_report.modules]
+    assert "num_workers" not in parallel.config.quantization_config.to_dict()
+
+
+def test_parallel_factorisation_failure_leaves_the_model_dense_and_threads_restored(monkeypatch):
+    from conftest import tiny_bert
+
+    from hf_fwsvd import FWSVDConfig, compress, pipeline
+
+    original = pipeline.factorize_weight
+
+    def failing(method, weight, rank, name, stats, config):
+        if name.endswith("layer.1.output.dense"):
+            raise RuntimeError(f"boom in {name}")
+        return original(method, weight, rank, name, stats, config)
+
+    monkeypatch.setattr(pipeline, "factorize_weight", failing)
+    torch.manual_seed(0)
+    model = tiny_bert().eval()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    threads = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match=r"^boom in bert\.encoder\.layer\.1\.output\.dense$"):
+        compress(model, FWSVDConfig(rank=4, method="svd", num_workers=2), show_progress=False)
+    assert torch.get_num_threads() == threads
+    assert not any(isinstance(module, LowRankLinear) for module in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[key], before[key]) for key in before)
+
+
+def test_rank_multiple_applies_to_param_budget():
+    from conftest import calibration_data, tiny_bert
+
+    from hf_fwsvd import FWSVDConfig, compress
+
+    torch.manual_seed(0)
+    config = FWSVDConfig(param_budget=0.5, allocation="uniform", rank_multiple=4, method="svd")
+    model = compress(tiny_bert().eval(), config, show_progress=False)
+    ranks = model.config.quantization_config.ranks
+    # uniform 0.5: floor(0.5 * 16 * 16 / 32) = 4 and floor(0.5 * 32 * 16 / 48) = 5 -> 4
+    assert set(ranks.values()) == {4}
+    config = FWSVDConfig(param_budget=0.4, rank_multiple=2, calibration_dataset=calibration_data("bert"))
+    model = compress(tiny_bert().eval(), config, show_progress=False)
+    ranks = model.config.quantization_config.ranks
+    assert ranks and all(rank % 2 == 0 or rank == 1 for rank in ranks.values()), ranks

@@ -13,16 +13,16 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .factorize import SVD_SOLVERS
+from .methods import available_methods
 from .version import __version__
 
-__all__ = ["ALLOCATIONS", "FWSVDConfig", "METHODS"]
+__all__ = ["ALLOCATIONS", "FWSVDConfig"]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("fwsvd", "svd", "tfwsvd", "whiten", "asvd", "fisher_whiten")
 ALLOCATIONS = ("fisher", "uniform")
 # Fields that only matter while compressing; they are never written to `config.json`.
-RUNTIME_FIELDS = ("calibration_dataset", "tokenizer", "importances", "importances_cache")
+RUNTIME_FIELDS = ("calibration_dataset", "tokenizer", "importances", "importances_cache", "num_workers")
 
 
 @dataclass
@@ -53,10 +53,11 @@ class FWSVDConfig(QuantizationConfigMixin):
         refine_iterations (`int`, *optional*, defaults to 10): Alternating-least-squares sweeps of `method="tfwsvd"`.
         rank_pattern (`dict[str, int | float]`, *optional*): Per-module overrides. Keys are module names, name
             suffixes or regexes (fullmatch); an int value is a rank, a float a rank ratio.
-        method (`str`, *optional*, defaults to `"fwsvd"`): `"fwsvd"` (row-wise Fisher, the paper), `"svd"` (plain
-            SVD), `"tfwsvd"` (element-wise Fisher refinement of FWSVD), `"whiten"` (SVD-LLM activation whitening),
-            `"asvd"` (activation-magnitude column scaling) or `"fisher_whiten"` (whitening with the gradient-weighted
-            activation second moment). See `docs/methods.md`.
+        method (`str`, *optional*, defaults to `"fwsvd"`): A registered method (see
+            `hf_fwsvd.methods.available_methods()`): `"fwsvd"` (row-wise Fisher, the paper), `"svd"` (plain SVD),
+            `"tfwsvd"` (element-wise Fisher refinement of FWSVD), `"whiten"` (SVD-LLM activation whitening), `"asvd"`
+            (activation-magnitude column scaling), `"fisher_whiten"` (whitening with the gradient-weighted activation
+            second moment), or one added with `hf_fwsvd.methods.register_method`. See `docs/methods.md`.
         target_modules (`str | list[str]`, *optional*): A regex (fullmatch on the module name) or a list of names /
             name suffixes. Default: every linear layer inside the transformer blocks.
         modules_to_not_convert (`list[str]`, *optional*): Names, suffixes or regexes never compressed. Default:
@@ -78,6 +79,9 @@ class FWSVDConfig(QuantizationConfigMixin):
         svd_solver (`str`, *optional*, defaults to `"auto"`): `"full"` (exact SVD), `"randomized"` (randomized range
             finder) or `"auto"` (randomized only for large matrices at low ranks, where its extra error was measured
             to be negligible; see `factorize.choose_svd_solver`).
+        num_workers (`int`, *optional*, defaults to 1): Threads that factorise modules side by side in `compress` and
+            compress-on-load, each with one torch thread (the process's torch thread count is restored after the
+            call). The result is bit-identical to a serial run with one torch thread. Not saved in `config.json`.
         ranks (`dict[str, int]`, *optional*): The resolved rank of every compressed module. Filled in by compression
             and saved in `config.json`, so a reload builds exact shapes before reading any weight.
         source_classes (`dict[str, str]`, *optional*): Original class of modules that were not `nn.Linear`
@@ -112,6 +116,7 @@ class FWSVDConfig(QuantizationConfigMixin):
     importances_cache: str | None = None
     importance_floor: float = 0.0
     svd_solver: str = "auto"
+    num_workers: int = 1
     ranks: dict[str, int] | None = None
     source_classes: dict[str, str] = field(default_factory=dict)
     weights_file: str | None = None
@@ -151,6 +156,7 @@ class FWSVDConfig(QuantizationConfigMixin):
         _check_rank(self.refine_iterations, "refine_iterations")
         if self.rank_multiple is not None:
             _check_rank(self.rank_multiple, "rank_multiple")
+        _check_rank(self.num_workers, "num_workers")
         if isinstance(self.allocation_power, bool) or not isinstance(self.allocation_power, (int, float)):
             raise ValueError(f"`allocation_power` must be a float in [0, 1], got {self.allocation_power!r}.")
         if not 0 <= self.allocation_power <= 1:
@@ -160,8 +166,8 @@ class FWSVDConfig(QuantizationConfigMixin):
                 _check_fraction(value, f"rank_pattern[{key!r}]", inclusive=False)
             else:
                 _check_rank(value, f"rank_pattern[{key!r}]")
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        if self.method not in available_methods():  # the registry, so methods registered later are accepted
+            raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(available_methods())}.")
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
             raise ValueError("`target_modules` is an empty list: nothing would be compressed.")
         _check_patterns(self.target_modules, "target_modules")
@@ -245,6 +251,12 @@ class FWSVDConfig(QuantizationConfigMixin):
     def is_compressed(self) -> bool:
         """Whether this config describes an already-compressed checkpoint (it has a resolved rank map)."""
         return self.ranks is not None
+
+
+def __getattr__(name: str) -> Any:
+    if name == "METHODS":  # the registered method names (kept for code that imported the old constant)
+        return available_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_rank(value: Any, name: str) -> None:
