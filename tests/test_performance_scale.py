@@ -194,16 +194,17 @@ def _compare_with_in_memory(tmp_path, size: dict, summary: dict, inputs: dict) -
 
 
 def test_compress_layerwise_fits_a_model_twice_the_memory_limit(tmp_path):
-    # 69 MiB of fp32 weights (4 MiB of them embeddings) in 4 MB shards, 32 MiB of anonymous memory allowed (about
+    # 86 MiB of fp32 weights (4 MiB of them embeddings) in 4 MB shards, 40 MiB of anonymous memory allowed (about
     # 20 MiB of it is taken by the allocator's own growth: heap fragmentation, arenas)
     _compress_under_limit(tmp_path, {"hidden": 256, "intermediate": 768, "layers": 24, "vocab": 2048}, 40, "4MB")
 
 
 @pytest.mark.slow
 def test_compress_layerwise_fits_a_large_model_under_the_memory_limit(tmp_path):
-    # 464 MiB of fp32 weights in 60 MB shards, 200 MiB of anonymous memory allowed
-    size = {"hidden": 1024, "intermediate": 2816, "layers": 8, "vocab": 8192}
-    _compress_under_limit(tmp_path, size, 200, "60MB")
+    # 664 MiB of fp32 weights (12 blocks of 50 MiB) in 20 MB shards, 300 MiB of anonymous memory allowed: about 6
+    # blocks' worth, as the shards a block spans are mapped in full and the heap keeps what SVDs of this size freed
+    size = {"hidden": 1024, "intermediate": 2816, "layers": 12, "vocab": 8192}
+    _compress_under_limit(tmp_path, size, 300, "20MB")
 
 
 # -- parallel factorisation -------------------------------------------------------------------------------------------
