@@ -5,7 +5,8 @@
 3. Peak RSS of a plain dense load, of compress-on-load (``fwsvd_config=`` with 32 Pang & Lee sentences) and of
    reloading a compressed checkpoint, each in a fresh subprocess (peak minus the RSS after imports).
 
-Run: ``PYTHONPATH=src:. python benchmarks/load_size.py --threads 1``
+Run: ``PYTHONPATH=src:. python benchmarks/load_size.py --threads 1``; ``--model smollm2`` times the reload of
+SmolLM2-135M (210 compressed modules, plain SVD at the given ``--ratios``) instead, without the memory table.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     parser.add_argument("--memory-child", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -68,22 +71,26 @@ def main() -> None:
         memory_child(*args.memory_child)
         return
 
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from benchmarks.assets import minilm_dir
+    from benchmarks.assets import minilm_dir, smollm2_dir
     from hf_fwsvd import FWSVDConfig, compress
 
-    print(f"# Checkpoint size, reload time and load memory\n\n{machine_line()}\n")
+    print(f"# Checkpoint size, reload time and load memory ({args.model})\n\n{machine_line()}\n")
     torch.manual_seed(0)
-    dense = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2).eval()
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    if args.model == "smollm2":
+        source, model_class, extra = smollm2_dir(), AutoModelForCausalLM, {"dtype": torch.float32}
+    else:
+        source, model_class, extra = minilm_dir(), AutoModelForSequenceClassification, {"num_labels": 2}
+    dense = model_class.from_pretrained(source, **extra).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dense.save_pretrained(root / "dense")
         tokenizer.save_pretrained(root / "dense")
         dense_bytes = (root / "dense" / "model.safetensors").stat().st_size
-        size_rows, loaders = [], {"dense": lambda: AutoModelForSequenceClassification.from_pretrained(root / "dense")}
-        for ratio in RATIOS:
+        size_rows, loaders = [], {"dense": lambda: model_class.from_pretrained(root / "dense")}
+        for ratio in args.ratios:
             model = compress(copy.deepcopy(dense), FWSVDConfig(rank_ratio=ratio, method="svd"), show_progress=False)
             path = root / f"r{ratio}"
             model.save_pretrained(path)
@@ -93,7 +100,7 @@ def main() -> None:
                 [ratio, f"{param_ratio:.4f}", f"{size / 1e6:.2f}", f"{size / dense_bytes:.4f}",
                  f"{100 * (size / dense_bytes / param_ratio - 1):+.2f}%"]
             )  # fmt: skip
-            loaders[ratio] = lambda path=path: AutoModelForSequenceClassification.from_pretrained(path)
+            loaders[ratio] = lambda path=path: model_class.from_pretrained(path)
         print(f"Dense weights file: {dense_bytes / 1e6:.2f} MB\n")
         headers = ["rank ratio", "param ratio", "weights MB", "bytes ratio", "bytes vs params"]
         print(markdown_table(headers, size_rows) + "\n")
@@ -111,6 +118,9 @@ def main() -> None:
         headers = ["checkpoint", "load ms", "vs dense", "load+read ms", "vs dense"]
         print(markdown_table(headers, rows) + "\n")
 
+        if args.model != "minilm":
+            print(f"finished: {machine_line()}")
+            return
         memory_rows = []
         for mode, path in [
             ("dense load", root / "dense"),

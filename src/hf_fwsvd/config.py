@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 ALLOCATIONS = ("fisher", "uniform")
 # Fields that only matter while compressing; they are never written to `config.json`.
-RUNTIME_FIELDS = ("calibration_dataset", "tokenizer", "importances", "importances_cache")
+RUNTIME_FIELDS = ("calibration_dataset", "tokenizer", "importances", "importances_cache", "num_workers")
 
 
 @dataclass
@@ -46,6 +46,10 @@ class FWSVDConfig(QuantizationConfigMixin):
             `"fisher"` allocation: 1 trusts the second-order loss estimate fully, 0 ignores how sensitive the loss is
             to each module (only its spectrum's shape counts). 1 starved the last layers of a real classifier at
             strong compression (see `docs/methods.md`); 0.5 is the measured default.
+        rank_multiple (`int`, *optional*): Round every resolved rank down to a multiple of this (8 or 16 suit CPU
+            and GPU matmul kernels). Rounding only goes down, so it never raises a rank above the pay-off limit or the
+            `param_budget`; a rank already below the multiple is kept as it is. Applies to every rank rule (`rank`,
+            `rank_ratio`, `param_ratio`, `rank_pattern`, `param_budget`). Default: no rounding.
         refine_iterations (`int`, *optional*, defaults to 10): Alternating-least-squares sweeps of `method="tfwsvd"`.
         rank_pattern (`dict[str, int | float]`, *optional*): Per-module overrides. Keys are module names, name
             suffixes or regexes (fullmatch); an int value is a rank, a float a rank ratio.
@@ -76,6 +80,9 @@ class FWSVDConfig(QuantizationConfigMixin):
         svd_solver (`str`, *optional*, defaults to `"auto"`): `"full"` (exact SVD), `"randomized"` (randomized range
             finder) or `"auto"` (randomized only for large matrices at low ranks, where its extra error was measured
             to be negligible; see `factorize.choose_svd_solver`).
+        num_workers (`int`, *optional*, defaults to 1): Threads that factorise modules side by side in `compress` and
+            compress-on-load, each with one torch thread (the process's torch thread count is restored after the
+            call). The result is bit-identical to a serial run with one torch thread. Not saved in `config.json`.
         ranks (`dict[str, int]`, *optional*): The resolved rank of every compressed module. Filled in by compression
             and saved in `config.json`, so a reload builds exact shapes before reading any weight.
         source_classes (`dict[str, str]`, *optional*): Original class of modules that were not `nn.Linear`
@@ -95,6 +102,7 @@ class FWSVDConfig(QuantizationConfigMixin):
     param_budget: float | None = None
     allocation: str | None = None
     allocation_power: float = 0.5
+    rank_multiple: int | None = None
     refine_iterations: int = 10
     rank_pattern: dict[str, int | float] = field(default_factory=dict)
     method: str = "fwsvd"
@@ -109,6 +117,7 @@ class FWSVDConfig(QuantizationConfigMixin):
     importances_cache: str | None = None
     importance_floor: float = 0.0
     svd_solver: str = "auto"
+    num_workers: int = 1
     ranks: dict[str, int] | None = None
     source_classes: dict[str, str] = field(default_factory=dict)
     weights_file: str | None = None
@@ -146,6 +155,9 @@ class FWSVDConfig(QuantizationConfigMixin):
             if self.allocation not in ALLOCATIONS:
                 raise ValueError(f"Unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}.")
         _check_rank(self.refine_iterations, "refine_iterations")
+        if self.rank_multiple is not None:
+            _check_rank(self.rank_multiple, "rank_multiple")
+        _check_rank(self.num_workers, "num_workers")
         if isinstance(self.allocation_power, bool) or not isinstance(self.allocation_power, (int, float)):
             raise ValueError(f"`allocation_power` must be a float in [0, 1], got {self.allocation_power!r}.")
         if not 0 <= self.allocation_power <= 1:

@@ -58,6 +58,12 @@ class FWSVDHfQuantizer(HfQuantizer):
             config.transformers_weights = self.quantization_config.weights_file or "model.safetensors"
         return config
 
+    def update_parallel_plan(self, model: Any, plan: dict[str, str]) -> None:
+        # The base hook adds plan entries for a quantizer's extra serialised tensors (scales, ...). FWSVD has none
+        # (`serialized_names` is empty), so its walk over every parameter name, twice per load, would change nothing.
+        if self.serialized_names:
+            super().update_parallel_plan(model, plan)
+
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         if self.pre_quantized:
             from .ranks import match_model_prefix

@@ -13,7 +13,7 @@ from .targets import matches
 if TYPE_CHECKING:
     from .config import FWSVDConfig
 
-__all__ = ["match_model_prefix", "rank_for_param_ratio", "rank_for_shape", "resolve_ranks"]
+__all__ = ["match_model_prefix", "rank_for_param_ratio", "rank_for_shape", "resolve_ranks", "round_rank"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,17 @@ def rank_for_shape(out_features: int, in_features: int, config: FWSVDConfig, nam
     else:
         rank = max(1, round(config.rank_ratio * full))
     return _checked(rank, full, name, out_features, in_features)
+
+
+def round_rank(rank: int, multiple: int | None) -> int:
+    """`rank` rounded down to a multiple of `multiple` (unchanged when `multiple` is `None` or above `rank`).
+
+    Rounding down keeps every guarantee the unrounded rank had: it stays below the full rank, at or under the
+    pay-off limit (see `hf_fwsvd.payoff`) and within any parameter budget.
+    """
+    if multiple is None or rank < multiple:
+        return rank
+    return rank - rank % multiple
 
 
 def rank_for_param_ratio(out_features: int, in_features: int, param_ratio: float, name: str) -> int:
@@ -89,11 +100,11 @@ def resolve_ranks(shapes: dict[str, tuple[int, int]], config: FWSVDConfig) -> di
     for name, (out_features, in_features) in shapes.items():
         override = _override(name, config)
         if override is None:
-            ranks[name] = rank_for_shape(out_features, in_features, config, name)
+            ranks[name] = round_rank(rank_for_shape(out_features, in_features, config, name), config.rank_multiple)
             continue
         full = full_rank((out_features, in_features))
         rank = max(1, round(override * full)) if isinstance(override, float) else override
-        ranks[name] = _checked(rank, full, name, out_features, in_features)
+        ranks[name] = round_rank(_checked(rank, full, name, out_features, in_features), config.rank_multiple)
     _warn_slow(shapes, ranks)
     return ranks
 
