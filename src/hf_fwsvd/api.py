@@ -87,7 +87,9 @@ def compute_importances(
             ) from error
     else:
         loader = calibration_loader_from_config(config, model)
-        importances = estimate_fisher(model, loader, targets, loss_fn or model_loss, show_progress)
+        importances = estimate_fisher(
+            model, loader, targets, loss_fn or model_loss, show_progress, estimator=config.fisher_estimator
+        )
         if cache is not None and is_main_process():
             check_importances(importances, in_features)
             save_importances(importances, cache)

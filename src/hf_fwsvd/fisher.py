@@ -20,10 +20,21 @@ Two optional extras (see [`estimate_fisher_statistics`]), collected by the same 
 - ``second_moment=True`` (for `method="fisher_whiten"`): the gradient-weighted activation second moment
   ``C = 1/N sum_n sum_t |g_nt|^2 x_nt x_nt^T`` (``in x in`` per module, with the same batch-size scaling), whose
   diagonal is the per-token version of the row Fisher above.
+
+Three estimators of the Fisher (``estimator=``, `FWSVDConfig.fisher_estimator`), for the row and element-wise Fisher:
+
+- ``"empirical"`` (default): squared per-example gradients of the loss on the given labels, as above.
+- ``"batch"``: squared gradients of each *batch*-mean loss, ``1/N sum_b B_b (sum_o (dL_b/dW_oi)^2)`` (the mean over
+  batches for equal batch sizes): what common FWSVD code computes by squaring ``param.grad`` after each batch. It
+  depends on the batch size: the per-example terms' cross products only partly cancel.
+- ``"true"``: the Fisher information itself, ``E_x E_{y ~ p(y|x)} (dL/dW)^2``: like ``"empirical"`` but every label
+  is drawn from the model's own predictive distribution (one draw per example, or per token for token-level
+  logits; ``y ~ N(f(x), 1)`` for a one-output regression head), so calibration labels are not used.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -37,18 +48,21 @@ from .distributed import ProcessInfo, all_reduce_sum, process_info, shard_batche
 from .layers import dense_weight, is_supported_linear
 
 __all__ = [
+    "FISHER_ESTIMATORS",
     "FisherStatistics",
     "estimate_fisher",
     "estimate_fisher_statistics",
     "model_loss",
     "per_example_squared_gradients",
     "per_example_squared_sums",
+    "sampled_label_loss",
 ]
 
 logger = logging.getLogger(__name__)
 
 # Bound (in float32 elements, 4M = 16 MiB) on the per-chunk intermediate of `per_example_squared_sums`.
 CHUNK_ELEMENTS = 1 << 22
+FISHER_ESTIMATORS = ("empirical", "true", "batch")
 
 
 def model_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -62,6 +76,49 @@ def model_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
             "give labelled calibration data, pass `importances=`, or use `method='svd'`."
         )
     return loss
+
+
+def sampled_label_loss(
+    model: nn.Module, batch: dict[str, Any], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The task loss on labels drawn from the model's own predictive distribution (the true-Fisher loss).
+
+    The model runs without the batch's labels. For classification logits (``batch x classes``, or ``batch x tokens x
+    classes`` for token-level heads and causal LMs) one label per example or token is drawn from ``softmax(logits)``
+    and the loss is the cross-entropy, averaged over examples (over the tokens the `attention_mask` keeps, for
+    token-level logits). For a one-output regression head (``problem_type="regression"`` or one label) the target is
+    ``f(x) + e`` with ``e ~ N(0, 1)`` and the loss is the mean squared error, as transformers computes it.
+
+    Args:
+        model (`nn.Module`): A transformers model with a task head (its outputs have `.logits`).
+        batch (`dict[str, Any]`): A calibration batch; its `labels`, if any, are ignored.
+        generator (`torch.Generator`, *optional*): CPU generator for the draws (reproducible estimates).
+    """
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    logits = getattr(model(**inputs), "logits", None)
+    if logits is None:
+        raise ValueError(
+            f"{type(model).__name__} returned no logits: the true Fisher (`fisher_estimator='true'`) samples labels "
+            "from the model's predictions, so it needs a model with a task head."
+        )
+    config = getattr(model, "config", None)
+    regression = getattr(config, "problem_type", None) == "regression" or (
+        logits.ndim == 2 and logits.shape[-1] == 1
+    )
+    with torch.no_grad():
+        detached = logits.detach().to(torch.float32)
+        if regression:
+            noise = torch.randn(detached.shape, generator=generator).to(detached.device)
+            target = detached + noise
+        else:
+            probs = detached.reshape(-1, detached.shape[-1]).softmax(-1).cpu()
+            target = torch.multinomial(probs, 1, generator=generator).reshape(detached.shape[:-1]).to(logits.device)
+            mask = inputs.get("attention_mask")
+            if logits.ndim == 3 and torch.is_tensor(mask) and tuple(mask.shape) == tuple(target.shape):
+                target = target.masked_fill(mask.to(target.device) == 0, -100)
+    if regression:
+        return nn.functional.mse_loss(logits.float(), target)
+    return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
 
 
 def _move(batch: Any, device: torch.device) -> Any:
@@ -96,8 +153,15 @@ def _add(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
 class _FisherHooks:
     """Forward/backward hooks that accumulate per-input-feature squared-gradient sums for a set of modules."""
 
-    def __init__(self, modules: dict[str, nn.Module], elementwise: bool = False, second_moment: bool = False) -> None:
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        elementwise: bool = False,
+        second_moment: bool = False,
+        estimator: str = "empirical",
+    ) -> None:
         self.modules = modules
+        self.estimator = estimator
         self.elementwise = elementwise
         self.second_moment = second_moment
         self.sums: dict[str, torch.Tensor] = {}
@@ -145,7 +209,14 @@ class _FisherHooks:
             batch = inputs.shape[0] if inputs.ndim >= 2 else 1
             rows_in = inputs.reshape(-1, inputs.shape[-1])
             rows_grad = grads.reshape(-1, grads.shape[-1])
-            if inputs.ndim <= 2:
+            if self.estimator == "batch":
+                # the batch-mean loss's own weight gradient, squared; times B so that dividing by the number of
+                # examples gives the mean over (equal-sized) batches
+                squared = (rows_grad.T @ rows_in).square_()
+                _add(self.sums, name, squared.sum(0) * batch)
+                if self.elementwise:
+                    _add(self.element_sums, name, squared * batch)
+            elif inputs.ndim <= 2:
                 # one example per row: (dL_n/dW)_oi = B g_no x_ni, so sum_o (.)^2 = B^2 |g_n|^2 x_ni^2
                 total = (rows_grad.square().sum(-1)) @ rows_in.square()
                 if self.elementwise:
@@ -159,8 +230,8 @@ class _FisherHooks:
                     _add(self.element_sums, name, squared * (batch * batch))
                 else:
                     total = per_example_squared_sums(examples_in, examples_grad)
-            total *= batch * batch
-            _add(self.sums, name, total)
+            if self.estimator != "batch":
+                _add(self.sums, name, total * (batch * batch))
             if self.second_moment:
                 weighted = rows_in * rows_grad.norm(dim=-1, keepdim=True)
                 _add(self.moment_sums, name, weighted.T @ weighted * (batch * batch))
@@ -282,12 +353,13 @@ def estimate_fisher(
     modules: dict[str, nn.Module] | list[str],
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] = model_loss,
     show_progress: bool = True,
+    estimator: str = "empirical",
 ) -> dict[str, torch.Tensor]:
-    """Estimate per-input-feature empirical Fisher importances of `modules` on calibration `batches`.
+    """Estimate per-input-feature Fisher importances of `modules` on calibration `batches`.
 
     Same arguments as [`estimate_fisher_statistics`] without the extras; returns its `importance` dict.
     """
-    return estimate_fisher_statistics(model, batches, modules, loss_fn, show_progress).importance
+    return estimate_fisher_statistics(model, batches, modules, loss_fn, show_progress, estimator=estimator).importance
 
 
 def estimate_fisher_statistics(
@@ -298,8 +370,9 @@ def estimate_fisher_statistics(
     show_progress: bool = True,
     elementwise: bool = False,
     second_moment: bool = False,
+    estimator: str = "empirical",
 ) -> FisherStatistics:
-    """Estimate the empirical Fisher statistics of `modules` on calibration `batches`.
+    """Estimate the Fisher statistics of `modules` on calibration `batches`.
 
     The model runs in eval mode (no dropout) with every parameter frozen; afterwards its mode and `requires_grad`
     flags are restored, no hook is left and no parameter has a gradient.
@@ -320,10 +393,22 @@ def estimate_fisher_statistics(
             module: as much memory as the targeted weights).
         second_moment (`bool`, *optional*, defaults to `False`): Also collect the gradient-weighted activation
             second moment (``in x in`` per module).
+        estimator (`str`, *optional*, defaults to `"empirical"`): `"empirical"` (squared per-example gradients),
+            `"batch"` (squared batch gradients) or `"true"` (labels drawn from the model, see `sampled_label_loss`;
+            needs the default `loss_fn`). See the module docstring.
 
     Returns:
         [`FisherStatistics`]: `importance` maps module name -> fp32 vector of length ``in_features`` (on CPU).
     """
+    if estimator not in FISHER_ESTIMATORS:
+        raise ValueError(f"Unknown Fisher estimator {estimator!r}; choose one of {', '.join(FISHER_ESTIMATORS)}.")
+    if estimator == "true":
+        if loss_fn is not model_loss:
+            raise ValueError(
+                "estimator='true' draws the labels from the model and computes its own loss; it cannot be combined "
+                "with a custom `loss_fn`. Use the default loss, or estimator='empirical'."
+            )
+        loss_fn = functools.partial(sampled_label_loss, generator=torch.Generator().manual_seed(0))
     if not isinstance(modules, dict):
         modules = {name: model.get_submodule(name) for name in modules}
     for name, module in modules.items():
@@ -332,7 +417,7 @@ def estimate_fisher_statistics(
     device = _input_device(model)
     info = process_info()
     was_training, requires_grad = _frozen_state(model)
-    hooks = _FisherHooks(modules, elementwise=elementwise, second_moment=second_moment)
+    hooks = _FisherHooks(modules, elementwise=elementwise, second_moment=second_moment, estimator=estimator)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)

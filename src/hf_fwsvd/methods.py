@@ -100,6 +100,7 @@ def collect_statistics(
                 show_progress,
                 elementwise=config.method == "tfwsvd",
                 second_moment=config.method == "fisher_whiten",
+                estimator=config.fisher_estimator,
             )
             if config.importances is not None:
                 importances = load_importances(config.importances)
