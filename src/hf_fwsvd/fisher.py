@@ -102,9 +102,7 @@ def sampled_label_loss(
             "from the model's predictions, so it needs a model with a task head."
         )
     config = getattr(model, "config", None)
-    regression = getattr(config, "problem_type", None) == "regression" or (
-        logits.ndim == 2 and logits.shape[-1] == 1
-    )
+    regression = getattr(config, "problem_type", None) == "regression" or (logits.ndim == 2 and logits.shape[-1] == 1)
     with torch.no_grad():
         detached = logits.detach().to(torch.float32)
         if regression:
