@@ -132,9 +132,16 @@ def _block_params(model: torch.nn.Module) -> int:
     return total
 
 
-def quantized(model: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 (weights int8, activations quantised per batch) of every `nn.Linear`, on a copy."""
-    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+def quantized(model: torch.nn.Module, per_channel: bool = False) -> torch.nn.Module:
+    """Dynamic int8 (weights int8, activations quantised per batch) of every `nn.Linear`, on a copy.
+
+    The default is the one-line ``quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)`` (one weight scale per
+    tensor); `per_channel` uses ``per_channel_dynamic_qconfig`` (one scale per output row) instead.
+    """
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    spec = {torch.nn.Linear: per_channel_dynamic_qconfig} if per_channel else {torch.nn.Linear}
+    return quantize_dynamic(copy.deepcopy(model), spec, dtype=torch.qint8)
 
 
 def saved_mb(model: torch.nn.Module) -> float:
@@ -205,6 +212,10 @@ def run_task(args: argparse.Namespace, task: str) -> None:
     if args.int8 and run.key(method="dense", ratio=1.0, seed="", stage="none", **(base | {"int8": 1})) not in run.done:
         row = {"method": "dense", "ratio": 1.0, "seed": "", "stage": "none", "block_kept": 1.0} | base | {"int8": 1}
         run.record(quantized(run.dense), row)
+    if args.int8_per_channel:
+        row = {"method": "dense", "ratio": 1.0, "seed": "", "stage": "none", "block_kept": 1.0} | base | {"int8": 2}
+        if point_key({"task": task} | row) not in run.done:
+            run.record(quantized(run.dense, per_channel=True), row)
 
     def points(method: str, seed: int | str, estimator: str, num_samples: int | str, ratios: list[float]) -> None:
         common = {"method": method, "estimator": estimator, "num_samples": num_samples, "seed": seed}
@@ -324,6 +335,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recovery-methods", nargs="*", default=["svd", "fwsvd", "whiten", "tfwsvd"])
     parser.add_argument("--recovery-examples", type=int, default=1000)
     parser.add_argument("--int8", action="store_true")
+    parser.add_argument("--int8-per-channel", action="store_true", help="also per-channel int8 (int8=2 rows)")
     parser.add_argument("--int8-ratios", nargs="*", type=float, default=[0.33, 0.5])
     parser.add_argument("--estimators", nargs="*", default=[], choices=["batch", "true"])
     parser.add_argument("--estimator-ratios", nargs="*", type=float, default=[0.33])

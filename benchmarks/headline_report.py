@@ -47,7 +47,7 @@ def sign_flip_p(per_task: list[torch.Tensor], draws: int = DRAWS, seed: int = 0)
     for d in per_task:
         signs = torch.randint(0, 2, (draws, d.numel()), generator=generator, dtype=torch.int8).double() * 2 - 1
         null += (signs * d.double()).mean(1) / len(per_task)
-    p = float(((null.abs() >= abs(observed) - 1e-12).sum() + 1) / (draws + 1))
+    p = (int((null.abs() >= abs(observed) - 1e-12).sum()) + 1) / (draws + 1)
     return observed, p
 
 
