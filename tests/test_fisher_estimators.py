@@ -154,3 +154,26 @@ def test_estimator_errors_name_the_fix():
         FWSVDConfig(fisher_estimator="exact")
     assert str(error.value) == "Unknown fisher_estimator 'exact'; choose one of empirical, true, batch."
     assert FWSVDConfig(fisher_estimator="true").to_dict()["fisher_estimator"] == "true"
+
+
+@pytest.mark.parametrize("estimator", ["true", "batch"])
+def test_config_estimator_reaches_the_calibration_pass(estimator):
+    from conftest import calibration_data
+
+    from hf_fwsvd import compute_importances
+    from hf_fwsvd.calibration import build_calibration_loader
+
+    torch.manual_seed(0)
+    model = tiny_bert().eval()
+    with torch.no_grad():  # confident predictions: near p = 1/2 the true and empirical Fisher of two classes coincide
+        model.classifier.weight.mul_(50)
+    examples = calibration_data("bert", 8)
+    config = FWSVDConfig(calibration_dataset=examples, num_samples=None, batch_size=4, fisher_estimator=estimator)
+    via_config = compute_importances(model, config, show_progress=False)
+    loader = build_calibration_loader(examples, model=model, batch_size=4)
+    names = list(via_config)
+    direct = estimate_fisher(model, loader, names, show_progress=False, estimator=estimator)
+    empirical = estimate_fisher(model, loader, names, show_progress=False)
+    for name in names:
+        assert torch.allclose(via_config[name], direct[name], rtol=1e-5, atol=1e-12), name
+    assert any(not torch.allclose(via_config[n], empirical[n], rtol=1e-3) for n in names)

@@ -13,14 +13,14 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .factorize import SVD_SOLVERS
+from .methods import available_methods
 from .version import __version__
 
-__all__ = ["ALLOCATIONS", "FWSVDConfig", "METHODS"]
+__all__ = ["ALLOCATIONS", "FWSVDConfig"]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("fwsvd", "svd", "tfwsvd", "whiten", "asvd", "fisher_whiten")
-# Mirrors `fisher.FISHER_ESTIMATORS` (the config does not import the estimation code).
+# Mirrors `statistics.FISHER_ESTIMATORS` (the config does not import the estimation code).
 FISHER_ESTIMATORS = ("empirical", "true", "batch")
 ALLOCATIONS = ("fisher", "uniform")
 # Fields that only matter while compressing; they are never written to `config.json`.
@@ -51,10 +51,11 @@ class FWSVDConfig(QuantizationConfigMixin):
         refine_iterations (`int`, *optional*, defaults to 10): Alternating-least-squares sweeps of `method="tfwsvd"`.
         rank_pattern (`dict[str, int | float]`, *optional*): Per-module overrides. Keys are module names, name
             suffixes or regexes (fullmatch); an int value is a rank, a float a rank ratio.
-        method (`str`, *optional*, defaults to `"fwsvd"`): `"fwsvd"` (row-wise Fisher, the paper), `"svd"` (plain
-            SVD), `"tfwsvd"` (element-wise Fisher refinement of FWSVD), `"whiten"` (SVD-LLM activation whitening),
-            `"asvd"` (activation-magnitude column scaling) or `"fisher_whiten"` (whitening with the gradient-weighted
-            activation second moment). See `docs/methods.md`.
+        method (`str`, *optional*, defaults to `"fwsvd"`): A registered method (see
+            `hf_fwsvd.methods.available_methods()`): `"fwsvd"` (row-wise Fisher, the paper), `"svd"` (plain SVD),
+            `"tfwsvd"` (element-wise Fisher refinement of FWSVD), `"whiten"` (SVD-LLM activation whitening), `"asvd"`
+            (activation-magnitude column scaling), `"fisher_whiten"` (whitening with the gradient-weighted activation
+            second moment), or one added with `hf_fwsvd.methods.register_method`. See `docs/methods.md`.
         target_modules (`str | list[str]`, *optional*): A regex (fullmatch on the module name) or a list of names /
             name suffixes. Default: every linear layer inside the transformer blocks.
         modules_to_not_convert (`list[str]`, *optional*): Names, suffixes or regexes never compressed. Default:
@@ -160,8 +161,8 @@ class FWSVDConfig(QuantizationConfigMixin):
                 _check_fraction(value, f"rank_pattern[{key!r}]", inclusive=False)
             else:
                 _check_rank(value, f"rank_pattern[{key!r}]")
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        if self.method not in available_methods():  # the registry, so methods registered later are accepted
+            raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(available_methods())}.")
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
             raise ValueError("`target_modules` is an empty list: nothing would be compressed.")
         _check_patterns(self.target_modules, "target_modules")
@@ -249,6 +250,12 @@ class FWSVDConfig(QuantizationConfigMixin):
     def is_compressed(self) -> bool:
         """Whether this config describes an already-compressed checkpoint (it has a resolved rank map)."""
         return self.ranks is not None
+
+
+def __getattr__(name: str) -> Any:
+    if name == "METHODS":  # the registered method names (kept for code that imported the old constant)
+        return available_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_rank(value: Any, name: str) -> None:
