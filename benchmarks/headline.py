@@ -226,6 +226,8 @@ def run_task(args: argparse.Namespace, task: str) -> None:
                 keys.append(run.key(ratio=ratio, stage="recovery", int8=0, **common))
             if seed in (0, "") and args.int8 and ratio in args.int8_ratios and estimator in ("", "empirical"):
                 keys.append(run.key(ratio=ratio, stage="none", int8=1, **common))
+                if args.int8_per_channel:
+                    keys.append(run.key(ratio=ratio, stage="none", int8=2, **common))
             if any(key not in run.done for key in keys):
                 wanted.append(ratio)
         if not wanted:
@@ -259,6 +261,8 @@ def run_task(args: argparse.Namespace, task: str) -> None:
             if seed in (0, "") and args.int8 and ratio in args.int8_ratios and estimator in ("", "empirical"):
                 if run.key(ratio=ratio, stage="none", int8=1, **common) not in run.done:
                     run.record(quantized(model), row | {"stage": "none", "int8": 1})
+                if args.int8_per_channel and run.key(ratio=ratio, stage="none", int8=2, **common) not in run.done:
+                    run.record(quantized(model, per_channel=True), row | {"stage": "none", "int8": 2})
             del model
 
     if "svd" in args.methods:
@@ -282,12 +286,17 @@ def timing(args: argparse.Namespace) -> dict:
     (batches of 32, length-sorted, max length 64) in ``--timing-rounds`` interleaved rounds; the minimum is kept.
     """
     run = TaskRun(args.tasks[0])
-    models = {"dense": run.dense, "dense int8": quantized(run.dense)}
+    models = {
+        "dense": run.dense,
+        "dense int8": quantized(run.dense),
+        "dense int8 per-channel": quantized(run.dense, per_channel=True),
+    }
     for ratio in args.timing_ratios:
         model = copy.deepcopy(run.dense)
         compress(model, FWSVDConfig(method="svd", rank_ratio=ratio), show_progress=False)
         models[f"rank ratio {ratio}"] = model
         models[f"rank ratio {ratio} + int8"] = quantized(model)
+        models[f"rank ratio {ratio} + int8 per-channel"] = quantized(model, per_channel=True)
     examples = sorted(run.test[: args.timing_examples], key=lambda e: len(e["text"]))
     batches = [
         run.tokenizer(
