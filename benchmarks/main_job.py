@@ -31,6 +31,7 @@ from benchmarks.assets import polarity_splits
 from benchmarks.task_model import build_task_model
 from hf_fwsvd import FWSVDConfig
 from hf_fwsvd.evaluation import evaluate_classifier
+from hf_fwsvd.methods import available_methods
 
 
 def _checkpoint_bytes(directory: Path) -> int:
@@ -44,7 +45,12 @@ def _params(model: torch.nn.Module) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rank-ratio", type=float, default=0.33, help="fraction of each layer's full rank kept")
-    parser.add_argument("--method", choices=["fwsvd", "svd"], default="fwsvd")
+    parser.add_argument(
+        "--method",
+        choices=available_methods(),
+        default="fwsvd",
+        help="fwsvd (the paper); whiten is what benchmarks/README.md recommends for encoder classifiers",
+    )
     parser.add_argument("--num-samples", type=int, default=512, help="training sentences used for the Fisher")
     parser.add_argument("--output", type=Path, default=Path("outputs/minilm-polarity-fwsvd"))
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -89,20 +95,21 @@ def main(argv: list[str] | None = None) -> dict:
     compressed_metrics = evaluate_classifier(reloaded, tokenizer, splits["dev"])
     compressed_eval_s = time.perf_counter() - tick
 
+    calibration = "Fisher" if args.method in ("fwsvd", "tfwsvd", "fisher_whiten") else "calibration"
     rows = [
         ("parameters", _params(dense), _params(reloaded), "{:>12,}"),
         ("checkpoint MB", _checkpoint_bytes(task_dir) / 1e6, _checkpoint_bytes(args.output) / 1e6, "{:>12.1f}"),
         ("dev accuracy", dense_metrics["accuracy"], compressed_metrics["accuracy"], "{:>12.4f}"),
         ("dev F1", dense_metrics["f1"], compressed_metrics["f1"], "{:>12.4f}"),
-        ("compress s (Fisher + SVD)", None, compress_s, "{:>12.1f}"),
+        (f"compress s ({calibration} + SVD)", None, compress_s, "{:>12.1f}"),
         ("reload s", None, reload_s, "{:>12.2f}"),
         ("dev eval s", dense_eval_s, compressed_eval_s, "{:>12.1f}"),
     ]
     low_rank = sum(isinstance(m, hf_fwsvd.LowRankLinear) for m in reloaded.modules())
     print(f"\nTask model: {task_dir} ({len(splits['train'])} train / {len(splits['dev'])} dev sentences)")
     print(
-        f"Compressed: {args.method} at rank ratio {args.rank_ratio}, {low_rank} LowRankLinear modules, Fisher on "
-        f"{args.num_samples} training sentences -> {args.output}\n"
+        f"Compressed: {args.method} at rank ratio {args.rank_ratio}, {low_rank} LowRankLinear modules, "
+        f"{calibration} on {args.num_samples} training sentences -> {args.output}\n"
     )
     print(f"{'':<28}{'original':>12}{'compressed':>12}{'ratio':>9}")
     for label, before, after, fmt in rows:

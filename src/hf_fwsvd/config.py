@@ -20,6 +20,8 @@ __all__ = ["ALLOCATIONS", "FWSVDConfig"]
 
 logger = logging.getLogger(__name__)
 
+# Mirrors `statistics.FISHER_ESTIMATORS` (the config does not import the estimation code).
+FISHER_ESTIMATORS = ("empirical", "true", "batch")
 ALLOCATIONS = ("fisher", "uniform")
 # Fields that only matter while compressing; they are never written to `config.json`.
 RUNTIME_FIELDS = ("calibration_dataset", "tokenizer", "importances", "importances_cache", "num_workers")
@@ -75,6 +77,10 @@ class FWSVDConfig(QuantizationConfigMixin):
             it and not collected again; the others are collected and the file rewritten with all of them (by the main
             process) before any layer is factorised, so an interrupted run restarts from it. Its directory must
             exist. Cannot be combined with `importances`.
+        fisher_estimator (`str`, *optional*, defaults to `"empirical"`): How the Fisher is estimated from the
+            calibration data: `"empirical"` (squared per-example gradients on the given labels, the paper),
+            `"batch"` (squared gradients of each batch-mean loss, what common FWSVD code computes; depends on
+            `batch_size`) or `"true"` (labels drawn from the model's own predictions: no labels needed).
         importance_floor (`float`, *optional*, defaults to 0): Relative floor on importances (see `factorize`); 0 gives
             the exact weighted optimum.
         svd_solver (`str`, *optional*, defaults to `"auto"`): `"full"` (exact SVD), `"randomized"` (randomized range
@@ -116,6 +122,7 @@ class FWSVDConfig(QuantizationConfigMixin):
     importances: Any = None
     importances_cache: str | None = None
     importance_floor: float = 0.0
+    fisher_estimator: str = "empirical"
     svd_solver: str = "auto"
     num_workers: int = 1
     ranks: dict[str, int] | None = None
@@ -179,6 +186,10 @@ class FWSVDConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if self.fisher_estimator not in FISHER_ESTIMATORS:
+            raise ValueError(
+                f"Unknown fisher_estimator {self.fisher_estimator!r}; choose one of {', '.join(FISHER_ESTIMATORS)}."
+            )
         if self.svd_solver not in SVD_SOLVERS:
             raise ValueError(f"Unknown svd_solver {self.svd_solver!r}; choose one of {', '.join(SVD_SOLVERS)}.")
         if not 0 <= self.importance_floor < 1:

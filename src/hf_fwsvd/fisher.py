@@ -34,17 +34,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .statistics import collect, model_loss
+from .statistics import FISHER_ESTIMATORS, collect, model_loss, sampled_label_loss
 from .statistics.per_example import CHUNK_ELEMENTS, per_example_squared_gradients, per_example_squared_sums
 
 __all__ = [
     "CHUNK_ELEMENTS",
+    "FISHER_ESTIMATORS",
     "FisherStatistics",
     "estimate_fisher",
     "estimate_fisher_statistics",
     "model_loss",
     "per_example_squared_gradients",
     "per_example_squared_sums",
+    "sampled_label_loss",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,12 +74,13 @@ def estimate_fisher(
     modules: dict[str, nn.Module] | list[str],
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] = model_loss,
     show_progress: bool = True,
+    estimator: str = "empirical",
 ) -> dict[str, torch.Tensor]:
-    """Estimate per-input-feature empirical Fisher importances of `modules` on calibration `batches`.
+    """Estimate per-input-feature Fisher importances of `modules` on calibration `batches`.
 
     Same arguments as [`estimate_fisher_statistics`] without the extras; returns its `importance` dict.
     """
-    return estimate_fisher_statistics(model, batches, modules, loss_fn, show_progress).importance
+    return estimate_fisher_statistics(model, batches, modules, loss_fn, show_progress, estimator=estimator).importance
 
 
 def estimate_fisher_statistics(
@@ -88,8 +91,9 @@ def estimate_fisher_statistics(
     show_progress: bool = True,
     elementwise: bool = False,
     second_moment: bool = False,
+    estimator: str = "empirical",
 ) -> FisherStatistics:
-    """Estimate the empirical Fisher statistics of `modules` on calibration `batches`.
+    """Estimate the Fisher statistics of `modules` on calibration `batches`.
 
     The model runs in eval mode (no dropout) with every parameter frozen; afterwards its mode and `requires_grad`
     flags are restored, no hook is left and no parameter has a gradient.
@@ -111,6 +115,9 @@ def estimate_fisher_statistics(
             module: as much memory as the targeted weights).
         second_moment (`bool`, *optional*, defaults to `False`): Also collect the gradient-weighted activation
             second moment (``in x in`` per module).
+        estimator (`str`, *optional*, defaults to `"empirical"`): `"empirical"` (squared per-example gradients),
+            `"batch"` (squared batch gradients) or `"true"` (labels drawn from the model, see `sampled_label_loss`;
+            needs the default `loss_fn`). See `FWSVDConfig.fisher_estimator`.
 
     Returns:
         [`FisherStatistics`]: `importance` maps module name -> fp32 vector of length ``in_features`` (on CPU).
@@ -120,7 +127,7 @@ def estimate_fisher_statistics(
         names.append("elementwise_fisher")
     if second_moment:
         names.append("gradient_second_moment")
-    stats = collect(model, batches, modules, names, loss_fn, show_progress)
+    stats = collect(model, batches, modules, names, loss_fn, show_progress, fisher_estimator=estimator)
     return FisherStatistics(
         stats["row_fisher"], stats.get("elementwise_fisher", {}), stats.get("gradient_second_moment", {})
     )

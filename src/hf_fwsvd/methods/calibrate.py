@@ -106,7 +106,8 @@ def collect_statistics(
     missing = [key for key in needed if key not in stats]
     if missing:
         loader = calibration_loader_from_config(config, model)
-        fresh = collect(model, loader, targets, missing, loss_fn, show_progress)
+        estimator = getattr(config, "fisher_estimator", "empirical")
+        fresh = collect(model, loader, targets, missing, loss_fn, show_progress, fisher_estimator=estimator)
         stats.update(fresh)
         stats.samples = fresh.samples
         cache = getattr(config, "importances_cache", None)

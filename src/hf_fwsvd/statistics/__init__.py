@@ -8,10 +8,11 @@ with [`register_statistic`].
 
 from . import builtin  # noqa: F401  (registers the built-in statistics)
 from .base import Observation, Statistic, Statistics
-from .collector import collect, input_device, model_loss
+from .collector import FISHER_ESTIMATORS, collect, input_device, model_loss, sampled_label_loss
 from .registry import available_statistics, get_statistic, register_statistic
 
 __all__ = [
+    "FISHER_ESTIMATORS",
     "Observation",
     "Statistic",
     "Statistics",
@@ -21,4 +22,5 @@ __all__ = [
     "input_device",
     "model_loss",
     "register_statistic",
+    "sampled_label_loss",
 ]

@@ -8,6 +8,10 @@ a mean over tokens), and each is divided by the number of calibration examples `
 - ``elementwise_fisher``: ``I_oi = 1/N sum_n (dL_n/dW_oi)^2`` (``out x in``: a second copy of the weight);
 - ``gradient_second_moment``: ``C = 1/N sum_n sum_t |g_nt|^2 x_nt x_nt^T`` (``in x in``).
 
+With the ``"batch"`` Fisher estimator the two Fisher statistics square the gradient of the batch-mean loss instead,
+``B_b (dL_b/dW)^2`` per batch (divided by ``N``: the mean over batches of equal size), as common FWSVD code does; the
+``"true"`` estimator changes only the labels (see `hf_fwsvd.statistics.collector.sampled_label_loss`).
+
 Forward statistics need no labels; they are divided by the number ``n`` of real (non-padding) tokens that reached the
 layer, padding being dropped with the batch's `attention_mask`:
 
@@ -36,6 +40,13 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1, tensor.shape[-1])
 
 
+def _batch_squared_gradient(observation: Observation) -> torch.Tensor:
+    """``(dL_b/dW)^2 = (G^T X)^2`` of the batch-mean loss (``out x in``), for the ``"batch"`` estimator."""
+    return observation.memo(
+        "batch_squared_gradient", lambda: (_rows(observation.grads).T @ _rows(observation.inputs)).square_()
+    )
+
+
 def _squared_gradients(observation: Observation) -> torch.Tensor:
     """``sum_n (G_n^T X_n)^2`` over the batch's examples (``out x in``), shared by the row and element-wise Fisher."""
 
@@ -62,6 +73,8 @@ class RowFisher(Statistic):
 
     def accumulate(self, observation: Observation) -> torch.Tensor:
         inputs, grads, batch = observation.inputs, observation.grads, observation.batch
+        if observation.estimator == "batch":
+            return _batch_squared_gradient(observation).sum(0) * batch
         if inputs.ndim <= 2:  # sum_o (B g_no x_ni)^2 = B^2 |g_n|^2 x_ni^2
             total = _rows(grads).square().sum(-1) @ _rows(inputs).square()
         elif "elementwise_fisher" in observation.requested:
@@ -83,6 +96,8 @@ class ElementwiseFisher(Statistic):
         return (out_features, in_features)
 
     def accumulate(self, observation: Observation) -> torch.Tensor:
+        if observation.estimator == "batch":
+            return _batch_squared_gradient(observation) * observation.batch
         return _squared_gradients(observation) * (observation.batch * observation.batch)
 
 

@@ -18,6 +18,7 @@ uses along the token axis once the backward pass is done, never from a sum of pe
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -31,9 +32,15 @@ from ..layers import dense_weight, is_supported_linear
 from .base import Observation, Statistic, Statistics
 from .registry import get_statistic
 
-__all__ = ["collect", "input_device", "model_loss"]
+__all__ = ["FISHER_ESTIMATORS", "collect", "input_device", "model_loss", "sampled_label_loss"]
 
 logger = logging.getLogger(__name__)
+
+# How backward statistics estimate the Fisher (`FWSVDConfig.fisher_estimator`):
+# "empirical": squared per-example gradients on the calibration labels (the paper);
+# "true": the same, with every label drawn from the model's own predictive distribution (`sampled_label_loss`);
+# "batch": squared gradients of each batch-mean loss (what common FWSVD code computes).
+FISHER_ESTIMATORS = ("empirical", "true", "batch")
 
 
 def model_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -53,6 +60,46 @@ def model_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
             "give labelled calibration data, pass `importances=`, or use `method='svd'`."
         )
     return loss
+
+
+def sampled_label_loss(
+    model: nn.Module, batch: dict[str, Any], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The task loss on labels drawn from the model's own predictive distribution (the true-Fisher loss).
+
+    The model runs without the batch's labels. For classification logits (``batch x classes``, or ``batch x tokens x
+    classes`` for token-level heads and causal LMs) one label per example or token is drawn from ``softmax(logits)``
+    and the loss is the cross-entropy, averaged over examples (over the tokens the `attention_mask` keeps, for
+    token-level logits). For a one-output regression head (``problem_type="regression"`` or one label) the target is
+    ``f(x) + e`` with ``e ~ N(0, 1)`` and the loss is the mean squared error, as transformers computes it.
+
+    Args:
+        model (`nn.Module`): A transformers model with a task head (its outputs have `.logits`).
+        batch (`dict[str, Any]`): A calibration batch; its `labels`, if any, are ignored.
+        generator (`torch.Generator`, *optional*): CPU generator for the draws (reproducible estimates).
+    """
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    logits = getattr(model(**inputs), "logits", None)
+    if logits is None:
+        raise ValueError(
+            f"{type(model).__name__} returned no logits: the true Fisher (`fisher_estimator='true'`) samples labels "
+            "from the model's predictions, so it needs a model with a task head."
+        )
+    config = getattr(model, "config", None)
+    regression = getattr(config, "problem_type", None) == "regression" or (logits.ndim == 2 and logits.shape[-1] == 1)
+    with torch.no_grad():
+        detached = logits.detach().to(torch.float32)
+        if regression:
+            target = detached + torch.randn(detached.shape, generator=generator).to(detached.device)
+        else:
+            probs = detached.reshape(-1, detached.shape[-1]).softmax(-1).cpu()
+            target = torch.multinomial(probs, 1, generator=generator).reshape(detached.shape[:-1]).to(logits.device)
+            mask = inputs.get("attention_mask")
+            if logits.ndim == 3 and torch.is_tensor(mask) and tuple(mask.shape) == tuple(target.shape):
+                target = target.masked_fill(mask.to(target.device) == 0, -100)
+    if regression:
+        return nn.functional.mse_loss(logits.float(), target)
+    return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -102,8 +149,11 @@ def _join_uses(tensors: list[torch.Tensor]) -> torch.Tensor:
 class _Hooks:
     """Forward (and output-gradient) hooks accumulating the requested statistics of a set of modules."""
 
-    def __init__(self, modules: dict[str, nn.Module], statistics: dict[str, Statistic]) -> None:
+    def __init__(
+        self, modules: dict[str, nn.Module], statistics: dict[str, Statistic], estimator: str = "empirical"
+    ) -> None:
         self.modules = modules
+        self.estimator = estimator
         self.forward_stats = {key: stat for key, stat in statistics.items() if not stat.needs_backward}
         self.backward_stats = {key: stat for key, stat in statistics.items() if stat.needs_backward}
         self.requested = frozenset(statistics)
@@ -169,7 +219,10 @@ class _Hooks:
     def _accumulate(self, name: str, hidden: torch.Tensor, grad: torch.Tensor) -> None:
         with torch.no_grad():
             observation = Observation(
-                hidden.detach().to(torch.float32), grad.detach().to(torch.float32), requested=self.requested
+                hidden.detach().to(torch.float32),
+                grad.detach().to(torch.float32),
+                requested=self.requested,
+                estimator=self.estimator,
             )
             for key, stat in self.backward_stats.items():
                 _add(self.sums[key], name, stat.accumulate(observation))
@@ -268,6 +321,7 @@ def collect(
     statistics: Iterable[str],
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     show_progress: bool = True,
+    fisher_estimator: str = "empirical",
 ) -> Statistics:
     """Collect the named statistics of `modules` in one pass over calibration `batches` (see the module docstring).
 
@@ -279,6 +333,9 @@ def collect(
         statistics (`Iterable[str]`): Registered statistic names (see `hf_fwsvd.statistics.available_statistics`).
         loss_fn (`Callable`, *optional*): Loss of one batch; defaults to the model's own `outputs.loss`.
         show_progress (`bool`, *optional*, defaults to `True`): tqdm progress bar over batches (main process only).
+        fisher_estimator (`str`, *optional*, defaults to `"empirical"`): How backward statistics estimate the Fisher:
+            `"empirical"` (squared per-example gradients), `"batch"` (squared batch gradients) or `"true"` (labels
+            drawn from the model by `sampled_label_loss`, seeded; cannot be combined with a custom `loss_fn`).
 
     Returns:
         [`Statistics`]: statistic name -> module name -> fp32 CPU tensor, each divided by the number of examples (or
@@ -287,6 +344,17 @@ def collect(
     Raises:
         `ValueError`: For a non-linear target, no batch, a non-finite loss, or a module no gradient (or token) reached.
     """
+    if fisher_estimator not in FISHER_ESTIMATORS:
+        raise ValueError(
+            f"Unknown Fisher estimator {fisher_estimator!r}; choose one of {', '.join(FISHER_ESTIMATORS)}."
+        )
+    if fisher_estimator == "true":
+        if loss_fn not in (None, model_loss):
+            raise ValueError(
+                "estimator='true' draws the labels from the model and computes its own loss; it cannot be combined "
+                "with a custom `loss_fn`. Use the default loss, or estimator='empirical'."
+            )
+        loss_fn = functools.partial(sampled_label_loss, generator=torch.Generator().manual_seed(0))
     if not isinstance(modules, dict):
         modules = {name: model.get_submodule(name) for name in modules}
     for name, module in modules.items():
@@ -297,7 +365,7 @@ def collect(
     if not wanted:
         return result
     info = process_info()
-    hooks = _Hooks(modules, wanted)
+    hooks = _Hooks(modules, wanted, fisher_estimator)
     if hooks.backward_stats and torch.is_inference_mode_enabled():
         raise RuntimeError(
             "Fisher importances need gradients, but this runs inside `torch.inference_mode()`, where none can be "

@@ -1,0 +1,258 @@
+"""Tables, paired tests and the plot of the results of `benchmarks/headline.py` (run with ``--report``).
+
+Paired tests use the per-example test predictions written next to ``points.csv``:
+
+* accuracy, one seed: McNemar's exact test on the examples only one of the two models gets right;
+* accuracy, several seeds (calibration samples): per example ``d_i = mean over seeds of correct(method) -
+  correct(svd)`` and a sign-flip permutation test of ``mean d_i`` (10,000 draws; the unit is the test example, the
+  calibration randomness is averaged); over several tasks, the statistic is the mean over tasks of the per-task
+  means, with the signs flipped per example;
+* Pearson r (regression): paired bootstrap over test examples (10,000 resamples).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.assets import TASKS, task_splits
+from benchmarks.headline import RESULTS, read_points
+
+DRAWS = 10_000
+
+
+def mcnemar(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
+    """``(only a right, only b right, exact two-sided p)``."""
+    only_a = sum(x and not y for x, y in zip(a, b, strict=True))
+    only_b = sum(y and not x for x, y in zip(a, b, strict=True))
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return only_a, only_b, p
+
+
+def sign_flip_p(per_task: list[torch.Tensor], draws: int = DRAWS, seed: int = 0) -> tuple[float, float]:
+    """``(statistic, two-sided p)`` of the mean over tasks of the mean per-example difference, sign-flip test."""
+    observed = sum(float(d.mean()) for d in per_task) / len(per_task)
+    generator = torch.Generator().manual_seed(seed)
+    null = torch.zeros(draws, dtype=torch.float64)
+    for d in per_task:
+        signs = torch.randint(0, 2, (draws, d.numel()), generator=generator, dtype=torch.int8).double() * 2 - 1
+        null += (signs * d.double()).mean(1) / len(per_task)
+    p = (int((null.abs() >= abs(observed) - 1e-12).sum()) + 1) / (draws + 1)
+    return observed, p
+
+
+def bootstrap_pearson(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, draws: int = DRAWS) -> tuple[float, float]:
+    """``(r(a) - r(b), two-sided bootstrap p)`` on paired resamples of test examples."""
+
+    def r(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        pc, tc = pred - pred.mean(-1, keepdim=True), target - target.mean(-1, keepdim=True)
+        return (pc * tc).sum(-1) / (pc.square().sum(-1).sqrt() * tc.square().sum(-1).sqrt())
+
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, len(y), (draws, len(y)), generator=generator)
+    diffs = r(a[idx], y[idx]) - r(b[idx], y[idx])
+    observed = float(r(a, y) - r(b, y))
+    p = 2 * min(float((diffs <= 0).double().mean()), float((diffs >= 0).double().mean()))
+    return observed, min(1.0, p)
+
+
+def load_predictions(task: str) -> dict[str, list]:
+    path = RESULTS / f"{task}_predictions.jsonl"
+    if not path.is_file():
+        return {}
+    return {row["key"]: row["pred"] for row in map(json.loads, path.read_text().splitlines())}
+
+
+def _fmt(values: list[float], scale: float = 100) -> str:
+    if not values:
+        return ""
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {statistics.stdev(values) * scale:.1f}"
+
+
+def main() -> None:
+    rows = read_points()
+    tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    by = defaultdict(list)
+    for r in rows:
+        by[(r["task"], r["method"], r["estimator"], r["num_samples"], r["ratio"], r["stage"], r["int8"])].append(r)
+    ratios = sorted({r["ratio"] for r in rows if r["method"] != "dense"}, key=float)
+    methods = [m for m in ("svd", "fwsvd", "tfwsvd", "whiten") if any(r["method"] == m for r in rows)]
+
+    def cell(task, method, ratio, stage="none", estimator=None, num_samples=None, int8="0"):
+        estimator = estimator if estimator is not None else ("" if method == "svd" else "empirical")
+        keys = [k for k in by if k[0] == task and k[1] == method and k[2] == estimator and k[4] == ratio]
+        keys = [k for k in keys if k[5] == stage and k[6] == int8]
+        if num_samples is not None:
+            keys = [k for k in keys if k[3] == str(num_samples)]
+        elif method != "svd":
+            keys = [k for k in keys if k[3] == "128"]
+        return [float(r["score"]) for k in keys for r in by[k]]
+
+    print("## Test scores (x100), mean ± std over calibration seeds; no fine-tune\n")
+    print("| task | dense | rank ratio | block weights kept | " + " | ".join(methods) + " |")
+    print("|---|---|---|---|" + "---|" * len(methods))
+    for task in tasks:
+        dense = [
+            float(r["score"]) for k, v in by.items() if k[0] == task and k[1] == "dense" and k[6] == "0" for r in v
+        ]
+        for ratio in ratios:
+            kept = [r["block_kept"] for r in rows if r["task"] == task and r["ratio"] == ratio and r["block_kept"]]
+            cells = [_fmt(cell(task, m, ratio)) for m in methods]
+            print(f"| {task} | {_fmt(dense)} | {ratio} | {kept[0] if kept else ''} | " + " | ".join(cells) + " |")
+
+    print("\n## Paired tests against SVD (no fine-tune)\n")
+    print("| task | rank ratio | method | seeds | mean diff (pt) | test | p |")
+    print("|---|---|---|---|---|---|---|")
+    pooled: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
+    for task in tasks:
+        predictions = load_predictions(task)
+        regression = TASKS[task][0] == 1
+        test = task_splits(task)["test"]
+        for ratio in ratios:
+            svd_key = f"{task}|svd|||{ratio}||none|0"
+            if svd_key not in predictions:
+                continue
+            y = torch.tensor([e["label"] for e in test][: len(predictions[svd_key])], dtype=torch.float64)
+            svd = torch.tensor(predictions[svd_key], dtype=torch.float64)
+            for method in methods[1:]:
+                keys = [k for k in predictions if k.startswith(f"{task}|{method}|empirical|128|{ratio}|")]
+                keys = [k for k in keys if k.endswith("|none|0")]
+                if not keys:
+                    continue
+                preds = torch.tensor([predictions[k] for k in keys], dtype=torch.float64)
+                if regression:
+                    diff, p = bootstrap_pearson(preds.mean(0), svd, y)
+                    print(
+                        f"| {task} | {ratio} | {method} | {len(keys)} | {100 * diff:+.1f} (r) | bootstrap | {p:.3g} |"
+                    )
+                    continue
+                d = (preds == y).double().mean(0) - (svd == y).double()
+                pooled[(ratio, method)].append(d)
+                stat, p = sign_flip_p([d])
+                test_name = "sign-flip" if len(keys) > 1 else "McNemar"
+                if len(keys) == 1:
+                    _, _, p = mcnemar((preds[0] == y).tolist(), (svd == y).tolist())
+                print(f"| {task} | {ratio} | {method} | {len(keys)} | {100 * stat:+.1f} | {test_name} | {p:.3g} |")
+    print("\n## Averaged over the classification tasks (each task weighted equally)\n")
+    print("| rank ratio | method | tasks | mean diff vs SVD (pt) | sign-flip p |")
+    print("|---|---|---|---|---|")
+    for (ratio, method), per_task in sorted(pooled.items()):
+        stat, p = sign_flip_p(per_task)
+        print(f"| {ratio} | {method} | {len(per_task)} | {100 * stat:+.2f} | {p:.3g} |")
+
+    recovery = [k for k in by if k[5] == "recovery"]
+    if recovery:
+        print("\n## After the recovery (head refit), seed 0 (x100)\n")
+        print("| task | dense | rank ratio | " + " | ".join(f"{m} / + recovery" for m in methods) + " |")
+        print("|---|---|---|" + "---|" * len(methods))
+        for task in tasks:
+            dense = [
+                float(r["score"]) for k, v in by.items() if k[0] == task and k[1] == "dense" and k[6] == "0" for r in v
+            ]
+            for ratio in sorted({k[4] for k in recovery if k[0] == task}, key=float):
+                cells = []
+                for m in methods:
+                    seed0 = [
+                        float(r["score"])
+                        for r in rows
+                        if r["task"] == task
+                        and r["method"] == m
+                        and r["ratio"] == ratio
+                        and r["stage"] == "none"
+                        and r["int8"] == "0"
+                        and r["seed"] in ("0", "")
+                        and r["estimator"] in ("", "empirical")
+                        and r["num_samples"] in ("", "128")
+                    ]
+                    rec = cell(task, m, ratio, stage="recovery")
+                    cells.append(f"{_fmt(seed0)} / {_fmt(rec)}")
+                print(f"| {task} | {_fmt(dense)} | {ratio} | " + " | ".join(cells) + " |")
+
+    estimators = sorted({k[2] for k in by if k[2] not in ("", "empirical")})
+    counts = sorted({k[3] for k in by if k[3] not in ("", "128")}, key=int)
+    if estimators or counts:
+        print("\n## Fisher estimators and calibration sizes (fwsvd, no fine-tune, x100)\n")
+        variants = [("empirical", "128")] + [(e, "128") for e in estimators] + [("empirical", c) for c in counts]
+        print("| task | rank ratio | svd | " + " | ".join(f"{e} n={n}" for e, n in variants) + " |")
+        print("|---|---|---|" + "---|" * len(variants))
+        for task in tasks:
+            for ratio in sorted(
+                {k[4] for k in by if k[0] == task and k[2] in estimators or k[3] in counts}, key=float
+            ):
+                cells = [_fmt(cell(task, "fwsvd", ratio, estimator=e, num_samples=n)) for e, n in variants]
+                print(f"| {task} | {ratio} | {_fmt(cell(task, 'svd', ratio))} | " + " | ".join(cells) + " |")
+
+    int8 = [k for k in by if k[6] == "1"]
+    if int8:
+        print("\n## Dynamic int8 (x100, seed 0)\n")
+        print("| task | model | score | score, int8 |")
+        print("|---|---|---|---|")
+        for task in tasks:
+            for k in sorted(k for k in int8 if k[0] == task):
+                fp32 = by.get(k[:6] + ("0",), [])
+                seed0 = [float(r["score"]) for r in fp32 if r["seed"] in ("0", "")]
+                name = "dense" if k[1] == "dense" else f"{k[1]} {k[4]}"
+                print(f"| {task} | {name} | {_fmt(seed0)} | {_fmt([float(r['score']) for r in by[k]])} |")
+    timing = RESULTS / "timing.json"
+    if timing.is_file():
+        print("\n## Forward time and size (side by side, one run)\n")
+        print("| model | forward s (min of rounds) | vs dense | saved MB |")
+        print("|---|---|---|---|")
+        data = json.loads(timing.read_text())
+        dense_s = data["models"]["dense"]["seconds"]
+        for name, v in data["models"].items():
+            print(f"| {name} | {v['seconds']:.2f} | {dense_s / v['seconds']:.2f}x faster | {v['mb']:.1f} |")
+    plot(rows, tasks, methods)
+
+
+def plot(rows: list[dict], tasks: list[str], methods: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), dpi=100, squeeze=False)
+    colors = {"svd": "tab:red", "fwsvd": "tab:blue", "tfwsvd": "tab:purple", "whiten": "tab:green"}
+    for ax, task in zip(axes[0], tasks, strict=True):
+        sub = [r for r in rows if r["task"] == task and r["int8"] == "0" and r["stage"] == "none"]
+        dense = [float(r["score"]) for r in sub if r["method"] == "dense"]
+        for method in methods:
+            pts = defaultdict(list)
+            for r in sub:
+                if r["method"] == method and r["estimator"] in ("", "empirical") and r["num_samples"] in ("", "128"):
+                    pts[float(r["block_kept"])].append(float(r["score"]))
+            if not pts:
+                continue
+            xs = sorted(pts)
+            means = [statistics.fmean(pts[x]) for x in xs]
+            errs = [statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0 for x in xs]
+            ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, color=colors[method], label=method)
+        if dense:
+            ax.axhline(dense[0], color="black", linestyle="--", label="dense")
+        ax.set_title(f"all-mpnet-base-v2: {task}")
+        ax.set_xlabel("fraction of block weights kept")
+        ax.set_ylabel(f"test {TASKS[task][2]}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "headline.png")
+    print(f"\nPlot: {RESULTS / 'headline.png'}")
+
+
+if __name__ == "__main__":
+    main()
