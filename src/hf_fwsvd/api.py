@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .allocation import allocate_ranks, direction_scores
 from .calibration import calibration_loader_from_config
 from .config import FWSVDConfig
+from .defaults import resolve_defaults
 from .distributed import is_main_process
 from .factorize import low_rank_params, relative_errors
 from .fisher import estimate_fisher, model_loss
@@ -126,7 +127,7 @@ def compress(
     """
     if any(isinstance(module, LowRankLinear) for module in model.modules()):
         raise ValueError(f"{type(model).__name__} is already FWSVD-compressed; compress the dense model instead.")
-    run_config = config.copy_for_run()
+    run_config = resolve_defaults(model, config.copy_for_run())
     targets = find_target_modules(model, run_config)
     _check_materialised(model, targets)
     shapes = {name: shape_of(module) for name, module in targets.items()}

@@ -18,6 +18,7 @@ holds the same tensors as `compress()` followed by `save_pretrained()` and loads
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -251,6 +252,8 @@ def compress_layerwise(
     from .api import _calibration_size
     from .serialization import _move_into
 
+    if config.method is None:  # the layer-by-layer path has only the paper's method (see `defaults`)
+        config = dataclasses.replace(config, method="fwsvd")
     if config.method not in ("fwsvd", "svd") or config.param_budget is not None:
         raise ValueError(
             f"compress_layerwise supports method='fwsvd' or 'svd' with per-module rank rules; got method="

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any
 
+from ..config import METHODS
 from .common import (
     EXIT_USAGE,
     TASKS,
@@ -41,19 +43,39 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("model", metavar="MODEL", help="Dense model: a local folder or a Hub id.")
     parser.add_argument("--task", required=True, choices=TASKS, metavar="TASK", help=f"One of: {', '.join(TASKS)}.")
     parser.add_argument("--output", required=True, metavar="DIR", help="Folder to save the compressed model into.")
-    data = parser.add_argument_group("calibration data (needed by --method fwsvd)")
+    data = parser.add_argument_group("calibration data (needed by every method but svd)")
     add_data_arguments(data, required=False)
     data.add_argument("--num-samples", type=int, default=256, metavar="N", help="Examples to use (default 256).")
     data.add_argument("--batch-size", type=int, default=8, metavar="N", help="Batch size (default 8).")
     data.add_argument("--max-length", type=int, default=128, metavar="N", help="Truncation length (default 128).")
-    how = parser.add_argument_group("how much to compress (one of; default --rank-ratio 0.33)")
+    how = parser.add_argument_group(
+        "how much to compress (one of; default --rank-ratio 0.33, or --param-budget 0.8 for a causal LM without "
+        "--method)"
+    )
     ranks = how.add_mutually_exclusive_group()
     ranks.add_argument("--rank-ratio", type=float, metavar="R", help="Keep this fraction of each module's full rank.")
     ranks.add_argument("--rank", type=int, metavar="N", help="The same rank for every module.")
     ranks.add_argument(
         "--param-ratio", type=float, metavar="P", help="Keep about this fraction of each module's weights."
     )
-    how.add_argument("--method", choices=("fwsvd", "svd"), default="fwsvd", help="Default: fwsvd.")
+    ranks.add_argument(
+        "--param-budget",
+        type=float,
+        metavar="P",
+        help="Keep this fraction of the targeted weights in total, shared between modules by the global allocation.",
+    )
+    how.add_argument(
+        "--method",
+        choices=METHODS,
+        default=None,
+        help="Default: whiten with the global allocation for causal LMs, fwsvd (the paper) otherwise.",
+    )
+    how.add_argument(
+        "--allocation-power",
+        type=float,
+        metavar="A",
+        help="With --param-budget: exponent on each module's Fisher mass (default 0.5; 1 for causal LMs by default).",
+    )
     how.add_argument(
         "--target-modules", metavar="NAMES", help="Comma-separated module names/suffixes (default: all block linears)."
     )
@@ -64,6 +86,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     evaluation = parser.add_argument_group("evaluation before/after (optional; goes into the model card)")
     add_data_arguments(evaluation, prefix="eval-", required=False)
     evaluation.add_argument("--eval-limit", type=int, metavar="N", help="Evaluate on the first N examples only.")
+    evaluation.add_argument(
+        "--fail-on-collapse",
+        action="store_true",
+        help="Exit with code 1 (saving nothing) when the evaluation shows a collapsed model (perplexity above 3x the "
+        "dense one, accuracy at chance) instead of only warning.",
+    )
     output = parser.add_argument_group("output")
     output.add_argument("--overwrite", action="store_true", help="Replace the checkpoint files already in --output.")
     output.add_argument("--push-to-hub", metavar="REPO_ID", help="Also upload the result to this Hub repo.")
@@ -73,15 +101,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    if args.method == "fwsvd" and not args.data:
-        raise CommandError(
-            "--method fwsvd needs calibration data: pass --data FILE (or use --method svd).", EXIT_USAGE
-        )
+    if args.method != "svd" and not args.data:
+        method = f"--method {args.method}" if args.method else "The default method"
+        raise CommandError(f"{method} needs calibration data: pass --data FILE (or use --method svd).", EXIT_USAGE)
+    if args.fail_on_collapse and not args.eval_data:
+        raise CommandError("--fail-on-collapse needs an evaluation: pass --eval-data FILE.", EXIT_USAGE)
     for name in ("num_samples", "batch_size", "max_length", "rank", "num_labels", "eval_limit"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise CommandError(f"--{name.replace('_', '-')} must be positive, got {value}.", EXIT_USAGE)
-    for name in ("rank_ratio", "param_ratio"):
+    for name in ("rank_ratio", "param_ratio", "param_budget"):
         value = getattr(args, name)
         if value is not None and not 0 < value <= (1 if name == "param_ratio" else 0.999999):
             bound = "(0, 1]" if name == "param_ratio" else "(0, 1)"
@@ -102,7 +131,14 @@ def _check_arguments(args: argparse.Namespace) -> None:
 def _config(args: argparse.Namespace, examples: list[dict] | None, tokenizer: Any) -> Any:
     from ..config import FWSVDConfig
 
-    ranks = {"rank": args.rank, "rank_ratio": args.rank_ratio, "param_ratio": args.param_ratio}
+    ranks = {
+        "rank": args.rank,
+        "rank_ratio": args.rank_ratio,
+        "param_ratio": args.param_ratio,
+        "param_budget": args.param_budget,
+    }
+    if args.allocation_power is not None:
+        ranks["allocation_power"] = args.allocation_power
     targets = [name.strip() for name in args.target_modules.split(",")] if args.target_modules else None
     try:
         return FWSVDConfig(
@@ -151,6 +187,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'evaluation':<14} {'dense':>12} {'compressed':>12}")
         for name in model.fwsvd_evaluation.metric_names():
             print(f"{name:<14} {before.get(name, float('nan')):>12.4f} {after[name]:>12.4f}")
+        collapse = model.fwsvd_evaluation.collapse
+        if collapse:
+            print(f"\nWARNING: {collapse}", file=sys.stderr)
+            if args.fail_on_collapse:
+                raise CommandError(f"{collapse} Nothing was saved (--fail-on-collapse).")
     model.save_pretrained(args.output)
     tokenizer.save_pretrained(args.output)
     if args.report_json:
