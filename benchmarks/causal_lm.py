@@ -68,6 +68,8 @@ FIELDS = [
 ]  # fmt: skip
 CALIB_CHUNKS, CHUNK_TOKENS, EVAL_TOKENS, WINDOW = 32, 256, 8192, 512
 MOBY_CHAPTERS = range(116, 136)
+# LoRA recovery (rank 8 on every factor, see `hf_fwsvd.lora`): 2 epochs over the 32 fine-tune chunks, batch 4.
+LORA_EPOCHS, LORA_LEARNING_RATE = 2.0, 2e-4
 DEFAULT_SETTINGS = [
     "whiten+alloc1+update", "whiten+alloc1", "whiten+update", "whiten", "whiten+v2", "whiten+v2+update",
     "fisher_whiten+alloc1", "asvd+alloc1", "fwsvd+alloc1", "fwsvd", "svd", "asvd",
@@ -165,8 +167,9 @@ def kept_fraction(model, targets) -> float:
     return after / before
 
 
-def collect_statistics(dense, loader, targets) -> Statistics:
-    fisher = estimate_fisher_statistics(dense, loader, targets, show_progress=False, second_moment=True)
+def collect_statistics(dense, loader, targets, settings: list[str]) -> Statistics:
+    second_moment = any(parse_setting(setting)["method"] == "fisher_whiten" for setting in settings)
+    fisher = estimate_fisher_statistics(dense, loader, targets, show_progress=False, second_moment=second_moment)
     activations = collect_activation_statistics(dense, loader, targets, show_progress=False)
     return Statistics(fisher=fisher, activations=activations)
 
@@ -174,8 +177,8 @@ def collect_statistics(dense, loader, targets) -> Statistics:
 def lora_recover(model, train: list[dict], tokenizer) -> None:
     from hf_fwsvd.finetune import finetune
 
-    finetune(model, train, tokenizer, epochs=1, learning_rate=1e-4, batch_size=4, max_length=CHUNK_TOKENS,
-             show_progress=False, logging_steps=4, lora=True)  # fmt: skip
+    finetune(model, train, tokenizer, epochs=LORA_EPOCHS, learning_rate=LORA_LEARNING_RATE, batch_size=4,
+             max_length=CHUNK_TOKENS, show_progress=False, logging_steps=4, lora=True)  # fmt: skip
 
 
 def read_done() -> set[tuple[str, str]]:
@@ -243,7 +246,7 @@ def run(args: argparse.Namespace) -> None:
                 continue
             if stats is None:
                 started = time.perf_counter()
-                stats = collect_statistics(dense, loader, targets)
+                stats = collect_statistics(dense, loader, targets, args.settings)
                 calib_s = time.perf_counter() - started
                 logger.info("statistics collected in %.0f s", calib_s)
             spec = parse_setting(setting)
