@@ -12,7 +12,7 @@ from hf_fwsvd.cli import main
 from hf_fwsvd.collapse import check_collapse
 
 TRY_CAUSAL = (
-    "Try `method=\"whiten\"` with `param_budget=` (global allocation, `allocation_power=1.0`), which is the default "
+    'Try `method="whiten"` with `param_budget=` (global allocation, `allocation_power=1.0`), which is the default '
     "for causal LMs when no method is given (CLI: `--method whiten --param-budget 0.8 --allocation-power 1`), keep "
     "more weights, or run a recovery fine-tune (`hf_fwsvd.finetune`)."
 )
@@ -41,7 +41,7 @@ def test_silent_when_healthy_or_unknown(before, after):
 def test_accuracy_at_chance_text():
     assert check_collapse({"accuracy": 0.8037}, {"accuracy": 0.5}, num_labels=2) == (
         "Compression collapsed the model: accuracy 0.5000 (dense 0.8037) is at chance level (0.5000 for 2 labels). "
-        "Try keeping more weights, `method=\"whiten\"`, or `param_budget=` with the Fisher allocation, and run a "
+        'Try keeping more weights, `method="whiten"`, or `param_budget=` with the Fisher allocation, and run a '
         "recovery fine-tune (`hf_fwsvd.finetune`)."
     )
     assert check_collapse({"accuracy": 0.52}, {"accuracy": 0.5}, num_labels=2) is None  # the dense one was at chance
