@@ -11,7 +11,7 @@ from conftest import tiny_gpt2, tiny_llama
 from hf_fwsvd import FWSVDConfig, compress
 from hf_fwsvd.calibration import build_calibration_loader
 from hf_fwsvd.factorize import factorize
-from hf_fwsvd.layers import LowRankLinear
+from hf_fwsvd.layers import LowRankLinear, dense_weight
 from hf_fwsvd.lstsq_update import output_error, sequential_update, update_up_factor
 from hf_fwsvd.targets import find_target_modules
 
@@ -56,8 +56,9 @@ def test_update_is_a_no_op_on_the_whitening_statistics():
     torch.testing.assert_close(up, factors.up, atol=2e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("as_weights", [False, True], ids=["modules", "weights"])
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
-def test_sequential_update_lowers_every_modules_error(build):
+def test_sequential_update_lowers_every_modules_error(build, as_weights):
     torch.manual_seed(0)
     dense = build()
     data = [{"input_ids": torch.randint(3, 64, (16,)).tolist()} for _ in range(8)]
@@ -68,7 +69,8 @@ def test_sequential_update_lowers_every_modules_error(build):
     loader = build_calibration_loader(data, None, dense, batch_size=4, max_length=16, num_samples=None)
     before = {name: module.up.weight.detach().clone() for name, module in model.named_modules()
               if isinstance(module, LowRankLinear)}  # fmt: skip
-    report = sequential_update(model, targets, loader)
+    dense_modules = {name: dense_weight(module) for name, module in targets.items()} if as_weights else targets
+    report = sequential_update(model, dense_modules, loader)
     assert set(report.errors) == set(targets)
     for name, (error_before, error_after) in report.errors.items():
         assert error_after <= error_before, name

@@ -98,6 +98,17 @@ def _blocks(model: nn.Module) -> list[str]:
     return blocks
 
 
+def _as_module(low_rank: LowRankLinear, dense: nn.Module | torch.Tensor) -> nn.Module:
+    if isinstance(dense, nn.Module):
+        return dense
+    weight = dense.detach()
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=low_rank.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if low_rank.bias is not None:
+        linear.bias = nn.Parameter(low_rank.bias.detach(), requires_grad=False)
+    return linear
+
+
 class _Stop(Exception):
     """Raised by the capture hook once the first block's inputs are stored."""
 
@@ -134,15 +145,16 @@ def _block_output(output: Any) -> torch.Tensor:
 @torch.no_grad()
 def sequential_update(
     model: nn.Module,
-    dense_modules: dict[str, nn.Module],
+    dense_modules: dict[str, nn.Module | torch.Tensor],
     batches: Iterable[dict[str, torch.Tensor]],
 ) -> UpdateReport:
     """Refit the `up` factor of every compressed module in `dense_modules`, block by block (see the module docstring).
 
     Args:
         model (`nn.Module`): The compressed model (its targets already `LowRankLinear`); updated in place.
-        dense_modules (`dict[str, nn.Module]`): Compressed module name -> the dense module it replaced (the targets
-            of the dense weights; they are swapped in temporarily and never modified).
+        dense_modules (`dict[str, nn.Module | torch.Tensor]`): Compressed module name -> the dense module it
+            replaced, or its dense weight (``out x in``; an `nn.Linear` with the factor's bias is built around it).
+            They are swapped in temporarily and never modified.
         batches (`Iterable[dict]`): Calibration batches (dicts with `input_ids`, optionally `attention_mask`).
 
     Returns:
@@ -163,6 +175,7 @@ def sequential_update(
                 "runs block by block and cannot place it."
             )
         by_block.setdefault(block, []).append(name)
+    dense_modules = {name: _as_module(model.get_submodule(name), dense) for name, dense in dense_modules.items()}
     report = UpdateReport()
     if not by_block:
         return report
