@@ -19,7 +19,8 @@ Setup (fixed; nothing is tuned on the evaluation texts):
 Settings are ``method[+alloc|+alloc1|+v2][+update][+lora]``: ``+alloc`` / ``+alloc1`` is our global Fisher allocation
 at ``allocation_power`` 0.5 / 1, ``+v2`` SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`),
 ``+update`` SVD-LLM's sequential least-squares update of the `up` factors (`hf_fwsvd.lstsq_update`), ``+lora`` a
-LoRA recovery fine-tune merged back into the factors. ``dense`` and ``int8`` (torchao ``Int8WeightOnlyConfig``:
+LoRA recovery fine-tune merged back into the factors. ``+int8`` stores the factors in int8 afterwards (torchao weight-only per-channel on `down` / `up`, measured in memory:
+the kept fraction then costs a quarter of the fp32 bytes). ``dense`` and ``int8`` (torchao ``Int8WeightOnlyConfig``:
 per-channel weight-only int8 of every Linear, LM head included) are the references.
 
 Run from the repository root: ``PYTHONPATH=src python benchmarks/causal_lm.py --budgets 0.8 0.6`` (rows append to
@@ -68,6 +69,7 @@ FIELDS = [
 ]  # fmt: skip
 CALIB_CHUNKS, CHUNK_TOKENS, EVAL_TOKENS, WINDOW = 32, 256, 8192, 512
 MOBY_CHAPTERS = range(116, 136)
+FLAGS = ("alloc", "alloc1", "v2", "update", "lora", "int8")
 # LoRA recovery (rank 8 on every factor, see `hf_fwsvd.lora`): 2 epochs over the 32 fine-tune chunks, batch 4.
 LORA_EPOCHS, LORA_LEARNING_RATE = 2.0, 2e-4
 DEFAULT_SETTINGS = [
@@ -128,10 +130,10 @@ def texts(tokenizer) -> tuple[list[dict], list[dict], str, str]:
 
 def parse_setting(setting: str) -> dict:
     method, *flags = setting.split("+")
-    unknown = set(flags) - {"alloc", "alloc1", "v2", "update", "lora"}
+    unknown = set(flags) - set(FLAGS)
     if unknown:
         raise ValueError(f"Unknown setting flag(s) {sorted(unknown)} in {setting!r}.")
-    return {"method": method, **{flag: flag in flags for flag in ("alloc", "alloc1", "v2", "update", "lora")}}
+    return {"method": method, **{flag: flag in flags for flag in FLAGS}}
 
 
 def setting_config(spec: dict, budget: float, stats: Statistics, dense, targets, base: dict) -> FWSVDConfig:
@@ -179,6 +181,13 @@ def lora_recover(model, train: list[dict], tokenizer) -> None:
 
     finetune(model, train, tokenizer, epochs=LORA_EPOCHS, learning_rate=LORA_LEARNING_RATE, batch_size=4,
              max_length=CHUNK_TOKENS, show_progress=False, logging_steps=4, lora=True)  # fmt: skip
+
+
+def int8_factors(model) -> None:
+    """torchao weight-only int8 (per output channel) on every `down` / `up` factor, in memory only."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: fqn.endswith((".down", ".up")))
 
 
 def read_done() -> set[tuple[str, str]]:
@@ -261,6 +270,8 @@ def run(args: argparse.Namespace) -> None:
                     logger.info("update rejected for %d modules", len(report.rejected))
                 if spec["lora"]:
                     lora_recover(model, train, tokenizer)
+                if spec["int8"]:
+                    int8_factors(model)
             compress_s = time.perf_counter() - started
             record(setting, budget, model, kept_fraction(model, targets), compress_s, calib_s, rss.peak_mb)
             del model
