@@ -16,12 +16,14 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the setting has one); ``calib_s`` (the shared statistics, once per run) is reported separately. ``peak_rss_mb`` is
   the process's peak resident memory sampled every 20 ms during that compression.
 
-Settings are ``method[+alloc|+alloc1|+v2][+update][+lora]``: ``+alloc`` / ``+alloc1`` is our global Fisher allocation
-at ``allocation_power`` 0.5 / 1, ``+v2`` SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`),
-``+update`` SVD-LLM's sequential least-squares update of the `up` factors (`hf_fwsvd.lstsq_update`), ``+lora`` a
-LoRA recovery fine-tune merged back into the factors. ``+int8`` stores the factors in int8 afterwards (torchao weight-only per-channel on `down` / `up`, measured in memory:
-the kept fraction then costs a quarter of the fp32 bytes). ``dense`` and ``int8`` (torchao ``Int8WeightOnlyConfig``:
-per-channel weight-only int8 of every Linear, LM head included) are the references.
+Settings are ``method[+alloc|+alloc1|+v2][+update][+lora][+int8]``: ``+alloc`` / ``+alloc1`` is our global Fisher
+allocation at ``allocation_power`` 0.5 / 1, ``+v2`` SVD-LLM V2's loss-based per-matrix ratios
+(`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares update of the `up` factors
+(`hf_fwsvd.lstsq_update`), ``+lora`` a LoRA recovery fine-tune (``finetune(..., lora=True)``: rank 8 on every
+factor, 2 epochs over the 32 fine-tune chunks at lr 2e-4, batch 4) merged back into the factors, ``+int8`` the factors
+stored in int8 afterwards (torchao weight-only per-channel on `down` / `up`, in memory: the kept fraction then costs a
+quarter of its fp32 bytes). ``dense`` and ``int8`` (torchao ``Int8WeightOnlyConfig``: per-channel weight-only int8
+of every Linear, LM head included) are the references.
 
 Run from the repository root: ``PYTHONPATH=src python benchmarks/causal_lm.py --budgets 0.8 0.6`` (rows append to
 ``benchmarks/results/causal_lm.csv``; a rerun skips rows already there; ``--table`` prints the markdown table).
