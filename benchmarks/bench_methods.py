@@ -43,12 +43,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import hf_fwsvd  # noqa: F401  (registers the quantization method)
 from hf_fwsvd import FWSVDConfig, compress
-from hf_fwsvd.activations import collect_activation_statistics
 from hf_fwsvd.calibration import build_calibration_loader
 from hf_fwsvd.evaluation import evaluate_classifier, evaluate_perplexity
 from hf_fwsvd.finetune import finetune
-from hf_fwsvd.fisher import estimate_fisher_statistics
-from hf_fwsvd.methods import Statistics
+from hf_fwsvd.methods import required_statistics
+from hf_fwsvd.statistics import Statistics, collect
 from hf_fwsvd.targets import find_target_modules
 
 logger = logging.getLogger("bench_methods")
@@ -76,12 +75,13 @@ def kept_fraction(model: torch.nn.Module) -> float:
     return (after + dense) / (before + dense)
 
 
-def collect_all(model, loader, targets, elementwise: bool) -> Statistics:
+def collect_all(model, loader, targets, configs: list[FWSVDConfig]) -> Statistics:
+    """Every statistic the settings' configs need, in one calibration pass on the dense model."""
     started = time.perf_counter()
-    fisher = estimate_fisher_statistics(model, loader, targets, elementwise=elementwise, second_moment=True)
-    activations = collect_activation_statistics(model, loader, targets)
-    logger.info("Calibration statistics collected in %.0f s", time.perf_counter() - started)
-    return Statistics(fisher=fisher, activations=activations)
+    needed = list(dict.fromkeys(name for config in configs for name in required_statistics(config)))
+    stats = collect(model, loader, targets, needed)
+    logger.info("Calibration statistics (%s) collected in %.0f s", ", ".join(needed), time.perf_counter() - started)
+    return stats
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -144,7 +144,8 @@ def run_task(args: argparse.Namespace) -> None:
     targets = find_target_modules(dense, probe)
     loader = build_calibration_loader(calibration, tokenizer, dense, batch_size=base.get("batch_size", 8),
                                       max_length=base["max_length"], num_samples=None)  # fmt: skip
-    stats = collect_all(dense, loader, targets, elementwise="tfwsvd" in args.methods)
+    configs = [setting_config(setting, fraction, base) for setting in args.methods for fraction in args.ratios]
+    stats = collect_all(dense, loader, targets, configs)
     finetune_wanted = {tuple(item.split("@")) for item in args.finetune}
     for fraction in args.ratios:
         for setting in args.methods:

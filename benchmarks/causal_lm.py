@@ -52,12 +52,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_fwsvd  # noqa: F401  (registers the quantization method)
 from hf_fwsvd import FWSVDConfig, compress
-from hf_fwsvd.activations import collect_activation_statistics
 from hf_fwsvd.calibration import build_calibration_loader
 from hf_fwsvd.evaluation import evaluate_perplexity
-from hf_fwsvd.fisher import estimate_fisher_statistics
 from hf_fwsvd.lstsq_update import sequential_update
-from hf_fwsvd.methods import Statistics, weighted_matrix
+from hf_fwsvd.methods import required_statistics
+from hf_fwsvd.pipeline import weighted_matrix
+from hf_fwsvd.statistics import Statistics, collect
 from hf_fwsvd.targets import find_target_modules
 from hf_fwsvd.truncation_loss import heterogeneous_ranks
 
@@ -146,11 +146,11 @@ def setting_config(spec: dict, budget: float, stats: Statistics, dense, targets,
         shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
         values = {
             name: torch.linalg.svdvals(
-                weighted_matrix(module.weight, stats.activations.second_moment[name], 0.0) * _scale(stats, name)
+                weighted_matrix(module.weight, stats["activation_second_moment"][name], 0.0) * _scale(stats, name)
             )
             for name, module in targets.items()
         }
-        tokens = next(iter(stats.activations.tokens.values()))
+        tokens = next(iter(stats.tokens.values()))
         ranks = heterogeneous_ranks(shapes, values, budget, tokens)
         pattern = {name.replace(".", r"\."): rank for name, rank in ranks.items()}
         return FWSVDConfig(method=spec["method"], param_ratio=budget, rank_pattern=pattern, **base)
@@ -159,7 +159,7 @@ def setting_config(spec: dict, budget: float, stats: Statistics, dense, targets,
 
 def _scale(stats: Statistics, name: str) -> float:
     """`weighted_matrix` normalises ``C`` by its largest diagonal entry; undo it so the losses are on one scale."""
-    return float(stats.activations.second_moment[name].diagonal().max().sqrt())
+    return float(stats["activation_second_moment"][name].diagonal().max().sqrt())
 
 
 def kept_fraction(model, targets) -> float:
@@ -171,11 +171,10 @@ def kept_fraction(model, targets) -> float:
     return after / before
 
 
-def collect_statistics(dense, loader, targets, settings: list[str]) -> Statistics:
-    second_moment = any(parse_setting(setting)["method"] == "fisher_whiten" for setting in settings)
-    fisher = estimate_fisher_statistics(dense, loader, targets, show_progress=False, second_moment=second_moment)
-    activations = collect_activation_statistics(dense, loader, targets, show_progress=False)
-    return Statistics(fisher=fisher, activations=activations)
+def collect_statistics(dense, loader, targets, configs: list[FWSVDConfig]) -> Statistics:
+    """Every statistic the settings' configs need, in one calibration pass on the dense model."""
+    needed = list(dict.fromkeys(name for config in configs for name in required_statistics(config)))
+    return collect(dense, loader, targets, needed, show_progress=False)
 
 
 def lora_recover(model, train: list[dict], tokenizer) -> None:
@@ -257,7 +256,8 @@ def run(args: argparse.Namespace) -> None:
                 continue
             if stats is None:
                 started = time.perf_counter()
-                stats = collect_statistics(dense, loader, targets, args.settings)
+                probes = [FWSVDConfig(method=parse_setting(x)["method"], param_budget=0.5) for x in args.settings]
+                stats = collect_statistics(dense, loader, targets, probes)
                 calib_s = time.perf_counter() - started
                 logger.info("statistics collected in %.0f s", calib_s)
             spec = parse_setting(setting)

@@ -223,7 +223,11 @@ ARGUMENT_ERRORS = {
         "argument --task: invalid choice: 'summarization'",
     ),
     "sweep-bad-ratios": (S + " --ratios 0.2,x", 2, "--ratios must be a comma-separated list"),
-    "sweep-bad-method": (S + " --ratios 0.2 --methods fwsvd,qr", 2, "--methods accepts fwsvd and svd; got qr"),
+    "sweep-bad-method": (
+        S + " --ratios 0.2 --methods fwsvd,qr",
+        2,
+        "--methods accepts fwsvd, svd, tfwsvd, whiten, asvd, fisher_whiten; got qr",
+    ),
     "no-command": ("", 2, "the following arguments are required: COMMAND"),
 }
 

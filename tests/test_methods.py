@@ -12,8 +12,9 @@ from hf_fwsvd.activations import collect_activation_statistics
 from hf_fwsvd.calibration import build_calibration_loader
 from hf_fwsvd.factorize import factorize
 from hf_fwsvd.finetune import finetune
+from hf_fwsvd.methods import available_methods
 
-METHODS = ["svd", "fwsvd", "tfwsvd", "whiten", "asvd", "fisher_whiten"]
+METHODS = available_methods()  # the registry: a new method is tested here at once
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -136,7 +137,7 @@ def test_precomputed_statistics_are_reused_and_checked(sample_input):
     compress(reused, FWSVDConfig(method="whiten", rank=3), show_progress=False, statistics=stats)
     with torch.no_grad():
         assert torch.equal(fresh(**sample_input).logits, reused(**sample_input).logits)
-    with pytest.raises(ValueError, match=r"lack `fisher.importance` .* method='fwsvd'"):
+    with pytest.raises(ValueError, match=r"lack `row_fisher` .* method='fwsvd'"):
         compress(tiny_bert(), FWSVDConfig(method="fwsvd", rank=3), show_progress=False, statistics=stats)
 
 

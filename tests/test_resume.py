@@ -8,6 +8,7 @@ from conftest import calibration_data, tiny_bert, tiny_llama
 from safetensors.torch import load_file
 
 import hf_fwsvd.api
+import hf_fwsvd.methods.calibrate
 from hf_fwsvd import FWSVDConfig, compress, compute_importances
 
 
@@ -47,7 +48,7 @@ def test_interrupted_compression_restarts_from_saved_importances(tmp_path, monke
     def no_estimation(*args, **kwargs):
         raise AssertionError("the restarted run estimated the Fisher again")
 
-    monkeypatch.setattr(hf_fwsvd.api, "estimate_fisher", no_estimation)
+    monkeypatch.setattr(hf_fwsvd.methods.calibrate, "collect", no_estimation)
     resumed = compress(_model(), _config(importances_cache=str(cache)), show_progress=False).state_dict()
     assert sorted(resumed) == sorted(reference)
     for key, value in reference.items():

@@ -7,22 +7,23 @@ Forward hooks on each targeted layer accumulate, over every real (non-padding) t
   data;
 - the mean magnitude ``1/n sum |x|`` (fp32, length ``in``), used by `method="asvd"` (ASVD's column scaling).
 
-Only forward passes run (under `torch.no_grad()`), so no labels are needed. Padding is excluded using the batch's
-`attention_mask` when its shape matches the layer input's leading ``(batch, sequence)`` dimensions.
+These are the statistics ``activation_second_moment`` and ``activation_abs_mean`` of the shared calibration
+pass (`hf_fwsvd.statistics`); this module keeps the activation-only entry point. Only forward passes run (under
+`torch.no_grad()`), so no labels are needed. Padding is excluded using the batch's `attention_mask` when its shape
+matches the layer input's leading ``(batch, sequence)`` dimensions.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .layers import is_supported_linear
+from .statistics import collect
 
 __all__ = ["ActivationStatistics", "collect_activation_statistics"]
 
@@ -44,48 +45,6 @@ class ActivationStatistics:
     tokens: dict[str, int] = field(default_factory=dict)
 
 
-class _ActivationHooks:
-    def __init__(self, modules: dict[str, nn.Module], second_moment: bool) -> None:
-        self.modules = modules
-        self.second_moment = second_moment
-        self.moments: dict[str, torch.Tensor] = {}
-        self.magnitudes: dict[str, torch.Tensor] = {}
-        self.tokens: dict[str, int] = {}
-        self.mask: torch.Tensor | None = None
-        self.handles: list[Any] = []
-
-    def attach(self) -> None:
-        for name, module in self.modules.items():
-            self.handles.append(module.register_forward_hook(self._make_hook(name)))
-
-    def detach(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def _make_hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            hidden = args[0]
-            if not torch.is_tensor(hidden) or not hidden.is_floating_point():
-                return
-            rows = hidden.detach().to(torch.float32)
-            if self.mask is not None and rows.ndim == 3 and tuple(self.mask.shape) == tuple(rows.shape[:2]):
-                rows = rows[self.mask.to(rows.device).bool()]
-            rows = rows.reshape(-1, rows.shape[-1])
-            if name in self.tokens:
-                self.magnitudes[name] += rows.abs().sum(0)
-                if self.second_moment:
-                    self.moments[name] += rows.T @ rows
-                self.tokens[name] += rows.shape[0]
-            else:
-                self.magnitudes[name] = rows.abs().sum(0)
-                if self.second_moment:
-                    self.moments[name] = rows.T @ rows
-                self.tokens[name] = rows.shape[0]
-
-        return hook
-
-
 def collect_activation_statistics(
     model: nn.Module,
     batches: Iterable[Any],
@@ -96,6 +55,8 @@ def collect_activation_statistics(
     """Run `model` over calibration `batches` and collect the input statistics of `modules`.
 
     The model runs in eval mode under `torch.no_grad()`; its mode is restored and every hook removed afterwards.
+    Batches are sharded over the processes of a distributed run and go to the input device of a `device_map`-dispatched
+    model, as for the Fisher (see `hf_fwsvd.statistics.collector`).
 
     Args:
         model (`nn.Module`): The model (called as ``model(**batch)`` for dict batches).
@@ -111,48 +72,10 @@ def collect_activation_statistics(
     Raises:
         `ValueError`: When a target is not a linear layer, the data has no batch, or no token reached a module.
     """
-    if not isinstance(modules, dict):
-        modules = {name: model.get_submodule(name) for name in modules}
-    for name, module in modules.items():
-        if not is_supported_linear(module):
-            raise ValueError(f"`{name}` is a {type(module).__name__}, not a linear layer; cannot collect activations.")
-    device = next(model.parameters()).device
-    hooks = _ActivationHooks(modules, second_moment)
-    was_training = model.training
-    model.eval()
-    hooks.attach()
-    batches_seen = 0
-    try:
-        total = len(batches) if hasattr(batches, "__len__") else None
-        with torch.no_grad():
-            for batch in tqdm(batches, total=total, desc="Activations", unit="batch", disable=not show_progress):
-                if isinstance(batch, dict):
-                    batch = {
-                        key: value.to(device) if torch.is_tensor(value) else value
-                        for key, value in batch.items()
-                        if key != "labels"
-                    }
-                    hooks.mask = batch.get("attention_mask")
-                    model(**batch)
-                else:
-                    hooks.mask = None
-                    model(batch.to(device) if torch.is_tensor(batch) else batch)
-                batches_seen += 1
-    finally:
-        hooks.detach()
-        model.train(was_training)
-    if batches_seen == 0:
-        raise ValueError("The calibration data produced no batches: activation statistics need at least one example.")
-    missing = [name for name in modules if not hooks.tokens.get(name)]
-    if missing:
-        raise ValueError(
-            f"No calibration token reached {len(missing)} targeted module(s), e.g. `{missing[0]}`. Check the "
-            "calibration data or exclude them with `modules_to_not_convert`."
-        )
-    stats = ActivationStatistics(tokens=dict(hooks.tokens))
-    for name in modules:
-        count = hooks.tokens[name]
-        stats.abs_mean[name] = (hooks.magnitudes[name] / count).cpu()
-        if second_moment:
-            stats.second_moment[name] = (hooks.moments[name] / count).cpu()
-    return stats
+    names = ["activation_abs_mean"] + (["activation_second_moment"] if second_moment else [])
+    stats = collect(model, batches, modules, names, show_progress=show_progress)
+    return ActivationStatistics(
+        second_moment=stats.get("activation_second_moment", {}),
+        abs_mean=stats["activation_abs_mean"],
+        tokens=dict(stats.tokens),
+    )

@@ -13,13 +13,13 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .factorize import SVD_SOLVERS
+from .methods import available_methods
 from .version import __version__
 
-__all__ = ["ALLOCATIONS", "FWSVDConfig", "METHODS"]
+__all__ = ["ALLOCATIONS", "FWSVDConfig"]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("fwsvd", "svd", "tfwsvd", "whiten", "asvd", "fisher_whiten")
 ALLOCATIONS = ("fisher", "uniform")
 # Fields that only matter while compressing; they are never written to `config.json`.
 RUNTIME_FIELDS = ("calibration_dataset", "tokenizer", "importances", "importances_cache")
@@ -49,11 +49,12 @@ class FWSVDConfig(QuantizationConfigMixin):
         refine_iterations (`int`, *optional*, defaults to 10): Alternating-least-squares sweeps of `method="tfwsvd"`.
         rank_pattern (`dict[str, int | float]`, *optional*): Per-module overrides. Keys are module names, name
             suffixes or regexes (fullmatch); an int value is a rank, a float a rank ratio.
-        method (`str`, *optional*): `"fwsvd"` (row-wise Fisher, the paper), `"svd"` (plain
-            SVD), `"tfwsvd"` (element-wise Fisher refinement of FWSVD), `"whiten"` (SVD-LLM activation whitening),
-            `"asvd"` (activation-magnitude column scaling) or `"fisher_whiten"` (whitening with the gradient-weighted
-            activation second moment). See `docs/methods.md`. Left `None` (the default), `compress` chooses per
-            model (see `hf_fwsvd.defaults`): for a causal LM `"whiten"` with the global allocation
+        method (`str`, *optional*): A registered method (see `hf_fwsvd.methods.available_methods()`): `"fwsvd"`
+            (row-wise Fisher, the paper), `"svd"` (plain SVD), `"tfwsvd"` (element-wise Fisher refinement of FWSVD),
+            `"whiten"` (SVD-LLM activation whitening), `"asvd"` (activation-magnitude column scaling),
+            `"fisher_whiten"` (whitening with the gradient-weighted activation second moment), or one added with
+            `hf_fwsvd.methods.register_method`. See `docs/methods.md`. Left `None` (the default), `compress` chooses
+            per model (see `hf_fwsvd.defaults`): for a causal LM `"whiten"` with the global allocation
             (`allocation_power=1.0`, and `param_budget=0.8` when no size is given), for other models `"fwsvd"`.
         target_modules (`str | list[str]`, *optional*): A regex (fullmatch on the module name) or a list of names /
             name suffixes. Default: every linear layer inside the transformer blocks.
@@ -157,8 +158,8 @@ class FWSVDConfig(QuantizationConfigMixin):
                 _check_fraction(value, f"rank_pattern[{key!r}]", inclusive=False)
             else:
                 _check_rank(value, f"rank_pattern[{key!r}]")
-        if self.method is not None and self.method not in METHODS:
-            raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        if self.method is not None and self.method not in available_methods():  # registered later: accepted too
+            raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(available_methods())}.")
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
             raise ValueError("`target_modules` is an empty list: nothing would be compressed.")
         _check_patterns(self.target_modules, "target_modules")
@@ -242,6 +243,12 @@ class FWSVDConfig(QuantizationConfigMixin):
     def is_compressed(self) -> bool:
         """Whether this config describes an already-compressed checkpoint (it has a resolved rank map)."""
         return self.ranks is not None
+
+
+def __getattr__(name: str) -> Any:
+    if name == "METHODS":  # the registered method names (kept for code that imported the old constant)
+        return available_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_rank(value: Any, name: str) -> None:

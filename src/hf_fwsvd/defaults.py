@@ -38,13 +38,16 @@ def resolve_defaults(model: Any, config: FWSVDConfig) -> FWSVDConfig:
     """Fill in `config.method` (and, for a causal LM without a size, the budget) for `model`, in place.
 
     Args:
-        model: The model about to be compressed (its class tells the task).
+        model: The model about to be compressed, or its class (the class name tells the task).
         config ([`FWSVDConfig`]): A run copy of the user's config (see `FWSVDConfig.copy_for_run`).
 
     Returns:
         [`FWSVDConfig`]: `config` itself.
     """
-    causal = infer_task(model) == "causal-lm"
+    if isinstance(model, type):  # a model class (block-by-block compression builds no model first)
+        causal = model.__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    else:
+        causal = infer_task(model) == "causal-lm"
     if config.method is None:
         if causal:
             config.method = "whiten"

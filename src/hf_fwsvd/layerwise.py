@@ -2,11 +2,15 @@
 
 `compress_layerwise` works in two phases:
 
-1. **Importances.** FWSVD needs the gradient of the task loss, that is a backward pass through the whole model. They
-   come from `FWSVDConfig.importances` or `importances_cache` when given; otherwise the model is loaded (with the
-   `device_map`, `max_memory` and `offload_folder` you pass, so accelerate can offload it to CPU or disk) and the
-   Fisher is estimated, saved to `importances_cache` if set, and the model is freed before phase 2.
-2. **Factorisation.** The model is only built on the `meta` device (shapes, target names, ranks). The source
+1. **Statistics.** Whatever the method (and the Fisher allocation) needs from calibration data (see
+   `hf_fwsvd.methods`): the row Fisher needs the gradient of the task loss, a backward pass through the whole model;
+   activation statistics a forward pass. They come from `FWSVDConfig.importances` or `importances_cache` when those
+   hold them; otherwise the model is loaded (with the `device_map`, `max_memory` and `offload_folder` you pass, so
+   accelerate can offload it to CPU or disk), the statistics are collected in one pass (data-parallel under
+   ``accelerate launch``), saved to `importances_cache` if set, and the model is freed before phase 2.
+2. **Ranks.** From the rank rule, or under `param_budget` from the allocation, which reads each targeted weight from
+   disk once (one at a time) to score its directions.
+3. **Factorisation.** The model is only built on the `meta` device (shapes, target names, ranks). The source
    safetensors files are read with `safe_open` one transformer block at a time: each targeted weight is factorised
    as soon as it is read, the block's factors and untouched tensors are written as one output shard, and the block is
    dropped before the next one is read. Peak memory is about one block of dense weights plus its factors, plus the
@@ -18,14 +22,13 @@ holds the same tensors as `compress()` followed by `save_pretrained()` and loads
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -35,13 +38,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import FWSVDConfig
+from .defaults import resolve_defaults
 from .distributed import is_main_process
-from .factorize import factorize, low_rank_params, relative_errors
-from .importances import check_importances, load_importances
-from .payoff import low_rank_pays_off
+from .methods import CompressionMethod, collect_statistics, get_method, known_statistics, required_statistics
+from .pipeline import budget_ranks, factorize_weight, module_report, new_report, overrides_refine_model
 from .ranks import resolve_ranks
-from .report import CompressionReport, ModuleReport
+from .report import CompressionReport
 from .serialization import WEIGHTS_INDEX_NAME
+from .statistics import Statistics
 from .targets import find_target_modules
 
 __all__ = ["compress_layerwise"]
@@ -114,34 +118,55 @@ def _estimate(
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
     load_kwargs: dict[str, Any],
     show_progress: bool,
-) -> dict[str, torch.Tensor]:
-    from .api import compute_importances
-
-    logger.info("Loading %s to estimate the Fisher (%s)", model_dir, load_kwargs or "no device_map")
+) -> Statistics:
+    """Load the dense model (possibly dispatched and offloaded) and collect the statistics `config` needs."""
+    logger.info("Loading %s to collect calibration statistics (%s)", model_dir, load_kwargs or "no device_map")
     model = model_cls.from_pretrained(model_dir, **load_kwargs)
     try:
-        return compute_importances(model, config, loss_fn=loss_fn, show_progress=show_progress)
+        return collect_statistics(model, config, find_target_modules(model, config), loss_fn, show_progress)
     finally:
         del model
         gc.collect()
 
 
-def _importances(
+def _statistics(
     model_dir: str,
     model_cls: type,
     config: FWSVDConfig,
+    targets: dict[str, nn.Module],
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
     load_kwargs: dict[str, Any],
     show_progress: bool,
-) -> dict[str, torch.Tensor] | None:
-    if config.method != "fwsvd":
-        return None
-    if config.importances is not None:
-        return load_importances(config.importances)
-    if config.importances_cache is not None and os.path.isfile(config.importances_cache):
-        logger.info("Reusing the importances saved in %s; Fisher estimation is skipped.", config.importances_cache)
-        return load_importances(config.importances_cache)
+) -> Statistics:
+    """The statistics `config` needs: from `importances` / `importances_cache` alone when they hold everything,
+    otherwise from one calibration pass on the loaded model."""
+    needed = required_statistics(config)
+    known = known_statistics(config, targets, needed)
+    if all(key in known for key in needed):
+        result = known.subset(needed, targets)
+        return result
     return _estimate(model_dir, model_cls, config, loss_fn, load_kwargs, show_progress)
+
+
+def _target_weight(
+    name: str, targets: dict[str, nn.Module], files: dict[str, str], handles: dict[str, Any]
+) -> torch.Tensor:
+    """The dense ``out x in`` weight of target `name`, read from its safetensors file (GPT-2's Conv1D transposed)."""
+    path = files[f"{name}.weight"]
+    if path not in handles:
+        handles[path] = safe_open(path, framework="pt")
+    tensor = handles[path].get_tensor(f"{name}.weight")
+    return tensor.T if type(targets[name]).__name__ == "Conv1D" else tensor
+
+
+def _target_weights(targets: dict[str, nn.Module], files: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every target's weight, one at a time, in model order (for the rank allocation)."""
+    handles: dict[str, Any] = {}
+    try:
+        for name in targets:
+            yield name, _target_weight(name, targets, files, handles)
+    finally:
+        handles.clear()
 
 
 def _factorise_group(
@@ -150,51 +175,29 @@ def _factorise_group(
     handles: dict[str, Any],
     targets: dict[str, nn.Module],
     ranks: dict[str, int],
-    importances: dict[str, torch.Tensor] | None,
+    method: CompressionMethod,
+    stats: Statistics,
     config: FWSVDConfig,
     report: CompressionReport,
 ) -> dict[str, torch.Tensor]:
-    """Read one block's tensors, replace each targeted weight by its factors (and bias by ``up.bias``)."""
+    """Read one block's tensors, replace each factorised weight by its factors (and bias by ``up.bias``)."""
     tensors: dict[str, torch.Tensor] = {}
     for key in keys:
         module_name, _, leaf = key.rpartition(".")
-        tensor = handles[files[key]].get_tensor(key)
-        if module_name not in targets:
-            tensors[key] = tensor
+        if module_name not in ranks:  # not targeted, or left dense by the allocation
+            tensors[key] = handles[files[key]].get_tensor(key)
             continue
         if leaf == "bias":
-            tensors[f"{module_name}.up.bias"] = tensor
+            tensors[f"{module_name}.up.bias"] = handles[files[key]].get_tensor(key)
             continue
         if leaf != "weight":
             raise ValueError(f"Unexpected tensor `{key}` in targeted module `{module_name}`; cannot factorise it.")
-        weight = tensor.T if type(targets[module_name]).__name__ == "Conv1D" else tensor
-        importance = None if importances is None else importances[module_name]
-        factors = factorize(
-            weight,
-            ranks[module_name],
-            importance,
-            floor=config.importance_floor,
-            name=module_name,
-            svd_solver=config.svd_solver,
-        )
+        weight = _target_weight(module_name, targets, files, handles)
+        rank = ranks[module_name]
+        factors, importance = factorize_weight(method, weight, rank, module_name, stats, config)
         down, up = factors.down.to(weight.dtype), factors.up.to(weight.dtype)
         tensors[f"{module_name}.down.weight"], tensors[f"{module_name}.up.weight"] = down, up
-        errors = relative_errors(weight, up @ down, importance)
-        out_features, in_features = weight.shape
-        rank = ranks[module_name]
-        report.modules.append(
-            ModuleReport(
-                name=module_name,
-                out_features=out_features,
-                in_features=in_features,
-                rank=rank,
-                params_before=out_features * in_features,
-                params_after=low_rank_params(out_features, in_features, rank),
-                plain_error=errors["plain"],
-                weighted_error=errors["weighted"],
-                pays_off=low_rank_pays_off(out_features, in_features, rank),
-            )
-        )
+        report.modules.append(module_report(module_name, weight, up @ down, importance, rank))
     return tensors
 
 
@@ -249,19 +252,18 @@ def compress_layerwise(
     """
     from transformers import AutoConfig
 
-    from .api import _calibration_size
     from .serialization import _move_into
 
-    if config.method is None:  # the layer-by-layer path has only the paper's method (see `defaults`)
-        config = dataclasses.replace(config, method="fwsvd")
-    if config.method not in ("fwsvd", "svd") or config.param_budget is not None:
-        raise ValueError(
-            f"compress_layerwise supports method='fwsvd' or 'svd' with per-module rank rules; got method="
-            f"{config.method!r}, param_budget={config.param_budget!r}. Load the model and use `compress` for the "
-            "other methods and for `param_budget` (they need every module's statistics at once)."
-        )
     model_dir, save_directory = os.fspath(model_dir), os.fspath(save_directory)
     model_config = AutoConfig.from_pretrained(model_dir)
+    if config.method is None:  # chosen per model, as `compress` does (see `hf_fwsvd.defaults`)
+        config = resolve_defaults(_model_class(model_config, model_class), config.copy_for_run())
+    method = get_method(config.method)
+    if overrides_refine_model(method):
+        raise ValueError(
+            f"method={config.method!r} refines the whole compressed model after factorising "
+            f"({type(method).__name__}.refine_model), which needs the model in memory: load it and use `compress`."
+        )
     existing = getattr(model_config, "quantization_config", None)
     if existing is not None:
         method = (
@@ -283,7 +285,7 @@ def compress_layerwise(
     shapes = {
         name: shape[::-1] if type(targets[name]).__name__ == "Conv1D" else shape for name, shape in shapes.items()
     }
-    ranks = resolve_ranks(shapes, run_config)
+    ranks = resolve_ranks(shapes, run_config) if run_config.param_budget is None else None
 
     load_kwargs = {
         key: value
@@ -295,16 +297,15 @@ def compress_layerwise(
         }.items()
         if value is not None
     }
-    importances = _importances(model_dir, model_cls, run_config, loss_fn, load_kwargs, show_progress)
-    if importances is not None:
-        check_importances(importances, {name: shape[1] for name, shape in shapes.items()})
+    stats = _statistics(model_dir, model_cls, run_config, targets, loss_fn, load_kwargs, show_progress)
     if not is_main_process():
         return None
+    dense_modules: list[str] = []
+    if ranks is None:
+        ranks, dense_modules = budget_ranks(_target_weights(targets, files), shapes, run_config, stats)
 
     params_before = sum(param.numel() for param in skeleton.parameters())
-    report = CompressionReport(method=run_config.method, model_params_before=params_before)
-    if run_config.method == "fwsvd" and run_config.importances is None:
-        report.calibration_samples = _calibration_size(run_config)
+    report = new_report(run_config, params_before, dense_modules)
     groups = _group_keys(list(files), _blocks(skeleton))
     os.makedirs(os.path.dirname(os.path.abspath(save_directory)) or ".", exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save_directory))}.tmp-",
@@ -317,7 +318,7 @@ def compress_layerwise(
             # Open the source files per block: a safetensors file is memory-mapped, and pages read through a mapping
             # that stays open count as resident memory until it is closed.
             handles = {path: safe_open(path, framework="pt") for path in sorted({files[key] for key in keys})}
-            tensors = _factorise_group(keys, files, handles, targets, ranks, importances, run_config, report)
+            tensors = _factorise_group(keys, files, handles, targets, ranks, method, stats, run_config, report)
             handles.clear()
             shard = f"model.fwsvd-{number:05d}-of-{len(groups):05d}.safetensors"
             save_file(tensors, os.path.join(staging, shard), metadata={"format": "pt"})
@@ -331,7 +332,9 @@ def compress_layerwise(
             )
         run_config.ranks = ranks
         run_config.source_classes = {
-            name: type(module).__name__ for name, module in targets.items() if type(module).__name__ != "Linear"
+            name: type(module).__name__
+            for name, module in targets.items()
+            if name in ranks and type(module).__name__ != "Linear"
         }
         run_config.weights_file = WEIGHTS_INDEX_NAME
         run_config.base_model = run_config.base_model or os.path.abspath(model_dir)  # as `compress()` records it

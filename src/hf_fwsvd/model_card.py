@@ -25,6 +25,7 @@ from .calibration import infer_task
 from .collapse import check_collapse
 from .factorize import low_rank_params
 from .layers import LowRankLinear
+from .methods import get_method
 from .report import CompressionReport, ModuleReport
 from .version import __version__
 
@@ -50,7 +51,6 @@ TASKS = {
     "masked-lm": ("fill-mask", "AutoModelForMaskedLM"),
     "question-answering": ("question-answering", "AutoModelForQuestionAnswering"),
 }
-METHOD_NAMES = {"fwsvd": "Fisher-Weighted SVD (FWSVD)", "svd": "plain truncated SVD"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _COUNT_KEYS = {"num_examples", "num_tokens", "parameters"}
 
@@ -209,6 +209,16 @@ def _hub_base_model(base_model: str | None) -> str | None:
     return base_model if _HUB_ID.match(base_model) else None
 
 
+def _calibration_text(method: Any, report: CompressionReport) -> str:
+    """The card's calibration row, from the method's registry entry: what its data was used for."""
+    if not method.needs_data:
+        return f"none ({method.short_title} uses no data)"
+    calibration = report.calibration_data or "not recorded in this checkpoint"
+    if report.calibration_samples:
+        calibration += f"; {report.calibration_samples:,} examples used for {method.calibration_use or 'calibration'}"
+    return calibration
+
+
 def build_model_card(
     model: Any, load_path: str | None = None, tags: list[str] | None = None, model_name: str | None = None
 ) -> ModelCard:
@@ -248,12 +258,8 @@ def build_model_card(
         description = f"A low-rank compressed version of the local checkpoint `{base_model}`."
     else:
         description = f"A low-rank compressed {type(model).__name__}."
-    if report.method == "svd":
-        calibration = "none (plain SVD uses no data)"
-    else:
-        calibration = report.calibration_data or "not recorded in this checkpoint"
-        if report.calibration_samples:
-            calibration += f"; {report.calibration_samples:,} examples used for the Fisher estimate"
+    method = get_method(report.method)
+    calibration = _calibration_text(method, report)
     module_before = sum(row.params_before for row in report.modules)
     module_after = sum(row.params_after for row in report.modules)
     context = {
@@ -261,7 +267,7 @@ def build_model_card(
         "description": description,
         "hf_fwsvd_version": getattr(config, "hf_fwsvd_version", __version__),
         "method": report.method,
-        "method_name": METHOD_NAMES.get(report.method, report.method),
+        "method_name": method.title,
         "rank_setting": _rank_setting(config),
         "num_modules": len(report.modules),
         "params_before": report.model_params_before,

@@ -10,7 +10,7 @@ from transformers.quantizers.base import HfQuantizer
 from .checkpoint_checks import check_factors_finite, check_weights_match_ranks
 from .config import FWSVDConfig
 
-__all__ = ["FWSVDHfQuantizer"]
+__all__ = ["FWSVDHfQuantizer", "mark_compressed"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +74,12 @@ class FWSVDHfQuantizer(HfQuantizer):
             if hasattr(model.config, "transformers_weights"):
                 del model.config.transformers_weights
         else:
-            from .api import compress
+            from .pipeline import compress_model
 
-            config = self.quantization_config
-            compress(model, config)
-            # `compress` worked on its own copy; adopt the filled-in copy as this quantizer's config.
-            self.quantization_config = model.config.quantization_config
-            model.hf_quantizer = self
+            # The pipeline works on its own copy; adopt the filled-in copy as this quantizer's config.
+            self.quantization_config, model.fwsvd_report = compress_model(model, self.quantization_config)
             self.pre_quantized = True
+            mark_compressed(model, self.quantization_config, self)
         return model
 
     def _dequantize(self, model: Any, dtype: Any = None) -> Any:
@@ -104,3 +102,14 @@ class FWSVDHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def mark_compressed(model: Any, config: FWSVDConfig, quantizer: FWSVDHfQuantizer | None = None) -> None:
+    """Make a model compressed outside `from_pretrained` look like one loaded through the quantizer."""
+    if not hasattr(model, "config"):
+        return
+    model.config.quantization_config = config
+    model.hf_quantizer = quantizer or FWSVDHfQuantizer(config, pre_quantized=True, copy_config=False)
+    model.is_quantized = True
+    model.quantization_method = "fwsvd"
+    model.config._is_quantized = True

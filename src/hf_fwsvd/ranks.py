@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING
 
-from .config import FWSVDConfig
 from .factorize import full_rank, low_rank_params
 from .payoff import low_rank_pays_off, max_paying_rank
 from .targets import matches
 
-__all__ = ["rank_for_shape", "resolve_ranks"]
+if TYPE_CHECKING:
+    from .config import FWSVDConfig
+
+__all__ = ["rank_for_param_ratio", "rank_for_shape", "resolve_ranks"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +28,22 @@ def rank_for_shape(out_features: int, in_features: int, config: FWSVDConfig, nam
     if config.rank is not None:
         rank = config.rank
     elif config.param_ratio is not None:
-        rank = max(1, math.floor(config.param_ratio * out_features * in_features / (out_features + in_features)))
-        # A parameter budget never asks for a slower layer: clamp to the largest rank that is faster than dense.
-        rank = max(1, min(rank, max_paying_rank(out_features, in_features)))
+        return rank_for_param_ratio(out_features, in_features, config.param_ratio, name)
     else:
         rank = max(1, round(config.rank_ratio * full))
     return _checked(rank, full, name, out_features, in_features)
+
+
+def rank_for_param_ratio(out_features: int, in_features: int, param_ratio: float, name: str) -> int:
+    """The rank keeping about `param_ratio` of an ``out x in`` module's weights (at least 1), clamped to the largest
+    rank that still runs faster than the dense layer (see `payoff`).
+
+    Raises:
+        `ValueError`: When the rank is not below the module's full rank.
+    """
+    rank = max(1, math.floor(param_ratio * out_features * in_features / (out_features + in_features)))
+    rank = max(1, min(rank, max_paying_rank(out_features, in_features)))
+    return _checked(rank, full_rank((out_features, in_features)), name, out_features, in_features)
 
 
 def _checked(rank: int, full: int, name: str, out_features: int, in_features: int) -> int:

@@ -1,4 +1,4 @@
-"""`hf-fwsvd compress`: compress a model with FWSVD (or plain SVD), print the per-layer table, save (and push) it."""
+"""`hf-fwsvd compress`: compress a model with any registered method, print the per-layer table, save (and push) it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 import sys
 from typing import Any
 
-from ..config import METHODS
 from .common import (
     EXIT_USAGE,
     TASKS,
@@ -28,7 +27,18 @@ EXAMPLES = """examples:
       --eval-data dev.csv --output ./my-classifier-fwsvd
   hf-fwsvd compress ./gpt --task causal-lm --data corpus.txt --param-ratio 0.5 --output ./gpt-fwsvd
   hf-fwsvd compress ./my-classifier --task sequence-classification --method svd --rank 64 --output ./svd64
+  hf-fwsvd compress ./gpt --task causal-lm --data corpus.txt --method whiten --param-budget 0.8 \\
+      --allocation-power 1 --output ./gpt-whiten
 """
+
+
+def methods_epilog() -> str:
+    """The `methods:` section of `--help`: every registered method and its one-line summary."""
+    from ..methods import available_methods, get_method
+
+    names = available_methods()
+    width = max(len(name) for name in names)
+    return "methods:\n" + "\n".join(f"  {name:<{width}}  {get_method(name).summary}" for name in names) + "\n"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -37,21 +47,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="Compress a model and save the factorised checkpoint (with its model card).",
         description="Estimate Fisher importances on task data, factorise every targeted linear layer, print a "
         "per-layer report and save a checkpoint that `from_pretrained` reloads once `hf_fwsvd` is imported.",
-        epilog=EXAMPLES,
+        epilog=EXAMPLES + "\n" + methods_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL", help="Dense model: a local folder or a Hub id.")
     parser.add_argument("--task", required=True, choices=TASKS, metavar="TASK", help=f"One of: {', '.join(TASKS)}.")
     parser.add_argument("--output", required=True, metavar="DIR", help="Folder to save the compressed model into.")
-    data = parser.add_argument_group("calibration data (needed by every method but svd)")
+    data = parser.add_argument_group("calibration data (needed by methods that read data and by --allocation fisher)")
     add_data_arguments(data, required=False)
     data.add_argument("--num-samples", type=int, default=256, metavar="N", help="Examples to use (default 256).")
     data.add_argument("--batch-size", type=int, default=8, metavar="N", help="Batch size (default 8).")
     data.add_argument("--max-length", type=int, default=128, metavar="N", help="Truncation length (default 128).")
-    how = parser.add_argument_group(
-        "how much to compress (one of; default --rank-ratio 0.33, or --param-budget 0.8 for a causal LM without "
-        "--method)"
-    )
+    how = parser.add_argument_group("how much to compress (one of; default --rank-ratio 0.33)")
     ranks = how.add_mutually_exclusive_group()
     ranks.add_argument("--rank-ratio", type=float, metavar="R", help="Keep this fraction of each module's full rank.")
     ranks.add_argument("--rank", type=int, metavar="N", help="The same rank for every module.")
@@ -62,20 +69,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--param-budget",
         type=float,
         metavar="P",
-        help="Keep this fraction of the targeted weights in total, shared between modules by the global allocation.",
+        help="Keep this fraction of the targeted weights in total; --allocation shares it between modules.",
     )
     how.add_argument(
         "--method",
-        choices=METHODS,
+        choices=_method_choices(),
         default=None,
-        help="Default: whiten with the global allocation for causal LMs, fwsvd (the paper) otherwise.",
+        metavar="METHOD",
+        help=f"One of: {', '.join(_method_choices())} (see 'methods:' below). Default: whiten with --param-budget 0.8 "
+        "and the global allocation (power 1) for a causal LM, fwsvd (the paper) otherwise.",
     )
-    how.add_argument(
-        "--allocation-power",
-        type=float,
-        metavar="A",
-        help="With --param-budget: exponent on each module's Fisher mass (default 0.5; 1 for causal LMs by default).",
-    )
+    add_method_arguments(how, default=None)
     how.add_argument(
         "--target-modules", metavar="NAMES", help="Comma-separated module names/suffixes (default: all block linears)."
     )
@@ -100,10 +104,57 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def add_method_arguments(group: Any, default: str | None = "fwsvd") -> None:
+    """`--method` (choices from the registry; `None` as `default` leaves it out) and the allocation options."""
+    from ..config import ALLOCATIONS
+    from ..methods import available_methods
+
+    if default is not None:
+        group.add_argument(
+            "--method",
+            choices=available_methods(),
+            default=default,
+            metavar="METHOD",
+            help=f"One of: {', '.join(available_methods())} (see 'methods:' below). Default: {default}.",
+        )
+    group.add_argument(
+        "--allocation",
+        choices=ALLOCATIONS,
+        help="With a parameter budget: 'fisher' (default; global allocation by the Fisher-weighted error, needs "
+        "labelled data) or 'uniform' (the same fraction in every module).",
+    )
+    group.add_argument(
+        "--allocation-power",
+        type=float,
+        metavar="A",
+        help="Exponent on each module's Fisher mass in the 'fisher' allocation, in [0, 1] (default 0.5).",
+    )
+
+
+def needs_data(method: str, budget: float | None, allocation: str | None) -> str | None:
+    """Why a run needs calibration data (an option to name in the error), or `None` when it does not."""
+    from ..methods import get_method
+
+    if get_method(method).needs_data:
+        return f"--method {method}"
+    if budget is not None and allocation in (None, "fisher"):
+        return "--allocation fisher"
+    return None
+
+
+def _method_choices() -> tuple[str, ...]:
+    from ..methods import available_methods
+
+    return available_methods()
+
+
 def _check_arguments(args: argparse.Namespace) -> None:
-    if args.method != "svd" and not args.data:
-        method = f"--method {args.method}" if args.method else "The default method"
-        raise CommandError(f"{method} needs calibration data: pass --data FILE (or use --method svd).", EXIT_USAGE)
+    if args.method is None:  # resolved per model by `compress`; every default reads data
+        reason = "The default method" if not args.data else None
+    else:
+        reason = needs_data(args.method, args.param_budget, args.allocation)
+    if reason and not args.data:
+        raise CommandError(f"{reason} needs calibration data: pass --data FILE (or use --method svd).", EXIT_USAGE)
     if args.fail_on_collapse and not args.eval_data:
         raise CommandError("--fail-on-collapse needs an evaluation: pass --eval-data FILE.", EXIT_USAGE)
     for name in ("num_samples", "batch_size", "max_length", "rank", "num_labels", "eval_limit"):
@@ -136,9 +187,9 @@ def _config(args: argparse.Namespace, examples: list[dict] | None, tokenizer: An
         "rank_ratio": args.rank_ratio,
         "param_ratio": args.param_ratio,
         "param_budget": args.param_budget,
+        "allocation": args.allocation,
+        "allocation_power": args.allocation_power,
     }
-    if args.allocation_power is not None:
-        ranks["allocation_power"] = args.allocation_power
     targets = [name.strip() for name in args.target_modules.split(",")] if args.target_modules else None
     try:
         return FWSVDConfig(

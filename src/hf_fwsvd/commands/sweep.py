@@ -9,6 +9,7 @@ import os
 import time
 from typing import Any
 
+from ..methods import available_methods, get_method
 from .common import (
     EXIT_USAGE,
     TASKS,
@@ -20,12 +21,17 @@ from .common import (
     main_metric,
     read_examples,
 )
+from .compress import add_method_arguments, methods_epilog
 
 __all__ = ["add_parser", "plot_sweep", "run"]
+
+RATIO_KINDS = ("rank-ratio", "param-ratio", "param-budget")
 
 EXAMPLES = """examples:
   hf-fwsvd sweep ./my-classifier --task sequence-classification --data train.csv --eval-data dev.csv \\
       --ratios 0.1,0.2,0.3,0.5 --output sweep/
+  hf-fwsvd sweep ./gpt --task causal-lm --data corpus.txt --eval-data held-out.txt --methods whiten,fwsvd \\
+      --ratio-kind param-budget --ratios 0.6,0.8 --output sweep-lm/
 """
 
 
@@ -33,9 +39,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "sweep",
         help="Compress at several ratios with each method; write sweep.csv and sweep.png (metric vs params kept).",
-        description="The Fisher importances are estimated once and reused for every FWSVD ratio; each point is a "
-        "fresh copy of the dense model compressed and evaluated on --eval-data.",
-        epilog=EXAMPLES,
+        description="The calibration statistics every method needs are collected once and reused for every point; "
+        "each point is a fresh copy of the dense model compressed and evaluated on --eval-data.",
+        epilog=EXAMPLES + "\n" + methods_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL", help="Dense model: a local folder or a Hub id.")
@@ -52,11 +58,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--ratios", required=True, help="Comma-separated ratios, e.g. 0.1,0.2,0.33,0.5.")
     parser.add_argument(
         "--ratio-kind",
-        choices=("rank-ratio", "param-ratio"),
+        choices=RATIO_KINDS,
         default="rank-ratio",
-        help="Whether --ratios are rank ratios or parameter ratios (default rank-ratio).",
+        help="Whether --ratios are rank ratios, parameter ratios (per module) or parameter budgets (in total, shared "
+        "by --allocation) (default rank-ratio).",
     )
-    parser.add_argument("--methods", default="fwsvd,svd", help="Comma-separated methods (default fwsvd,svd).")
+    parser.add_argument(
+        "--methods",
+        default="fwsvd,svd",
+        help=f"Comma-separated methods, of: {', '.join(available_methods())} (default fwsvd,svd).",
+    )
+    add_method_arguments(parser, default=None)
     parser.add_argument(
         "--num-samples", type=int, metavar="N", default=256, help="Calibration examples (default 256)."
     )
@@ -92,9 +104,13 @@ def _check(args: argparse.Namespace) -> tuple[list[float], list[str]]:
         bound = "(0, 1]" if args.ratio_kind == "param-ratio" else "(0, 1)"
         raise CommandError(f"--ratios for {args.ratio_kind} must be in {bound}; got {bad}.", EXIT_USAGE)
     methods = _parse_list(args.methods, "methods", str)
-    unknown = [method for method in methods if method not in ("fwsvd", "svd")]
+    unknown = [method for method in methods if method not in available_methods()]
     if unknown:
-        raise CommandError(f"--methods accepts fwsvd and svd; got {', '.join(unknown)}.", EXIT_USAGE)
+        raise CommandError(
+            f"--methods accepts {', '.join(available_methods())}; got {', '.join(unknown)}.", EXIT_USAGE
+        )
+    if args.ratio_kind != "param-budget" and (args.allocation is not None or args.allocation_power is not None):
+        raise CommandError("--allocation and --allocation-power need --ratio-kind param-budget.", EXIT_USAGE)
     if os.path.isfile(args.output):
         raise CommandError(f"--output {args.output!r} is a file; give a folder.", EXIT_USAGE)
     return sorted(set(ratios)), list(dict.fromkeys(methods))
@@ -108,11 +124,11 @@ def plot_sweep(rows: list[dict[str, Any]], metric: str, path: str, title: str) -
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.5), dpi=120)
-    styles = {"fwsvd": ("tab:blue", "o", "FWSVD (Fisher-weighted)"), "svd": ("tab:orange", "s", "SVD (plain)")}
-    for method, (color, marker, label) in styles.items():
+    for method in dict.fromkeys(row["method"] for row in rows if row["method"] != "dense"):
         points = sorted((100 * row["params_kept"], row[metric]) for row in rows if row["method"] == method)
-        if points:
-            axis.plot(*zip(*points, strict=True), marker=marker, color=color, label=label, linewidth=1.8)
+        entry = get_method(method)  # style and legend from the registry
+        style = {"marker": "o", "linestyle": "-", **entry.plot_style}
+        axis.plot(*zip(*points, strict=True), label=f"{entry.short_title} ({method})", linewidth=1.8, **style)
     dense = [row for row in rows if row["method"] == "dense"]
     if dense:
         axis.axhline(
@@ -133,8 +149,10 @@ def plot_sweep(rows: list[dict[str, Any]], metric: str, path: str, title: str) -
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..api import compress, compute_importances
+    from ..api import compress
     from ..config import FWSVDConfig
+    from ..methods import collect_statistics, required_statistics
+    from ..targets import find_target_modules
 
     ratios, methods = _check(args)
     try:
@@ -152,22 +170,35 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         {"method": "dense", "ratio": 1.0, "params_kept": 1.0, "seconds": time.perf_counter() - started, **baseline}
     ]
-    importances = None
     settings = {"num_samples": args.num_samples, "batch_size": args.batch_size, "max_length": args.max_length}
-    if "fwsvd" in methods:
-        config = FWSVDConfig(calibration_dataset=calibration, tokenizer=tokenizer, **settings)
-        try:
-            importances = compute_importances(dense, config, show_progress=not args.quiet)
-        except ValueError as error:
-            raise CommandError(str(error)) from error
     key = args.ratio_kind.replace("-", "_")
+    allocation = {
+        name: value
+        for name, value in (("allocation", args.allocation), ("allocation_power", args.allocation_power))
+        if value is not None
+    }
+
+    def point_config(method: str, ratio: float) -> FWSVDConfig:
+        return FWSVDConfig(**{key: ratio}, method=method, **allocation)
+
+    # Every statistic any point needs, collected once on the dense model and shared by all points.
+    try:
+        needed = tuple(
+            dict.fromkeys(name for method in methods for name in required_statistics(point_config(method, ratios[0])))
+        )
+        stats = None
+        if needed:
+            config = FWSVDConfig(calibration_dataset=calibration, tokenizer=tokenizer, **settings)
+            targets = find_target_modules(dense, config)
+            stats = collect_statistics(dense, config, targets, show_progress=not args.quiet, statistics=needed)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
     points = [(method, ratio) for method in methods for ratio in ratios]
     for method, ratio in tqdm(points, desc="Sweep", unit="model", disable=args.quiet):
         started = time.perf_counter()
         model = copy.deepcopy(dense)
-        config = FWSVDConfig(**{key: ratio}, method=method, importances=importances if method == "fwsvd" else None)
         try:
-            compress(model, config, show_progress=False)
+            compress(model, point_config(method, ratio), show_progress=False, statistics=stats)
         except ValueError as error:
             raise CommandError(f"{method} at {args.ratio_kind} {ratio}: {error}") from error
         result = evaluate_task(model, tokenizer, args.task, examples, **evaluate_kwargs)
@@ -191,9 +222,10 @@ def run(args: argparse.Namespace) -> int:
     name = os.path.basename(os.path.normpath(args.model))
     title = f"{name}: {metric} vs parameters kept\n({args.ratio_kind} sweep, {len(examples)} evaluation examples)"
     plot_sweep(rows, metric, png_path, title)
-    print(f"{'method':<8} {args.ratio_kind:>11} {'params kept':>12} {metric:>11}")
+    width = max(8, *(len(method) for method in methods))
+    print(f"{'method':<{width}} {args.ratio_kind:>11} {'params kept':>12} {metric:>11}")
     for row in rows:
         ratio = "-" if row["method"] == "dense" else f"{row['ratio']:g}"
-        print(f"{row['method']:<8} {ratio:>11} {row['params_kept']:>12.1%} {row[metric]:>11.4f}")
+        print(f"{row['method']:<{width}} {ratio:>11} {row['params_kept']:>12.1%} {row[metric]:>11.4f}")
     print(f"\nWrote {csv_path} and {png_path}")
     return 0

@@ -1,0 +1,235 @@
+"""The compression pipeline every entry point runs: targets -> ranks/allocation -> statistics -> factorise -> replace
+-> refine -> report.
+
+`compress` runs it on a model in memory ([`compress_model`]); `compress_layerwise` runs the same steps on a checkpoint
+block by block (its statistics come from the model loaded once, possibly offloaded). The method-specific parts come
+from the registry (`hf_fwsvd.methods`): which statistics to collect, the importance that weighs allocation scores and
+the report, the factorisation of one weight, and an optional model-level refinement.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .allocation import allocate_ranks, direction_scores
+from .calibration import calibration_loader_from_config
+from .defaults import resolve_defaults
+from .factorize import LowRankFactors, apply_weighting, input_weighting, low_rank_params, relative_errors
+from .layers import LowRankLinear, dense_weight
+from .methods import CompressionMethod, check_statistics, collect_statistics, get_method
+from .payoff import low_rank_pays_off
+from .ranks import rank_for_param_ratio, resolve_ranks
+from .replace import shape_of
+from .report import CompressionReport, ModuleReport
+from .statistics import Statistics
+from .targets import find_target_modules
+
+__all__ = [
+    "budget_ranks",
+    "calibration_size",
+    "compress_model",
+    "factorize_weight",
+    "fisher_mass",
+    "module_report",
+    "new_report",
+    "overrides_refine_model",
+    "weighted_matrix",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def fisher_mass(weight: torch.Tensor, importance: torch.Tensor) -> float:
+    """``sum_oi F_i W_oi^2``: the diagonal-Fisher estimate of the loss increase if the module were zeroed."""
+    dense = weight.detach().to(torch.float32)
+    return float((dense.square().sum(0) * importance.to(torch.float32).to(dense.device)).sum())
+
+
+def weighted_matrix(weight: torch.Tensor, importance: torch.Tensor | None, floor: float) -> torch.Tensor:
+    """``W M`` for the importance's weighting (the matrix whose singular values rank the directions)."""
+    dense = weight.detach().to(torch.float32)
+    weighting = input_weighting(importance.to(dense.device) if importance is not None else None, floor)
+    return apply_weighting(dense, weighting)
+
+
+def budget_ranks(
+    weights: Iterable[tuple[str, torch.Tensor]],
+    shapes: dict[str, tuple[int, int]],
+    config: Any,
+    stats: Statistics,
+) -> tuple[dict[str, int], list[str]]:
+    """Ranks under `config.param_budget`: the same fraction everywhere, or the global Fisher allocation.
+
+    Args:
+        weights (`Iterable[tuple[str, torch.Tensor]]`): ``(name, dense weight)`` of every target, read lazily (only
+            the Fisher allocation reads them).
+        shapes (`dict[str, tuple[int, int]]`): Module name -> ``(out_features, in_features)``.
+        config ([`FWSVDConfig`]): `param_budget`, `allocation`, `allocation_power`, `method`, `importance_floor`.
+        stats ([`Statistics`]): Holds `row_fisher` for the Fisher allocation and the method's statistics.
+
+    Returns:
+        `(ranks, dense)`: the rank of every factorised module and the modules left dense.
+    """
+    if config.allocation == "uniform":
+        return {name: rank_for_param_ratio(*shape, config.param_budget, name) for name, shape in shapes.items()}, []
+    method = get_method(config.method)
+    scores = {}
+    for name, weight in weights:
+        importance = method.importance(name, stats)
+        mass = fisher_mass(weight, stats["row_fisher"][name]) ** config.allocation_power
+        scores[name] = direction_scores(weighted_matrix(weight, importance, config.importance_floor), mass)
+    allocation = allocate_ranks(shapes, scores, config.param_budget)
+    return allocation.ranks, allocation.dense
+
+
+def factorize_weight(
+    method: CompressionMethod, weight: torch.Tensor, rank: int, name: str, stats: Statistics, config: Any
+) -> tuple[LowRankFactors, torch.Tensor | None]:
+    """Factorise one weight with `method`; returns float32 factors and the importance (for the report)."""
+    return method.factorize(weight, rank, name, stats, config), method.importance(name, stats)
+
+
+def module_report(
+    name: str, weight: torch.Tensor, approximation: torch.Tensor, importance: torch.Tensor | None, rank: int
+) -> ModuleReport:
+    """The report row of one factorised module: shape, rank, parameters and plain / weighted relative errors."""
+    errors = relative_errors(weight, approximation, importance)
+    out_features, in_features = weight.shape
+    return ModuleReport(
+        name=name,
+        out_features=out_features,
+        in_features=in_features,
+        rank=rank,
+        params_before=out_features * in_features,
+        params_after=low_rank_params(out_features, in_features, rank),
+        plain_error=errors["plain"],
+        weighted_error=errors["weighted"],
+        pays_off=low_rank_pays_off(out_features, in_features, rank),
+    )
+
+
+def calibration_size(config: Any) -> int | None:
+    """How many calibration examples `config` uses (`None` when its data has no length)."""
+    data = config.calibration_dataset
+    if data is None or not hasattr(data, "__len__"):
+        return None
+    size = len(data.dataset) if hasattr(data, "dataset") and hasattr(data.dataset, "__len__") else len(data)
+    return size if config.num_samples is None else min(size, config.num_samples)
+
+
+def new_report(config: Any, params_before: int, dense_modules: list[str]) -> CompressionReport:
+    """An empty report for a run of `config` (calibration size recorded for methods that read data)."""
+    report = CompressionReport(method=config.method, model_params_before=params_before)
+    report.dense_modules = list(dense_modules)
+    if get_method(config.method).needs_data and config.importances is None:
+        report.calibration_samples = calibration_size(config)
+    return report
+
+
+def overrides_refine_model(method: CompressionMethod) -> bool:
+    """Whether `method` has a model-level refinement step (then it cannot run block by block)."""
+    return type(method).refine_model is not CompressionMethod.refine_model
+
+
+def _check_materialised(targets: dict[str, nn.Module]) -> None:
+    for name, module in targets.items():
+        if dense_weight(module).device.type == "meta":
+            raise ValueError(
+                f"`{name}` has its weight on the meta device (offloaded to disk or CPU by `device_map`). `compress` "
+                "must hold every dense weight: for a model that does not fit, use `hf_fwsvd.compress_layerwise` on "
+                "its checkpoint folder (it estimates the Fisher with the same device_map and factorises block by "
+                "block from disk), or load the model without offloading."
+            )
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(param.numel() for param in model.parameters())
+
+
+def compress_model(
+    model: nn.Module,
+    config: Any,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    show_progress: bool = True,
+    statistics: Statistics | None = None,
+) -> tuple[Any, CompressionReport]:
+    """Run the pipeline on `model` in memory: every target becomes a [`LowRankLinear`].
+
+    On any failure (including an interrupt, during factorisation or refinement) every replaced module is put back,
+    so the model is left unchanged.
+
+    Args:
+        model (`nn.Module`): A dense model.
+        config ([`FWSVDConfig`]): What to compress and how; not modified.
+        loss_fn (`Callable`, *optional*): Calibration loss `loss_fn(model, batch)`.
+        show_progress (`bool`, *optional*, defaults to `True`): Progress bars.
+        statistics ([`Statistics`], *optional*): Statistics already collected on this dense model.
+
+    Returns:
+        `(run_config, report)`: a filled-in copy of `config` (`ranks`, `source_classes`, `base_model`) and the
+        [`CompressionReport`].
+    """
+    run_config = resolve_defaults(model, config.copy_for_run())
+    method = get_method(run_config.method)
+    targets = find_target_modules(model, run_config)
+    _check_materialised(targets)
+    shapes = {name: shape_of(module) for name, module in targets.items()}
+    ranks = resolve_ranks(shapes, run_config) if run_config.param_budget is None else None
+    if statistics is None:
+        stats = collect_statistics(model, run_config, targets, loss_fn, show_progress)
+    else:
+        check_statistics(run_config, statistics, targets)
+        stats = statistics
+    dense_modules: list[str] = []
+    if ranks is None:
+        weights = ((name, dense_weight(module)) for name, module in targets.items())
+        ranks, dense_modules = budget_ranks(weights, shapes, run_config, stats)
+    report = new_report(run_config, _count_params(model), dense_modules)
+    swapped: list[str] = []
+    importances: dict[str, torch.Tensor | None] = {}
+    try:
+        for name, module in tqdm(targets.items(), desc="Factorising", unit="layer", disable=not show_progress):
+            if name not in ranks:
+                continue
+            weight = dense_weight(module)
+            factors, importances[name] = factorize_weight(method, weight, ranks[name], name, stats, run_config)
+            replacement = LowRankLinear.from_factors(factors, module.bias, dtype=weight.dtype, device=weight.device)
+            if type(module).__name__ != "Linear":
+                run_config.source_classes[name] = type(module).__name__
+            model.set_submodule(name, replacement)
+            swapped.append(name)
+        if overrides_refine_model(method):
+            batches = None
+            if run_config.calibration_dataset is not None:
+                batches = calibration_loader_from_config(run_config, model)
+            method.refine_model(model, list(swapped), batches, run_config)
+    except BaseException:
+        # Never leave a partially compressed model behind: put every dense module back (they are still in `targets`).
+        for name in swapped:
+            model.set_submodule(name, targets[name])
+        raise
+    for name in swapped:
+        weight = dense_weight(targets[name])
+        report.modules.append(
+            module_report(name, weight, model.get_submodule(name).weight, importances[name], ranks[name])
+        )
+    run_config.ranks = ranks
+    run_config.base_model = run_config.base_model or _source_name(model)
+    report.base_model = run_config.base_model
+    report.model_params_after = _count_params(model)
+    return run_config, report
+
+
+def _source_name(model: nn.Module) -> str | None:
+    """Where the dense model came from: its Hub id, or the absolute path of its local folder."""
+    source = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if source and os.path.isdir(source):
+        return os.path.abspath(source)
+    return source

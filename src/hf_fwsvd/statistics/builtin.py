@@ -1,0 +1,127 @@
+"""The built-in calibration statistics of a linear layer ``y = x W^T + b`` (each fp32, keyed by module name).
+
+Backward statistics use the gradient ``g`` of the batch-mean loss at the layer output; example ``n``'s own gradient is
+recovered by scaling with the batch size ``B`` (exact when the loss is a mean over examples, a close approximation for
+a mean over tokens), and each is divided by the number of calibration examples ``N``:
+
+- ``row_fisher``: ``F_i = 1/N sum_n sum_o (dL_n/dW_oi)^2``, one value per input feature (FWSVD's importance);
+- ``elementwise_fisher``: ``I_oi = 1/N sum_n (dL_n/dW_oi)^2`` (``out x in``: a second copy of the weight);
+- ``gradient_second_moment``: ``C = 1/N sum_n sum_t |g_nt|^2 x_nt x_nt^T`` (``in x in``).
+
+Forward statistics need no labels; they are divided by the number ``n`` of real (non-padding) tokens that reached the
+layer, padding being dropped with the batch's `attention_mask`:
+
+- ``activation_second_moment``: ``1/n sum x x^T`` (``in x in``, SVD-LLM whitening);
+- ``activation_abs_mean``: ``1/n sum |x|`` (length ``in``, ASVD scaling).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Observation, Statistic
+from .per_example import per_example_squared_gradients, per_example_squared_sums
+from .registry import register_statistic
+
+__all__ = [
+    "ActivationAbsMean",
+    "ActivationSecondMoment",
+    "ElementwiseFisher",
+    "GradientSecondMoment",
+    "RowFisher",
+]
+
+
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
+def _squared_gradients(observation: Observation) -> torch.Tensor:
+    """``sum_n (G_n^T X_n)^2`` over the batch's examples (``out x in``), shared by the row and element-wise Fisher."""
+
+    def compute() -> torch.Tensor:
+        inputs, grads = observation.inputs, observation.grads
+        if inputs.ndim <= 2:  # one example per row: (G_n^T X_n)_oi = g_no x_ni
+            return _rows(grads).square().T @ _rows(inputs).square()
+        batch = observation.batch
+        return per_example_squared_gradients(
+            inputs.reshape(batch, -1, inputs.shape[-1]), grads.reshape(batch, -1, grads.shape[-1])
+        )
+
+    return observation.memo("squared_gradients", compute)
+
+
+@register_statistic
+class RowFisher(Statistic):
+    name = "row_fisher"
+    summary = "row Fisher: summed squared per-example weight gradients, one value per input feature"
+    needs_backward = True
+
+    def shape(self, out_features: int, in_features: int) -> tuple[int, ...]:
+        return (in_features,)
+
+    def accumulate(self, observation: Observation) -> torch.Tensor:
+        inputs, grads, batch = observation.inputs, observation.grads, observation.batch
+        if inputs.ndim <= 2:  # sum_o (B g_no x_ni)^2 = B^2 |g_n|^2 x_ni^2
+            total = _rows(grads).square().sum(-1) @ _rows(inputs).square()
+        elif "elementwise_fisher" in observation.requested:
+            total = _squared_gradients(observation).sum(0)
+        else:
+            total = per_example_squared_sums(
+                inputs.reshape(batch, -1, inputs.shape[-1]), grads.reshape(batch, -1, grads.shape[-1])
+            )
+        return total * (batch * batch)
+
+
+@register_statistic
+class ElementwiseFisher(Statistic):
+    name = "elementwise_fisher"
+    summary = "element-wise Fisher: squared per-example weight gradients, out x in"
+    needs_backward = True
+
+    def shape(self, out_features: int, in_features: int) -> tuple[int, ...]:
+        return (out_features, in_features)
+
+    def accumulate(self, observation: Observation) -> torch.Tensor:
+        return _squared_gradients(observation) * (observation.batch * observation.batch)
+
+
+@register_statistic
+class GradientSecondMoment(Statistic):
+    name = "gradient_second_moment"
+    summary = "gradient-weighted input second moment sum_t |g_t|^2 x_t x_t^T, in x in"
+    needs_backward = True
+
+    def shape(self, out_features: int, in_features: int) -> tuple[int, ...]:
+        return (in_features, in_features)
+
+    def accumulate(self, observation: Observation) -> torch.Tensor:
+        weighted = _rows(observation.inputs) * _rows(observation.grads).norm(dim=-1, keepdim=True)
+        return weighted.T @ weighted * (observation.batch * observation.batch)
+
+
+@register_statistic
+class ActivationSecondMoment(Statistic):
+    name = "activation_second_moment"
+    summary = "input second moment x x^T over real tokens, in x in"
+    per = "token"
+
+    def shape(self, out_features: int, in_features: int) -> tuple[int, ...]:
+        return (in_features, in_features)
+
+    def accumulate(self, observation: Observation) -> torch.Tensor:
+        rows = observation.real_rows()
+        return rows.T @ rows
+
+
+@register_statistic
+class ActivationAbsMean(Statistic):
+    name = "activation_abs_mean"
+    summary = "mean input magnitude |x| over real tokens, one value per input feature"
+    per = "token"
+
+    def shape(self, out_features: int, in_features: int) -> tuple[int, ...]:
+        return (in_features,)
+
+    def accumulate(self, observation: Observation) -> torch.Tensor:
+        return observation.real_rows().abs().sum(0)
