@@ -3,7 +3,8 @@
 `FWSVDConfig(method=None)` (the default) is resolved per model when compression starts:
 
 - **Causal LMs** get the best setting measured on a real one (SmolLM2-135M, `benchmarks/causal_lm.py`):
-  `method="whiten"` (SVD-LLM's activation whitening) with the global allocation at `allocation_power=1.0`. When no
+  `method="svdllm"` (SVD-LLM's activation whitening, then its sequential least-squares update of the `up` factors)
+  with the global allocation at `allocation_power=1.0`. When no
   size was given either, `param_budget=CAUSAL_LM_BUDGET` (80% of the targeted weights kept) replaces the paper's
   `rank_ratio=0.33`, which keeps far fewer weights in an LLM's wide layers; an explicit size is kept as given.
 - **Every other model** gets the paper's `method="fwsvd"` (unchanged from earlier versions).
@@ -21,16 +22,17 @@ from typing import Any
 from .calibration import infer_task
 from .config import FWSVDConfig
 
-__all__ = ["CAUSAL_LM_BUDGET", "UNIFORM_CAUSAL_WARNING", "resolve_defaults"]
+__all__ = ["CAUSAL_LM_BUDGET", "CAUSAL_LM_METHOD", "UNIFORM_CAUSAL_WARNING", "resolve_defaults"]
 
 logger = logging.getLogger(__name__)
 
+CAUSAL_LM_METHOD = "svdllm"
 CAUSAL_LM_BUDGET = 0.8
 UNIFORM_CAUSAL_WARNING = (
     "method={method!r} with the same rank rule in every module destroys causal LMs (measured on SmolLM2-135M at 80% "
     "of the weights: perplexity 13,384 for fwsvd and 3.9e7 for svd, dense 24.2). Leave `method` unset (the default "
-    "for causal LMs: whitening with the global allocation), or use method='whiten' with param_budget= and "
-    "allocation_power=1.0."
+    "for causal LMs: SVD-LLM's whitening and update with the global allocation), or use method='svdllm' (or "
+    "'whiten') with param_budget= and allocation_power=1.0."
 )
 
 
@@ -50,7 +52,7 @@ def resolve_defaults(model: Any, config: FWSVDConfig) -> FWSVDConfig:
         causal = infer_task(model) == "causal-lm"
     if config.method is None:
         if causal:
-            config.method = "whiten"
+            config.method = CAUSAL_LM_METHOD
             if config.size_defaulted and not config.rank_pattern:
                 config.rank_ratio = None
                 config.param_budget = CAUSAL_LM_BUDGET
@@ -58,7 +60,8 @@ def resolve_defaults(model: Any, config: FWSVDConfig) -> FWSVDConfig:
                 config.allocation = config.allocation or "fisher"
                 config.allocation_power = 1.0
             logger.info(
-                "No method given for a causal LM: using method='whiten'%s (the best measured setting).",
+                "No method given for a causal LM: using method=%r%s (the best measured setting).",
+                CAUSAL_LM_METHOD,
                 f" with param_budget={config.param_budget} and allocation_power=1.0" if config.param_budget else "",
             )
         else:
