@@ -61,3 +61,8 @@ def test_compress_saves_the_resolved_default(tmp_path):
     model.save_pretrained(tmp_path / "out")
     reloaded = type(model).from_pretrained(tmp_path / "out")
     assert reloaded.config.quantization_config.method == "svdllm"
+
+
+def test_block_by_block_causal_default_is_whiten():
+    config = resolve_defaults(type(tiny_llama()), FWSVDConfig().copy_for_run(), in_memory=False)
+    assert (config.method, config.param_budget, config.allocation_power) == ("whiten", 0.8, 1.0)

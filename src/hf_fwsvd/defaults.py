@@ -36,12 +36,14 @@ UNIFORM_CAUSAL_WARNING = (
 )
 
 
-def resolve_defaults(model: Any, config: FWSVDConfig) -> FWSVDConfig:
+def resolve_defaults(model: Any, config: FWSVDConfig, in_memory: bool = True) -> FWSVDConfig:
     """Fill in `config.method` (and, for a causal LM without a size, the budget) for `model`, in place.
 
     Args:
         model: The model about to be compressed, or its class (the class name tells the task).
         config ([`FWSVDConfig`]): A run copy of the user's config (see `FWSVDConfig.copy_for_run`).
+        in_memory (`bool`, *optional*, defaults to `True`): `False` for block-by-block compression, which cannot run
+            `svdllm`'s model-level update: a causal LM then gets `whiten` (the same truncation, without the update).
 
     Returns:
         [`FWSVDConfig`]: `config` itself.
@@ -52,7 +54,7 @@ def resolve_defaults(model: Any, config: FWSVDConfig) -> FWSVDConfig:
         causal = infer_task(model) == "causal-lm"
     if config.method is None:
         if causal:
-            config.method = CAUSAL_LM_METHOD
+            config.method = CAUSAL_LM_METHOD if in_memory else "whiten"
             if config.size_defaulted and not config.rank_pattern:
                 config.rank_ratio = None
                 config.param_budget = CAUSAL_LM_BUDGET
@@ -61,7 +63,7 @@ def resolve_defaults(model: Any, config: FWSVDConfig) -> FWSVDConfig:
                 config.allocation_power = 1.0
             logger.info(
                 "No method given for a causal LM: using method=%r%s (the best measured setting).",
-                CAUSAL_LM_METHOD,
+                config.method,
                 f" with param_budget={config.param_budget} and allocation_power=1.0" if config.param_budget else "",
             )
         else:

@@ -257,7 +257,7 @@ def compress_layerwise(
     model_dir, save_directory = os.fspath(model_dir), os.fspath(save_directory)
     model_config = AutoConfig.from_pretrained(model_dir)
     if config.method is None:  # chosen per model, as `compress` does (see `hf_fwsvd.defaults`)
-        config = resolve_defaults(_model_class(model_config, model_class), config.copy_for_run())
+        config = resolve_defaults(_model_class(model_config, model_class), config.copy_for_run(), in_memory=False)
     method = get_method(config.method)
     if overrides_refine_model(method):
         raise ValueError(
