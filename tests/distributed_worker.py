@@ -45,7 +45,10 @@ def data():
 
 
 def config(**kwargs) -> FWSVDConfig:
-    return FWSVDConfig(rank=RANK, calibration_dataset=data(), batch_size=BATCH_SIZE, num_samples=None, **kwargs)
+    # method="fwsvd" explicitly: the Fisher pass is what is distributed (a causal LM would default to `whiten`)
+    return FWSVDConfig(
+        method="fwsvd", rank=RANK, calibration_dataset=data(), batch_size=BATCH_SIZE, num_samples=None, **kwargs
+    )
 
 
 def run(out_dir: str) -> None:

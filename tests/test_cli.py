@@ -184,7 +184,17 @@ ARGUMENT_ERRORS = {
         2,
         "--rank-ratio must be in (0, 1), got 1.5",
     ),
-    "fwsvd-without-data": (C + " --output {tmp}/o", 2, "--method fwsvd needs calibration data"),
+    "default-without-data": (
+        C + " --output {tmp}/o",
+        2,
+        "The default method needs calibration data: pass --data FILE (or use --method svd).",
+    ),
+    "fwsvd-without-data": (C + " --method fwsvd --output {tmp}/o", 2, "--method fwsvd needs calibration data"),
+    "fail-on-collapse-without-eval": (
+        C + " --data {train} --fail-on-collapse --output {tmp}/o",
+        2,
+        "--fail-on-collapse needs an evaluation: pass --eval-data FILE.",
+    ),
     "missing-data-file": (C + " --data {tmp}/nope.csv --output {tmp}/o", 2, "Data '{tmp}/nope.csv' does not exist"),
     "missing-model": (
         "compress {tmp}/no-model --task causal-lm --method svd --output {tmp}/o",
@@ -216,7 +226,7 @@ ARGUMENT_ERRORS = {
     "sweep-bad-method": (
         S + " --ratios 0.2 --methods fwsvd,qr",
         2,
-        "--methods accepts fwsvd, svd, tfwsvd, whiten, asvd, fisher_whiten; got qr",
+        "--methods accepts fwsvd, svd, tfwsvd, whiten, asvd, fisher_whiten, svdllm; got qr",
     ),
     "no-command": ("", 2, "the following arguments are required: COMMAND"),
 }

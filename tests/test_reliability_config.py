@@ -28,7 +28,7 @@ CONFIG_CASES = {
     ),
     "unknown-method": (
         {"method": "fisher"},
-        "Unknown method 'fisher'; choose one of fwsvd, svd, tfwsvd, whiten, asvd, fisher_whiten.",
+        "Unknown method 'fisher'; choose one of fwsvd, svd, tfwsvd, whiten, asvd, fisher_whiten, svdllm.",
     ),
     "rank-pattern-string-value": (
         {"rank_pattern": {"query": "4"}},

@@ -18,7 +18,10 @@ def _model():
 
 
 def _config(**kwargs) -> FWSVDConfig:
-    return FWSVDConfig(rank=4, calibration_dataset=calibration_data("llama", count=10), batch_size=4, **kwargs)
+    # method="fwsvd": the Fisher cache is under test (a causal LM would default to `whiten`)
+    return FWSVDConfig(
+        method="fwsvd", rank=4, calibration_dataset=calibration_data("llama", count=10), batch_size=4, **kwargs
+    )
 
 
 def test_interrupted_compression_restarts_from_saved_importances(tmp_path, monkeypatch):

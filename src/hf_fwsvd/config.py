@@ -55,11 +55,13 @@ class FWSVDConfig(QuantizationConfigMixin):
         refine_iterations (`int`, *optional*, defaults to 10): Alternating-least-squares sweeps of `method="tfwsvd"`.
         rank_pattern (`dict[str, int | float]`, *optional*): Per-module overrides. Keys are module names, name
             suffixes or regexes (fullmatch); an int value is a rank, a float a rank ratio.
-        method (`str`, *optional*, defaults to `"fwsvd"`): A registered method (see
-            `hf_fwsvd.methods.available_methods()`): `"fwsvd"` (row-wise Fisher, the paper), `"svd"` (plain SVD),
-            `"tfwsvd"` (element-wise Fisher refinement of FWSVD), `"whiten"` (SVD-LLM activation whitening), `"asvd"`
-            (activation-magnitude column scaling), `"fisher_whiten"` (whitening with the gradient-weighted activation
-            second moment), or one added with `hf_fwsvd.methods.register_method`. See `docs/methods.md`.
+        method (`str`, *optional*): A registered method (see `hf_fwsvd.methods.available_methods()`): `"fwsvd"`
+            (row-wise Fisher, the paper), `"svd"` (plain SVD), `"tfwsvd"` (element-wise Fisher refinement of FWSVD),
+            `"whiten"` (SVD-LLM activation whitening), `"asvd"` (activation-magnitude column scaling),
+            `"fisher_whiten"` (whitening with the gradient-weighted activation second moment), or one added with
+            `hf_fwsvd.methods.register_method`. See `docs/methods.md`. Left `None` (the default), `compress` chooses
+            per model (see `hf_fwsvd.defaults`): for a causal LM `"svdllm"` with the global allocation
+            (`allocation_power=1.0`, and `param_budget=0.8` when no size is given), for other models `"fwsvd"`.
         target_modules (`str | list[str]`, *optional*): A regex (fullmatch on the module name) or a list of names /
             name suffixes. Default: every linear layer inside the transformer blocks.
         modules_to_not_convert (`list[str]`, *optional*): Names, suffixes or regexes never compressed. Default:
@@ -111,7 +113,7 @@ class FWSVDConfig(QuantizationConfigMixin):
     rank_multiple: int | None = None
     refine_iterations: int = 10
     rank_pattern: dict[str, int | float] = field(default_factory=dict)
-    method: str = "fwsvd"
+    method: str | None = None
     target_modules: str | list[str] | None = None
     modules_to_not_convert: list[str] | None = None
     calibration_dataset: Any = None
@@ -140,7 +142,9 @@ class FWSVDConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"Give only one of `rank`, `rank_ratio`, `param_ratio` and `param_budget`; got {', '.join(given)}."
             )
-        if not given and self.ranks is None:
+        # whether the size is the paper's default (a causal LM with no method then gets a budget, see `defaults`)
+        self.size_defaulted = not given and self.ranks is None
+        if self.size_defaulted:
             self.rank_ratio = 0.33
         if self.rank is not None:
             _check_rank(self.rank, "rank")
@@ -174,7 +178,7 @@ class FWSVDConfig(QuantizationConfigMixin):
                 _check_fraction(value, f"rank_pattern[{key!r}]", inclusive=False)
             else:
                 _check_rank(value, f"rank_pattern[{key!r}]")
-        if self.method not in available_methods():  # the registry, so methods registered later are accepted
+        if self.method is not None and self.method not in available_methods():  # registered later: accepted too
             raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(available_methods())}.")
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
             raise ValueError("`target_modules` is an empty list: nothing would be compressed.")

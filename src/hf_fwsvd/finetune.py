@@ -19,6 +19,7 @@ from torch import nn
 
 from .calibration import tokenize_examples
 from .layers import LowRankLinear
+from .lora import attach_lora, merge_lora
 from .provenance import record_finetune
 from .report import FinetuneRecord
 
@@ -58,6 +59,7 @@ def finetune(
     logging_steps: int = 10,
     seed: int = 0,
     show_progress: bool = True,
+    lora: Any = None,
     **training_args: Any,
 ) -> FinetuneResult:
     """Fine-tune `model` (usually FWSVD-compressed) on `train_examples` and optionally save it.
@@ -78,6 +80,9 @@ def finetune(
         logging_steps (`int`, *optional*, defaults to 10): Steps between loss logs.
         seed (`int`, *optional*, defaults to 0): Seed for data order and dropout.
         show_progress (`bool`, *optional*, defaults to `True`): `Trainer`'s progress bar.
+        lora (`peft.LoraConfig` or `bool`, *optional*): Train LoRA adapters on the `down` / `up` factors instead of
+            the factors themselves (`True`: rank 8 on every factor, see `hf_fwsvd.lora`), then merge them into the
+            factors: the model keeps its ranks and saves as a normal FWSVD checkpoint.
         training_args: Further `TrainingArguments` fields (e.g. `weight_decay`, `warmup_ratio`, `max_steps`).
 
     Returns:
@@ -89,7 +94,14 @@ def finetune(
     from transformers import Trainer, TrainingArguments
 
     examples, collate = tokenize_examples(train_examples, tokenizer, model, num_samples, max_length, batch_size)
-    if train_only_low_rank:
+    trained = model
+    if lora:
+        if train_only_low_rank:
+            raise ValueError(
+                "Give `lora=` or `train_only_low_rank=True`, not both: with LoRA only the adapters train."
+            )
+        trained = attach_lora(model, lora)
+    elif train_only_low_rank:
         low_rank = {
             id(p) for module in model.modules() if isinstance(module, LowRankLinear) for p in module.parameters()
         }
@@ -100,7 +112,7 @@ def finetune(
             )
         for param in model.parameters():
             param.requires_grad_(id(param) in low_rank)
-    if not any(param.requires_grad for param in model.parameters()):
+    if not any(param.requires_grad for param in trained.parameters()):
         raise ValueError(f"No parameter of {type(model).__name__} requires grad: nothing to fine-tune.")
     with tempfile.TemporaryDirectory(prefix="hf_fwsvd-finetune-") as scratch:
         args = TrainingArguments(
@@ -116,9 +128,11 @@ def finetune(
             disable_tqdm=not show_progress,
             **training_args,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collate)
+        trainer = Trainer(model=trained, args=args, train_dataset=examples, data_collator=collate)
         output = trainer.train()
         history = list(trainer.state.log_history)
+    if lora:
+        model = merge_lora(trained)
     model.eval()
     record_finetune(
         model,

@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import FWSVDConfig
+from .defaults import resolve_defaults
 from .distributed import is_main_process
 from .methods import CompressionMethod, collect_statistics, get_method, known_statistics, required_statistics
 from .pipeline import budget_ranks, factorize_weight, module_report, new_report, overrides_refine_model
@@ -252,14 +253,16 @@ def compress_layerwise(
 
     from .serialization import _move_into
 
+    model_dir, save_directory = os.fspath(model_dir), os.fspath(save_directory)
+    model_config = AutoConfig.from_pretrained(model_dir)
+    if config.method is None:  # chosen per model, as `compress` does (see `hf_fwsvd.defaults`)
+        config = resolve_defaults(_model_class(model_config, model_class), config.copy_for_run(), in_memory=False)
     method = get_method(config.method)
     if overrides_refine_model(method):
         raise ValueError(
             f"method={config.method!r} refines the whole compressed model after factorising "
             f"({type(method).__name__}.refine_model), which needs the model in memory: load it and use `compress`."
         )
-    model_dir, save_directory = os.fspath(model_dir), os.fspath(save_directory)
-    model_config = AutoConfig.from_pretrained(model_dir)
     existing = getattr(model_config, "quantization_config", None)
     if existing is not None:
         method = (

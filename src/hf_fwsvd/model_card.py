@@ -23,6 +23,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .calibration import infer_task
+from .collapse import check_collapse
 from .methods import get_method
 from .provenance import calibration_description, hub_base_model
 from .report import CompressionReport, FinetuneRecord, report_from_model
@@ -65,6 +66,7 @@ class EvaluationRecord:
         before (`dict[str, float]`, *optional*): The same metrics for the dense model.
         dataset_type (`str`, *optional*): Dataset id for the `model-index` metadata (default: derived from `dataset`).
         split (`str`, *optional*): Dataset split.
+        collapse (`str`, *optional*): The collapse guard's warning (see `hf_fwsvd.collapse`), when it fired.
     """
 
     dataset: str
@@ -72,6 +74,7 @@ class EvaluationRecord:
     before: dict[str, float] | None = None
     dataset_type: str | None = None
     split: str | None = None
+    collapse: str | None = None
 
     def metric_names(self) -> list[str]:
         return [name for name, value in self.after.items() if name not in _COUNT_KEYS and _is_number(value)]
@@ -90,6 +93,10 @@ def record_evaluation(
 ) -> EvaluationRecord:
     """Attach evaluation results to `model` so the next `save_pretrained` / `push_to_hub` puts them in its card.
 
+    The collapse guard (`hf_fwsvd.collapse.check_collapse`) checks the metrics: when the compression wrecked the model
+    (perplexity above 3x the dense one, accuracy at chance) it logs a warning naming what to try, and the warning is
+    stored as `record.collapse` and printed in the card.
+
     Args:
         model: The compressed model.
         after (`dict[str, float]`): Metrics of the compressed model.
@@ -104,6 +111,12 @@ def record_evaluation(
         if not hasattr(record, key):
             raise TypeError(f"record_evaluation() got an unexpected keyword argument {key!r}.")
         setattr(record, key, value)
+    task = infer_task(model)
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    classifier = task in ("sequence-classification", "token-classification")
+    record.collapse = check_collapse(record.before, record.after, num_labels if classifier else None)
+    if record.collapse:
+        logger.warning(record.collapse)
     model.fwsvd_evaluation = record
     return record
 
@@ -141,7 +154,11 @@ def _evaluation_context(record: EvaluationRecord | None) -> dict[str, Any] | Non
         for name in record.metric_names()
     ]
     split = f", split `{record.split}`" if record.split else ""
-    return {"description": f"Measured with `evaluate` on {record.dataset}{split}.", "rows": rows}
+    return {
+        "description": f"Measured with `evaluate` on {record.dataset}{split}.",
+        "rows": rows,
+        "collapse": record.collapse,
+    }
 
 
 def _eval_results(record: EvaluationRecord | None, pipeline_tag: str | None) -> list[EvalResult] | None:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .allocation import allocate_ranks, direction_scores
 from .calibration import calibration_loader_from_config
+from .defaults import resolve_defaults
 from .factorize import LowRankFactors, apply_weighting, input_weighting, low_rank_params, relative_errors
 from .layers import LowRankLinear, dense_weight
 from .methods import CompressionMethod, check_statistics, collect_statistics, get_method
@@ -178,7 +179,7 @@ def compress_model(
         `(run_config, report)`: a filled-in copy of `config` (`ranks`, `source_classes`, `base_model`) and the
         [`CompressionReport`].
     """
-    run_config = config.copy_for_run()
+    run_config = resolve_defaults(model, config.copy_for_run())
     method = get_method(run_config.method)
     targets = find_target_modules(model, run_config)
     _check_materialised(targets)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any
 
 from .common import (
@@ -74,7 +75,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="P",
         help="Keep this fraction of the targeted weights in total; --allocation shares it between modules.",
     )
-    add_method_arguments(how)
+    how.add_argument(
+        "--method",
+        choices=_method_choices(),
+        default=None,
+        metavar="METHOD",
+        help=f"One of: {', '.join(_method_choices())} (see 'methods:' below). Default: svdllm with --param-budget 0.8 "
+        "and the global allocation (power 1) for a causal LM, fwsvd (the paper) otherwise.",
+    )
+    add_method_arguments(how, default=None)
     how.add_argument(
         "--target-modules", metavar="NAMES", help="Comma-separated module names/suffixes (default: all block linears)."
     )
@@ -86,6 +95,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_data_arguments(evaluation, prefix="eval-", required=False)
     evaluation.add_argument("--eval-limit", type=int, metavar="N", help="Evaluate on the first N examples only.")
     add_metric_argument(evaluation)
+    evaluation.add_argument(
+        "--fail-on-collapse",
+        action="store_true",
+        help="Exit with code 1 (saving nothing) when the evaluation shows a collapsed model (perplexity above 3x the "
+        "dense one, accuracy at chance) instead of only warning.",
+    )
     output = parser.add_argument_group("output")
     output.add_argument("--overwrite", action="store_true", help="Replace the checkpoint files already in --output.")
     output.add_argument("--push-to-hub", metavar="REPO_ID", help="Also upload the result to this Hub repo.")
@@ -132,11 +147,22 @@ def needs_data(method: str, budget: float | None, allocation: str | None) -> str
     return None
 
 
+def _method_choices() -> tuple[str, ...]:
+    from ..methods import available_methods
+
+    return available_methods()
+
+
 def _check_arguments(args: argparse.Namespace) -> None:
-    reason = needs_data(args.method, args.param_budget, args.allocation)
+    if args.method is None:  # resolved per model by `compress`; every default reads data
+        reason = "The default method" if not args.data else None
+    else:
+        reason = needs_data(args.method, args.param_budget, args.allocation)
     if reason and not args.data:
         other = "--allocation uniform" if reason.startswith("--allocation") else "--method svd"
         raise CommandError(f"{reason} needs calibration data: pass --data FILE (or use {other}).", EXIT_USAGE)
+    if args.fail_on_collapse and not args.eval_data:
+        raise CommandError("--fail-on-collapse needs an evaluation: pass --eval-data FILE.", EXIT_USAGE)
     for name in ("num_samples", "batch_size", "max_length", "rank", "num_labels", "eval_limit"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -221,6 +247,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'evaluation':<14} {'dense':>12} {'compressed':>12}")
         for name in model.fwsvd_evaluation.metric_names():
             print(f"{name:<14} {before.get(name, float('nan')):>12.4f} {after[name]:>12.4f}")
+        collapse = model.fwsvd_evaluation.collapse
+        if collapse:
+            print(f"\nWARNING: {collapse}", file=sys.stderr)
+            if args.fail_on_collapse:
+                raise CommandError(f"{collapse} Nothing was saved (--fail-on-collapse).")
     model.save_pretrained(args.output)
     tokenizer.save_pretrained(args.output)
     if args.report_json:

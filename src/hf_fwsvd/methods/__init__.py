@@ -21,7 +21,7 @@ from .base import CompressionMethod
 from .registry import available_methods, get_method, register_method, unregister_method
 
 # The built-ins, in the order the CLI and error messages list them.
-from . import fwsvd, svd, tfwsvd, whiten, asvd, fisher_whiten  # noqa: E402, F401, I001  isort: skip
+from . import fwsvd, svd, tfwsvd, whiten, asvd, fisher_whiten, svdllm  # noqa: E402, F401, I001  isort: skip
 from .calibrate import check_statistics, collect_statistics, known_statistics, required_statistics  # noqa: E402
 
 __all__ = [

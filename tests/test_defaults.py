@@ -1,0 +1,68 @@
+"""`method=None` resolves per model at compress time (`hf_fwsvd.defaults`); explicit choices stay untouched."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from conftest import calibration_data, tiny_bert, tiny_llama
+
+from hf_fwsvd import FWSVDConfig, compress
+from hf_fwsvd.defaults import UNIFORM_CAUSAL_WARNING, resolve_defaults
+
+
+def test_causal_lm_without_method_or_size_gets_svdllm_with_the_allocation():
+    config = resolve_defaults(tiny_llama(), FWSVDConfig().copy_for_run())
+    assert (config.method, config.rank_ratio, config.param_budget) == ("svdllm", None, 0.8)
+    assert (config.allocation, config.allocation_power) == ("fisher", 1.0)
+
+
+def test_causal_lm_without_method_keeps_an_explicit_size():
+    config = resolve_defaults(tiny_llama(), FWSVDConfig(param_ratio=0.6).copy_for_run())
+    assert (config.method, config.param_ratio, config.param_budget) == ("svdllm", 0.6, None)
+    config = resolve_defaults(tiny_llama(), FWSVDConfig(param_budget=0.7).copy_for_run())
+    assert (config.method, config.param_budget, config.allocation_power) == ("svdllm", 0.7, 1.0)
+
+
+def test_other_models_without_method_get_the_papers_fwsvd():
+    config = resolve_defaults(tiny_bert(), FWSVDConfig().copy_for_run())
+    assert (config.method, config.rank_ratio, config.param_budget) == ("fwsvd", 0.33, None)
+
+
+@pytest.mark.parametrize("method", ["fwsvd", "svd"])
+def test_uniform_fwsvd_or_svd_on_a_causal_lm_warns_and_is_kept(method, caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_fwsvd.defaults"):
+        config = resolve_defaults(tiny_llama(), FWSVDConfig(method=method, param_ratio=0.8).copy_for_run())
+    assert config.method == method and config.param_ratio == 0.8
+    assert [record.getMessage() for record in caplog.records] == [UNIFORM_CAUSAL_WARNING.format(method=method)]
+    assert (
+        caplog.records[0]
+        .getMessage()
+        .startswith(
+            f"method='{method}' with the same rank rule in every module destroys causal LMs (measured on SmolLM2-135M"
+        )
+    )
+
+
+def test_explicit_whiten_and_classifiers_do_not_warn(caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_fwsvd.defaults"):
+        resolve_defaults(tiny_llama(), FWSVDConfig(method="whiten", param_ratio=0.8).copy_for_run())
+        resolve_defaults(tiny_bert(), FWSVDConfig(method="svd", param_ratio=0.8).copy_for_run())
+    assert caplog.records == []
+
+
+def test_compress_saves_the_resolved_default(tmp_path):
+    model = tiny_llama()
+    config = FWSVDConfig(calibration_dataset=calibration_data("llama", 8), batch_size=4)
+    compress(model, config, show_progress=False)
+    saved = model.config.quantization_config
+    assert (saved.method, saved.param_budget, saved.allocation_power) == ("svdllm", 0.8, 1.0)
+    assert config.method is None and config.rank_ratio == 0.33  # the user's config is not modified
+    model.save_pretrained(tmp_path / "out")
+    reloaded = type(model).from_pretrained(tmp_path / "out")
+    assert reloaded.config.quantization_config.method == "svdllm"
+
+
+def test_block_by_block_causal_default_is_whiten():
+    config = resolve_defaults(type(tiny_llama()), FWSVDConfig().copy_for_run(), in_memory=False)
+    assert (config.method, config.param_budget, config.allocation_power) == ("whiten", 0.8, 1.0)
