@@ -22,7 +22,8 @@ from hf_fwsvd import FWSVDConfig, compress, compress_layerwise, estimate_fisher,
 from hf_fwsvd.calibration import build_calibration_loader
 from hf_fwsvd.distributed import process_info
 from hf_fwsvd.fisher import model_loss
-from hf_fwsvd.methods import available_methods
+from hf_fwsvd.methods import available_methods, get_method
+from hf_fwsvd.pipeline import overrides_refine_model
 from hf_fwsvd.targets import find_target_modules
 
 # Odd count, batch 2: batches of 2, 2, 2, 2, 1 examples; with 2 processes rank 0 gets 3 batches, rank 1 gets 2.
@@ -46,9 +47,8 @@ def data():
 
 def config(**kwargs) -> FWSVDConfig:
     # method="fwsvd" explicitly: the Fisher pass is what is distributed (a causal LM would default to `whiten`)
-    return FWSVDConfig(
-        method="fwsvd", rank=RANK, calibration_dataset=data(), batch_size=BATCH_SIZE, num_samples=None, **kwargs
-    )
+    kwargs.setdefault("method", "fwsvd")
+    return FWSVDConfig(rank=RANK, calibration_dataset=data(), batch_size=BATCH_SIZE, num_samples=None, **kwargs)
 
 
 def run(out_dir: str) -> None:
@@ -83,6 +83,8 @@ def run(out_dir: str) -> None:
             compress(build_model(), config(method=method), show_progress=False).save_pretrained(
                 os.path.join(out_dir, "methods", method)
             )
+            if overrides_refine_model(get_method(method)):
+                continue  # a model-level step (svdllm's sequential update) needs the model in memory
             layerwise = os.path.join(out_dir, "layerwise", method)
             compress_layerwise(dense, layerwise, config(method=method), model_class=type(model), show_progress=False)
     if info.is_main:
