@@ -110,7 +110,13 @@ def test_crash_between_the_fallback_renames_is_repaired_by_the_next_save(tmp_pat
     (out / "tokenizer.json").write_text("{}")
     os.rename(out, tmp_path / ".out.old-k9")
     compressed(rank=2).save_pretrained(out)
-    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.fwsvd.safetensors", "tokenizer.json"]
+    assert sorted(os.listdir(out)) == [
+        "README.md",
+        "config.json",
+        "fwsvd_report.json",
+        "model.fwsvd.safetensors",
+        "tokenizer.json",
+    ]
     assert hidden(tmp_path) == []
 
 
