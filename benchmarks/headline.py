@@ -45,6 +45,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from benchmarks.assets import TASKS, task_splits
 from benchmarks.task_model import HEAD_ARGS, build_mpnet_task_model, encoder_features, fit_head, label_tensor
 from hf_fwsvd import FWSVDConfig, compress
+from hf_fwsvd.evaluation import length_sorted_batches
 from hf_fwsvd.methods import collect_statistics
 from hf_fwsvd.targets import find_target_modules
 
@@ -94,17 +95,8 @@ def calibration_sample(train: list[dict], count: int, seed: int) -> list[dict]:
 def predict(model: torch.nn.Module, tokenizer, examples: list[dict], max_length: int = 64) -> torch.Tensor:
     """Logits (``n x labels``) in the order of `examples`, from length-sorted batches of 64."""
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["text"]))
     out: list[torch.Tensor] = [torch.empty(0)] * len(examples)
-    for begin in range(0, len(order), 64):
-        idx = order[begin : begin + 64]
-        batch = tokenizer(
-            [examples[i]["text"] for i in idx],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
+    for idx, batch in length_sorted_batches(tokenizer, examples, 64, max_length):
         for row, i in zip(model(**batch).logits.float(), idx, strict=True):
             out[i] = row
     return torch.stack(out)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from hf_fwsvd.evaluation import length_sorted_batches
+
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -354,18 +356,9 @@ def encoder_features(model: torch.nn.Module, tokenizer, examples: list[dict], ma
     the order of `examples`.
     """
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["text"]))
     rows: list[torch.Tensor] = [torch.empty(0)] * len(examples)
     start = time.perf_counter()
-    for begin in range(0, len(order), 32):
-        idx = order[begin : begin + 32]
-        batch = tokenizer(
-            [examples[i]["text"] for i in idx],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
+    for idx, batch in length_sorted_batches(tokenizer, examples, 32, max_length):
         hidden = model.base_model(**batch).last_hidden_state[:, :1]
         for row, i in zip(hidden, idx, strict=True):
             rows[i] = row

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import evaluate
@@ -24,6 +24,7 @@ __all__ = [
     "compute_metrics",
     "evaluate_classifier",
     "evaluate_perplexity",
+    "length_sorted_batches",
     "load_metric",
 ]
 
@@ -92,6 +93,27 @@ def compute_metrics(
     return result
 
 
+def length_sorted_batches(
+    tokenizer, examples: Sequence[dict], batch_size: int, max_length: int
+) -> Iterator[tuple[list[int], dict]]:
+    """Tokenised batches of `examples` sorted by text length, so each pads only to its own longest text.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): The model's tokenizer.
+        examples (`Sequence[dict]`): Items with a ``"text"`` field.
+        batch_size (`int`): Examples per batch.
+        max_length (`int`): Texts are truncated to this many tokens.
+
+    Yields:
+        `(indices, batch)`: the positions in `examples` of the batch's rows, and the tokenizer's PyTorch batch.
+    """
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["text"]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        texts = [examples[i]["text"] for i in idx]
+        yield idx, tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+
 @torch.no_grad()
 def evaluate_classifier(
     model: torch.nn.Module,
@@ -125,19 +147,12 @@ def evaluate_classifier(
     was_training = model.training
     model.eval()
     device = _model_device(model)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["text"]))
     predictions = [0] * len(examples)
+    batches = length_sorted_batches(tokenizer, examples, batch_size, max_length)
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="Evaluating", unit="batch"):
-            idx = order[start : start + batch_size]
-            batch = tokenizer(
-                [examples[i]["text"] for i in idx],
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            ).to(device)
-            logits = model(**batch).logits
+        total = math.ceil(len(examples) / batch_size)
+        for idx, batch in tqdm(batches, total=total, desc="Evaluating", unit="batch"):
+            logits = model(**batch.to(device)).logits
             for i, pred in zip(idx, logits.argmax(dim=-1).tolist(), strict=True):
                 predictions[i] = pred
     finally:
