@@ -150,3 +150,15 @@ def sentences(count: int = 12, seed: int = 0) -> list[str]:
         " ".join(f"w{i}" for i in torch.randint(3, VOCAB, (3 + k % 6,), generator=generator).tolist())
         for k in range(count)
     ]
+
+
+def same_outputs(found: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Whether two forward outputs of the SAME weights agree: exactly, or to float rounding.
+
+    A reloaded model's weights are memory-mapped from the safetensors file at offsets that are not 64-byte aligned,
+    while in-memory tensors are; on some CPUs (seen on an AMD EPYC with AVX-512) the BLAS kernels then sum in another
+    order, and identical weights give logits that differ by ~1e-9. Tests that load weights check the weights bit for
+    bit (`torch.equal` on the state dict) and the outputs with this helper: any wrong or stale weight moves a logit
+    by orders of magnitude more than the tolerance.
+    """
+    return found.shape == expected.shape and torch.allclose(found, expected, rtol=1e-5, atol=1e-6)

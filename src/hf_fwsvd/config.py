@@ -90,7 +90,8 @@ class FWSVDConfig(QuantizationConfigMixin):
             to be negligible; see `factorize.choose_svd_solver`).
         num_workers (`int`, *optional*, defaults to 1): Threads that factorise modules side by side in `compress` and
             compress-on-load, each with one torch thread (the process's torch thread count is restored after the
-            call). The result is bit-identical to a serial run with one torch thread. Not saved in `config.json`.
+            call). The result equals a serial run with one torch thread (bit for bit on most CPUs; to float rounding
+            where LAPACK depends on memory alignment). Not saved in `config.json`.
         ranks (`dict[str, int]`, *optional*): The resolved rank of every compressed module. Filled in by compression
             and saved in `config.json`, so a reload builds exact shapes before reading any weight.
         source_classes (`dict[str, str]`, *optional*): Original class of modules that were not `nn.Linear`

@@ -249,8 +249,9 @@ def _worker_threads(num_workers: int) -> Iterator[ThreadPoolExecutor | None]:
     Two workers of one torch thread each factorised MiniLM 1.8-1.9x faster than one torch thread on two cores, and
     more torch threads did not help (`benchmarks/bench_factorize.py`). The process-wide torch thread count is set to 1
     for the pool's lifetime and restored on exit, also on errors and interrupts (pending factorisations are cancelled).
-    The result is bit-identical to a serial run with one torch thread: each module's factorisation is deterministic
-    and independent of the others.
+    The result equals a serial run with one torch thread (each module's factorisation is deterministic and
+    independent of the others): bit for bit on most CPUs, to float rounding on those where LAPACK depends on memory
+    alignment (seen on an AMD EPYC).
     """
     if num_workers <= 1:
         yield None
