@@ -269,6 +269,11 @@ def compress_layerwise(
             existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", None)
         )
         raise ValueError(f"{model_dir!r} is already quantized ({method}); compress the dense checkpoint instead.")
+    if config.factor_dtype is not None or config.budget_unit != "params":
+        raise ValueError(
+            "`compress_layerwise` writes float factors and counts budgets in weights: `factor_dtype` and "
+            '`budget_unit="bytes"` need `compress` (in memory) for now.'
+        )
     model_cls = _model_class(model_config, model_class)
     files = _weight_files(model_dir)
     # Shapes only, on the meta device (accelerate's init_empty_weights would untie tied embeddings). Auto classes

@@ -179,7 +179,12 @@ def weights_fingerprint(model: Any) -> str:
     """
     import torch
 
-    named = sorted(model.named_parameters(), key=lambda item: item[0])
+    named = []
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if hasattr(param, "qdata") and hasattr(param, "scale"):  # int8 factor (`factor_storage`): hash its parts
+            named.extend((f"{name}_{part}", getattr(param, part)) for part in ("qdata", "scale"))
+        else:
+            named.append((name, param))
     total = sum(param.numel() for _, param in named)
     stride = max(1, total // _FINGERPRINT_SAMPLES)
     digest = hashlib.blake2b(digest_size=16)
