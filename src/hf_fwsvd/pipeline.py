@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .allocation import ModuleCost, allocate_ranks, direction_scores
 from .calibration import calibration_loader_from_config
 from .defaults import resolve_defaults
-from .factor_storage import factor_element_bytes, quantize_factors
+from .factor_storage import INT8_STORAGE, factor_element_bytes, quantize_factors, storage_bytes
 from .factorize import LowRankFactors, apply_weighting, input_weighting, low_rank_params, relative_errors
 from .layers import LowRankLinear, dense_weight
 from .methods import CompressionMethod, check_statistics, collect_statistics, get_method
@@ -271,6 +271,10 @@ def compress_model(
         report.modules.append(
             module_report(name, weight, model.get_submodule(name).weight, importances[name], ranks[name])
         )
+    report.factor_storage = INT8_STORAGE if run_config.factor_dtype == "int8" else None
+    for name in swapped:
+        report.module_bytes_before += sum(storage_bytes(param) for param in targets[name].parameters())
+        report.module_bytes_after += sum(storage_bytes(param) for param in model.get_submodule(name).parameters())
     run_config.ranks = ranks
     run_config.base_model = run_config.base_model or _source_name(model)
     report.base_model = run_config.base_model

@@ -84,6 +84,9 @@ class CompressionReport:
     calibration_data: str | None = None  # a description for the model card, e.g. "train.csv (3,200 examples)"
     warnings: list[str] = field(default_factory=list)
     finetuning: list[FinetuneRecord] = field(default_factory=list)
+    factor_storage: str | None = None  # e.g. "int8 per-channel weight-only (torchao ...)"; None: the model dtype
+    module_bytes_before: int = 0  # bytes of the compressed modules' parameters as stored, before and after
+    module_bytes_after: int = 0
     fingerprint: str | None = field(default=None, compare=False)
 
     @property
@@ -199,6 +202,23 @@ def weights_fingerprint(model: Any) -> str:
     return digest.hexdigest()
 
 
+def _record_bytes(report: CompressionReport, model: Any, config: Any) -> None:
+    """Factor storage and bytes of a reloaded model's compressed modules (before: their dense weight and bias in the
+    factors' float dtype, or the scales' dtype for int8 factors)."""
+    from .factor_storage import INT8_STORAGE, storage_bytes
+    from .layers import LowRankLinear
+
+    report.factor_storage = INT8_STORAGE if getattr(config, "factor_dtype", None) == "int8" else None
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            report.module_bytes_after += sum(storage_bytes(param) for param in module.parameters())
+            weight = module.up.weight
+            size = getattr(weight, "scale", weight).element_size()  # the model dtype
+            report.module_bytes_before += (module.in_features + int(module.up.bias is not None)) * (
+                module.out_features * size
+            )
+
+
 def report_from_model(model: Any) -> CompressionReport:
     """Rebuild the statistics of a reloaded checkpoint from its low-rank modules (errors are unknown)."""
     from .factorize import low_rank_params
@@ -221,6 +241,7 @@ def report_from_model(model: Any) -> CompressionReport:
                     weighted_error=float("nan"),
                 )
             )
+    _record_bytes(report, model, config)
     report.model_params_after = sum(param.numel() for param in model.parameters())
     saved = sum(row.params_before - row.params_after for row in report.modules)
     report.model_params_before = report.model_params_after + saved
