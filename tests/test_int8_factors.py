@@ -55,7 +55,7 @@ def test_int8_factors_save_and_reload_bit_exactly(arch, tmp_path, sample_input):
     with safe_open(tmp_path / "model.fwsvd.safetensors", "pt") as handle:
         keys = set(handle.keys())
         for name in low_rank:
-            assert f"{name}.weight" not in keys and f"{name}.down.weight" not in keys and f"{name}.up.weight" not in keys
+            assert not {f"{name}.weight", f"{name}.down.weight", f"{name}.up.weight"} & keys
             for part in ("down", "up"):
                 assert handle.get_tensor(f"{name}.{part}.weight_qdata").dtype == torch.int8
                 assert {f"{name}.{part}.weight_{p}" for p in PARTS} <= keys
@@ -122,7 +122,8 @@ def test_int8_checkpoint_is_smaller_by_the_expected_bytes(tmp_path):
     for kind in ("fp32", "int8"):
         path = tmp_path / kind / "model.fwsvd.safetensors"
         with safe_open(path, "pt") as handle:
-            sizes = {key: handle.get_tensor(key).numel() * handle.get_tensor(key).element_size() for key in handle.keys()}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        sizes = {key: tensor.numel() * tensor.element_size() for key, tensor in tensors.items()}
         factor_bytes[kind] = sum(size for key, size in sizes.items() if ".down." in key or ".up." in key)
         other_bytes[kind] = sum(sizes.values()) - factor_bytes[kind]
         header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
@@ -181,7 +182,7 @@ def test_allocation_in_bytes_stays_within_budget():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"factor_dtype": "int4"}, "Unknown factor_dtype 'int4'; choose one of int8, or None to keep the model dtype."),
+        ({"factor_dtype": "int4"}, "Unknown factor_dtype 'int4'; choose one of int8, or None to keep the model "),
         ({"budget_unit": "kb", "param_budget": 0.5}, "Unknown budget_unit 'kb'; choose one of params, bytes."),
         ({"budget_unit": "bytes", "rank": 2}, '`budget_unit="bytes"` needs `param_budget=`'),
     ],
