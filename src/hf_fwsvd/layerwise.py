@@ -187,7 +187,9 @@ def _factorise_group(
             tensors[key] = handles[files[key]].get_tensor(key)
             continue
         if leaf == "bias":
-            tensors[f"{module_name}.up.bias"] = handles[files[key]].get_tensor(key)
+            bias = tensors[f"{module_name}.up.bias"] = handles[files[key]].get_tensor(key)
+            report.module_bytes_before += bias.numel() * bias.element_size()
+            report.module_bytes_after += bias.numel() * bias.element_size()
             continue
         if leaf != "weight":
             raise ValueError(f"Unexpected tensor `{key}` in targeted module `{module_name}`; cannot factorise it.")
@@ -197,6 +199,8 @@ def _factorise_group(
         down, up = factors.down.to(weight.dtype), factors.up.to(weight.dtype)
         tensors[f"{module_name}.down.weight"], tensors[f"{module_name}.up.weight"] = down, up
         report.modules.append(module_report(module_name, weight, up @ down, importance, rank))
+        report.module_bytes_before += weight.numel() * weight.element_size()
+        report.module_bytes_after += (down.numel() + up.numel()) * down.element_size()
     return tensors
 
 
