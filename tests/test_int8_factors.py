@@ -97,6 +97,8 @@ def test_int8_error_is_small_on_a_layer():
         int8_out = holder.layer(inputs)
     relative = float((int8_out - float_out).norm() / float_out.norm())
     assert 0 < relative < 0.02
+    with torch.no_grad():  # the dense export (`to_linear`, `.weight`) dequantises the int8 factors
+        torch.testing.assert_close(holder.layer.to_linear()(inputs), int8_out, rtol=1e-4, atol=1e-5)
 
 
 def test_balanced_factors_split_the_singular_values():
