@@ -27,7 +27,8 @@ the evaluation (needs a method that refines inside `compress`, e.g. ``svdllm``, 
 ``+bytes`` makes the budget a fraction of the block linears' fp32 BYTES (``budget_unit="bytes"``); ``+int8bytes`` a
 fraction of the bytes the same linears take as dense int8 (torchao ``Int8WeightOnlyConfig``: int8 data plus an fp32
 scale and an int8 zero point per row). ``dense`` and ``int8`` (torchao ``Int8WeightOnlyConfig``: per-channel
-weight-only int8 of every Linear, LM head included) are the references. ``block_mb`` is what the block linears take
+weight-only int8 of every Linear, LM head included) are the references; ``int8-blocks`` quantises only the block
+linears (the exact equal-bytes reference for the ``+int8bytes`` rows). ``block_mb`` is what the block linears take
 as stored (int8 data, scales and zero points counted).
 
 Run from the repository root: ``PYTHONPATH=src python benchmarks/causal_lm.py --budgets 0.8 0.6`` (rows append to
@@ -276,14 +277,18 @@ def run(args: argparse.Namespace) -> None:
 
     if ("dense", "1.0") not in done and not args.skip_references:
         record("dense", 1.0, dense, 1.0, 0.0, 0.0, PeakRSS.current_kb() / 1024)
-    if ("int8", "1.0") not in done and not args.skip_references:
+    for name, only_blocks in (("int8", False), ("int8-blocks", True)):
+        if (name, "1.0") in done or args.skip_references:
+            continue
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         model = copy.deepcopy(dense)
         started = time.perf_counter()
-        with PeakRSS() as rss:
-            quantize_(model, Int8WeightOnlyConfig())
-        record("int8", 1.0, model, 1.0, time.perf_counter() - started, 0.0, rss.peak_mb)
+        with PeakRSS() as rss:  # `int8-blocks`: only the block linears, the exact equal-bytes reference
+            quantize_(
+                model, Int8WeightOnlyConfig(), filter_fn=(lambda m, fqn: fqn in targets) if only_blocks else None
+            )
+        record(name, 1.0, model, 1.0, time.perf_counter() - started, 0.0, rss.peak_mb)
         del model
 
     logger.info("block linears: %.2f MB fp32, %.2f MB as dense int8", block_bytes(dense, targets) / 2**20,
@@ -343,7 +348,7 @@ def table() -> str:
         for b in budgets
     )
     lines = [header + " |", "|---" * (1 + 4 * len(budgets)) + "|"]
-    for name in ("dense", "int8"):
+    for name in ("dense", "int8", "int8-blocks"):
         row = latest.get((name, "1.0"))
         if row:
             lines.append(f"| {name} | {_cell(row['ppl_sotu'])} | {_cell(row['ppl_moby'])} | "
@@ -395,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     global CSV_PATH
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6])
-    parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS)
+    parser.add_argument("--settings", nargs="*", default=DEFAULT_SETTINGS, help="none: the references only")
     parser.add_argument("--runs", nargs="+", default=None, help="setting@budget pairs to run, in this order")
     parser.add_argument("--csv", type=Path, default=None, help=f"results file (default {CSV_PATH})")
     parser.add_argument("--skip-references", action="store_true", help="do not run the dense and int8 rows")
