@@ -285,9 +285,10 @@ def run(args: argparse.Namespace) -> None:
         model = copy.deepcopy(dense)
         started = time.perf_counter()
         with PeakRSS() as rss:  # `int8-blocks`: only the block linears, the exact equal-bytes reference
-            quantize_(
-                model, Int8WeightOnlyConfig(), filter_fn=(lambda m, fqn: fqn in targets) if only_blocks else None
+            chosen = (
+                (lambda m, fqn: fqn in targets) if only_blocks else (lambda m, fqn: isinstance(m, torch.nn.Linear))
             )
+            quantize_(model, Int8WeightOnlyConfig(), filter_fn=chosen)
         record(name, 1.0, model, 1.0, time.perf_counter() - started, 0.0, rss.peak_mb)
         del model
 
