@@ -21,12 +21,19 @@ allocation at ``allocation_power`` 0.5 / 1, ``+v2`` SVD-LLM V2's loss-based per-
 (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares update of the `up` factors
 (`hf_fwsvd.lstsq_update`), ``+lora`` a LoRA recovery fine-tune (``finetune(..., lora=True)``: rank 8 on every
 factor, 2 epochs over the 32 fine-tune chunks at lr 2e-4, batch 4) merged back into the factors, ``+int8`` the factors
-stored in int8 afterwards (torchao weight-only per-channel on `down` / `up`, in memory: the kept fraction then costs a
-quarter of its fp32 bytes). ``dense`` and ``int8`` (torchao ``Int8WeightOnlyConfig``: per-channel weight-only int8
-of every Linear, LM head included) are the references.
+stored in int8 through the library (``FWSVDConfig(factor_dtype="int8")``: torchao per-channel weight-only int8 on
+`down` / `up` after a ``sqrt(S)`` split), saved with ``save_pretrained`` and reloaded with ``from_pretrained`` before
+the evaluation (needs a method that refines inside `compress`, e.g. ``svdllm``, rather than ``+update``).
+``+bytes`` makes the budget a fraction of the block linears' fp32 BYTES (``budget_unit="bytes"``); ``+int8bytes`` a
+fraction of the bytes the same linears take as dense int8 (torchao ``Int8WeightOnlyConfig``: int8 data plus an fp32
+scale and an int8 zero point per row). ``dense`` and ``int8`` (torchao ``Int8WeightOnlyConfig``: per-channel
+weight-only int8 of every Linear, LM head included) are the references; ``int8-blocks`` quantises only the block
+linears (the exact equal-bytes reference for the ``+int8bytes`` rows). ``block_mb`` is what the block linears take
+as stored (int8 data, scales and zero points counted).
 
 Run from the repository root: ``PYTHONPATH=src python benchmarks/causal_lm.py --budgets 0.8 0.6`` (rows append to
-``benchmarks/results/causal_lm.csv``; a rerun skips rows already there; ``--table`` prints the markdown table).
+``benchmarks/results/causal_lm.csv``, or the file given with ``--csv``; a rerun skips rows already there; ``--table``
+prints the markdown table; ``--runs setting@budget ...`` runs exactly those pairs, in that order).
 """
 
 from __future__ import annotations
@@ -67,11 +74,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CSV_PATH = RESULTS / "causal_lm.csv"
 FIELDS = [
     "setting", "budget", "kept", "model_params", "ppl_sotu", "ppl_moby", "compress_s", "calib_s", "peak_rss_mb",
-    "eval_s", "date", "machine",
+    "eval_s", "date", "machine", "block_mb",
 ]  # fmt: skip
 CALIB_CHUNKS, CHUNK_TOKENS, EVAL_TOKENS, WINDOW = 32, 256, 8192, 512
 MOBY_CHAPTERS = range(116, 136)
-FLAGS = ("alloc", "alloc1", "v2", "update", "lora", "int8")
+FLAGS = ("alloc", "alloc1", "v2", "update", "lora", "int8", "bytes", "int8bytes")
 # LoRA recovery (rank 8 on every factor, see `hf_fwsvd.lora`): 2 epochs over the 32 fine-tune chunks, batch 4.
 LORA_EPOCHS, LORA_LEARNING_RATE = 2.0, 2e-4
 DEFAULT_SETTINGS = [
@@ -135,13 +142,40 @@ def parse_setting(setting: str) -> dict:
     unknown = set(flags) - set(FLAGS)
     if unknown:
         raise ValueError(f"Unknown setting flag(s) {sorted(unknown)} in {setting!r}.")
-    return {"method": method, **{flag: flag in flags for flag in FLAGS}}
+    spec = {"method": method, **{flag: flag in flags for flag in FLAGS}}
+    if spec["int8"] and (spec["update"] or spec["lora"]):
+        raise ValueError(
+            f"{setting!r}: `+int8` quantises the factors inside `compress`, before `+update` / `+lora` would run; use "
+            "a method that refines inside `compress` (svdllm) and no `+lora`."
+        )
+    if (spec["bytes"] or spec["int8bytes"]) and not (spec["alloc"] or spec["alloc1"]):
+        raise ValueError(f"{setting!r}: byte budgets need the global allocation (`+alloc` or `+alloc1`).")
+    return spec
+
+
+def int8_block_bytes(targets) -> int:
+    """Bytes of the block linears as dense torchao int8 weight-only: int8 data, an fp32 scale and an int8 zero point
+    per output row (the biases, absent in SmolLM2, would stay fp32)."""
+    return sum(m.weight.numel() + m.weight.shape[0] * 5 for m in targets.values())
+
+
+def block_bytes(model, targets) -> int:
+    """Bytes the block linears of `model` take as stored (int8 factors: data, scales and zero points)."""
+    from hf_fwsvd.factor_storage import storage_bytes
+
+    return sum(storage_bytes(p) for name in targets for p in model.get_submodule(name).parameters())
 
 
 def setting_config(spec: dict, budget: float, stats: Statistics, dense, targets, base: dict) -> FWSVDConfig:
+    if spec["int8"]:
+        base = {**base, "factor_dtype": "int8"}
     if spec["alloc"] or spec["alloc1"]:
         power = 1.0 if spec["alloc1"] else 0.5
-        return FWSVDConfig(method=spec["method"], param_budget=budget, allocation_power=power, **base)
+        unit = "bytes" if spec["bytes"] or spec["int8bytes"] else "params"
+        if spec["int8bytes"]:  # a fraction of the dense-int8 bytes, expressed as a fraction of the fp32 bytes
+            budget = budget * int8_block_bytes(targets) / sum(m.weight.numel() * 4 for m in targets.values())
+        return FWSVDConfig(method=spec["method"], param_budget=budget, allocation_power=power, budget_unit=unit,
+                           **base)  # fmt: skip
     if spec["v2"]:
         shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
         values = {
@@ -184,11 +218,16 @@ def lora_recover(model, train: list[dict], tokenizer) -> None:
              max_length=CHUNK_TOKENS, show_progress=False, logging_steps=4, lora=True)  # fmt: skip
 
 
-def int8_factors(model) -> None:
-    """torchao weight-only int8 (per output channel) on every `down` / `up` factor, in memory only."""
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+def save_and_reload(model, tokenizer):
+    """The real path of stored factors: `save_pretrained`, then `from_pretrained` (int8 factors reload as int8)."""
+    import tempfile
 
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: fqn.endswith((".down", ".up")))
+    with tempfile.TemporaryDirectory(prefix="causal-lm-int8-") as directory:
+        model.save_pretrained(directory)
+        size = sum(f.stat().st_size for f in Path(directory).glob("model.fwsvd*.safetensors"))
+        reloaded = AutoModelForCausalLM.from_pretrained(directory).eval()
+    logger.info("saved weights file: %.1f MB", size / 2**20)
+    return reloaded
 
 
 def read_done() -> set[tuple[str, str]]:
@@ -199,8 +238,9 @@ def read_done() -> set[tuple[str, str]]:
 
 def write_row(row: dict) -> None:
     new = not CSV_PATH.exists()
+    fields = FIELDS if new else next(csv.reader(CSV_PATH.open()))  # an older CSV keeps its columns
     with CSV_PATH.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(row)
@@ -223,6 +263,8 @@ def run(args: argparse.Namespace) -> None:
         b = evaluate_perplexity(model, tokenizer, moby, window=WINDOW, max_tokens=EVAL_TOKENS)
         return a, b, time.perf_counter() - started
 
+    targets = find_target_modules(dense, FWSVDConfig(method="svd", rank=1))
+
     def record(setting, budget, model, kept, compress_s, calib_s, peak_mb):
         ppl_sotu, ppl_moby, eval_s = evaluate(model)
         logger.info("%s @ %s: kept %.3f, ppl SOTU %.2f, Moby %.2f (compress %.0f s, peak %.0f MB)", setting, budget,
@@ -230,53 +272,66 @@ def run(args: argparse.Namespace) -> None:
         write_row(dict(setting=setting, budget=budget, kept=round(kept, 4),
                        model_params=sum(p.numel() for p in model.parameters()), ppl_sotu=round(ppl_sotu, 3),
                        ppl_moby=round(ppl_moby, 3), compress_s=round(compress_s, 1), calib_s=round(calib_s, 1),
-                       peak_rss_mb=round(peak_mb), eval_s=round(eval_s, 1), date=date, machine=machine))  # fmt: skip
+                       peak_rss_mb=round(peak_mb), eval_s=round(eval_s, 1), date=date, machine=machine,
+                       block_mb=round(block_bytes(model, targets) / 2**20, 2)))  # fmt: skip
 
     if ("dense", "1.0") not in done and not args.skip_references:
         record("dense", 1.0, dense, 1.0, 0.0, 0.0, PeakRSS.current_kb() / 1024)
-    if ("int8", "1.0") not in done and not args.skip_references:
+    for name, only_blocks in (("int8", False), ("int8-blocks", True)):
+        if (name, "1.0") in done or args.skip_references:
+            continue
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         model = copy.deepcopy(dense)
         started = time.perf_counter()
-        with PeakRSS() as rss:
-            quantize_(model, Int8WeightOnlyConfig())
-        record("int8", 1.0, model, 1.0, time.perf_counter() - started, 0.0, rss.peak_mb)
+        with PeakRSS() as rss:  # `int8-blocks`: only the block linears, the exact equal-bytes reference
+            chosen = (
+                (lambda m, fqn: fqn in targets) if only_blocks else (lambda m, fqn: isinstance(m, torch.nn.Linear))
+            )
+            quantize_(model, Int8WeightOnlyConfig(), filter_fn=chosen)
+        record(name, 1.0, model, 1.0, time.perf_counter() - started, 0.0, rss.peak_mb)
         del model
 
-    targets = find_target_modules(dense, FWSVDConfig(method="svd", rank=1))
+    logger.info("block linears: %.2f MB fp32, %.2f MB as dense int8", block_bytes(dense, targets) / 2**20,
+                int8_block_bytes(targets) / 2**20)  # fmt: skip
     base = {"calibration_dataset": calibration, "tokenizer": tokenizer, "batch_size": 4, "max_length": CHUNK_TOKENS,
             "num_samples": None}  # fmt: skip
     loader = build_calibration_loader(calibration, tokenizer, dense, batch_size=4, max_length=CHUNK_TOKENS,
                                       num_samples=None)  # fmt: skip
     stats, calib_s = None, 0.0
-    for budget in args.budgets:
-        for setting in args.settings:
-            if (setting, str(budget)) in done:
-                continue
-            if stats is None:
-                started = time.perf_counter()
-                probes = [FWSVDConfig(method=parse_setting(x)["method"], param_budget=0.5) for x in args.settings]
-                stats = collect_statistics(dense, loader, targets, probes)
-                calib_s = time.perf_counter() - started
-                logger.info("statistics collected in %.0f s", calib_s)
-            spec = parse_setting(setting)
-            model = copy.deepcopy(dense)
+    runs = [(setting, budget) for budget in args.budgets for setting in args.settings]
+    if args.runs:
+        runs = [(item.rsplit("@", 1)[0], float(item.rsplit("@", 1)[1])) for item in args.runs]
+    for setting, budget in runs:
+        if (setting, str(budget)) in done:
+            continue
+        if stats is None:
             started = time.perf_counter()
-            with PeakRSS() as rss:
-                config = setting_config(spec, budget, stats, dense, targets, base)
-                compress(model, config, statistics=stats, show_progress=False)
-                if spec["update"]:
-                    compressed = {row.name: targets[row.name] for row in model.fwsvd_report.modules}
-                    report = sequential_update(model, compressed, loader)
-                    logger.info("update rejected for %d modules", len(report.rejected))
-                if spec["lora"]:
-                    lora_recover(model, train, tokenizer)
-                if spec["int8"]:
-                    int8_factors(model)
-            compress_s = time.perf_counter() - started
-            record(setting, budget, model, kept_fraction(model, targets), compress_s, calib_s, rss.peak_mb)
+            probes = [FWSVDConfig(method=parse_setting(x)["method"], param_budget=0.5) for x, _ in runs]
+            stats = collect_statistics(dense, loader, targets, probes)
+            calib_s = time.perf_counter() - started
+            logger.info("statistics collected in %.0f s", calib_s)
+        spec = parse_setting(setting)
+        model = copy.deepcopy(dense)
+        started = time.perf_counter()
+        with PeakRSS() as rss:
+            config = setting_config(spec, budget, stats, dense, targets, base)
+            compress(model, config, statistics=stats, show_progress=False)
+            if spec["update"]:
+                compressed = {row.name: targets[row.name] for row in model.fwsvd_report.modules}
+                report = sequential_update(model, compressed, loader)
+                logger.info("update rejected for %d modules", len(report.rejected))
+            if spec["lora"]:
+                lora_recover(model, train, tokenizer)
+        compress_s = time.perf_counter() - started
+        if spec["int8"]:
+            kept = kept_fraction(model, targets)
+            model = save_and_reload(model, tokenizer)
+            record(setting, budget, model, kept, compress_s, calib_s, rss.peak_mb)
             del model
+            continue
+        record(setting, budget, model, kept_fraction(model, targets), compress_s, calib_s, rss.peak_mb)
+        del model
 
 
 def _cell(value: str) -> str:
@@ -294,7 +349,7 @@ def table() -> str:
         for b in budgets
     )
     lines = [header + " |", "|---" * (1 + 4 * len(budgets)) + "|"]
-    for name in ("dense", "int8"):
+    for name in ("dense", "int8", "int8-blocks"):
         row = latest.get((name, "1.0"))
         if row:
             lines.append(f"| {name} | {_cell(row['ppl_sotu'])} | {_cell(row['ppl_moby'])} | "
@@ -343,14 +398,19 @@ def plot(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global CSV_PATH
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6])
-    parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS)
+    parser.add_argument("--settings", nargs="*", default=DEFAULT_SETTINGS, help="none: the references only")
+    parser.add_argument("--runs", nargs="+", default=None, help="setting@budget pairs to run, in this order")
+    parser.add_argument("--csv", type=Path, default=None, help=f"results file (default {CSV_PATH})")
     parser.add_argument("--skip-references", action="store_true", help="do not run the dense and int8 rows")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table", action="store_true", help="print the markdown table of the CSV and exit")
     parser.add_argument("--plot", type=Path, default=None, help="write the plot of the CSV to this PNG and exit")
     args = parser.parse_args(argv)
+    if args.csv is not None:
+        CSV_PATH = args.csv
     if args.table:
         print(table())
         return

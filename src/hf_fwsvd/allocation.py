@@ -27,9 +27,26 @@ import torch
 
 from .factorize import full_rank
 
-__all__ = ["Allocation", "allocate_ranks", "direction_scores"]
+__all__ = ["Allocation", "ModuleCost", "allocate_ranks", "direction_scores"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModuleCost:
+    """What one module costs in the budget's unit.
+
+    Args:
+        direction (`int`): Each kept direction (``in + out`` weights; in bytes, ``(in + out)`` factor elements plus
+            the per-direction scale of an int8 `down`).
+        dense (`int`): The module left dense.
+        fixed (`int`, *optional*, defaults to 0): Paid once by a low-rank module whatever its rank (the per-row
+            scales of an int8 `up`).
+    """
+
+    direction: int
+    dense: int
+    fixed: int = 0
 
 
 @dataclass
@@ -71,7 +88,10 @@ def direction_scores(weighted_matrix: torch.Tensor, mass: float | None = None) -
 
 
 def allocate_ranks(
-    shapes: dict[str, tuple[int, int]], scores: dict[str, torch.Tensor], param_budget: float
+    shapes: dict[str, tuple[int, int]],
+    scores: dict[str, torch.Tensor],
+    param_budget: float,
+    costs: dict[str, ModuleCost] | None = None,
 ) -> Allocation:
     """Choose every module's rank within `param_budget` of the modules' total weights (see the module docstring).
 
@@ -79,6 +99,10 @@ def allocate_ranks(
         shapes (`dict[str, tuple[int, int]]`): Module name -> ``(out_features, in_features)``.
         scores (`dict[str, torch.Tensor]`): Module name -> non-increasing direction scores (length ``min(out, in)``).
         param_budget (`float`): Fraction of the modules' weights to keep, in (0, 1).
+        costs (`dict[str, ModuleCost]`, *optional*): Module name -> what it costs in another unit (bytes, see
+            [`ModuleCost`]); the budget is then that fraction of the summed dense costs. Default: weights
+            (``in + out`` per direction, ``in out`` dense). A module whose next step would reach its full rank turns
+            dense instead (a full-rank factorisation compresses nothing that the exact dense weight does not).
 
     Raises:
         `ValueError`: When the budget cannot hold rank 1 for every module, or scores are missing or mis-shaped.
@@ -93,16 +117,19 @@ def allocate_ranks(
                 f"Scores for `{name}` have shape {tuple(scores[name].shape)}, expected "
                 f"({full_rank((out_features, in_features))},)."
             )
-    dense_params = sum(out_features * in_features for out_features, in_features in shapes.values())
+    if costs is None:
+        costs = {name: ModuleCost(out + inp, out * inp) for name, (out, inp) in shapes.items()}
+    dense_cost = {name: costs[name].dense for name in shapes}
+    dense_params = sum(dense_cost.values())
     budget_params = math.floor(param_budget * dense_params)
     ranks = {name: 1 for name in shapes}
-    costs = {name: out_features + in_features for name, (out_features, in_features) in shapes.items()}
-    held = {name: costs[name] for name in shapes}
+    step_cost = {name: costs[name].direction for name in shapes}
+    held = {name: costs[name].fixed + step_cost[name] for name in shapes}
     dense: set[str] = set()
-    for name, (out_features, in_features) in shapes.items():
-        if costs[name] >= out_features * in_features:  # even rank 1 does not pay off
+    for name in shapes:
+        if held[name] >= dense_cost[name]:  # even rank 1 does not pay off
             dense.add(name)
-            held[name] = out_features * in_features
+            held[name] = dense_cost[name]
     used = sum(held.values())
     if used > budget_params:
         raise ValueError(
@@ -113,7 +140,7 @@ def allocate_ranks(
     for name in shapes:
         if name not in dense:
             values = scores[name].tolist()
-            order.extend((values[k] / costs[name], name, k) for k in range(1, len(values)))
+            order.extend((values[k] / step_cost[name], name, k) for k in range(1, len(values)))
     order.sort(key=lambda item: (-item[0], item[1], item[2]))
     changed = True
     while changed:
@@ -121,9 +148,10 @@ def allocate_ranks(
         for _, name, k in order:
             if name in dense or k != ranks[name]:  # taken, dense, or an earlier direction has not fitted yet
                 continue
-            out_features, in_features = shapes[name]
-            turns_dense = (k + 1) * costs[name] >= out_features * in_features
-            step = out_features * in_features - held[name] if turns_dense else costs[name]
+            turns_dense = costs[name].fixed + (k + 1) * step_cost[name] >= dense_cost[name] or k + 1 >= full_rank(
+                shapes[name]
+            )
+            step = dense_cost[name] - held[name] if turns_dense else step_cost[name]
             if used + step > budget_params:
                 continue
             used += step

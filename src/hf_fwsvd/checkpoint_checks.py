@@ -80,13 +80,16 @@ def _as_model_keys(values: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     return {rename_source_key(key, renamings, converters, prefix, expected)[0]: value for key, value in values.items()}
 
 
-def check_weights_match_ranks(model: nn.Module, ranks: dict[str, int], checkpoint_files: Iterable[str]) -> None:
+def check_weights_match_ranks(
+    model: nn.Module, ranks: dict[str, int], checkpoint_files: Iterable[str], factor_dtype: str | None = None
+) -> None:
     """Raise unless the weight files hold exactly the factor shapes the rank map built into `model`'s skeleton.
 
     Args:
         model (`nn.Module`): The skeleton, after `build_low_rank_skeleton` (compressed modules are `LowRankLinear`).
         ranks (`dict[str, int]`): The checkpoint's rank map.
         checkpoint_files (`Iterable[str]`): The resolved weight files (one, or every shard).
+        factor_dtype (`str`, *optional*): `"int8"` when the factors are stored as int8 data, scales and zero points.
 
     Raises:
         `ValueError`: Naming the modules whose factors are missing or mis-shaped, and any factorised module that the
@@ -107,6 +110,12 @@ def check_weights_match_ranks(model: nn.Module, ranks: dict[str, int], checkpoin
             f"{name}.down.weight": (rank, module.in_features),
             f"{name}.up.weight": (module.out_features, rank),
         }
+        if factor_dtype is not None:  # int8 data, one scale and zero point per row (see `factor_storage`)
+            expected = {
+                f"{key}_{part}": shape if part == "qdata" else (shape[0], 1)
+                for key, shape in expected.items()
+                for part in ("qdata", "scale", "zero_point")
+            }
         if module.up.bias is not None:
             expected[f"{name}.up.bias"] = (module.out_features,)
         for key, shape in expected.items():
@@ -117,7 +126,8 @@ def check_weights_match_ranks(model: nn.Module, ranks: dict[str, int], checkpoin
                     f"`{key}` has shape {list(shapes[key])} in {origin[key]}, but rank {rank} for `{name}` needs "
                     f"{list(shape)}"
                 )
-    factorised = sorted({key.removesuffix(".down.weight") for key in shapes if key.endswith(".down.weight")})
+    down_key = ".down.weight" if factor_dtype is None else ".down.weight_qdata"
+    factorised = sorted({key.removesuffix(down_key) for key in shapes if key.endswith(down_key)})
     for name in factorised:
         if name not in ranks:
             problems.append(
@@ -151,7 +161,11 @@ def check_factors_finite(model: nn.Module) -> None:
         if isinstance(module, LowRankLinear)
         for part in ("down", "up")
     ]
-    factors = [item for item in factors if item[2].device.type != "meta" and item[2].is_floating_point()]
+    factors = [
+        item
+        for item in factors
+        if item[2].device.type != "meta" and item[2].is_floating_point() and not hasattr(item[2], "qdata")
+    ]  # int8 factors: their scales are checked when they are built (`factor_storage`)
     if not factors:
         return
     with torch.no_grad():

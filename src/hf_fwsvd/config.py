@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 # Mirrors `statistics.FISHER_ESTIMATORS` (the config does not import the estimation code).
 FISHER_ESTIMATORS = ("empirical", "true", "batch")
 ALLOCATIONS = ("fisher", "uniform")
+BUDGET_UNITS = ("params", "bytes")
+# Mirrors `factor_storage.FACTOR_DTYPES` (the config does not import torch-level storage code).
+FACTOR_DTYPES = ("int8",)
 # Fields that only matter while compressing; they are never written to `config.json`.
 RUNTIME_FIELDS = ("calibration_dataset", "tokenizer", "importances", "importances_cache", "num_workers")
 
@@ -48,6 +51,16 @@ class FWSVDConfig(QuantizationConfigMixin):
             `"fisher"` allocation: 1 trusts the second-order loss estimate fully, 0 ignores how sensitive the loss is
             to each module (only its spectrum's shape counts). 1 starved the last layers of a real classifier at
             strong compression (see `docs/methods.md`); 0.5 is the measured default.
+        budget_unit (`str`, *optional*, defaults to `"params"`): What `param_budget` counts. `"params"`: weights.
+            `"bytes"`: bytes on disk and in memory of the targeted modules' weights, as stored: a factor element costs
+            1 byte with `factor_dtype="int8"` (plus one scale and zero point per row), else the model dtype's size; a
+            module left dense keeps its dtype's bytes. `param_budget=0.2` with `"bytes"` on a float32 model is 20% of
+            its targeted weight bytes, i.e. 80% of what dense int8 weights would take. The allocation then trades
+            rank for bytes, so int8 factors reach a higher rank than float factors at the same bytes.
+        factor_dtype (`str`, *optional*): Storage of the low-rank factors. `None` (the default) keeps the model
+            dtype; `"int8"` stores `down` and `up` of every compressed module as per-channel weight-only int8 through
+            torchao (`pip install torchao`), after splitting the singular values as ``sqrt(S)`` into both factors.
+            Saved and reloaded as int8 (no dense weight, no re-quantisation). See `hf_fwsvd.factor_storage`.
         rank_multiple (`int`, *optional*): Round every resolved rank down to a multiple of this (8 or 16 suit CPU
             and GPU matmul kernels). Rounding only goes down, so it never raises a rank above the pay-off limit or the
             `param_budget`; a rank already below the multiple is kept as it is. Applies to every rank rule (`rank`,
@@ -111,6 +124,8 @@ class FWSVDConfig(QuantizationConfigMixin):
     param_budget: float | None = None
     allocation: str | None = None
     allocation_power: float = 0.5
+    budget_unit: str = "params"
+    factor_dtype: str | None = None
     rank_multiple: int | None = None
     refine_iterations: int = 10
     rank_pattern: dict[str, int | float] = field(default_factory=dict)
@@ -166,6 +181,19 @@ class FWSVDConfig(QuantizationConfigMixin):
                 raise ValueError(f"`allocation={self.allocation!r}` needs `param_budget=` (a fraction of parameters).")
             if self.allocation not in ALLOCATIONS:
                 raise ValueError(f"Unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}.")
+        if self.budget_unit not in BUDGET_UNITS:
+            raise ValueError(f"Unknown budget_unit {self.budget_unit!r}; choose one of {', '.join(BUDGET_UNITS)}.")
+        if self.budget_unit == "bytes" and self.param_budget is None and self.ranks is None:
+            raise ValueError('`budget_unit="bytes"` needs `param_budget=` (the fraction of weight bytes to keep).')
+        if self.factor_dtype is not None:
+            if self.factor_dtype not in FACTOR_DTYPES:
+                raise ValueError(
+                    f"Unknown factor_dtype {self.factor_dtype!r}; choose one of {', '.join(FACTOR_DTYPES)}, or None "
+                    "to keep the model dtype."
+                )
+            from .factor_storage import require_torchao
+
+            require_torchao()
         _check_rank(self.refine_iterations, "refine_iterations")
         if self.rank_multiple is not None:
             _check_rank(self.rank_multiple, "rank_multiple")

@@ -7,7 +7,7 @@ from torch import nn
 
 from .factorize import LowRankFactors, factorize, representable_factors
 
-__all__ = ["LowRankLinear", "dense_weight", "is_supported_linear"]
+__all__ = ["LowRankLinear", "dense_weight", "factor_matrix", "is_supported_linear"]
 
 
 def is_supported_linear(module: nn.Module) -> bool:
@@ -24,6 +24,12 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     if type(module).__name__ == "Conv1D":
         return module.weight.T  # Conv1D stores ``in x out`` and computes ``x @ W + b``
     raise TypeError(f"{type(module).__name__} is not a supported linear layer (nn.Linear or Conv1D).")
+
+
+def factor_matrix(linear: nn.Linear) -> torch.Tensor:
+    """The weight of one factor as a plain tensor (an int8 factor, see `factor_storage`, is dequantised)."""
+    weight = linear.weight
+    return weight.dequantize() if hasattr(weight, "dequantize") and hasattr(weight, "qdata") else weight
 
 
 class LowRankLinear(nn.Module):
@@ -71,7 +77,7 @@ class LowRankLinear(nn.Module):
         keeps that working without a dense parameter in the module or the state dict. It is a fresh tensor: writing
         to it does not change the module.
         """
-        return self.up.weight @ self.down.weight
+        return factor_matrix(self.up) @ factor_matrix(self.down)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(hidden_states))
@@ -130,11 +136,12 @@ class LowRankLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """The equivalent dense `nn.Linear` (same dtype and device)."""
-        weight = self.up.weight.detach().to(torch.float32) @ self.down.weight.detach().to(torch.float32)
+        up, down = factor_matrix(self.up).detach(), factor_matrix(self.down).detach()
+        weight = up.to(torch.float32) @ down.to(torch.float32)
         linear = nn.Linear(
             self.in_features, self.out_features, bias=self.up.bias is not None, device="meta", dtype=weight.dtype
         )
-        linear.weight = nn.Parameter(weight.to(self.up.weight.dtype), requires_grad=self.up.weight.requires_grad)
+        linear.weight = nn.Parameter(weight.to(up.dtype), requires_grad=self.up.weight.requires_grad)
         if self.up.bias is not None:
             linear.bias = nn.Parameter(self.up.bias.detach().clone(), requires_grad=self.up.bias.requires_grad)
         return linear

@@ -187,7 +187,9 @@ def _factorise_group(
             tensors[key] = handles[files[key]].get_tensor(key)
             continue
         if leaf == "bias":
-            tensors[f"{module_name}.up.bias"] = handles[files[key]].get_tensor(key)
+            bias = tensors[f"{module_name}.up.bias"] = handles[files[key]].get_tensor(key)
+            report.module_bytes_before += bias.numel() * bias.element_size()
+            report.module_bytes_after += bias.numel() * bias.element_size()
             continue
         if leaf != "weight":
             raise ValueError(f"Unexpected tensor `{key}` in targeted module `{module_name}`; cannot factorise it.")
@@ -197,6 +199,8 @@ def _factorise_group(
         down, up = factors.down.to(weight.dtype), factors.up.to(weight.dtype)
         tensors[f"{module_name}.down.weight"], tensors[f"{module_name}.up.weight"] = down, up
         report.modules.append(module_report(module_name, weight, up @ down, importance, rank))
+        report.module_bytes_before += weight.numel() * weight.element_size()
+        report.module_bytes_after += (down.numel() + up.numel()) * down.element_size()
     return tensors
 
 
@@ -269,6 +273,11 @@ def compress_layerwise(
             existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", None)
         )
         raise ValueError(f"{model_dir!r} is already quantized ({method}); compress the dense checkpoint instead.")
+    if config.factor_dtype is not None or config.budget_unit != "params":
+        raise ValueError(
+            "`compress_layerwise` writes float factors and counts budgets in weights: `factor_dtype` and "
+            '`budget_unit="bytes"` need `compress` (in memory) for now.'
+        )
     model_cls = _model_class(model_config, model_class)
     files = _weight_files(model_dir)
     # Shapes only, on the meta device (accelerate's init_empty_weights would untie tied embeddings). Auto classes

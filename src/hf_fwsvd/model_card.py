@@ -126,6 +126,12 @@ def _rank_setting(config: Any) -> str:
         text = f"`rank={config.rank}` (the same rank for every module)"
     elif getattr(config, "param_ratio", None) is not None:
         text = f"`param_ratio={config.param_ratio}` (each module keeps about {config.param_ratio:.0%} of its weights)"
+    elif getattr(config, "param_budget", None) is not None:
+        unit = "weight bytes" if getattr(config, "budget_unit", "params") == "bytes" else "weights"
+        text = (
+            f"`param_budget={config.param_budget}` ({config.param_budget:.0%} of the targeted modules' {unit} kept in "
+            f"total, allocation `{config.allocation}`)"
+        )
     elif getattr(config, "rank_ratio", None) is not None:
         text = f"`rank_ratio={config.rank_ratio}` (each module keeps {config.rank_ratio:.0%} of its full rank)"
     else:
@@ -281,6 +287,10 @@ def build_model_card(
         "module_params_before": module_before,
         "module_params_after": module_after,
         "module_params_ratio": module_after / max(module_before, 1),
+        "factor_storage": report.factor_storage,
+        "module_bytes_before": report.module_bytes_before,
+        "module_bytes_after": report.module_bytes_after,
+        "module_bytes_ratio": report.module_bytes_after / max(report.module_bytes_before, 1),
         "calibration": calibration,
         "evaluation": _evaluation_context(record),
         "auto_class": auto_class,

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocation import allocate_ranks, direction_scores
+from .allocation import ModuleCost, allocate_ranks, direction_scores
 from .calibration import calibration_loader_from_config
 from .defaults import resolve_defaults
+from .factor_storage import INT8_STORAGE, factor_element_bytes, quantize_factors, storage_bytes
 from .factorize import LowRankFactors, apply_weighting, input_weighting, low_rank_params, relative_errors
 from .layers import LowRankLinear, dense_weight
 from .methods import CompressionMethod, check_statistics, collect_statistics, get_method
@@ -34,6 +35,7 @@ from .statistics import Statistics
 from .targets import find_target_modules
 
 __all__ = [
+    "budget_costs",
     "budget_ranks",
     "calibration_size",
     "compress_model",
@@ -61,11 +63,36 @@ def weighted_matrix(weight: torch.Tensor, importance: torch.Tensor | None, floor
     return apply_weighting(dense, weighting)
 
 
+def budget_costs(
+    shapes: dict[str, tuple[int, int]], config: Any, dtypes: dict[str, torch.dtype]
+) -> dict[str, ModuleCost] | None:
+    """What each module costs under `config.budget_unit`: `None` for weights (the allocation's default), else bytes.
+
+    In bytes, a direction costs ``(in + out)`` factor elements (1 byte each for int8 factors, else the model dtype's
+    size) plus, for int8, the scale and zero point of its `down` row; an int8 `up` adds one scale and zero point per
+    output row whatever the rank; a module left dense costs ``in out`` elements of its dtype.
+    """
+    if config.budget_unit != "bytes":
+        return None
+    costs = {}
+    for name, (out_features, in_features) in shapes.items():
+        dense_bytes = torch.empty((), dtype=dtypes[name]).element_size()
+        element = factor_element_bytes(config.factor_dtype, dtypes[name])
+        row = dense_bytes + 1 if config.factor_dtype == "int8" else 0  # scale + int8 zero point per row
+        costs[name] = ModuleCost(
+            direction=(out_features + in_features) * element + row,
+            dense=out_features * in_features * dense_bytes,
+            fixed=out_features * row,
+        )
+    return costs
+
+
 def budget_ranks(
     weights: Iterable[tuple[str, torch.Tensor]],
     shapes: dict[str, tuple[int, int]],
     config: Any,
     stats: Statistics,
+    dtypes: dict[str, torch.dtype] | None = None,
 ) -> tuple[dict[str, int], list[str]]:
     """Ranks under `config.param_budget`: the same fraction everywhere, or the global Fisher allocation.
 
@@ -73,12 +100,19 @@ def budget_ranks(
         weights (`Iterable[tuple[str, torch.Tensor]]`): ``(name, dense weight)`` of every target, read lazily (only
             the Fisher allocation reads them).
         shapes (`dict[str, tuple[int, int]]`): Module name -> ``(out_features, in_features)``.
-        config ([`FWSVDConfig`]): `param_budget`, `allocation`, `allocation_power`, `method`, `importance_floor`.
+        config ([`FWSVDConfig`]): `param_budget`, `allocation`, `allocation_power`, `method`, `importance_floor`,
+            `budget_unit`, `factor_dtype`.
         stats ([`Statistics`]): Holds `row_fisher` for the Fisher allocation and the method's statistics.
+        dtypes (`dict[str, torch.dtype]`, *optional*): Module name -> weight dtype (needed for `budget_unit="bytes"`).
 
     Returns:
         `(ranks, dense)`: the rank of every factorised module and the modules left dense.
     """
+    if config.budget_unit == "bytes" and (config.allocation == "uniform" or dtypes is None):
+        raise ValueError(
+            '`budget_unit="bytes"` works with the global allocation (`allocation="fisher"`) of `compress` only; use '
+            '`budget_unit="params"` with `allocation="uniform"` or `compress_layerwise`.'
+        )
     if config.allocation == "uniform":
         ranks = {name: rank_for_param_ratio(*shape, config.param_budget, name) for name, shape in shapes.items()}
         return {name: round_rank(rank, config.rank_multiple) for name, rank in ranks.items()}, []
@@ -88,7 +122,7 @@ def budget_ranks(
         importance = method.importance(name, stats)
         mass = fisher_mass(weight, stats["row_fisher"][name]) ** config.allocation_power
         scores[name] = direction_scores(weighted_matrix(weight, importance, config.importance_floor), mass)
-    allocation = allocate_ranks(shapes, scores, config.param_budget)
+    allocation = allocate_ranks(shapes, scores, config.param_budget, budget_costs(shapes, config, dtypes))
     return {name: round_rank(rank, config.rank_multiple) for name, rank in allocation.ranks.items()}, allocation.dense
 
 
@@ -193,7 +227,8 @@ def compress_model(
     dense_modules: list[str] = []
     if ranks is None:
         weights = ((name, dense_weight(module)) for name, module in targets.items())
-        ranks, dense_modules = budget_ranks(weights, shapes, run_config, stats)
+        dtypes = {name: dense_weight(module).dtype for name, module in targets.items()}
+        ranks, dense_modules = budget_ranks(weights, shapes, run_config, stats, dtypes)
     report = new_report(run_config, _count_params(model), dense_modules)
     swapped: list[str] = []
     importances: dict[str, torch.Tensor | None] = {}
@@ -224,6 +259,8 @@ def compress_model(
             if run_config.calibration_dataset is not None:
                 batches = calibration_loader_from_config(run_config, model)
             method.refine_model(model, list(swapped), batches, run_config)
+        if run_config.factor_dtype is not None:
+            quantize_factors(model, swapped)
     except BaseException:
         # Never leave a partially compressed model behind: put every dense module back (they are still in `targets`).
         for name in swapped:
@@ -234,6 +271,10 @@ def compress_model(
         report.modules.append(
             module_report(name, weight, model.get_submodule(name).weight, importances[name], ranks[name])
         )
+    report.factor_storage = INT8_STORAGE if run_config.factor_dtype == "int8" else None
+    for name in swapped:
+        report.module_bytes_before += sum(storage_bytes(param) for param in targets[name].parameters())
+        report.module_bytes_after += sum(storage_bytes(param) for param in model.get_submodule(name).parameters())
     run_config.ranks = ranks
     run_config.base_model = run_config.base_model or _source_name(model)
     report.base_model = run_config.base_model

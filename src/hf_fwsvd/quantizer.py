@@ -74,13 +74,23 @@ class FWSVDHfQuantizer(HfQuantizer):
             config.source_classes = match_model_prefix(config.source_classes, model) if config.source_classes else {}
             found = build_low_rank_skeleton(model, self.quantization_config.ranks)
             self.quantization_config.source_classes = {**found, **self.quantization_config.source_classes}
+            if config.factor_dtype is not None:
+                from .factor_storage import build_int8_slots
+
+                build_int8_slots(model, list(config.ranks))
             checkpoint_files = kwargs.get("checkpoint_files")
             if checkpoint_files:
-                check_weights_match_ranks(model, self.quantization_config.ranks, checkpoint_files)
+                check_weights_match_ranks(
+                    model, self.quantization_config.ranks, checkpoint_files, factor_dtype=config.factor_dtype
+                )
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         if self.pre_quantized:
+            if self.quantization_config.factor_dtype is not None:
+                from .factor_storage import finish_int8_factors
+
+                finish_int8_factors(model)
             check_factors_finite(model)
             if hasattr(model.config, "transformers_weights"):
                 del model.config.transformers_weights
@@ -92,6 +102,14 @@ class FWSVDHfQuantizer(HfQuantizer):
             self.pre_quantized = True
             mark_compressed(model, self.quantization_config, self)
         return model
+
+    def get_state_dict_and_metadata(self, model: Any) -> tuple[dict[str, Any] | None, dict[str, str]]:
+        # int8 factors are torchao tensors: safetensors stores their plain int8 data, scales and zero points.
+        if self.quantization_config.factor_dtype is None:
+            return None, {}
+        from .factor_storage import flatten_int8_state_dict
+
+        return flatten_int8_state_dict(model), {}
 
     def _dequantize(self, model: Any, dtype: Any = None) -> Any:
         from .replace import replace_with_dense

@@ -84,6 +84,9 @@ class CompressionReport:
     calibration_data: str | None = None  # a description for the model card, e.g. "train.csv (3,200 examples)"
     warnings: list[str] = field(default_factory=list)
     finetuning: list[FinetuneRecord] = field(default_factory=list)
+    factor_storage: str | None = None  # e.g. "int8 per-channel weight-only (torchao ...)"; None: the model dtype
+    module_bytes_before: int = 0  # bytes of the compressed modules' parameters as stored, before and after
+    module_bytes_after: int = 0
     fingerprint: str | None = field(default=None, compare=False)
 
     @property
@@ -179,7 +182,12 @@ def weights_fingerprint(model: Any) -> str:
     """
     import torch
 
-    named = sorted(model.named_parameters(), key=lambda item: item[0])
+    named = []
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if hasattr(param, "qdata") and hasattr(param, "scale"):  # int8 factor (`factor_storage`): hash its parts
+            named.extend((f"{name}_{part}", getattr(param, part)) for part in ("qdata", "scale"))
+        else:
+            named.append((name, param))
     total = sum(param.numel() for _, param in named)
     stride = max(1, total // _FINGERPRINT_SAMPLES)
     digest = hashlib.blake2b(digest_size=16)
@@ -192,6 +200,23 @@ def weights_fingerprint(model: Any) -> str:
             digest.update(name.encode())
             digest.update(sample.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _record_bytes(report: CompressionReport, model: Any, config: Any) -> None:
+    """Factor storage and bytes of a reloaded model's compressed modules (before: their dense weight and bias in the
+    factors' float dtype, or the scales' dtype for int8 factors)."""
+    from .factor_storage import INT8_STORAGE, storage_bytes
+    from .layers import LowRankLinear
+
+    report.factor_storage = INT8_STORAGE if getattr(config, "factor_dtype", None) == "int8" else None
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            report.module_bytes_after += sum(storage_bytes(param) for param in module.parameters())
+            weight = module.up.weight
+            size = getattr(weight, "scale", weight).element_size()  # the model dtype
+            report.module_bytes_before += (module.in_features + int(module.up.bias is not None)) * (
+                module.out_features * size
+            )
 
 
 def report_from_model(model: Any) -> CompressionReport:
@@ -216,6 +241,7 @@ def report_from_model(model: Any) -> CompressionReport:
                     weighted_error=float("nan"),
                 )
             )
+    _record_bytes(report, model, config)
     report.model_params_after = sum(param.numel() for param in model.parameters())
     saved = sum(row.params_before - row.params_after for row in report.modules)
     report.model_params_before = report.model_params_after + saved
