@@ -142,6 +142,8 @@ def main() -> None:
         for ratio in ratios:
             kept = [r["block_kept"] for r in rows if r["task"] == task and r["ratio"] == ratio and r["block_kept"]]
             cells = [_fmt(cell(task, m, ratio)) for m in methods]
+            if not any(cells):
+                continue
             print(f"| {task} | {_fmt(dense)} | {ratio} | {kept[0] if kept else ''} | " + " | ".join(cells) + " |")
 
     print("\n## Paired tests against SVD (no fine-tune)\n")
