@@ -29,7 +29,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.assets import TASKS, task_splits
+from benchmarks.assets import TASKS, TOKEN_TASKS, task_splits
 from benchmarks.headline import RESULTS, read_points, test_labels
 
 DRAWS = 10_000
@@ -198,6 +198,13 @@ def main() -> None:
         names = ", ".join(pooled_names[(ratio, method)])
         shown = f"{p:.3g}" if p > 0 else f"< {1 / DRAWS:g}"
         print(f"| {ratio} | {method} | {len(per_task)} ({names}) | {100 * stat:+.2f} | {shown} |")
+        task_names = pooled_names[(ratio, method)]
+        sentence = [t for t, name in zip(per_task, task_names, strict=True) if name not in TOKEN_TASKS]
+        if 1 < len(sentence) < len(per_task):  # the same without the token task(s): the sentence-level tasks only
+            stat, p = bootstrap_tasks(sentence)
+            shown = f"{p:.3g}" if p > 0 else f"< {1 / DRAWS:g}"
+            names = ", ".join(n for n in task_names if n not in TOKEN_TASKS)
+            print(f"| {ratio} | {method} | {len(sentence)} ({names}) | {100 * stat:+.2f} | {shown} |")
 
     recovery = [k for k in by if k[5] == "recovery"]
     if recovery:
