@@ -39,13 +39,15 @@ from tqdm.auto import tqdm
 
 from .config import FWSVDConfig
 from .defaults import resolve_defaults
-from .distributed import is_main_process
+from .distributed import is_main_process, process_info
+from .layerwise_statistics import blockwise_statistics
 from .methods import CompressionMethod, collect_statistics, get_method, known_statistics, required_statistics
 from .pipeline import budget_ranks, factorize_weight, module_report, new_report, overrides_refine_model
 from .ranks import resolve_ranks
 from .report import CompressionReport
 from .serialization import WEIGHTS_INDEX_NAME
 from .statistics import Statistics
+from .statistics.blockwise import BlockwiseUnsupported
 from .targets import find_target_modules
 
 __all__ = ["compress_layerwise"]
@@ -132,18 +134,31 @@ def _estimate(
 def _statistics(
     model_dir: str,
     model_cls: type,
+    model_config: Any,
     config: FWSVDConfig,
     targets: dict[str, nn.Module],
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
     load_kwargs: dict[str, Any],
+    blockwise: dict[str, Any],
     show_progress: bool,
 ) -> Statistics:
     """The statistics `config` needs: from `importances` / `importances_cache` alone when they hold everything,
-    otherwise from one calibration pass on the loaded model."""
+    otherwise from one calibration pass: block by block on one process without a `device_map`, else on the model
+    loaded with `load_kwargs`."""
     needed = required_statistics(config)
     known = known_statistics(config, targets, needed)
     if all(key in known for key in needed):
         return known.subset(needed, targets)
+    if not process_info().is_distributed and not set(load_kwargs) - {"dtype"}:
+        dtype = load_kwargs.get("dtype")
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+        try:
+            return blockwise_statistics(
+                model_cls, model_config, config, **blockwise, loss_fn=loss_fn,
+                dtype=dtype if isinstance(dtype, torch.dtype) else None, show_progress=show_progress,
+            )  # fmt: skip
+        except BlockwiseUnsupported as error:
+            logger.warning("%s Loading the whole model for the calibration pass instead.", error)
     return _estimate(model_dir, model_cls, config, loss_fn, load_kwargs, show_progress)
 
 
@@ -296,7 +311,12 @@ def compress_layerwise(
         }.items()
         if value is not None
     }
-    stats = _statistics(model_dir, model_cls, run_config, targets, loss_fn, load_kwargs, show_progress)
+    blocks = _blocks(skeleton)
+    groups = _group_keys(list(files), blocks)
+    stats = _statistics(
+        model_dir, model_cls, model_config, run_config, targets, loss_fn, load_kwargs,
+        {"files": files, "groups": groups, "blocks": blocks}, show_progress,
+    )  # fmt: skip
     if not is_main_process():
         return None
     dense_modules: list[str] = []
@@ -305,7 +325,6 @@ def compress_layerwise(
 
     params_before = sum(param.numel() for param in skeleton.parameters())
     report = new_report(run_config, params_before, dense_modules)
-    groups = _group_keys(list(files), _blocks(skeleton))
     os.makedirs(os.path.dirname(os.path.abspath(save_directory)) or ".", exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save_directory))}.tmp-",
                                dir=os.path.dirname(os.path.abspath(save_directory)))  # fmt: skip

@@ -82,6 +82,7 @@ def collect_statistics(
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     show_progress: bool = True,
     statistics: tuple[str, ...] | None = None,
+    collector: Callable[..., Statistics] = collect,
 ) -> Statistics:
     """The calibration statistics `config` needs for `targets` (none for plain SVD with a fixed rank rule).
 
@@ -97,6 +98,9 @@ def collect_statistics(
         loss_fn (`Callable`, *optional*): Calibration loss `loss_fn(model, batch)`; defaults to the model's loss.
         show_progress (`bool`, *optional*, defaults to `True`): Progress bar over calibration batches.
         statistics (`tuple[str, ...]`, *optional*): Collect these instead of what `config` needs.
+        collector (`Callable`, *optional*, defaults to [`~hf_fwsvd.statistics.collect`]): The calibration pass,
+            called as ``collector(model, batches, targets, names, loss_fn, show_progress, fisher_estimator=...)``
+            (`compress_layerwise` passes its block-by-block pass).
 
     Returns:
         [`Statistics`] restricted to the needed statistics and `targets`.
@@ -107,7 +111,7 @@ def collect_statistics(
     if missing:
         loader = calibration_loader_from_config(config, model)
         estimator = getattr(config, "fisher_estimator", "empirical")
-        fresh = collect(model, loader, targets, missing, loss_fn, show_progress, fisher_estimator=estimator)
+        fresh = collector(model, loader, targets, missing, loss_fn, show_progress, fisher_estimator=estimator)
         stats.update(fresh)
         stats.samples = fresh.samples
         cache = getattr(config, "importances_cache", None)
