@@ -1,9 +1,9 @@
 """The calibration pass one transformer block at a time: the statistics of [`collect`], holding one block's weights.
 
 The model arrives with its non-block parts (embeddings, final norm, head) materialised and its blocks (the entries of
-one `nn.ModuleList`) on the `meta` device; `load_block(name, block)` materialises a block in place and `free_block(name, block)`
-returns it to `meta`. Each block is replaced by a stub in the list while the pass runs, so the model's own forward
-code (masks, rotary embeddings, the head and the loss) still runs around the blocks:
+one `nn.ModuleList`) on the `meta` device; `load_block(name, block)` materialises a block in place and
+`free_block(name, block)` returns it to `meta`. Each block is replaced by a stub in the list while the pass runs, so
+the model's own forward code (masks, rotary embeddings, the head and the loss) still runs around the blocks:
 
 1. **Capture.** Per batch, the model runs up to the first block; the stub records the block's inputs (hidden states
    and keyword arguments such as the attention mask and position embeddings) and the batch. The other stubs check
