@@ -218,7 +218,11 @@ ARGUMENT_ERRORS = {
         2,
         "--rank-multiple must be positive, got 0",
     ),
-    "num-workers-zero": (C + " --method svd --num-workers 0 --output {tmp}/o", 2, "--num-workers must be positive, got 0"),
+    "num-workers-zero": (
+        C + " --method svd --num-workers 0 --output {tmp}/o",
+        2,
+        "--num-workers must be positive, got 0",
+    ),
     "inspect-dense": ("inspect {dense}", 2, "is not an FWSVD checkpoint"),
     "inspect-missing": ("inspect {tmp}/nothing", 2, "is not a folder"),
     "export-dense-of-dense": ("export-dense {dense} {tmp}/x", 2, "is not an FWSVD checkpoint; it is already dense"),
