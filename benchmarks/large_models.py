@@ -6,6 +6,9 @@ allocations. Runs, in order:
 - ``baseline``: import torch, transformers and hf_fwsvd only (the floor every run pays).
 - ``normal``: `from_pretrained` + `compress` (Fisher on the calibration texts) + `save_pretrained`. It also saves the
   importances (``importances_cache``) for the two factorisation-only runs.
+- ``layerwise``: `compress_layerwise` with the Fisher estimated block by block (the default: one block's weights in
+  memory at a time, a block-wise backward pass), then block-by-block factorisation; it also saves the importances
+  when ``normal`` did not run before it.
 - ``layerwise-offload``: `compress_layerwise` with the Fisher estimated on a model loaded with
   ``device_map="auto", max_memory={"cpu": <--cpu-budget>}`` (the rest offloaded to disk), then block-by-block
   factorisation.
@@ -33,7 +36,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNS = ("baseline", "normal", "layerwise-offload", "factorise-normal", "factorise-layerwise")
+RUNS = ("baseline", "normal", "layerwise", "layerwise-offload", "factorise-normal", "factorise-layerwise")
 
 
 def _calibration_texts(samples: int) -> list[str]:
@@ -58,7 +61,7 @@ def _child(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     work, cache = args.work, os.path.join(args.work, "importances.safetensors")
     common = {"rank_ratio": args.rank_ratio}
-    if args.run in ("normal", "layerwise-offload"):
+    if args.run in ("normal", "layerwise", "layerwise-offload"):
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
         common.update(
             calibration_dataset=_calibration_texts(args.samples), tokenizer=tokenizer, num_samples=args.samples,
@@ -68,6 +71,11 @@ def _child(args: argparse.Namespace) -> None:
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
         compress(model, FWSVDConfig(importances_cache=cache, **common), show_progress=False)
         model.save_pretrained(os.path.join(work, "normal"))
+    elif args.run == "layerwise":
+        compress_layerwise(
+            args.model_dir, os.path.join(work, "layerwise"), FWSVDConfig(importances_cache=cache, **common),
+            dtype=torch.float32, show_progress=False,
+        )  # fmt: skip
     elif args.run == "layerwise-offload":
         compress_layerwise(
             args.model_dir, os.path.join(work, "layerwise-offload"), FWSVDConfig(**common), device_map="auto",

@@ -7,6 +7,8 @@ minus the RSS after imports and data loading, in MiB, printed as one JSON line.
   8), rank ratio 0.25;
 - ``importances``: the same with precomputed importances (factorisation only). The first call writes the importances
   file and exits; run it again for the measurement;
+- ``layerwise [BATCH]``: `compress_layerwise` of the saved task model with its Fisher estimated from the same 32
+  sentences block by block (the block-wise backward pass), then block-by-block factorisation;
 - ``phases``: `from_pretrained`, then the Fisher pass (`collect_statistics`), then `compress` with those statistics,
   each phase's peak reported separately.
 
@@ -42,7 +44,7 @@ def main() -> None:
 
     from benchmarks.assets import polarity_splits
     from benchmarks.task_model import build_task_model
-    from hf_fwsvd import FWSVDConfig, compress, compute_importances, save_importances
+    from hf_fwsvd import FWSVDConfig, compress, compress_layerwise, compute_importances, save_importances
     from hf_fwsvd.methods import collect_statistics
     from hf_fwsvd.targets import find_target_modules
 
@@ -63,6 +65,14 @@ def main() -> None:
         config = FWSVDConfig(rank_ratio=0.25, importances=cache)
     floor = _kib("VmRSS")
     _reset()
+    if mode == "layerwise":
+        with tempfile.TemporaryDirectory() as out:
+            compress_layerwise(path, os.path.join(out, "minilm"), config, show_progress=False)
+        size = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if n.endswith(".safetensors"))
+        peak = (_kib("VmHWM") - floor) / 1024
+        print(json.dumps({"mode": mode, "batch_size": batch_size, "peak_mib": peak, "model_mib": size / 2**20,
+                          "peak_vs_model": peak / (size / 2**20)}))  # fmt: skip
+        return
     if mode in ("on-load", "importances"):
         AutoModelForSequenceClassification.from_pretrained(path, fwsvd_config=config)
         print(json.dumps({"mode": mode, "batch_size": batch_size, "peak_mib": (_kib("VmHWM") - floor) / 1024}))

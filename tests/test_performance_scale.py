@@ -164,7 +164,7 @@ def _compress_under_limit(tmp_path, size: dict, budget_mib: float, shard_size: s
     importances_file = tmp_path / "importances.safetensors"
     args = [tmp_path / "dense", tmp_path / "warmup", tmp_path / "out", budget_mib, importances_file]
     result = subprocess.run(
-        [sys.executable, str(worker), *map(str, args)], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, str(worker), *map(str, args)], capture_output=True, text=True, env=env, timeout=1200
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
