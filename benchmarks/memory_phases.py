@@ -9,6 +9,8 @@ minus the RSS after imports and data loading, in MiB, printed as one JSON line.
   file and exits; run it again for the measurement;
 - ``layerwise [BATCH]``: `compress_layerwise` of the saved task model with its Fisher estimated from the same 32
   sentences block by block (the block-wise backward pass), then block-by-block factorisation;
+- ``layerwise-importances``: `compress_layerwise` with the precomputed importances of ``importances`` (factorisation
+  only; run ``importances`` first);
 - ``phases``: `from_pretrained`, then the Fisher pass (`collect_statistics`), then `compress` with those statistics,
   each phase's peak reported separately.
 
@@ -54,8 +56,10 @@ def main() -> None:
     path = str(build_task_model())
     tokenizer = AutoTokenizer.from_pretrained(path)
     data = polarity_splits()["train"][:32]
-    config = FWSVDConfig(rank_ratio=0.25, calibration_dataset=data, tokenizer=tokenizer, batch_size=batch_size)
-    if mode == "importances":
+    config = FWSVDConfig(
+        rank_ratio=0.25, method="fwsvd", calibration_dataset=data, tokenizer=tokenizer, batch_size=batch_size
+    )
+    if mode in ("importances", "layerwise-importances"):
         cache = os.path.join(tempfile.gettempdir(), "hf_fwsvd_minilm_importances.safetensors")
         if not os.path.exists(cache):
             model = AutoModelForSequenceClassification.from_pretrained(path)
@@ -65,7 +69,7 @@ def main() -> None:
         config = FWSVDConfig(rank_ratio=0.25, importances=cache)
     floor = _kib("VmRSS")
     _reset()
-    if mode == "layerwise":
+    if mode in ("layerwise", "layerwise-importances"):
         with tempfile.TemporaryDirectory() as out:
             compress_layerwise(path, os.path.join(out, "minilm"), config, show_progress=False)
         size = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if n.endswith(".safetensors"))
