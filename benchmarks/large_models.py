@@ -60,7 +60,7 @@ def _child(args: argparse.Namespace) -> None:
     transformers.logging.set_verbosity_error()
     start = time.perf_counter()
     work, cache = args.work, os.path.join(args.work, "importances.safetensors")
-    common = {"rank_ratio": args.rank_ratio}
+    common = {"rank_ratio": args.rank_ratio, "method": args.method}
     if args.run in ("normal", "layerwise", "layerwise-offload"):
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
         common.update(
@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--rank-ratio", type=float, default=0.33)
     parser.add_argument("--cpu-budget", default="200MiB")
+    parser.add_argument("--method", help="compression method (default: the library's choice for a causal LM)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of the runs")
     parser.add_argument("--out")
@@ -152,6 +153,7 @@ def main() -> None:
             command = [sys.executable, os.path.abspath(__file__), "--run", run, "--work", work]
             for name in ("model_dir", "samples", "batch_size", "max_length", "rank_ratio", "cpu_budget", "threads"):
                 command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+            command += ["--method", args.method] if args.method else []
             env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
             output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
             results[run] = json.loads(output.strip().splitlines()[-1])
@@ -165,7 +167,8 @@ def main() -> None:
         f"Model: {args.model_dir} ({sizes['model']:.0f} MiB fp32, {sizes['blocks']} blocks of "
         f"{sizes['block']:.1f} MiB, "
         f"largest non-block tensor {sizes['other']:.1f} MiB). Fisher: {args.samples} SOTU paragraphs, batch "
-        f"{args.batch_size}, max length {args.max_length}; rank_ratio {args.rank_ratio}; offload budget "
+        f"{args.batch_size}, max length {args.max_length}; method {args.method or 'default'}; rank_ratio "
+        f"{args.rank_ratio}; offload budget "
         f"cpu={args.cpu_budget}; {args.threads} thread(s); {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores (shared); torch {results['baseline']['torch']}, date {time.strftime('%Y-%m-%d')}.",
         "",
