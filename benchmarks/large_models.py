@@ -6,6 +6,9 @@ allocations. Runs, in order:
 - ``baseline``: import torch, transformers and hf_fwsvd only (the floor every run pays).
 - ``normal``: `from_pretrained` + `compress` (Fisher on the calibration texts) + `save_pretrained`. It also saves the
   importances (``importances_cache``) for the two factorisation-only runs.
+- ``layerwise``: `compress_layerwise` with the Fisher estimated block by block (the default: one block's weights in
+  memory at a time, a block-wise backward pass), then block-by-block factorisation; it also saves the importances
+  when ``normal`` did not run before it.
 - ``layerwise-offload``: `compress_layerwise` with the Fisher estimated on a model loaded with
   ``device_map="auto", max_memory={"cpu": <--cpu-budget>}`` (the rest offloaded to disk), then block-by-block
   factorisation.
@@ -33,7 +36,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNS = ("baseline", "normal", "layerwise-offload", "factorise-normal", "factorise-layerwise")
+RUNS = ("baseline", "normal", "layerwise", "layerwise-offload", "factorise-normal", "factorise-layerwise")
 
 
 def _calibration_texts(samples: int) -> list[str]:
@@ -57,8 +60,8 @@ def _child(args: argparse.Namespace) -> None:
     transformers.logging.set_verbosity_error()
     start = time.perf_counter()
     work, cache = args.work, os.path.join(args.work, "importances.safetensors")
-    common = {"rank_ratio": args.rank_ratio}
-    if args.run in ("normal", "layerwise-offload"):
+    common = {"rank_ratio": args.rank_ratio, "method": args.method}
+    if args.run in ("normal", "layerwise", "layerwise-offload"):
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
         common.update(
             calibration_dataset=_calibration_texts(args.samples), tokenizer=tokenizer, num_samples=args.samples,
@@ -68,6 +71,11 @@ def _child(args: argparse.Namespace) -> None:
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
         compress(model, FWSVDConfig(importances_cache=cache, **common), show_progress=False)
         model.save_pretrained(os.path.join(work, "normal"))
+    elif args.run == "layerwise":
+        compress_layerwise(
+            args.model_dir, os.path.join(work, "layerwise"), FWSVDConfig(importances_cache=cache, **common),
+            dtype=torch.float32, show_progress=False,
+        )  # fmt: skip
     elif args.run == "layerwise-offload":
         compress_layerwise(
             args.model_dir, os.path.join(work, "layerwise-offload"), FWSVDConfig(**common), device_map="auto",
@@ -126,6 +134,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--rank-ratio", type=float, default=0.33)
     parser.add_argument("--cpu-budget", default="200MiB")
+    parser.add_argument("--method", help="compression method (default: the library's choice for a causal LM)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of the runs")
     parser.add_argument("--out")
@@ -144,6 +153,7 @@ def main() -> None:
             command = [sys.executable, os.path.abspath(__file__), "--run", run, "--work", work]
             for name in ("model_dir", "samples", "batch_size", "max_length", "rank_ratio", "cpu_budget", "threads"):
                 command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+            command += ["--method", args.method] if args.method else []
             env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
             output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
             results[run] = json.loads(output.strip().splitlines()[-1])
@@ -157,7 +167,8 @@ def main() -> None:
         f"Model: {args.model_dir} ({sizes['model']:.0f} MiB fp32, {sizes['blocks']} blocks of "
         f"{sizes['block']:.1f} MiB, "
         f"largest non-block tensor {sizes['other']:.1f} MiB). Fisher: {args.samples} SOTU paragraphs, batch "
-        f"{args.batch_size}, max length {args.max_length}; rank_ratio {args.rank_ratio}; offload budget "
+        f"{args.batch_size}, max length {args.max_length}; method {args.method or 'default'}; rank_ratio "
+        f"{args.rank_ratio}; offload budget "
         f"cpu={args.cpu_budget}; {args.threads} thread(s); {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores (shared); torch {results['baseline']['torch']}, date {time.strftime('%Y-%m-%d')}.",
         "",

@@ -7,6 +7,10 @@ minus the RSS after imports and data loading, in MiB, printed as one JSON line.
   8), rank ratio 0.25;
 - ``importances``: the same with precomputed importances (factorisation only). The first call writes the importances
   file and exits; run it again for the measurement;
+- ``layerwise [BATCH]``: `compress_layerwise` of the saved task model with its Fisher estimated from the same 32
+  sentences block by block (the block-wise backward pass), then block-by-block factorisation;
+- ``layerwise-importances``: `compress_layerwise` with the precomputed importances of ``importances`` (factorisation
+  only; run ``importances`` first);
 - ``phases``: `from_pretrained`, then the Fisher pass (`collect_statistics`), then `compress` with those statistics,
   each phase's peak reported separately.
 
@@ -42,7 +46,7 @@ def main() -> None:
 
     from benchmarks.assets import polarity_splits
     from benchmarks.task_model import build_task_model
-    from hf_fwsvd import FWSVDConfig, compress, compute_importances, save_importances
+    from hf_fwsvd import FWSVDConfig, compress, compress_layerwise, compute_importances, save_importances
     from hf_fwsvd.methods import collect_statistics
     from hf_fwsvd.targets import find_target_modules
 
@@ -52,8 +56,10 @@ def main() -> None:
     path = str(build_task_model())
     tokenizer = AutoTokenizer.from_pretrained(path)
     data = polarity_splits()["train"][:32]
-    config = FWSVDConfig(rank_ratio=0.25, calibration_dataset=data, tokenizer=tokenizer, batch_size=batch_size)
-    if mode == "importances":
+    config = FWSVDConfig(
+        rank_ratio=0.25, method="fwsvd", calibration_dataset=data, tokenizer=tokenizer, batch_size=batch_size
+    )
+    if mode in ("importances", "layerwise-importances"):
         cache = os.path.join(tempfile.gettempdir(), "hf_fwsvd_minilm_importances.safetensors")
         if not os.path.exists(cache):
             model = AutoModelForSequenceClassification.from_pretrained(path)
@@ -63,6 +69,14 @@ def main() -> None:
         config = FWSVDConfig(rank_ratio=0.25, importances=cache)
     floor = _kib("VmRSS")
     _reset()
+    if mode in ("layerwise", "layerwise-importances"):
+        with tempfile.TemporaryDirectory() as out:
+            compress_layerwise(path, os.path.join(out, "minilm"), config, show_progress=False)
+        size = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if n.endswith(".safetensors"))
+        peak = (_kib("VmHWM") - floor) / 1024
+        print(json.dumps({"mode": mode, "batch_size": batch_size, "peak_mib": peak, "model_mib": size / 2**20,
+                          "peak_vs_model": peak / (size / 2**20)}))  # fmt: skip
+        return
     if mode in ("on-load", "importances"):
         AutoModelForSequenceClassification.from_pretrained(path, fwsvd_config=config)
         print(json.dumps({"mode": mode, "batch_size": batch_size, "peak_mib": (_kib("VmHWM") - floor) / 1024}))

@@ -213,6 +213,16 @@ ARGUMENT_ERRORS = {
         1,
         "Rank 16 for `bert.encoder.layer.0.attention.self.query` (16x16) is not below its full rank 16",
     ),
+    "rank-multiple-zero": (
+        C + " --method svd --rank-multiple 0 --output {tmp}/o",
+        2,
+        "--rank-multiple must be positive, got 0",
+    ),
+    "num-workers-zero": (
+        C + " --method svd --num-workers 0 --output {tmp}/o",
+        2,
+        "--num-workers must be positive, got 0",
+    ),
     "inspect-dense": ("inspect {dense}", 2, "is not an FWSVD checkpoint"),
     "inspect-missing": ("inspect {tmp}/nothing", 2, "is not a folder"),
     "export-dense-of-dense": ("export-dense {dense} {tmp}/x", 2, "is not an FWSVD checkpoint; it is already dense"),
@@ -245,6 +255,22 @@ def test_argument_errors_exit_codes_and_messages(case, work, tmp_path, capsys):
     if expected_code == 2:  # argparse prints the usage line, our own checks point at --help
         assert "usage: hf-fwsvd" in err or f"Run `hf-fwsvd {argv[0]} --help`" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_rank_multiple_and_num_workers_reach_the_config(work, tmp_path):
+    out = tmp_path / "rounded"
+    argv = ["compress", str(work["dense"]), "--task", SEQ, "--method", "svd", "--rank-ratio", "0.25"]
+    assert main([*argv, "--rank-multiple", "3", "--num-workers", "2", "--output", str(out), "-q"]) == 0
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    ranks = {m.rank for m in model.modules() if isinstance(m, LowRankLinear)}
+    assert ranks == {3}  # round(0.25 * 16) = 4, rounded down to a multiple of 3
+    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert saved["rank_multiple"] == 3 and "num_workers" not in saved  # a run-time option, not saved
+    serial = tmp_path / "serial"
+    assert main([*argv, "--rank-multiple", "3", "--output", str(serial), "-q"]) == 0
+    reference = AutoModelForSequenceClassification.from_pretrained(serial)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
 
 
 def test_help_and_version(capsys):

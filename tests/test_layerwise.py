@@ -79,6 +79,15 @@ def test_layerwise_checkpoint_equals_compress_and_save(tmp_path, reference, arch
     assert config == expected_config
     assert os.path.isfile(os.path.join(out, "generation_config.json"))
     assert report.to_dict() == model.fwsvd_report.to_dict()
+    with open(os.path.join(out, "fwsvd_report.json"), encoding="utf-8") as handle:
+        written = json.load(handle)
+    with open(os.path.join(saved, "fwsvd_report.json"), encoding="utf-8") as handle:
+        expected_report = json.load(handle)
+    # the report file `save_pretrained` writes (no weights fingerprint: the reloaded weights become the reference)
+    assert written.pop("fingerprint") is None and expected_report.pop("fingerprint")
+    assert written == expected_report
+    assert written["base_model"] is None
+    assert written["calibration_data"] == "12 examples passed in Python (no dataset name given)"
 
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     inputs = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(0))

@@ -102,7 +102,7 @@ def test_local_base_model_is_not_put_in_the_metadata(tmp_path):
     tiny_gpt2().save_pretrained(tmp_path / "dense")
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
     hf_fwsvd.compress(dense, FWSVDConfig(rank=2, method="svd"), show_progress=False)
-    assert dense.config.quantization_config.base_model == str((tmp_path / "dense").resolve())
+    assert dense.config.quantization_config.base_model == "./dense"  # the folder name, never the absolute path
     card = build_model_card(dense, load_path="user/gpt2-svd")
     assert card.data.base_model is None and card.data.pipeline_tag == "text-generation"
     assert "compressed from a local checkpoint" in card.text and str(tmp_path) not in str(card)
@@ -110,6 +110,7 @@ def test_local_base_model_is_not_put_in_the_metadata(tmp_path):
     dense.save_pretrained(tmp_path / "out")
     assert str(tmp_path) not in (tmp_path / "out" / "README.md").read_text()
     assert str(tmp_path) not in (tmp_path / "out" / "fwsvd_report.json").read_text()
+    assert str(tmp_path) not in (tmp_path / "out" / "config.json").read_text()
 
 
 def test_calibration_data_is_described_when_given():

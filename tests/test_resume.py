@@ -78,3 +78,42 @@ def test_cache_config_validation(tmp_path):
     config = FWSVDConfig(importances_cache=tmp_path / "x.safetensors")
     assert config.importances_cache == str(tmp_path / "x.safetensors")
     assert "importances_cache" not in config.to_dict()
+
+
+def test_cache_records_its_fisher_estimator_and_refuses_another(tmp_path, caplog):
+    from safetensors import safe_open
+
+    cache = tmp_path / "importances.safetensors"
+    compress(_model(), _config(importances_cache=str(cache)), show_progress=False)
+    with safe_open(str(cache), framework="pt") as handle:
+        assert handle.metadata()["fisher_estimator"] == "empirical"
+    with pytest.raises(ValueError) as error:
+        compress(_model(), _config(importances_cache=str(cache), fisher_estimator="batch"), show_progress=False)
+    assert str(error.value) == (
+        f"`importances_cache` {str(cache)!r} holds row_fisher estimated with fisher_estimator='empirical', but this "
+        "run asks for fisher_estimator='batch': delete the file (or use another path) to re-estimate, or set "
+        "fisher_estimator to match it."
+    )
+    # a cache of an older version records no estimator: reused as 'empirical' with a warning, refused for another
+    from hf_fwsvd.statistics.cache import load_statistics_cache, save_statistics_cache
+
+    save_statistics_cache(load_statistics_cache(cache), cache)
+    with pytest.raises(ValueError, match=r"record the Fisher estimator of its row_fisher .*=.true. was asked"):
+        compress(_model(), _config(importances_cache=str(cache), fisher_estimator="true"), show_progress=False)
+    with caplog.at_level("WARNING", logger="hf_fwsvd.methods.calibrate"):
+        compress(_model(), _config(importances_cache=str(cache)), show_progress=False)
+    assert "does not record its Fisher estimator (written by an older version)" in caplog.text
+
+
+def test_forward_statistics_added_to_a_cache_keep_its_fisher_estimator(tmp_path):
+    from safetensors import safe_open
+
+    cache = tmp_path / "importances.safetensors"
+    compress(_model(), _config(importances_cache=str(cache), fisher_estimator="batch"), show_progress=False)
+    whiten = FWSVDConfig(
+        method="whiten", rank=4, calibration_dataset=calibration_data("llama", count=10), importances_cache=str(cache)
+    )
+    compress(_model(), whiten, show_progress=False)
+    with safe_open(str(cache), framework="pt") as handle:
+        assert handle.metadata()["fisher_estimator"] == "batch"  # the row Fisher in it is still the batch one
+        assert any(key.startswith("activation_second_moment/") for key in handle.keys())

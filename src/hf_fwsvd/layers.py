@@ -32,6 +32,22 @@ def factor_matrix(linear: nn.Linear) -> torch.Tensor:
     return weight.dequantize() if hasattr(weight, "dequantize") and hasattr(weight, "qdata") else weight
 
 
+def _meta_linear(
+    in_features: int, out_features: int, bias: bool, device: torch.device | str, dtype: torch.dtype | None
+) -> nn.Linear:
+    """An `nn.Linear` on the `meta` device, built without `reset_parameters` (meta tensors hold no values to
+    initialise; skipping it made rebuilding the low-rank modules of a checkpoint about twice as fast)."""
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.in_features, linear.out_features = in_features, out_features
+    linear.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+    if bias:
+        linear.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+    else:
+        linear.register_parameter("bias", None)
+    return linear
+
+
 class LowRankLinear(nn.Module):
     """A rank-`r` linear map ``x -> up(down(x))``: ``r * (in + out)`` weights instead of ``in * out``.
 
@@ -58,8 +74,9 @@ class LowRankLinear(nn.Module):
             raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
         self.in_features = in_features
         self.out_features = out_features
-        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+        linear = _meta_linear if device is not None and torch.device(device).type == "meta" else nn.Linear
+        self.down = linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.up = linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     @property
     def rank(self) -> int:

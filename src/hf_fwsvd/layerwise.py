@@ -3,11 +3,18 @@
 `compress_layerwise` works in two phases:
 
 1. **Statistics.** Whatever the method (and the Fisher allocation) needs from calibration data (see
-   `hf_fwsvd.methods`): the row Fisher needs the gradient of the task loss, a backward pass through the whole model;
-   activation statistics a forward pass. They come from `FWSVDConfig.importances` or `importances_cache` when those
-   hold them; otherwise the model is loaded (with the `device_map`, `max_memory` and `offload_folder` you pass, so
-   accelerate can offload it to CPU or disk), the statistics are collected in one pass (data-parallel under
-   ``accelerate launch``), saved to `importances_cache` if set, and the model is freed before phase 2.
+   `hf_fwsvd.methods`): the row Fisher needs the gradient of the task loss, activation statistics a forward pass. They
+   come from `FWSVDConfig.importances` or `importances_cache` when those hold them; otherwise they are collected
+   **block by block** (`hf_fwsvd.statistics.blockwise`): the non-block weights are loaded, then each block's weights
+   only while it runs: a forward pass through the blocks in order (keeping the hidden states at each block boundary,
+   on the CPU, when gradients are needed), the loss and its gradient at the last boundary, then a backward pass
+   through the blocks in reverse order, each block re-loaded and its forward pass recomputed. Peak memory: one block's
+   weights and one batch's activations, the non-block weights, and the calibration hidden states at every block
+   boundary (``blocks x tokens x hidden`` floats; one boundary for forward-only statistics). The statistics equal the
+   in-memory collector's. With a `device_map` (or `max_memory` / `offload_folder`), under ``accelerate launch``, or
+   for a model that is not a plain stack of blocks (shared blocks such as ALBERT's, encoder-decoder), the model is
+   loaded instead (accelerate may offload it) and the statistics are collected in one pass (data-parallel under
+   ``accelerate launch``). Either way they are saved to `importances_cache` if set, and freed before phase 2.
 2. **Ranks.** From the rank rule, or under `param_budget` from the allocation, which reads each targeted weight from
    disk once (one at a time) to score its directions.
 3. **Factorisation.** The model is only built on the `meta` device (shapes, target names, ranks). The source
@@ -22,6 +29,7 @@ holds the same tensors as `compress()` followed by `save_pretrained()` and loads
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import logging
@@ -39,13 +47,16 @@ from tqdm.auto import tqdm
 
 from .config import FWSVDConfig
 from .defaults import resolve_defaults
-from .distributed import is_main_process
+from .distributed import is_main_process, process_info
+from .layerwise_statistics import blockwise_statistics
 from .methods import CompressionMethod, collect_statistics, get_method, known_statistics, required_statistics
 from .pipeline import budget_ranks, factorize_weight, module_report, new_report, overrides_refine_model
+from .provenance import describe_calibration, hub_base_model, source_name
 from .ranks import resolve_ranks
 from .report import CompressionReport
 from .serialization import WEIGHTS_INDEX_NAME
 from .statistics import Statistics
+from .statistics.blockwise import BlockwiseUnsupported
 from .targets import find_target_modules
 
 __all__ = ["compress_layerwise"]
@@ -132,18 +143,31 @@ def _estimate(
 def _statistics(
     model_dir: str,
     model_cls: type,
+    model_config: Any,
     config: FWSVDConfig,
     targets: dict[str, nn.Module],
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
     load_kwargs: dict[str, Any],
+    blockwise: dict[str, Any],
     show_progress: bool,
 ) -> Statistics:
     """The statistics `config` needs: from `importances` / `importances_cache` alone when they hold everything,
-    otherwise from one calibration pass on the loaded model."""
+    otherwise from one calibration pass: block by block on one process without a `device_map`, else on the model
+    loaded with `load_kwargs`."""
     needed = required_statistics(config)
     known = known_statistics(config, targets, needed)
     if all(key in known for key in needed):
         return known.subset(needed, targets)
+    if not process_info().is_distributed and not set(load_kwargs) - {"dtype"}:
+        dtype = load_kwargs.get("dtype")
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+        try:
+            return blockwise_statistics(
+                model_cls, model_config, config, **blockwise, loss_fn=loss_fn,
+                dtype=dtype if isinstance(dtype, torch.dtype) else None, show_progress=show_progress,
+            )  # fmt: skip
+        except BlockwiseUnsupported as error:
+            logger.warning("%s Loading the whole model for the calibration pass instead.", error)
     return _estimate(model_dir, model_cls, config, loss_fn, load_kwargs, show_progress)
 
 
@@ -215,6 +239,26 @@ def _check_keys(targets: dict[str, nn.Module], files: dict[str, str], model_dir:
         )
 
 
+def _finish_report(
+    report: CompressionReport, targets: dict[str, nn.Module], params_before: int, config: FWSVDConfig
+) -> None:
+    order = {name: index for index, name in enumerate(targets)}
+    report.modules.sort(key=lambda module: order[module.name])  # model order, as `compress()` reports them
+    params_removed = sum(module.params_before - module.params_after for module in report.modules)
+    report.model_params_after = params_before - params_removed
+    report.base_model = config.base_model
+
+
+def _saved_report(report: CompressionReport, config: FWSVDConfig) -> CompressionReport:
+    """The report as `save_pretrained` writes it (`provenance.write_report`): calibration data described, no local
+    path as the base model."""
+    saved = copy.copy(report)
+    saved.base_model = hub_base_model(report.base_model)
+    if saved.calibration_data is None and get_method(config.method).needs_data:
+        saved.calibration_data = describe_calibration(config.calibration_dataset)
+    return saved
+
+
 def compress_layerwise(
     model_dir: str | os.PathLike,
     save_directory: str | os.PathLike,
@@ -240,9 +284,10 @@ def compress_layerwise(
         model_class (`type`, *optional*): The model class (e.g. `AutoModelForSequenceClassification`); defaults to
             `config.architectures[0]` of the checkpoint.
         loss_fn (`Callable`, *optional*): Custom calibration loss `loss_fn(model, batch)`.
-        device_map, max_memory, offload_folder, dtype (*optional*): Passed to `from_pretrained` when the model is
-            loaded for Fisher estimation, e.g. ``device_map="auto", max_memory={"cpu": "2GiB"}`` to offload the rest
-            to `offload_folder` on disk.
+        device_map, max_memory, offload_folder, dtype (*optional*): By default the calibration statistics are
+            collected block by block on the CPU (`dtype` casts the weights); any of the first three loads the whole
+            model with `from_pretrained` for them instead, e.g. ``device_map="auto"`` on a GPU, or
+            ``max_memory={"cpu": "2GiB"}`` to offload the rest to `offload_folder` on disk.
         show_progress (`bool`, *optional*, defaults to `True`): Progress bars.
 
     Returns:
@@ -305,7 +350,12 @@ def compress_layerwise(
         }.items()
         if value is not None
     }
-    stats = _statistics(model_dir, model_cls, run_config, targets, loss_fn, load_kwargs, show_progress)
+    blocks = _blocks(skeleton)
+    groups = _group_keys(list(files), blocks)
+    stats = _statistics(
+        model_dir, model_cls, model_config, run_config, targets, loss_fn, load_kwargs,
+        {"files": files, "groups": groups, "blocks": blocks}, show_progress,
+    )  # fmt: skip
     if not is_main_process():
         return None
     dense_modules: list[str] = []
@@ -314,7 +364,6 @@ def compress_layerwise(
 
     params_before = sum(param.numel() for param in skeleton.parameters())
     report = new_report(run_config, params_before, dense_modules)
-    groups = _group_keys(list(files), _blocks(skeleton))
     os.makedirs(os.path.dirname(os.path.abspath(save_directory)) or ".", exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save_directory))}.tmp-",
                                dir=os.path.dirname(os.path.abspath(save_directory)))  # fmt: skip
@@ -345,9 +394,11 @@ def compress_layerwise(
             if name in ranks and type(module).__name__ != "Linear"
         }
         run_config.weights_file = WEIGHTS_INDEX_NAME
-        run_config.base_model = run_config.base_model or os.path.abspath(model_dir)  # as `compress()` records it
+        run_config.base_model = run_config.base_model or source_name(model_dir)  # as `compress()` records it
         model_config.quantization_config = run_config
         model_config.save_pretrained(staging)
+        _finish_report(report, targets, params_before, run_config)
+        _saved_report(report, run_config).save(staging)  # `fwsvd_report.json`, as `save_pretrained` writes it
         for name in sorted(os.listdir(model_dir)):
             source = os.path.join(model_dir, name)
             if os.path.isfile(source) and name not in _NOT_COPIED_NAMES and not name.endswith(_NOT_COPIED_SUFFIXES):
@@ -356,10 +407,5 @@ def compress_layerwise(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    order = {name: index for index, name in enumerate(targets)}
-    report.modules.sort(key=lambda module: order[module.name])  # model order, as `compress()` reports them
-    params_removed = sum(module.params_before - module.params_after for module in report.modules)
-    report.model_params_after = params_before - params_removed
-    report.base_model = run_config.base_model
     logger.info("Wrote the FWSVD checkpoint of %d modules to %s", len(report.modules), save_directory)
     return report

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,6 +27,7 @@ from .factorize import LowRankFactors, apply_weighting, input_weighting, low_ran
 from .layers import LowRankLinear, dense_weight
 from .methods import CompressionMethod, check_statistics, collect_statistics, get_method
 from .payoff import low_rank_pays_off
+from .provenance import source_name
 from .ranks import rank_for_param_ratio, resolve_ranks, round_rank
 from .replace import shape_of
 from .report import CompressionReport, ModuleReport
@@ -308,8 +308,5 @@ def _worker_threads(num_workers: int) -> Iterator[ThreadPoolExecutor | None]:
 
 
 def _source_name(model: nn.Module) -> str | None:
-    """Where the dense model came from: its Hub id, or the absolute path of its local folder."""
-    source = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    if source and os.path.isdir(source):
-        return os.path.abspath(source)
-    return source
+    """Where the dense model came from: its Hub id, or ``"./<folder name>"`` (see `provenance.source_name`)."""
+    return source_name(getattr(getattr(model, "config", None), "_name_or_path", None) or None)

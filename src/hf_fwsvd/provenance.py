@@ -28,6 +28,7 @@ __all__ = [
     "read_saved_report",
     "record_finetune",
     "refresh_report",
+    "source_name",
     "sync_ranks",
     "write_report",
     "write_tokenizer",
@@ -60,6 +61,18 @@ def describe_calibration(data: Any) -> str | None:
     if hasattr(data, "__len__"):
         return f"{len(data):,} examples passed in Python (no dataset name given)"
     return f"a {type(data).__name__} (size unknown)"
+
+
+def source_name(source: str | os.PathLike | None) -> str | None:
+    """What `FWSVDConfig.base_model` records for the dense model loaded from `source`: a Hub id as given, a local
+    folder as ``"./<folder name>"`` (never the absolute path, which would leak the author's file system into
+    `config.json`; the ``./`` keeps a folder name from being read as a Hub id)."""
+    if source is None or source == "":
+        return None
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        return f"./{os.path.basename(os.path.normpath(os.path.abspath(source)))}"
+    return source
 
 
 def hub_base_model(base_model: str | None) -> str | None:

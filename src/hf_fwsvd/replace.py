@@ -52,9 +52,13 @@ def build_low_rank_skeleton(model: nn.Module, ranks: dict[str, int]) -> dict[str
 
 def _build_skeleton(model: nn.Module, ranks: dict[str, int]) -> dict[str, str]:
     source_classes = {}
+    parents: dict[str, nn.Module] = {}  # the attention and MLP containers hold several targets each: look them up once
     for name, rank in ranks.items():
+        parent_name, _, child = name.rpartition(".")
         try:
-            module = model.get_submodule(name)
+            if parent_name not in parents:
+                parents[parent_name] = model.get_submodule(parent_name)
+            module = parents[parent_name].get_submodule(child)
         except AttributeError as error:
             raise ValueError(
                 f"The checkpoint's rank map names `{name}`, which {type(model).__name__} does not have: the "
@@ -77,7 +81,7 @@ def _build_skeleton(model: nn.Module, ranks: dict[str, int]) -> dict[str, str]:
         )
         if not isinstance(module, nn.Linear):
             source_classes[name] = type(module).__name__
-        model.set_submodule(name, replacement)
+        setattr(parents[parent_name], child, replacement)
     return source_classes
 
 

@@ -23,7 +23,8 @@ __all__ = [
 ]
 
 REPORT_NAME = "fwsvd_report.json"
-_FINGERPRINT_SAMPLES = 1 << 20  # elements hashed per model, spread evenly over every parameter
+_FINGERPRINT_SAMPLES = 1 << 16  # elements hashed per model, spread evenly over every parameter
+_FINGERPRINT_RUN = 64  # ... in runs of this many contiguous elements
 
 
 @dataclass
@@ -174,11 +175,14 @@ def _no_nan(value: Any) -> Any:
 
 
 def weights_fingerprint(model: Any) -> str:
-    """A short hash of a model's weights that changes when it is trained, cheap enough for every save.
+    """A short hash of a model's weights that changes when it is trained, cheap enough for every save and load.
 
-    At most about a million elements are hashed, taken at an even stride from every parameter (sorted by name); a
-    training step moves practically every element, so a fine-tune is detected, while the same weights on another
-    device or after a save and reload give the same hash (raw bytes, no floating-point reduction).
+    About `_FINGERPRINT_SAMPLES` elements are hashed, taken from every parameter (sorted by name) in proportion to its
+    size, at least one each, as evenly spaced runs of `_FINGERPRINT_RUN` contiguous elements; a training step moves
+    practically every element, so a fine-tune is detected, while the same weights on another device or after a save and
+    reload give the same hash (raw bytes, no floating-point reduction). Contiguous runs touch few memory pages: one
+    element in every few dozen (the earlier sampling) touched every page of the freshly memory-mapped weights, 25 ms
+    of a 105 ms MiniLM reload (a dense load: 60 ms) and 40 ms of a SmolLM2 one.
     """
     import torch
 
@@ -188,15 +192,19 @@ def weights_fingerprint(model: Any) -> str:
             named.extend((f"{name}_{part}", getattr(param, part)) for part in ("qdata", "scale"))
         else:
             named.append((name, param))
-    total = sum(param.numel() for _, param in named)
-    stride = max(1, total // _FINGERPRINT_SAMPLES)
+    total = max(1, sum(param.numel() for _, param in named))
     digest = hashlib.blake2b(digest_size=16)
     with torch.no_grad():
         for name, param in named:
-            if param.device.type == "meta":
+            if param.device.type == "meta" or param.numel() == 0:
                 continue
-            strided = param.detach().reshape(-1)[::stride]
-            sample = torch.empty(strided.numel(), dtype=strided.dtype).copy_(strided)  # dense, on CPU
+            flat = param.detach().reshape(-1)
+            count = min(flat.numel(), max(1, flat.numel() * _FINGERPRINT_SAMPLES // total))
+            run = min(_FINGERPRINT_RUN, count)
+            runs = count // run
+            step = flat.numel() // runs
+            strided = flat.as_strided((runs, run), (step, 1), flat.storage_offset())
+            sample = torch.empty(strided.shape, dtype=strided.dtype).copy_(strided)  # dense, on CPU
             digest.update(name.encode())
             digest.update(sample.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -15,8 +15,8 @@ from ..calibration import calibration_loader_from_config
 from ..distributed import is_main_process
 from ..importances import check_importances, load_importances
 from ..replace import shape_of
-from ..statistics import Statistics, collect
-from ..statistics.cache import load_statistics_cache, save_statistics_cache
+from ..statistics import Statistics, collect, get_statistic
+from ..statistics.cache import cache_fisher_estimator, load_statistics_cache, save_statistics_cache
 from .registry import get_method
 
 __all__ = ["check_statistics", "collect_statistics", "known_statistics", "required_statistics"]
@@ -55,6 +55,7 @@ def known_statistics(
         return stats
     cached = load_statistics_cache(cache)
     reused = [key for key in needed if key not in stats and key in cached]
+    _check_cache_estimator(config, cache, [key for key in reused if get_statistic(key).needs_backward])
     for key in reused:
         try:
             if key == ROW_FISHER:
@@ -75,6 +76,33 @@ def known_statistics(
     return stats
 
 
+def _check_cache_estimator(config: Any, cache: str, reused: list[str]) -> None:
+    """Refuse gradient statistics from a cache estimated with another Fisher estimator than `config`'s."""
+    if not reused:
+        return
+    wanted = getattr(config, "fisher_estimator", "empirical")
+    recorded = cache_fisher_estimator(cache)
+    if recorded is None:
+        if wanted != "empirical":
+            raise ValueError(
+                f"`importances_cache` {cache!r} does not record the Fisher estimator of its {', '.join(reused)} (it "
+                f"was written by an older version or is a plain importances file), and fisher_estimator={wanted!r} "
+                "was asked for: delete it to re-estimate, or pass it as `importances=` to use it as it is."
+            )
+        logger.warning(
+            "`importances_cache` %s does not record its Fisher estimator (written by an older version); reusing its "
+            "%s as fisher_estimator='empirical', the only estimator before it was recorded.",
+            cache,
+            ", ".join(reused),
+        )
+    elif recorded != wanted:
+        raise ValueError(
+            f"`importances_cache` {cache!r} holds {', '.join(reused)} estimated with fisher_estimator={recorded!r}, "
+            f"but this run asks for fisher_estimator={wanted!r}: delete the file (or use another path) to "
+            "re-estimate, or set fisher_estimator to match it."
+        )
+
+
 def collect_statistics(
     model: nn.Module,
     config: Any,
@@ -82,6 +110,7 @@ def collect_statistics(
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     show_progress: bool = True,
     statistics: tuple[str, ...] | None = None,
+    collector: Callable[..., Statistics] = collect,
 ) -> Statistics:
     """The calibration statistics `config` needs for `targets` (none for plain SVD with a fixed rank rule).
 
@@ -97,6 +126,9 @@ def collect_statistics(
         loss_fn (`Callable`, *optional*): Calibration loss `loss_fn(model, batch)`; defaults to the model's loss.
         show_progress (`bool`, *optional*, defaults to `True`): Progress bar over calibration batches.
         statistics (`tuple[str, ...]`, *optional*): Collect these instead of what `config` needs.
+        collector (`Callable`, *optional*, defaults to [`~hf_fwsvd.statistics.collect`]): The calibration pass,
+            called as ``collector(model, batches, targets, names, loss_fn, show_progress, fisher_estimator=...)``
+            (`compress_layerwise` passes its block-by-block pass).
 
     Returns:
         [`Statistics`] restricted to the needed statistics and `targets`.
@@ -107,14 +139,17 @@ def collect_statistics(
     if missing:
         loader = calibration_loader_from_config(config, model)
         estimator = getattr(config, "fisher_estimator", "empirical")
-        fresh = collect(model, loader, targets, missing, loss_fn, show_progress, fisher_estimator=estimator)
+        fresh = collector(model, loader, targets, missing, loss_fn, show_progress, fisher_estimator=estimator)
         stats.update(fresh)
         stats.samples = fresh.samples
         cache = getattr(config, "importances_cache", None)
         if cache is not None and is_main_process():
             merged = load_statistics_cache(cache) if os.path.isfile(cache) else Statistics()
             merged.update({key: stats[key] for key in needed})
-            save_statistics_cache(merged, cache)
+            # the estimator of the gradient statistics in the file: this run's when it estimated some, else the old
+            fresh_backward = any(get_statistic(key).needs_backward for key in missing)
+            recorded = estimator if fresh_backward else cache_fisher_estimator(cache)
+            save_statistics_cache(merged, cache, fisher_estimator=recorded)
             logger.info("Saved the calibration statistics to %s; a restarted run will reuse them.", cache)
     if ROW_FISHER in stats:
         check_importances(stats[ROW_FISHER], {name: shape_of(module)[1] for name, module in targets.items()})

@@ -102,6 +102,29 @@ def sampled_label_loss(
     return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
 
 
+def resolve_loss(
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None, fisher_estimator: str
+) -> Callable[[nn.Module, Any], torch.Tensor]:
+    """The calibration loss of a run: `loss_fn` (default `model_loss`), or for ``fisher_estimator="true"`` the
+    seeded `sampled_label_loss`.
+
+    Raises:
+        `ValueError`: For an unknown estimator, or ``"true"`` with a custom `loss_fn`.
+    """
+    if fisher_estimator not in FISHER_ESTIMATORS:
+        raise ValueError(
+            f"Unknown Fisher estimator {fisher_estimator!r}; choose one of {', '.join(FISHER_ESTIMATORS)}."
+        )
+    if fisher_estimator == "true":
+        if loss_fn not in (None, model_loss):
+            raise ValueError(
+                "estimator='true' draws the labels from the model and computes its own loss; it cannot be combined "
+                "with a custom `loss_fn`. Use the default loss, or estimator='empirical'."
+            )
+        return functools.partial(sampled_label_loss, generator=torch.Generator().manual_seed(0))
+    return loss_fn or model_loss
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where calibration batches go: the first materialised parameter's device, or, for a model dispatched with an
     offloading `device_map` (its weights on `meta` until accelerate's hooks load them), the first execution device."""
@@ -243,6 +266,18 @@ def _frozen_state(model: nn.Module) -> tuple[bool, dict[str, bool]]:
     return model.training, {name: param.requires_grad for name, param in model.named_parameters()}
 
 
+def checked_loss(loss: torch.Tensor, batch_index: int) -> torch.Tensor:
+    """`loss`, after checking it is finite and depends on something that needs a gradient."""
+    if not torch.isfinite(loss):
+        raise ValueError(
+            f"The calibration loss is {loss.item()} on batch {batch_index}: check the labels and inputs, and estimate "
+            "in float32."
+        )
+    if not loss.requires_grad:
+        raise ValueError("The calibration loss does not depend on any targeted module; nothing to weigh.")
+    return loss
+
+
 def _run_batches(
     model: nn.Module,
     batches: Iterable[Any],
@@ -262,14 +297,7 @@ def _run_batches(
         hooks.mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         if hooks.backward_stats:
             with torch.enable_grad():
-                loss = loss_fn(model, batch)
-                if not torch.isfinite(loss):
-                    raise ValueError(
-                        f"The calibration loss is {loss.item()} on batch {hooks.samples // max(_batch_size(batch), 1)}"
-                        ": check the labels and inputs, and estimate in float32."
-                    )
-                if not loss.requires_grad:
-                    raise ValueError("The calibration loss does not depend on any targeted module; nothing to weigh.")
+                loss = checked_loss(loss_fn(model, batch), hooks.samples // max(_batch_size(batch), 1))
                 if hooks.leaves:
                     torch.autograd.grad(loss, hooks.leaves, allow_unused=True)
                 else:  # the inputs already carry gradients (e.g. `inputs_embeds` that require grad)
@@ -344,17 +372,7 @@ def collect(
     Raises:
         `ValueError`: For a non-linear target, no batch, a non-finite loss, or a module no gradient (or token) reached.
     """
-    if fisher_estimator not in FISHER_ESTIMATORS:
-        raise ValueError(
-            f"Unknown Fisher estimator {fisher_estimator!r}; choose one of {', '.join(FISHER_ESTIMATORS)}."
-        )
-    if fisher_estimator == "true":
-        if loss_fn not in (None, model_loss):
-            raise ValueError(
-                "estimator='true' draws the labels from the model and computes its own loss; it cannot be combined "
-                "with a custom `loss_fn`. Use the default loss, or estimator='empirical'."
-            )
-        loss_fn = functools.partial(sampled_label_loss, generator=torch.Generator().manual_seed(0))
+    loss_fn = resolve_loss(loss_fn, fisher_estimator)
     if not isinstance(modules, dict):
         modules = {name: model.get_submodule(name) for name in modules}
     for name, module in modules.items():
@@ -379,7 +397,7 @@ def collect(
     hooks.attach()
     error: Exception | None = None
     try:
-        _run_batches(model, batches, hooks, loss_fn or model_loss, info, show_progress)
+        _run_batches(model, batches, hooks, loss_fn, info, show_progress)
     except Exception as exc:
         if not info.is_distributed:
             raise
@@ -389,6 +407,20 @@ def collect(
         for name, param in model.named_parameters():
             param.requires_grad_(requires_grad[name])
         model.train(was_training)
+    return finish(hooks, modules, wanted, info, error)
+
+
+def finish(
+    hooks: _Hooks,
+    modules: dict[str, nn.Module],
+    wanted: dict[str, Statistic],
+    info: ProcessInfo,
+    error: Exception | None = None,
+) -> Statistics:
+    """Add the sums over processes, check every module was reached and divide by the examples (or real tokens).
+
+    Shared by [`collect`] and the block-wise pass (`hf_fwsvd.statistics.blockwise`), so both end the same way.
+    """
     sums, tokens, graded, samples, failures = _reduce(hooks, modules, wanted, info, failed=error is not None)
     if error is not None:
         raise error
@@ -410,6 +442,7 @@ def collect(
                 f"No calibration token reached {len(missing)} targeted module(s), e.g. `{missing[0]}`. Check the "
                 "calibration data or exclude them with `modules_to_not_convert`."
             )
+    result = Statistics()
     for key, stat in wanted.items():
         if stat.per == "token":
             result[key] = {name: sums[key][name] / tokens[name] for name in modules}
