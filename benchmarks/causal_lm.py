@@ -22,10 +22,11 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the setting has one); ``calib_s`` (the shared statistics, once per run) is reported separately. ``peak_rss_mb`` is
   the process's peak resident memory sampled every 20 ms during that compression.
 
-Settings are ``method[+alloc|+alloc1|+v2][+update][+c128][+lora|+lora64][+int8]``: ``+alloc`` / ``+alloc1`` is
-our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2`` SVD-LLM V2's loss-based per-matrix ratios
+Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense][+c128][+lora|+lora64][+int8]``:
+``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2`` SVD-LLM V2's loss-based per-matrix ratios
 (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares update of the `up` factors
-(`hf_fwsvd.lstsq_update`), ``+lora`` a LoRA recovery fine-tune (``finetune(..., lora=True)``: rank 8 on every
+(`hf_fwsvd.lstsq_update`; ``+update_both`` refits both factors, ``+update_dense`` fits the dense model's outputs,
+see `sequential_update`), ``+lora`` a LoRA recovery fine-tune (``finetune(..., lora=True)``: rank 8 on every
 factor, 2 epochs over the 32 fine-tune chunks at lr 2e-4, batch 4) merged back into the factors, ``+int8`` the factors
 stored in int8 afterwards (torchao weight-only per-channel on `down` / `up`, in memory: the kept fraction then costs a
 quarter of its fp32 bytes). ``dense`` and ``int8`` (torchao ``Int8WeightOnlyConfig``: per-channel weight-only int8
@@ -84,7 +85,9 @@ CALIB_CHUNKS, CHUNK_TOKENS, EVAL_TOKENS, WINDOW = 32, 256, 8192, 512
 LARGE_CALIB_EXTRA, LARGE_TRAIN_EXTRA = range(64, 160), range(160, 256)
 MOBY_CHAPTERS = range(116, 136)
 DEV_YEARS = range(1980, 1990)
-FLAGS = ("alloc", "alloc1", "v2", "update", "c128", "lora", "lora64", "int8")
+FLAGS = ("alloc", "alloc1", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8")
+# update flag -> `sequential_update` options
+UPDATES = {"update": {}, "update_both": {"refit": "both"}, "update_dense": {"target": "dense"}}
 # LoRA recovery (rank 8 on every factor, see `hf_fwsvd.lora`): 2 epochs over the 32 fine-tune chunks, batch 4.
 LORA_EPOCHS, LORA_LEARNING_RATE = 2.0, 2e-4
 DEFAULT_SETTINGS = [
@@ -161,6 +164,8 @@ def parse_setting(setting: str) -> dict:
         raise ValueError(f"Unknown setting flag(s) {sorted(unknown)} in {setting!r}.")
     if "lora" in flags and "lora64" in flags:
         raise ValueError(f"Choose one of +lora and +lora64 in {setting!r}.")
+    if len(set(flags) & set(UPDATES)) > 1:
+        raise ValueError(f"Choose one update flag ({', '.join(UPDATES)}) in {setting!r}.")
     return {"method": method, **{flag: flag in flags for flag in FLAGS}}
 
 
@@ -399,11 +404,12 @@ def run(args: argparse.Namespace) -> None:
             with PeakRSS() as rss:
                 config = setting_config(spec, budget, stats, dense, targets, base)
                 compress(model, config, statistics=stats, show_progress=False)
-                if spec["update"]:
+                update = next((UPDATES[flag] for flag in UPDATES if spec[flag]), None)
+                if update is not None:
                     loader = build_calibration_loader(chunks, tokenizer, dense, batch_size=4,
                                                       max_length=CHUNK_TOKENS, num_samples=None)  # fmt: skip
                     compressed = {row.name: targets[row.name] for row in model.fwsvd_report.modules}
-                    report = sequential_update(model, compressed, loader)
+                    report = sequential_update(model, compressed, loader, **update)
                     logger.info("update rejected for %d modules", len(report.rejected))
                 if spec["lora"] or spec["lora64"]:
                     lora_recover(model, data["train_large" if spec["lora64"] else "train"], tokenizer)
