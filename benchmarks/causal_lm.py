@@ -24,13 +24,13 @@ Setup (fixed; nothing is tuned on the evaluation texts):
 
 Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense][+c128][+lora|+lora64][+int8]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2`` SVD-LLM V2's
-loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares update of the `up` factors
-(`hf_fwsvd.lstsq_update`; ``+update_both`` refits both factors, ``+update_dense`` fits the dense model's outputs,
-see `sequential_update`), ``+lora`` a LoRA recovery fine-tune (``finetune(..., lora=True)``: rank 8 on every
+loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares update of the
+`up` factors (`hf_fwsvd.lstsq_update`; ``+update_both`` refits both factors, ``+update_dense`` fits the dense model's
+outputs, see `sequential_update`), ``+lora`` a LoRA recovery fine-tune (``finetune(..., lora=True)``: rank 8 on every
 factor, 2 epochs over the 32 fine-tune chunks at lr 2e-4, batch 4) merged back into the factors, ``+int8`` the factors
 stored in int8 afterwards (torchao weight-only per-channel on `down` / `up`, in memory: the kept fraction then costs a
-quarter of its fp32 bytes). ``dense`` and ``int8`` (torchao ``Int8WeightOnlyConfig``: per-channel weight-only int8
-of every Linear, LM head included) are the references.
+quarter of its fp32 bytes). ``dense`` and ``int8`` (torchao ``Int8WeightOnlyConfig``: per-channel weight-only int8 of
+every Linear, LM head included) are the references.
 
 Run from the repository root: ``PYTHONPATH=src python benchmarks/causal_lm.py --budgets 0.8 0.6`` (rows append to
 ``benchmarks/results/causal_lm.csv``; a rerun skips rows already there with a development perplexity;
