@@ -131,7 +131,13 @@ class PeakRSS:
         return self.peak_kb / 1024
 
 
-def texts(tokenizer) -> dict:
+def texts(tokenizer) -> tuple[list[dict], list[dict], str, str]:
+    """Calibration chunks, fine-tune chunks, SOTU evaluation text, Moby Dick evaluation text (see `benchmark_texts`)."""
+    data = benchmark_texts(tokenizer)
+    return data["calibration"], data["train"], data["sotu"], data["moby"]
+
+
+def benchmark_texts(tokenizer) -> dict:
     """Calibration chunks (``calibration``, ``calibration_large``), fine-tune chunks (``train``, ``train_large``),
     the development text (``dev``, 1980-1989 addresses) and the evaluation texts (``sotu``, ``moby``)."""
     from benchmarks.assets import SOTU_CALIBRATION_YEARS, SOTU_EVAL_YEARS, moby_dick_chapters, sotu_split, sotu_texts
@@ -349,7 +355,7 @@ def run(args: argparse.Namespace) -> None:
     directory = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     dense = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    data = texts(tokenizer)
+    data = benchmark_texts(tokenizer)
     machine = f"{platform.machine()} {torch.get_num_threads()} thread(s), shared 2-core box"
     date = datetime.date.today().isoformat()
     done = read_done()
