@@ -132,7 +132,7 @@ class PeakRSS:
 
 
 def texts(tokenizer) -> tuple[list[dict], list[dict], str, str]:
-    """Calibration chunks, fine-tune chunks, SOTU evaluation text, Moby Dick evaluation text (see `benchmark_texts`)."""
+    """Calibration chunks, fine-tune chunks, SOTU and Moby Dick evaluation texts (see `benchmark_texts`)."""
     data = benchmark_texts(tokenizer)
     return data["calibration"], data["train"], data["sotu"], data["moby"]
 
