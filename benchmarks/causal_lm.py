@@ -22,15 +22,15 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the setting has one); ``calib_s`` (the shared statistics, once per run) is reported separately. ``peak_rss_mb`` is
   the process's peak resident memory sampled every 20 ms during that compression.
 
-Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense][+c128][+lora|+lora64][+int8]``:
-``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2`` SVD-LLM V2's
-loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares update of the
-`up` factors (`hf_fwsvd.lstsq_update`; ``+update_both`` refits both factors, ``+update_dense`` fits the dense model's
-outputs, see `sequential_update`), ``+lora`` a LoRA recovery fine-tune (``finetune(..., lora=True)``: rank 8 on every
-factor, 2 epochs over the 32 fine-tune chunks at lr 2e-4, batch 4) merged back into the factors, ``+int8`` the factors
-stored in int8 afterwards (torchao weight-only per-channel on `down` / `up`, in memory: the kept fraction then costs a
-quarter of its fp32 bytes). ``dense`` and ``int8`` (torchao ``Int8WeightOnlyConfig``: per-channel weight-only int8 of
-every Linear, LM head included) are the references.
+Settings are ``method[+alloc|+alloc1|+alloc2|+v2][+update|+update_both|+update_dense][+c128][+lora|+lora64][+int8]``:
+``+alloc`` / ``+alloc1`` / ``+alloc2`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1 / 2, ``+v2``
+SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
+update of the `up` factors (`hf_fwsvd.lstsq_update`; ``+update_both`` refits both factors, ``+update_dense`` fits the
+dense model's outputs, see `sequential_update`), ``+lora`` a LoRA recovery fine-tune (``finetune(..., lora=True)``:
+rank 8 on every factor, 2 epochs over the 32 fine-tune chunks at lr 2e-4, batch 4) merged back into the factors,
+``+int8`` the factors stored in int8 afterwards (torchao weight-only per-channel on `down` / `up`, in memory: the kept
+fraction then costs a quarter of its fp32 bytes). ``dense`` and ``int8`` (torchao ``Int8WeightOnlyConfig``: per-channel
+weight-only int8 of every Linear, LM head included) are the references.
 
 Run from the repository root: ``PYTHONPATH=src python benchmarks/causal_lm.py --budgets 0.8 0.6`` (rows append to
 ``benchmarks/results/causal_lm.csv``; a rerun skips rows already there with a development perplexity;
@@ -85,7 +85,7 @@ CALIB_CHUNKS, CHUNK_TOKENS, EVAL_TOKENS, WINDOW = 32, 256, 8192, 512
 LARGE_CALIB_EXTRA, LARGE_TRAIN_EXTRA = range(64, 160), range(160, 256)
 MOBY_CHAPTERS = range(116, 136)
 DEV_YEARS = range(1980, 1990)
-FLAGS = ("alloc", "alloc1", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8")
+FLAGS = ("alloc", "alloc1", "alloc2", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8")
 # update flag -> `sequential_update` options
 UPDATES = {"update": {}, "update_both": {"refit": "both"}, "update_dense": {"target": "dense"}}
 # LoRA recovery (rank 8 on every factor, see `hf_fwsvd.lora`): 2 epochs over the 32 fine-tune chunks, batch 4.
@@ -175,9 +175,13 @@ def parse_setting(setting: str) -> dict:
     return {"method": method, **{flag: flag in flags for flag in FLAGS}}
 
 
+def allocated(spec: dict) -> bool:
+    return spec["alloc"] or spec["alloc1"] or spec["alloc2"]
+
+
 def setting_config(spec: dict, budget: float, stats: Statistics, dense, targets, base: dict) -> FWSVDConfig:
-    if spec["alloc"] or spec["alloc1"]:
-        power = 1.0 if spec["alloc1"] else 0.5
+    if allocated(spec):
+        power = 2.0 if spec["alloc2"] else 1.0 if spec["alloc1"] else 0.5
         return FWSVDConfig(method=spec["method"], param_budget=budget, allocation_power=power, **base)
     if spec["v2"]:
         shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
@@ -210,8 +214,8 @@ def kept_fraction(model, targets) -> float:
 
 def needed_statistics(spec: dict, budget: float) -> list[str]:
     """The statistics a setting reads (its method's, plus the row Fisher of the allocation)."""
-    config = FWSVDConfig(method=spec["method"], param_budget=budget if spec["alloc"] or spec["alloc1"] else None,
-                         param_ratio=None if spec["alloc"] or spec["alloc1"] else budget)  # fmt: skip
+    config = FWSVDConfig(method=spec["method"], param_budget=budget if allocated(spec) else None,
+                         param_ratio=None if allocated(spec) else budget)  # fmt: skip
     return list(required_statistics(config))
 
 
