@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from conftest import calibration_data, tiny_gpt2, tiny_llama
 
 from hf_fwsvd import FWSVDConfig, compress
 from hf_fwsvd.calibration import build_calibration_loader
@@ -184,3 +184,37 @@ def test_sequential_update_rejects_bad_options(kwargs, message):
     with pytest.raises(ValueError) as error:
         sequential_update(tiny_llama(), {}, [], **kwargs)
     assert str(error.value) == message
+
+
+def test_fisher_svdllm_keeps_fisher_whitens_down_factors_and_never_raises_the_output_error(monkeypatch):
+    from hf_fwsvd.methods import svdllm as svdllm_module
+
+    reports = []
+
+    def recording_update(*args, **kwargs):
+        reports.append(sequential_update(*args, **kwargs))
+        return reports[-1]
+
+    monkeypatch.setattr(svdllm_module, "sequential_update", recording_update)
+    torch.manual_seed(0)
+    dense = tiny_llama()
+    data = calibration_data("llama", 12)
+    models = {}
+    for method in ("fisher_svdllm", "fisher_whiten"):
+        config = FWSVDConfig(method=method, rank=2, calibration_dataset=data, batch_size=4)
+        models[method] = compress(copy.deepcopy(dense), config, show_progress=False)
+    (report,) = reports  # only fisher_svdllm runs the update
+    low_rank = {n: m for n, m in models["fisher_svdllm"].named_modules() if isinstance(m, LowRankLinear)}
+    assert set(report.errors) == set(low_rank)
+    for name, module in low_rank.items():
+        plain = models["fisher_whiten"].get_submodule(name)
+        assert torch.equal(module.down.weight, plain.down.weight), name  # the Fisher-chosen `down` is kept
+        error_before, error_after = report.errors[name]
+        assert error_after <= error_before, name  # the calibration reconstruction error never rises
+    assert sum(after for _, after in report.errors.values()) < sum(b for b, _ in report.errors.values())
+    changed = [
+        n
+        for n, m in low_rank.items()
+        if not torch.equal(m.up.weight, models["fisher_whiten"].get_submodule(n).up.weight)
+    ]
+    assert len(changed) >= len(low_rank) - len(report.rejected)
