@@ -30,7 +30,8 @@ dense model's outputs, see `sequential_update`), ``+lora`` a LoRA recovery fine-
 rank 8 on every factor, 2 epochs over the 32 fine-tune chunks at lr 2e-4, batch 4) merged back into the factors,
 ``+int8`` the factors stored in int8 afterwards (torchao weight-only per-channel on `down` / `up`, in memory: the kept
 fraction then costs a quarter of its fp32 bytes). ``dense`` and ``int8`` (torchao ``Int8WeightOnlyConfig``: per-channel
-weight-only int8 of every Linear, LM head included) are the references.
+weight-only int8 of every Linear, LM head included) are the references. ``fisher_whiten+alloc1+update`` is what
+``method="fisher_svdllm"`` with ``param_budget`` and ``allocation_power=1`` (the causal-LM default) runs.
 
 Run from the repository root: ``PYTHONPATH=src python benchmarks/causal_lm.py --budgets 0.8 0.6`` (rows append to
 ``benchmarks/results/causal_lm.csv``; a rerun skips rows already there with a development perplexity;
@@ -91,6 +92,7 @@ UPDATES = {"update": {}, "update_both": {"refit": "both"}, "update_dense": {"tar
 # LoRA recovery (rank 8 on every factor, see `hf_fwsvd.lora`): 2 epochs over the 32 fine-tune chunks, batch 4.
 LORA_EPOCHS, LORA_LEARNING_RATE = 2.0, 2e-4
 DEFAULT_SETTINGS = [
+    "fisher_whiten+alloc1+update", "fisher_whiten+alloc1+update+c128", "whiten+alloc1+update+c128",
     "whiten+alloc1+update", "whiten+alloc1", "whiten+update", "whiten", "whiten+v2", "whiten+v2+update",
     "fisher_whiten+alloc1", "asvd+alloc1", "fwsvd+alloc1", "fwsvd", "svd", "asvd",
 ]  # fmt: skip
