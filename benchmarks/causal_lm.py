@@ -6,34 +6,45 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   Linear layers of the 30 decoder blocks (the tied embedding / LM head is never touched).
 - Calibration: the first 8,192 tokens of the 1990-1999 State of the Union addresses, as 32 chunks of 256 tokens. All
   statistics (row Fisher, activation moments) are collected once on the dense model and shared by every setting.
-- Recovery fine-tune (``+lora``): the next 32 chunks of 256 tokens of the same 1990s addresses.
+  ``+c128`` takes the forward statistics (the activation second moments) and the update's inputs from 128 chunks
+  instead: those 32 plus chunks 64-159 of the same addresses (32K tokens). Backward statistics (the Fisher of the
+  allocation, ``fisher_whiten``'s gradient-weighted moments) always come from the first 32 chunks.
+- Recovery fine-tune (``+lora``): the next 32 chunks of 256 tokens of the same 1990s addresses (chunks 32-63);
+  ``+lora64`` uses those plus chunks 160-255 (128 chunks, 4x the steps), still never the evaluation texts.
+- Development text (``ppl_dev``), the only text settings and defaults are chosen on: the first 8,192 tokens of the
+  1980-1989 addresses.
 - Evaluation: perplexity (``exp`` of the mean token NLL over 16 non-overlapping 512-token windows) on the first 8,192
   tokens of the 2000-2021 addresses and on the first 8,192 tokens of Moby Dick chapters 116-135 (never calibrated or
-  trained on).
+  trained on, never used for a choice). The development text is measured the same way.
 - Budgets: 80% and 60% of the block-linear weights kept (``param_ratio`` for uniform settings, ``param_budget`` for
   allocated ones).
 - Time: ``compress_s`` is the wall time of compression from the shared statistics (plus the update / fine-tune when
   the setting has one); ``calib_s`` (the shared statistics, once per run) is reported separately. ``peak_rss_mb`` is
   the process's peak resident memory sampled every 20 ms during that compression.
 
-Settings are ``method[+alloc|+alloc1|+v2][+update][+lora][+int8]``: ``+alloc`` / ``+alloc1`` is our global Fisher
-allocation at ``allocation_power`` 0.5 / 1, ``+v2`` SVD-LLM V2's loss-based per-matrix ratios
-(`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares update of the `up` factors
-(`hf_fwsvd.lstsq_update`), ``+lora`` a LoRA recovery fine-tune (``finetune(..., lora=True)``: rank 8 on every
-factor, 2 epochs over the 32 fine-tune chunks at lr 2e-4, batch 4) merged back into the factors, ``+int8`` the factors
-stored in int8 through the library (``FWSVDConfig(factor_dtype="int8")``: torchao per-channel weight-only int8 on
-`down` / `up` after a ``sqrt(S)`` split), saved with ``save_pretrained`` and reloaded with ``from_pretrained`` before
-the evaluation (needs a method that refines inside `compress`, e.g. ``svdllm``, rather than ``+update``).
-``+bytes`` makes the budget a fraction of the block linears' fp32 BYTES (``budget_unit="bytes"``); ``+int8bytes`` a
-fraction of the bytes the same linears take as dense int8 (torchao ``Int8WeightOnlyConfig``: int8 data plus an fp32
-scale and an int8 zero point per row). ``dense`` and ``int8`` (torchao ``Int8WeightOnlyConfig``: per-channel
-weight-only int8 of every Linear, LM head included) are the references; ``int8-blocks`` quantises only the block
-linears (the exact equal-bytes reference for the ``+int8bytes`` rows). ``block_mb`` is what the block linears take
-as stored (int8 data, scales and zero points counted).
+Settings are ``method[+alloc|+alloc1|+alloc2|+v2][+update|+update_both|+update_dense][+c128][+lora|+lora64][+int8]``:
+``+alloc`` / ``+alloc1`` / ``+alloc2`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1 / 2, ``+v2``
+SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
+update of the `up` factors (`hf_fwsvd.lstsq_update`; ``+update_both`` refits both factors, ``+update_dense`` fits the
+dense model's outputs, see `sequential_update`), ``+lora`` a LoRA recovery fine-tune (``finetune(..., lora=True)``:
+rank 8 on every factor, 2 epochs over the 32 fine-tune chunks at lr 2e-4, batch 4) merged back into the factors,
+``+int8`` the factors stored in int8 through the library (``FWSVDConfig(factor_dtype="int8")``: torchao per-channel
+weight-only int8 on `down` / `up` after a ``sqrt(S)`` split), saved with ``save_pretrained`` and reloaded with
+``from_pretrained`` before the evaluation (needs a method that refines inside `compress`, e.g. ``svdllm`` or
+``fisher_svdllm``, rather than ``+update``). ``+bytes`` makes the budget a fraction of the block linears' fp32 BYTES
+(``budget_unit="bytes"``); ``+int8bytes`` a fraction of the bytes the same linears take as dense int8 (torchao
+``Int8WeightOnlyConfig``: int8 data plus an fp32 scale and an int8 zero point per row). ``dense`` and ``int8`` (torchao
+``Int8WeightOnlyConfig``: per-channel weight-only int8 of every Linear, LM head included) are the references;
+``int8-blocks`` quantises only the block linears (the exact equal-bytes reference for the ``+int8bytes`` rows).
+``block_mb`` is what the block linears take as stored (int8 data, scales and zero points counted).
+``fisher_whiten+alloc1+update`` is what ``method="fisher_svdllm"`` with ``param_budget`` and ``allocation_power=1``
+(the causal-LM default) runs.
 
 Run from the repository root: ``PYTHONPATH=src python benchmarks/causal_lm.py --budgets 0.8 0.6`` (rows append to
-``benchmarks/results/causal_lm.csv``, or the file given with ``--csv``; a rerun skips rows already there; ``--table``
-prints the markdown table; ``--runs setting@budget ...`` runs exactly those pairs, in that order).
+``benchmarks/results/causal_lm.csv``, or the file given with ``--csv``; a rerun skips rows already there with a
+development perplexity; ``--table`` prints the markdown table; ``--runs setting@budget ...`` runs exactly those pairs,
+in that order). ``--stats-cache DIR`` stores every collected statistic there, keyed by the
+model, the calibration tokens and the batching, so later processes do not collect it again.
 """
 
 from __future__ import annotations
@@ -42,6 +53,8 @@ import argparse
 import copy
 import csv
 import datetime
+import hashlib
+import json
 import logging
 import math
 import platform
@@ -74,14 +87,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CSV_PATH = RESULTS / "causal_lm.csv"
 FIELDS = [
     "setting", "budget", "kept", "model_params", "ppl_sotu", "ppl_moby", "compress_s", "calib_s", "peak_rss_mb",
-    "eval_s", "date", "machine", "block_mb",
+    "eval_s", "date", "machine", "ppl_dev", "block_mb",
 ]  # fmt: skip
 CALIB_CHUNKS, CHUNK_TOKENS, EVAL_TOKENS, WINDOW = 32, 256, 8192, 512
+# chunk indices of the 1990s addresses: calibration 0-31 (+c128: and 64-159), LoRA 32-63 (+lora64: and 160-255)
+LARGE_CALIB_EXTRA, LARGE_TRAIN_EXTRA = range(64, 160), range(160, 256)
 MOBY_CHAPTERS = range(116, 136)
-FLAGS = ("alloc", "alloc1", "v2", "update", "lora", "int8", "bytes", "int8bytes")
+DEV_YEARS = range(1980, 1990)
+FLAGS = (
+    "alloc", "alloc1", "alloc2", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8",
+    "bytes", "int8bytes",
+)  # fmt: skip
+# update flag -> `sequential_update` options
+UPDATES = {"update": {}, "update_both": {"refit": "both"}, "update_dense": {"target": "dense"}}
 # LoRA recovery (rank 8 on every factor, see `hf_fwsvd.lora`): 2 epochs over the 32 fine-tune chunks, batch 4.
 LORA_EPOCHS, LORA_LEARNING_RATE = 2.0, 2e-4
 DEFAULT_SETTINGS = [
+    "fisher_whiten+alloc1+update", "fisher_whiten+alloc1+update+c128", "whiten+alloc1+update+c128",
     "whiten+alloc1+update", "whiten+alloc1", "whiten+update", "whiten", "whiten+v2", "whiten+v2+update",
     "fisher_whiten+alloc1", "asvd+alloc1", "fwsvd+alloc1", "fwsvd", "svd", "asvd",
 ]  # fmt: skip
@@ -123,18 +145,35 @@ class PeakRSS:
 
 
 def texts(tokenizer) -> tuple[list[dict], list[dict], str, str]:
-    """Calibration chunks, fine-tune chunks, SOTU evaluation text, Moby Dick evaluation text."""
-    from benchmarks.assets import moby_dick_chapters, sotu_split
+    """Calibration chunks, fine-tune chunks, SOTU and Moby Dick evaluation texts (see `benchmark_texts`)."""
+    data = benchmark_texts(tokenizer)
+    return data["calibration"], data["train"], data["sotu"], data["moby"]
+
+
+def benchmark_texts(tokenizer) -> dict:
+    """Calibration chunks (``calibration``, ``calibration_large``), fine-tune chunks (``train``, ``train_large``),
+    the development text (``dev``, 1980-1989 addresses) and the evaluation texts (``sotu``, ``moby``)."""
+    from benchmarks.assets import SOTU_CALIBRATION_YEARS, SOTU_EVAL_YEARS, moby_dick_chapters, sotu_split, sotu_texts
 
     calib_years, eval_years = sotu_split()
+    assert not set(DEV_YEARS) & (set(SOTU_CALIBRATION_YEARS) | set(SOTU_EVAL_YEARS)), "dev years must be disjoint"
     ids = tokenizer("\n\n".join(calib_years[y] for y in sorted(calib_years)), verbose=False).input_ids
-    chunks = [ids[i : i + CHUNK_TOKENS] for i in range(0, len(ids) - CHUNK_TOKENS, CHUNK_TOKENS)]
-    calibration = [{"input_ids": chunk} for chunk in chunks[:CALIB_CHUNKS]]
-    train = [{"input_ids": chunk} for chunk in chunks[CALIB_CHUNKS : 2 * CALIB_CHUNKS]]
-    sotu = "\n\n".join(eval_years[y] for y in sorted(eval_years))
+    chunks = [{"input_ids": ids[i : i + CHUNK_TOKENS]} for i in range(0, len(ids) - CHUNK_TOKENS, CHUNK_TOKENS)]
+    if len(chunks) < LARGE_TRAIN_EXTRA.stop:
+        raise ValueError(f"Only {len(chunks)} chunks in the 1990s addresses, need {LARGE_TRAIN_EXTRA.stop}.")
+    calibration = chunks[:CALIB_CHUNKS]
+    train = chunks[CALIB_CHUNKS : 2 * CALIB_CHUNKS]
+    all_years = sotu_texts()
     chapters = moby_dick_chapters()
-    moby = "\n\n".join(chapters[c] for c in MOBY_CHAPTERS)
-    return calibration, train, sotu, moby
+    return {
+        "calibration": calibration,
+        "calibration_large": calibration + [chunks[i] for i in LARGE_CALIB_EXTRA],
+        "train": train,
+        "train_large": train + [chunks[i] for i in LARGE_TRAIN_EXTRA],
+        "dev": "\n\n".join(all_years[y] for y in DEV_YEARS if y in all_years),
+        "sotu": "\n\n".join(eval_years[y] for y in sorted(eval_years)),
+        "moby": "\n\n".join(chapters[c] for c in MOBY_CHAPTERS),
+    }
 
 
 def parse_setting(setting: str) -> dict:
@@ -142,14 +181,18 @@ def parse_setting(setting: str) -> dict:
     unknown = set(flags) - set(FLAGS)
     if unknown:
         raise ValueError(f"Unknown setting flag(s) {sorted(unknown)} in {setting!r}.")
+    if "lora" in flags and "lora64" in flags:
+        raise ValueError(f"Choose one of +lora and +lora64 in {setting!r}.")
+    if len(set(flags) & set(UPDATES)) > 1:
+        raise ValueError(f"Choose one update flag ({', '.join(UPDATES)}) in {setting!r}.")
     spec = {"method": method, **{flag: flag in flags for flag in FLAGS}}
-    if spec["int8"] and (spec["update"] or spec["lora"]):
+    if spec["int8"] and (any(spec[flag] for flag in UPDATES) or spec["lora"] or spec["lora64"]):
         raise ValueError(
-            f"{setting!r}: `+int8` quantises the factors inside `compress`, before `+update` / `+lora` would run; use "
-            "a method that refines inside `compress` (svdllm) and no `+lora`."
+            f"{setting!r}: `+int8` quantises the factors inside `compress`, before an update / `+lora` would run; use "
+            "a method that refines inside `compress` (svdllm, fisher_svdllm) and no `+lora`."
         )
-    if (spec["bytes"] or spec["int8bytes"]) and not (spec["alloc"] or spec["alloc1"]):
-        raise ValueError(f"{setting!r}: byte budgets need the global allocation (`+alloc` or `+alloc1`).")
+    if (spec["bytes"] or spec["int8bytes"]) and not allocated(spec):
+        raise ValueError(f"{setting!r}: byte budgets need the global allocation (`+alloc`, `+alloc1` or `+alloc2`).")
     return spec
 
 
@@ -166,11 +209,15 @@ def block_bytes(model, targets) -> int:
     return sum(storage_bytes(p) for name in targets for p in model.get_submodule(name).parameters())
 
 
+def allocated(spec: dict) -> bool:
+    return spec["alloc"] or spec["alloc1"] or spec["alloc2"]
+
+
 def setting_config(spec: dict, budget: float, stats: Statistics, dense, targets, base: dict) -> FWSVDConfig:
     if spec["int8"]:
         base = {**base, "factor_dtype": "int8"}
-    if spec["alloc"] or spec["alloc1"]:
-        power = 1.0 if spec["alloc1"] else 0.5
+    if allocated(spec):
+        power = 2.0 if spec["alloc2"] else 1.0 if spec["alloc1"] else 0.5
         unit = "bytes" if spec["bytes"] or spec["int8bytes"] else "params"
         if spec["int8bytes"]:  # a fraction of the dense-int8 bytes, expressed as a fraction of the fp32 bytes
             budget = budget * int8_block_bytes(targets) / sum(m.weight.numel() * 4 for m in targets.values())
@@ -205,10 +252,106 @@ def kept_fraction(model, targets) -> float:
     return after / before
 
 
-def collect_statistics(dense, loader, targets, configs: list[FWSVDConfig]) -> Statistics:
-    """Every statistic the settings' configs need, in one calibration pass on the dense model."""
-    needed = list(dict.fromkeys(name for config in configs for name in required_statistics(config)))
-    return collect(dense, loader, targets, needed, show_progress=False)
+def needed_statistics(spec: dict, budget: float) -> list[str]:
+    """The statistics a setting reads (its method's, plus the row Fisher of the allocation)."""
+    config = FWSVDConfig(method=spec["method"], param_budget=budget if allocated(spec) else None,
+                         param_ratio=None if allocated(spec) else budget)  # fmt: skip
+    return list(required_statistics(config))
+
+
+class StatisticsStore:
+    """Statistics collected on the dense model, once per calibration set and statistic, optionally cached on disk.
+
+    A cache file holds one statistic of every target, named ``<statistic>-<key>.safetensors`` where the key hashes
+    the model folder, the calibration token ids and the batching; ``tokens-<key>.json`` holds the per-module token
+    counts of the forward statistics.
+    """
+
+    def __init__(self, dense, tokenizer, targets, directory: str, cache: Path | None) -> None:
+        self.dense, self.tokenizer, self.targets, self.cache = dense, tokenizer, targets, cache
+        self.model_name = Path(directory).name
+        self.memory: dict[tuple[str, str], dict] = {}
+        self.tokens: dict[str, dict[str, int]] = {}
+
+    def key(self, chunks: list[dict]) -> str:
+        material = json.dumps({"model": self.model_name, "chunks": [c["input_ids"] for c in chunks], "batch_size": 4,
+                               "max_length": CHUNK_TOKENS, "fisher_estimator": "empirical"})  # fmt: skip
+        return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+    def get(self, chunks: list[dict], names: list[str]) -> tuple[Statistics, float]:
+        """`names` on `chunks` (collected in one pass for those not in memory or the cache) and the seconds spent."""
+        from hf_fwsvd.statistics.cache import load_statistics_cache, save_statistics_cache
+
+        key = self.key(chunks)
+        missing = []
+        for name in names:
+            if (key, name) in self.memory:
+                continue
+            path = self.cache / f"{name}-{key}.safetensors" if self.cache else None
+            if path is not None and path.exists():
+                self.memory[key, name] = load_statistics_cache(path)[name]
+                tokens_path = self.cache / f"tokens-{key}.json"
+                if tokens_path.exists():
+                    self.tokens.setdefault(key, json.loads(tokens_path.read_text()))
+                logger.info("statistic %s (%d chunks) read from %s", name, len(chunks), path)
+            else:
+                missing.append(name)
+        seconds = 0.0
+        if missing:
+            started = time.perf_counter()
+            loader = build_calibration_loader(chunks, self.tokenizer, self.dense, batch_size=4,
+                                              max_length=CHUNK_TOKENS, num_samples=None)  # fmt: skip
+            fresh = collect(self.dense, loader, self.targets, missing, show_progress=False)
+            seconds = time.perf_counter() - started
+            logger.info("statistics %s (%d chunks) collected in %.0f s", missing, len(chunks), seconds)
+            if fresh.tokens:
+                self.tokens[key] = dict(fresh.tokens)
+            for name in missing:
+                self.memory[key, name] = fresh[name]
+                if self.cache is not None:
+                    self.cache.mkdir(parents=True, exist_ok=True)
+                    save_statistics_cache(Statistics({name: fresh[name]}), self.cache / f"{name}-{key}.safetensors")
+                    if fresh.tokens:
+                        (self.cache / f"tokens-{key}.json").write_text(json.dumps(dict(fresh.tokens)))
+        stats = Statistics({name: self.memory[key, name] for name in names})
+        stats.tokens = dict(self.tokens.get(key, {}))
+        return stats, seconds
+
+
+def statistics_plan(spec: dict, budget: float) -> tuple[list[str], list[str]]:
+    """``(on the 32 calibration chunks, on the setting's forward calibration set)``: the statistic names to read."""
+    from hf_fwsvd.statistics import get_statistic
+
+    names = needed_statistics(spec, budget)
+    backward = [name for name in names if get_statistic(name).needs_backward]
+    forward = [name for name in names if not get_statistic(name).needs_backward]
+    return (backward, forward) if spec["c128"] else (backward + forward, [])
+
+
+def prefetch(store: StatisticsStore, settings: list[str], budgets: list[float], data: dict) -> float:
+    """Collect every statistic the runs need up front, one pass per calibration set; the seconds spent."""
+    small: list[str] = []
+    large: list[str] = []
+    for setting in settings:
+        spec = parse_setting(setting)
+        for budget in budgets:
+            first, second = statistics_plan(spec, budget)
+            small += first
+            large += second
+    seconds = store.get(data["calibration"], list(dict.fromkeys(small)))[1] if small else 0.0
+    return seconds + (store.get(data["calibration_large"], list(dict.fromkeys(large)))[1] if large else 0.0)
+
+
+def setting_statistics(store: StatisticsStore, spec: dict, budget: float, data: dict) -> tuple[Statistics, float]:
+    """A setting's statistics: backward ones from the 32 calibration chunks, forward ones from its calibration set."""
+    backward, forward = statistics_plan(spec, budget)
+    small, seconds = store.get(data["calibration"], backward)
+    if not forward:
+        return small, seconds
+    large, more = store.get(data["calibration_large"], forward)
+    merged = Statistics({**small, **large})
+    merged.tokens = large.tokens
+    return merged, seconds + more
 
 
 def lora_recover(model, train: list[dict], tokenizer) -> None:
@@ -231,16 +374,25 @@ def save_and_reload(model, tokenizer):
 
 
 def read_done() -> set[tuple[str, str]]:
+    """Settings and budgets already measured with a development perplexity (older rows lack it and are rerun)."""
     if not CSV_PATH.exists():
         return set()
-    return {(row["setting"], row["budget"]) for row in csv.DictReader(CSV_PATH.open())}
+    return {(row["setting"], row["budget"]) for row in csv.DictReader(CSV_PATH.open()) if row.get("ppl_dev")}
 
 
 def write_row(row: dict) -> None:
     new = not CSV_PATH.exists()
-    fields = FIELDS if new else next(csv.reader(CSV_PATH.open()))  # an older CSV keeps its columns
+    if not new:
+        with CSV_PATH.open() as handle:
+            reader = csv.DictReader(handle)
+            old_fields, old_rows = reader.fieldnames, list(reader)
+        if old_fields != FIELDS:  # a CSV from before a column was added: rewrite it with the new header
+            with CSV_PATH.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=FIELDS, restval="")
+                writer.writeheader()
+                writer.writerows(old_rows)
     with CSV_PATH.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
         if new:
             writer.writeheader()
         writer.writerow(row)
@@ -252,33 +404,36 @@ def run(args: argparse.Namespace) -> None:
     directory = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     dense = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    calibration, train, sotu, moby = texts(tokenizer)
+    data = benchmark_texts(tokenizer)
     machine = f"{platform.machine()} {torch.get_num_threads()} thread(s), shared 2-core box"
     date = datetime.date.today().isoformat()
     done = read_done()
 
-    def evaluate(model) -> tuple[float, float, float]:
+    def evaluate(model) -> tuple[float, float, float, float]:
         started = time.perf_counter()
-        a = evaluate_perplexity(model, tokenizer, sotu, window=WINDOW, max_tokens=EVAL_TOKENS)
-        b = evaluate_perplexity(model, tokenizer, moby, window=WINDOW, max_tokens=EVAL_TOKENS)
-        return a, b, time.perf_counter() - started
-
-    targets = find_target_modules(dense, FWSVDConfig(method="svd", rank=1))
+        dev, sotu, moby = (
+            evaluate_perplexity(model, tokenizer, data[text], window=WINDOW, max_tokens=EVAL_TOKENS)
+            for text in ("dev", "sotu", "moby")
+        )
+        return dev, sotu, moby, time.perf_counter() - started
 
     def record(setting, budget, model, kept, compress_s, calib_s, peak_mb):
-        ppl_sotu, ppl_moby, eval_s = evaluate(model)
-        logger.info("%s @ %s: kept %.3f, ppl SOTU %.2f, Moby %.2f (compress %.0f s, peak %.0f MB)", setting, budget,
-                    kept, ppl_sotu, ppl_moby, compress_s, peak_mb)  # fmt: skip
+        ppl_dev, ppl_sotu, ppl_moby, eval_s = evaluate(model)
+        logger.info("%s @ %s: kept %.3f, ppl dev %.2f, SOTU %.2f, Moby %.2f (compress %.0f s, peak %.0f MB)",
+                    setting, budget, kept, ppl_dev, ppl_sotu, ppl_moby, compress_s, peak_mb)  # fmt: skip
         write_row(dict(setting=setting, budget=budget, kept=round(kept, 4),
                        model_params=sum(p.numel() for p in model.parameters()), ppl_sotu=round(ppl_sotu, 3),
                        ppl_moby=round(ppl_moby, 3), compress_s=round(compress_s, 1), calib_s=round(calib_s, 1),
                        peak_rss_mb=round(peak_mb), eval_s=round(eval_s, 1), date=date, machine=machine,
+                       ppl_dev=round(ppl_dev, 3),
                        block_mb=round(block_bytes(model, targets) / 2**20, 2)))  # fmt: skip
 
-    if ("dense", "1.0") not in done and not args.skip_references:
+    targets = find_target_modules(dense, FWSVDConfig(method="svd", rank=1))
+    references = [] if args.skip_references else args.references
+    if ("dense", "1.0") not in done and "dense" in references:
         record("dense", 1.0, dense, 1.0, 0.0, 0.0, PeakRSS.current_kb() / 1024)
     for name, only_blocks in (("int8", False), ("int8-blocks", True)):
-        if (name, "1.0") in done or args.skip_references:
+        if (name, "1.0") in done or name not in references:
             continue
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -294,47 +449,44 @@ def run(args: argparse.Namespace) -> None:
 
     logger.info("block linears: %.2f MB fp32, %.2f MB as dense int8", block_bytes(dense, targets) / 2**20,
                 int8_block_bytes(targets) / 2**20)  # fmt: skip
-    base = {"calibration_dataset": calibration, "tokenizer": tokenizer, "batch_size": 4, "max_length": CHUNK_TOKENS,
-            "num_samples": None}  # fmt: skip
-    loader = build_calibration_loader(calibration, tokenizer, dense, batch_size=4, max_length=CHUNK_TOKENS,
-                                      num_samples=None)  # fmt: skip
-    stats, calib_s = None, 0.0
+    store = StatisticsStore(dense, tokenizer, targets, directory, args.stats_cache)
     runs = [(setting, budget) for budget in args.budgets for setting in args.settings]
     if args.runs:
         runs = [(item.rsplit("@", 1)[0], float(item.rsplit("@", 1)[1])) for item in args.runs]
+    runs = [(setting, budget) for setting, budget in runs if (setting, str(budget)) not in done]
+    calib_s = prefetch(store, list(dict.fromkeys(s for s, _ in runs)), sorted({b for _, b in runs}), data)
     for setting, budget in runs:
-        if (setting, str(budget)) in done:
-            continue
-        if stats is None:
-            started = time.perf_counter()
-            probes = [FWSVDConfig(method=parse_setting(x)["method"], param_budget=0.5) for x, _ in runs]
-            stats = collect_statistics(dense, loader, targets, probes)
-            calib_s = time.perf_counter() - started
-            logger.info("statistics collected in %.0f s", calib_s)
         spec = parse_setting(setting)
+        chunks = data["calibration_large" if spec["c128"] else "calibration"]
+        stats, more = setting_statistics(store, spec, budget, data)
+        calib_s += more
+        base = {"calibration_dataset": chunks, "tokenizer": tokenizer, "batch_size": 4,
+                "max_length": CHUNK_TOKENS, "num_samples": None}  # fmt: skip
         model = copy.deepcopy(dense)
         started = time.perf_counter()
         with PeakRSS() as rss:
             config = setting_config(spec, budget, stats, dense, targets, base)
             compress(model, config, statistics=stats, show_progress=False)
-            if spec["update"]:
+            update = next((UPDATES[flag] for flag in UPDATES if spec[flag]), None)
+            if update is not None:
+                loader = build_calibration_loader(chunks, tokenizer, dense, batch_size=4,
+                                                  max_length=CHUNK_TOKENS, num_samples=None)  # fmt: skip
                 compressed = {row.name: targets[row.name] for row in model.fwsvd_report.modules}
-                report = sequential_update(model, compressed, loader)
+                report = sequential_update(model, compressed, loader, **update)
                 logger.info("update rejected for %d modules", len(report.rejected))
-            if spec["lora"]:
-                lora_recover(model, train, tokenizer)
+            if spec["lora"] or spec["lora64"]:
+                lora_recover(model, data["train_large" if spec["lora64"] else "train"], tokenizer)
         compress_s = time.perf_counter() - started
+        kept = kept_fraction(model, targets)
         if spec["int8"]:
-            kept = kept_fraction(model, targets)
             model = save_and_reload(model, tokenizer)
-            record(setting, budget, model, kept, compress_s, calib_s, rss.peak_mb)
-            del model
-            continue
-        record(setting, budget, model, kept_fraction(model, targets), compress_s, calib_s, rss.peak_mb)
+        record(setting, budget, model, kept, compress_s, calib_s, rss.peak_mb)
         del model
 
 
-def _cell(value: str) -> str:
+def _cell(value: str | None) -> str:
+    if not value:
+        return ""
     number = float(value)
     return f"{number:.1f}" if number < 1e4 else f"{number:.2g}"
 
@@ -345,24 +497,32 @@ def table() -> str:
     latest = {(r["setting"], r["budget"]): r for r in rows}
     budgets = sorted({r["budget"] for r in rows if r["budget"] != "1.0"}, key=float, reverse=True)
     header = "| setting | " + " | ".join(
-        f"{float(b):.0%} kept: SOTU | {float(b):.0%}: Moby | {float(b):.0%}: compress s | {float(b):.0%}: peak MB"
+        f"{float(b):.0%} kept: dev | {float(b):.0%}: SOTU | {float(b):.0%}: Moby | {float(b):.0%}: compress s | "
+        f"{float(b):.0%}: peak MB"
         for b in budgets
     )
-    lines = [header + " |", "|---" * (1 + 4 * len(budgets)) + "|"]
+    lines = [header + " |", "|---" * (1 + 5 * len(budgets)) + "|"]
     for name in ("dense", "int8", "int8-blocks"):
         row = latest.get((name, "1.0"))
         if row:
-            lines.append(f"| {name} | {_cell(row['ppl_sotu'])} | {_cell(row['ppl_moby'])} | "
-                         f"{row['compress_s']} | {row['peak_rss_mb']} |" + " |" * (4 * len(budgets) - 4))  # fmt: skip
+            lines.append(f"| {name} | {_cell(row.get('ppl_dev'))} | {_cell(row['ppl_sotu'])} | "
+                         f"{_cell(row['ppl_moby'])} | {row['compress_s']} | {row['peak_rss_mb']} |"
+                         + " |" * (5 * len(budgets) - 5))  # fmt: skip
     settings = list(dict.fromkeys(r["setting"] for r in rows if r["budget"] != "1.0"))
     for setting in settings:
         cells = []
         for budget in budgets:
             row = latest.get((setting, budget))
             cells += (
-                [_cell(row["ppl_sotu"]), _cell(row["ppl_moby"]), row["compress_s"], row["peak_rss_mb"]]
+                [
+                    _cell(row.get("ppl_dev")),
+                    _cell(row["ppl_sotu"]),
+                    _cell(row["ppl_moby"]),
+                    row["compress_s"],
+                    row["peak_rss_mb"],
+                ]  # fmt: skip
                 if row
-                else [""] * 4
+                else [""] * 5
             )
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -405,6 +565,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", nargs="+", default=None, help="setting@budget pairs to run, in this order")
     parser.add_argument("--csv", type=Path, default=None, help=f"results file (default {CSV_PATH})")
     parser.add_argument("--skip-references", action="store_true", help="do not run the dense and int8 rows")
+    parser.add_argument(
+        "--references",
+        nargs="*",
+        choices=["dense", "int8", "int8-blocks"],
+        default=["dense", "int8", "int8-blocks"],
+        help="which reference rows to run (default all)",
+    )
+    parser.add_argument(
+        "--stats-cache",
+        type=Path,
+        default=None,
+        help="folder caching the collected statistics across runs (keyed by calibration tokens)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table", action="store_true", help="print the markdown table of the CSV and exit")
     parser.add_argument("--plot", type=Path, default=None, help="write the plot of the CSV to this PNG and exit")

@@ -24,7 +24,8 @@ GPT2_OFFLOAD_MAP = {
 
 
 def _config(arch: str, **kwargs) -> FWSVDConfig:
-    # the paper's method unless a test says otherwise (causal LMs default to `svdllm` in memory, `whiten` by block)
+    # the paper's method unless a test says otherwise (causal LMs default to `fisher_svdllm` in memory,
+    # `fisher_whiten` by block)
     kwargs.setdefault("method", "fwsvd")
     return FWSVDConfig(rank=4, calibration_dataset=calibration_data(arch), batch_size=4, **kwargs)
 

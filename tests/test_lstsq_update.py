@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from conftest import calibration_data, tiny_gpt2, tiny_llama
 
 from hf_fwsvd import FWSVDConfig, compress
 from hf_fwsvd.calibration import build_calibration_loader
@@ -89,3 +89,132 @@ def test_sequential_update_rejects_a_dense_name():
     with pytest.raises(ValueError) as error:
         sequential_update(model, {name: targets[name]}, [])
     assert str(error.value) == f"`{name}` is not a LowRankLinear in the model; compress it before the update."
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_output_error_against_other_targets_matches_brute_force(seed):
+    weight, _ = _problem(seed)
+    generator = torch.Generator().manual_seed(seed + 50)
+    dense_inputs = torch.randn(40, weight.shape[1], generator=generator, dtype=torch.float64)
+    inputs = dense_inputs + 0.3 * torch.randn(dense_inputs.shape, generator=generator, dtype=torch.float64)
+    up = torch.randn(weight.shape[0], 3, generator=generator, dtype=torch.float64)
+    down = torch.randn(3, weight.shape[1], generator=generator, dtype=torch.float64)
+    expected = (dense_inputs @ weight.T - inputs @ (up @ down).T).norm() / (dense_inputs @ weight.T).norm()
+    got = output_error(weight, up, down, inputs.T @ inputs, dense_inputs.T @ inputs, dense_inputs.T @ dense_inputs)
+    assert got == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dense_target_update_is_the_least_squares_optimum_and_beats_svdllms(seed):
+    weight, _ = _problem(seed)
+    generator = torch.Generator().manual_seed(seed + 50)
+    dense_inputs = torch.randn(40, weight.shape[1], generator=generator, dtype=torch.float64)
+    inputs = dense_inputs + 0.3 * torch.randn(dense_inputs.shape, generator=generator, dtype=torch.float64)
+    moments = (inputs.T @ inputs, dense_inputs.T @ inputs, dense_inputs.T @ dense_inputs)
+    down = factorize(weight.float(), 4, moments[2].float()).down.double()
+    up = update_up_factor(weight, down, moments[0], moments[1]).double()
+    # brute force: the gradient of ||X_d W^T - X_c B^T A^T||^2 in A vanishes at the optimum
+    gradient = (dense_inputs @ weight.T - inputs @ down.T @ up.T).T @ (inputs @ down.T)
+    assert gradient.abs().max() < 1e-4 * (weight @ moments[1] @ down.T).abs().max()
+    svdllm = update_up_factor(weight, down, moments[0])  # fits the dense module on the compressed inputs instead
+    assert output_error(weight, up, down, *moments) < output_error(weight, svdllm, down, *moments)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_refitting_both_factors_is_at_least_as_good_as_refitting_up(seed):
+    weight, moment = _problem(seed)
+    _, other = _problem(seed + 100)
+    down = factorize(weight.float(), 4, other.float()).down
+    up_only = output_error(weight, update_up_factor(weight, down, moment), down, moment)
+    both = factorize(weight.float(), 4, moment.float())
+    assert output_error(weight, both.up, both.down, moment) <= up_only + 1e-7
+
+
+@pytest.mark.parametrize(("refit", "target"), [("up", "dense"), ("both", "compressed")])
+def test_sequential_update_variants_never_raise_a_modules_error(refit, target):
+    torch.manual_seed(0)
+    dense = tiny_llama()
+    data = [{"input_ids": torch.randint(3, 64, (16,)).tolist()} for _ in range(8)]
+    config = FWSVDConfig(method="whiten", rank=2, calibration_dataset=data, batch_size=4, max_length=16)
+    model = copy.deepcopy(dense)
+    compress(model, config, show_progress=False)
+    targets = find_target_modules(dense, config)
+    loader = build_calibration_loader(data, None, dense, batch_size=4, max_length=16, num_samples=None)
+    report = sequential_update(model, dict(targets), loader, refit=refit, target=target)
+    assert set(report.errors) == set(targets)
+    for name, (error_before, error_after) in report.errors.items():
+        assert error_after <= error_before, name
+    assert sum(after for _, after in report.errors.values()) < sum(b for b, _ in report.errors.values())
+
+
+def test_dense_target_first_block_equals_svdllm_and_later_blocks_fit_the_dense_model():
+    """Block 0 sees the dense model's inputs (X_d = X_c): both targets give the same factors there."""
+    torch.manual_seed(0)
+    dense = tiny_llama()
+    data = [{"input_ids": torch.randint(3, 64, (16,)).tolist()} for _ in range(8)]
+    config = FWSVDConfig(method="svd", rank=2)
+    compressed = copy.deepcopy(dense)
+    compress(compressed, config, show_progress=False)
+    targets = find_target_modules(dense, config)
+    loader = build_calibration_loader(data, None, dense, batch_size=4, max_length=16, num_samples=None)
+    results = {}
+    for target in ("compressed", "dense"):
+        model = copy.deepcopy(compressed)
+        results[target] = (model, sequential_update(model, dict(targets), loader, target=target))
+    first = [name for name in targets if ".layers.0." in name]
+    later = [name for name in targets if ".layers.0." not in name]
+    assert first and later
+    for name in first:
+        torch.testing.assert_close(results["dense"][0].get_submodule(name).up.weight,
+                                   results["compressed"][0].get_submodule(name).up.weight)  # fmt: skip
+        assert results["dense"][1].errors[name] == pytest.approx(results["compressed"][1].errors[name], rel=1e-6)
+    assert any(results["dense"][1].errors[n] != pytest.approx(results["compressed"][1].errors[n]) for n in later)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"refit": "all"}, "Unknown refit 'all'; choose one of 'up', 'both'."),
+        ({"target": "model"}, "Unknown target 'model'; choose one of 'compressed', 'dense'."),
+        ({"refit": "both", "target": "dense"},
+         "refit='both' fits the compressed model's own outputs only; use target='compressed'."),
+    ],
+)  # fmt: skip
+def test_sequential_update_rejects_bad_options(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        sequential_update(tiny_llama(), {}, [], **kwargs)
+    assert str(error.value) == message
+
+
+def test_fisher_svdllm_keeps_fisher_whitens_down_factors_and_never_raises_the_output_error(monkeypatch):
+    from hf_fwsvd.methods import svdllm as svdllm_module
+
+    reports = []
+
+    def recording_update(*args, **kwargs):
+        reports.append(sequential_update(*args, **kwargs))
+        return reports[-1]
+
+    monkeypatch.setattr(svdllm_module, "sequential_update", recording_update)
+    torch.manual_seed(0)
+    dense = tiny_llama()
+    data = calibration_data("llama", 12)
+    models = {}
+    for method in ("fisher_svdllm", "fisher_whiten"):
+        config = FWSVDConfig(method=method, rank=2, calibration_dataset=data, batch_size=4)
+        models[method] = compress(copy.deepcopy(dense), config, show_progress=False)
+    (report,) = reports  # only fisher_svdllm runs the update
+    low_rank = {n: m for n, m in models["fisher_svdllm"].named_modules() if isinstance(m, LowRankLinear)}
+    assert set(report.errors) == set(low_rank)
+    for name, module in low_rank.items():
+        plain = models["fisher_whiten"].get_submodule(name)
+        assert torch.equal(module.down.weight, plain.down.weight), name  # the Fisher-chosen `down` is kept
+        error_before, error_after = report.errors[name]
+        assert error_after <= error_before, name  # the calibration reconstruction error never rises
+    assert sum(after for _, after in report.errors.values()) < sum(b for b, _ in report.errors.values())
+    changed = [
+        n
+        for n, m in low_rank.items()
+        if not torch.equal(m.up.weight, models["fisher_whiten"].get_submodule(n).up.weight)
+    ]
+    assert len(changed) >= len(low_rank) - len(report.rejected)

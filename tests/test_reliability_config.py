@@ -28,7 +28,8 @@ CONFIG_CASES = {
     ),
     "unknown-method": (
         {"method": "fisher"},
-        "Unknown method 'fisher'; choose one of fwsvd, svd, tfwsvd, whiten, asvd, fisher_whiten, svdllm.",
+        "Unknown method 'fisher'; choose one of fwsvd, svd, tfwsvd, whiten, asvd, fisher_whiten, svdllm, "
+        "fisher_svdllm.",
     ),
     "rank-pattern-string-value": (
         {"rank_pattern": {"query": "4"}},

@@ -26,9 +26,9 @@ PERPLEXITY_FACTOR = 3.0
 CHANCE_MARGIN = 0.05
 
 _TRY_CAUSAL = (
-    'Try `method="svdllm"` with `param_budget=` (global allocation, `allocation_power=1.0`), which is the default '
-    "for causal LMs when no method is given (CLI: `--method svdllm --param-budget 0.8 --allocation-power 1`), keep "
-    "more weights, or run a recovery fine-tune (`hf_fwsvd.finetune(..., lora=True)`)."
+    'Try `method="fisher_svdllm"` with `param_budget=` (global allocation, `allocation_power=1.0`), which is the '
+    "default for causal LMs when no method is given (CLI: `--method fisher_svdllm --param-budget 0.8 "
+    "--allocation-power 1`), keep more weights, or run a recovery fine-tune (`hf_fwsvd.finetune(..., lora=True)`)."
 )
 _TRY_CLASSIFIER = (
     'Try keeping more weights, `method="whiten"`, or `param_budget=` with the Fisher allocation, and run a recovery '

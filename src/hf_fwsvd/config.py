@@ -73,7 +73,7 @@ class FWSVDConfig(QuantizationConfigMixin):
             `"whiten"` (SVD-LLM activation whitening), `"asvd"` (activation-magnitude column scaling),
             `"fisher_whiten"` (whitening with the gradient-weighted activation second moment), or one added with
             `hf_fwsvd.methods.register_method`. See `docs/methods.md`. Left `None` (the default), `compress` chooses
-            per model (see `hf_fwsvd.defaults`): for a causal LM `"svdllm"` with the global allocation
+            per model (see `hf_fwsvd.defaults`): for a causal LM `"fisher_svdllm"` with the global allocation
             (`allocation_power=1.0`, and `param_budget=0.8` when no size is given), for other models `"fwsvd"`.
         target_modules (`str | list[str]`, *optional*): A regex (fullmatch on the module name) or a list of names /
             name suffixes. Default: every linear layer inside the transformer blocks.

@@ -19,6 +19,19 @@ Two facts make the update safe and explain its effect (both tested):
 - With ``C`` equal to the statistics the whitened truncation used (``method="whiten"``, first block), the update is
   a no-op: ``B = U_r^T W`` gives ``W C B^T = U_r S_r^2`` and ``B C B^T = S_r^2``, so ``A* = U_r``. The gain comes only
   from the shift of the inputs that the compressed earlier blocks cause.
+
+Two variants (options of [`sequential_update`], same guarantee):
+
+- ``refit="both"`` refits both factors: the best rank-``r`` ``A B`` for the same objective, i.e. the whitened
+  truncation of ``W`` redone with the compressed model's ``C`` (`hf_fwsvd.factorize.factorize`). It never does worse
+  than refitting ``A`` alone, but it replaces the method's own choice of ``B`` (e.g. Fisher-weighted) by the plain
+  activation-weighted one.
+- ``target="dense"`` fits the **dense model's** outputs instead of the dense module's outputs on the compressed inputs:
+  ``min_A ||X_d W^T - X_c B^T A^T||`` with ``X_d`` the inputs the module sees in the dense model (propagated block by
+  block alongside the compressed ones), so each module also absorbs the error the earlier blocks left:
+  ``A* = W C_dc B^T (B C_cc B^T)^{-1}`` with ``C_dc = X_d^T X_c``, ``C_cc = X_c^T X_c``. One more block pass per
+  block. Only with ``refit="up"`` (refitting both factors to the dense outputs needs ``C_cc^{-1}``, which amplifies
+  the directions the calibration barely reached).
 """
 
 from __future__ import annotations
@@ -31,14 +44,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .factorize import factorize
 from .layers import LowRankLinear, dense_weight
 
-__all__ = ["UpdateReport", "output_error", "sequential_update", "update_up_factor"]
+__all__ = ["REFITS", "TARGETS", "UpdateReport", "output_error", "sequential_update", "update_up_factor"]
 
 logger = logging.getLogger(__name__)
 
 # Relative ridge added to ``B C B^T`` (scaled by its largest diagonal entry) so that a rank-deficient ``C`` solves.
 RIDGE = 1e-8
+REFITS = ("up", "both")
+TARGETS = ("compressed", "dense")
 
 
 @dataclass
@@ -55,23 +71,47 @@ class UpdateReport:
     rejected: list[str] = field(default_factory=list)
 
 
-def output_error(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, second_moment: torch.Tensor) -> float:
-    """Relative output error ``sqrt(tr((W - A B) C (W - A B)^T) / tr(W C W^T))`` (float64)."""
+def output_error(
+    weight: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    second_moment: torch.Tensor,
+    cross_moment: torch.Tensor | None = None,
+    target_moment: torch.Tensor | None = None,
+) -> float:
+    """Relative output error ``||X_d W^T - X_c (A B)^T||_F / ||X_d W^T||_F`` from moments (float64).
+
+    With only `second_moment` (``C = X^T X``, ``X_d = X_c = X``) it is ``sqrt(tr((W - A B) C (W - A B)^T) /
+    tr(W C W^T))``. `cross_moment` ``X_d^T X_c`` and `target_moment` ``X_d^T X_d`` give the error against the dense
+    model's outputs (``target="dense"`` of [`sequential_update`]).
+    """
     dense = weight.detach().to(torch.float64)
+    up, down = up.detach().to(torch.float64), down.detach().to(torch.float64)
     moment = second_moment.detach().to(torch.float64)
-    residual = dense - up.detach().to(torch.float64) @ down.detach().to(torch.float64)
-    numerator = ((residual @ moment) * residual).sum().clamp_min(0)
-    denominator = ((dense @ moment) * dense).sum().clamp_min(1e-300)
-    return float((numerator / denominator).sqrt())
+    if cross_moment is None:
+        residual = dense - up @ down
+        numerator = ((residual @ moment) * residual).sum().clamp_min(0)
+        denominator = ((dense @ moment) * dense).sum().clamp_min(1e-300)
+        return float((numerator / denominator).sqrt())
+    cross = cross_moment.detach().to(torch.float64)
+    target = target_moment.detach().to(torch.float64)
+    denominator = ((dense @ target) * dense).sum()
+    projected = (down @ moment) @ down.T  # B C_cc B^T
+    numerator = denominator - 2 * ((dense @ cross @ down.T) * up).sum() + ((up @ projected) * up).sum()
+    return float((numerator.clamp_min(0) / denominator.clamp_min(1e-300)).sqrt())
 
 
-def update_up_factor(weight: torch.Tensor, down: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
+def update_up_factor(
+    weight: torch.Tensor, down: torch.Tensor, second_moment: torch.Tensor, cross_moment: torch.Tensor | None = None
+) -> torch.Tensor:
     """The least-squares `up` factor ``W C B^T (B C B^T)^{-1}`` for a fixed `down` ``B`` (float64 solve).
 
     Args:
         weight (`torch.Tensor`): The dense weight ``W`` (``out x in``).
         down (`torch.Tensor`): The kept `down` factor ``B`` (``rank x in``).
         second_moment (`torch.Tensor`): ``C = X^T X`` (any positive scale) of the inputs to fit (``in x in``).
+        cross_moment (`torch.Tensor`, *optional*): ``X_d^T X_c`` (same scale) to fit the outputs ``X_d W^T`` of other
+            inputs ``X_d`` from ``X_c``: then ``A* = W C_dc B^T (B C B^T)^{-1}``. Defaults to `second_moment`.
 
     Returns:
         `torch.Tensor`: float32 ``out x rank``.
@@ -79,12 +119,12 @@ def update_up_factor(weight: torch.Tensor, down: torch.Tensor, second_moment: to
     dense = weight.detach().to(torch.float64)
     basis = down.detach().to(torch.float64)
     moment = second_moment.detach().to(torch.float64)
-    projected = basis @ moment  # B C  (rank x in)
-    gram = projected @ basis.T  # B C B^T  (rank x rank)
+    cross = moment if cross_moment is None else cross_moment.detach().to(torch.float64)
+    gram = (basis @ moment) @ basis.T  # B C B^T  (rank x rank)
     gram = (gram + gram.T) / 2
     scale = gram.diagonal().abs().max().clamp_min(1e-300)
     identity = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-    rhs = dense @ projected.T  # W C B^T  (out x rank)
+    rhs = dense @ (cross @ basis.T)  # W C_dc B^T  (out x rank)
     solution = torch.linalg.solve(gram + RIDGE * scale * identity, rhs.T).T
     return solution.to(torch.float32)
 
@@ -147,6 +187,8 @@ def sequential_update(
     model: nn.Module,
     dense_modules: dict[str, nn.Module | torch.Tensor],
     batches: Iterable[dict[str, torch.Tensor]],
+    refit: str = "up",
+    target: str = "compressed",
 ) -> UpdateReport:
     """Refit the `up` factor of every compressed module in `dense_modules`, block by block (see the module docstring).
 
@@ -156,13 +198,24 @@ def sequential_update(
             replaced, or its dense weight (``out x in``; an `nn.Linear` with the factor's bias is built around it).
             They are swapped in temporarily and never modified.
         batches (`Iterable[dict]`): Calibration batches (dicts with `input_ids`, optionally `attention_mask`).
+        refit (`str`, *optional*, defaults to `"up"`): `"up"` (SVD-LLM: the `up` factor only) or `"both"` (the
+            whitened truncation redone on the compressed model's inputs; the rank is kept).
+        target (`str`, *optional*, defaults to `"compressed"`): `"compressed"` (SVD-LLM: the dense module's outputs
+            on the compressed model's inputs) or `"dense"` (the dense model's outputs; `refit="up"` only).
 
     Returns:
         [`UpdateReport`]
 
     Raises:
-        `ValueError`: When a name is not a `LowRankLinear` in `model` or is outside every transformer block.
+        `ValueError`: When a name is not a `LowRankLinear` in `model` or is outside every transformer block, or for an
+            unknown `refit` / `target`.
     """
+    if refit not in REFITS:
+        raise ValueError(f"Unknown refit {refit!r}; choose one of {', '.join(map(repr, REFITS))}.")
+    if target not in TARGETS:
+        raise ValueError(f"Unknown target {target!r}; choose one of {', '.join(map(repr, TARGETS))}.")
+    if refit == "both" and target == "dense":
+        raise ValueError("refit='both' fits the compressed model's own outputs only; use target='compressed'.")
     blocks = _blocks(model)
     by_block: dict[str, list[str]] = {}
     for name in dense_modules:
@@ -187,13 +240,14 @@ def sequential_update(
         cached = _capture_block_inputs(model, model.get_submodule(blocks[first]), batches)
         if not cached:
             raise ValueError("The calibration data produced no batches: the update needs at least one.")
+        dense_states = [args[0] for args, _, _ in cached] if target == "dense" else None
         for block_name in blocks[first : last + 1]:
             block = model.get_submodule(block_name)
             names = by_block.get(block_name, [])
-            if names:
-                moments = _collect_dense_moments(model, block, names, dense_modules, cached)
-                for name in names:
-                    _update_one(model.get_submodule(name), dense_modules[name], moments[name], name, report)
+            moments, next_dense = _collect_dense_moments(model, block, names, dense_modules, cached, dense_states)
+            for name in names:
+                _update_one(model.get_submodule(name), dense_modules[name], moments[name], name, report, refit)
+            dense_states = next_dense
             cached = [
                 ((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs, mask)
                 for args, kwargs, mask in cached
@@ -203,18 +257,31 @@ def sequential_update(
     return report
 
 
+Moments = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # C_cc, and C_dc, C_dd for target="dense"
+
+
 def _collect_dense_moments(
     model: nn.Module,
     block: nn.Module,
     names: list[str],
     dense_modules: dict[str, nn.Module],
     cached: list[tuple[tuple, dict, torch.Tensor | None]],
-) -> dict[str, torch.Tensor]:
-    """``X^T X`` (float64) of each dense module's inputs while the dense version of `block` runs on `cached`."""
+    dense_states: list[torch.Tensor] | None = None,
+) -> tuple[dict[str, Moments], list[torch.Tensor] | None]:
+    """The float64 moments of each dense module's inputs while the dense version of `block` runs on `cached`:
+    ``X_c^T X_c``, and with `dense_states` (the dense model's hidden states entering the block, one per batch) also
+    ``X_d^T X_c`` and ``X_d^T X_d``, where ``X_d`` are the inputs in the dense model; then also the dense model's
+    hidden states leaving the block."""
     low_rank = {name: model.get_submodule(name) for name in names}
-    moments: dict[str, torch.Tensor] = {}
+    sums: dict[str, list[torch.Tensor]] = {}
     current: list[torch.Tensor | None] = [None]
+    dense_rows: dict[str, torch.Tensor] = {}
+    capturing: list[bool] = [False]
     handles = []
+
+    def add(name: str, index: int, moment: torch.Tensor) -> None:
+        entry = sums.setdefault(name, [None, None, None])
+        entry[index] = moment if entry[index] is None else entry[index] + moment
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -223,36 +290,55 @@ def _collect_dense_moments(
             if mask is not None and rows.ndim == 3 and tuple(mask.shape) == tuple(rows.shape[:2]):
                 rows = rows[mask.bool()]
             rows = rows.reshape(-1, rows.shape[-1])
-            moment = rows.T @ rows
-            moments[name] = moments[name] + moment if name in moments else moment
+            if capturing[0]:  # the dense model's pass: keep the rows until the compressed inputs of this batch arrive
+                dense_rows[name] = rows
+                return
+            add(name, 0, rows.T @ rows)
+            if name in dense_rows:
+                target = dense_rows.pop(name)
+                add(name, 1, target.T @ rows)
+                add(name, 2, target.T @ target)
 
         return hook
 
+    next_dense: list[torch.Tensor] | None = None if dense_states is None else []
     try:
         for name in names:
             model.set_submodule(name, dense_modules[name])
             handles.append(dense_modules[name].register_forward_hook(make_hook(name)))
-        for args, kwargs, mask in cached:
+        for index, (args, kwargs, mask) in enumerate(cached):
             current[0] = mask
-            block(*args, **kwargs)
+            if dense_states is not None:
+                capturing[0] = True
+                next_dense.append(_block_output(block(dense_states[index], *args[1:], **kwargs)))
+                capturing[0] = False
+            if names:
+                block(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
         for name, module in low_rank.items():
             model.set_submodule(name, module)
-    return moments
+    return {name: tuple(entry) for name, entry in sums.items()}, next_dense
 
 
 def _update_one(
-    module: LowRankLinear, dense: nn.Module, moment: torch.Tensor, name: str, report: UpdateReport
+    module: LowRankLinear, dense: nn.Module, moments: Moments, name: str, report: UpdateReport, refit: str = "up"
 ) -> None:
     weight = dense_weight(dense)
     up, down = module.up.weight, module.down.weight
-    before = output_error(weight, up, down, moment)
-    candidate = update_up_factor(weight, down, moment)
-    after = output_error(weight, candidate, down, moment)
+    moment, cross, target = moments
+    before = output_error(weight, up, down, moment, cross, target)
+    if refit == "both":
+        factors = factorize(weight.detach().float(), down.shape[0], moment.float(), name=name)
+        candidate, new_down = factors.up, factors.down
+    else:
+        candidate, new_down = update_up_factor(weight, down, moment, cross), down
+    after = output_error(weight, candidate, new_down, moment, cross, target)
     if after <= before:
         up.data.copy_(candidate.to(dtype=up.dtype, device=up.device))
+        if new_down is not down:
+            down.data.copy_(new_down.to(dtype=down.dtype, device=down.device))
     else:
         report.rejected.append(name)
         after = before

@@ -46,7 +46,8 @@ class SVDLLM(ActivationWhitening):
         try:
             if calibration_batches is None:
                 raise ValueError(
-                    "method='svdllm' needs calibration data for its sequential update: set `calibration_dataset`."
+                    f"method={self.name!r} needs calibration data for its sequential update: set "
+                    "`calibration_dataset`."
                 )
             dense = {name: self._dense[name] for name in compressed_names}
             sequential_update(model, dense, calibration_batches)
