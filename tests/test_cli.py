@@ -273,6 +273,26 @@ def test_rank_multiple_and_num_workers_reach_the_config(work, tmp_path):
         torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
 
 
+def test_int8_factors_and_byte_budget_from_the_cli(work, tmp_path):
+    pytest.importorskip("torchao")
+    out = tmp_path / "int8"
+    argv = ["compress", str(work["dense"]), "--task", SEQ, "--data", str(work["train"]), "--param-budget", "0.5"]
+    assert main([*argv, "--factor-dtype", "int8", "--budget-unit", "bytes", "--output", str(out), "-q"]) == 0
+    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert saved["factor_dtype"] == "int8" and saved["budget_unit"] == "bytes"
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    factors = [m.down.weight for m in model.modules() if isinstance(m, LowRankLinear)]
+    assert factors and all(weight.qdata.dtype == torch.int8 for weight in factors)
+
+
+def test_byte_budget_without_param_budget_is_a_usage_error(work, tmp_path, capsys):
+    argv = ["compress", str(work["dense"]), "--task", SEQ, "--method", "svd", "--budget-unit", "bytes"]
+    assert main([*argv, "--output", str(tmp_path / "o"), "-q"]) == 2
+    message = '`budget_unit="bytes"` needs `param_budget=` (the fraction of weight bytes to keep).'
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_help_and_version(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out

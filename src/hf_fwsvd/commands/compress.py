@@ -100,6 +100,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="N",
         help="Threads that factorise modules side by side (default 1; 2 gave 1.8x on an idle 2-core CPU).",
     )
+    how.add_argument(
+        "--factor-dtype",
+        choices=["int8"],
+        default=None,
+        metavar="DTYPE",
+        help="Store the factors as per-channel weight-only int8 through torchao (`pip install torchao`); saved and "
+        "reloaded as int8. Default: the model dtype.",
+    )
+    how.add_argument(
+        "--budget-unit",
+        choices=["params", "bytes"],
+        default="params",
+        metavar="UNIT",
+        help="What --param-budget counts: params (weights, the default) or bytes as stored (int8 factors cost 1 byte "
+        "per element), so a byte budget buys int8 factors a higher rank.",
+    )
     model = parser.add_argument_group("model")
     model.add_argument("--num-labels", type=int, metavar="N", help="Labels of a new classification head.")
     model.add_argument("--tokenizer", metavar="PATH", help="Tokenizer folder or Hub id (default: MODEL).")
@@ -225,6 +241,8 @@ def _config(args: argparse.Namespace, examples: list[dict] | None, tokenizer: An
             max_length=args.max_length,
             rank_multiple=args.rank_multiple,
             num_workers=args.num_workers,
+            factor_dtype=args.factor_dtype,
+            budget_unit=args.budget_unit,
             base_model=args.base_model or (None if os.path.isdir(args.model) else args.model),
         )
     except ValueError as error:
