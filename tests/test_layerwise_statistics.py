@@ -94,18 +94,15 @@ def test_forward_only_statistics_never_run_the_head(tmp_path, monkeypatch):
     assert 64 not in calls  # the vocabulary-sized lm_head never ran
 
 
+def tiny_albert(num_hidden_layers: int) -> AlbertForSequenceClassification:
+    """ALBERT shares one layer across its blocks: the model the block-wise pass must refuse."""
+    config = AlbertConfig(vocab_size=64, embedding_size=8, hidden_size=16, num_hidden_layers=num_hidden_layers,
+                          num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)  # fmt: skip
+    return AlbertForSequenceClassification(config).eval()
+
+
 def test_a_shared_block_is_refused_before_the_pass(tmp_path):
-    model = AlbertForSequenceClassification(
-        AlbertConfig(
-            vocab_size=64,
-            embedding_size=8,
-            hidden_size=16,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=64,
-        )  # fmt: skip
-    ).eval()
+    model = tiny_albert(num_hidden_layers=3)
     path = str(tmp_path / "albert")
     model.save_pretrained(path)
     batches = list(build_calibration_loader(calibration_data("bert"), None, model, batch_size=4))
@@ -135,17 +132,7 @@ def test_compress_layerwise_collects_block_by_block(tmp_path, monkeypatch, metho
 
 
 def test_compress_layerwise_falls_back_to_loading_a_shared_block_model(tmp_path, caplog):
-    model = AlbertForSequenceClassification(
-        AlbertConfig(
-            vocab_size=64,
-            embedding_size=8,
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=64,
-        )  # fmt: skip
-    ).eval()
+    model = tiny_albert(num_hidden_layers=2)
     model.save_pretrained(tmp_path / "albert")
     config = FWSVDConfig(
         rank=4, method="fwsvd", calibration_dataset=calibration_data("bert"), batch_size=4,

@@ -56,17 +56,24 @@ def test_update_is_a_no_op_on_the_whitening_statistics():
     torch.testing.assert_close(up, factors.up, atol=2e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("as_weights", [False, True], ids=["modules", "weights"])
-@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
-def test_sequential_update_lowers_every_modules_error(build, as_weights):
+def _compressed_with_loader(build, method: str):
+    """A seeded tiny model, a rank-2 copy compressed with `method`, its targets and a loader of 8 random sequences."""
     torch.manual_seed(0)
     dense = build()
     data = [{"input_ids": torch.randint(3, 64, (16,)).tolist()} for _ in range(8)]
-    config = FWSVDConfig(method="svd", rank=2)
+    extra = {} if method == "svd" else {"calibration_dataset": data, "batch_size": 4, "max_length": 16}
+    config = FWSVDConfig(method=method, rank=2, **extra)
     model = copy.deepcopy(dense)
     compress(model, config, show_progress=False)
     targets = find_target_modules(dense, config)
     loader = build_calibration_loader(data, None, dense, batch_size=4, max_length=16, num_samples=None)
+    return dense, model, targets, loader
+
+
+@pytest.mark.parametrize("as_weights", [False, True], ids=["modules", "weights"])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_sequential_update_lowers_every_modules_error(build, as_weights):
+    dense, model, targets, loader = _compressed_with_loader(build, "svd")
     before = {name: module.up.weight.detach().clone() for name, module in model.named_modules()
               if isinstance(module, LowRankLinear)}  # fmt: skip
     dense_modules = {name: dense_weight(module) for name, module in targets.items()} if as_weights else targets
@@ -132,14 +139,7 @@ def test_refitting_both_factors_is_at_least_as_good_as_refitting_up(seed):
 
 @pytest.mark.parametrize(("refit", "target"), [("up", "dense"), ("both", "compressed")])
 def test_sequential_update_variants_never_raise_a_modules_error(refit, target):
-    torch.manual_seed(0)
-    dense = tiny_llama()
-    data = [{"input_ids": torch.randint(3, 64, (16,)).tolist()} for _ in range(8)]
-    config = FWSVDConfig(method="whiten", rank=2, calibration_dataset=data, batch_size=4, max_length=16)
-    model = copy.deepcopy(dense)
-    compress(model, config, show_progress=False)
-    targets = find_target_modules(dense, config)
-    loader = build_calibration_loader(data, None, dense, batch_size=4, max_length=16, num_samples=None)
+    _, model, targets, loader = _compressed_with_loader(tiny_llama, "whiten")
     report = sequential_update(model, dict(targets), loader, refit=refit, target=target)
     assert set(report.errors) == set(targets)
     for name, (error_before, error_after) in report.errors.items():
@@ -149,14 +149,7 @@ def test_sequential_update_variants_never_raise_a_modules_error(refit, target):
 
 def test_dense_target_first_block_equals_svdllm_and_later_blocks_fit_the_dense_model():
     """Block 0 sees the dense model's inputs (X_d = X_c): both targets give the same factors there."""
-    torch.manual_seed(0)
-    dense = tiny_llama()
-    data = [{"input_ids": torch.randint(3, 64, (16,)).tolist()} for _ in range(8)]
-    config = FWSVDConfig(method="svd", rank=2)
-    compressed = copy.deepcopy(dense)
-    compress(compressed, config, show_progress=False)
-    targets = find_target_modules(dense, config)
-    loader = build_calibration_loader(data, None, dense, batch_size=4, max_length=16, num_samples=None)
+    _, compressed, targets, loader = _compressed_with_loader(tiny_llama, "svd")
     results = {}
     for target in ("compressed", "dense"):
         model = copy.deepcopy(compressed)

@@ -38,10 +38,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..distributed import ProcessInfo
-from ..layers import is_supported_linear
 from .base import Statistics
-from .collector import _batch_size, _frozen_state, _Hooks, _move, checked_loss, finish, input_device, resolve_loss
-from .registry import get_statistic
+from .collector import (
+    _batch_size,
+    _frozen_state,
+    _Hooks,
+    _move,
+    checked_loss,
+    finish,
+    input_device,
+    prepare_hooks,
+    resolve_loss,
+)
 
 __all__ = ["BlockwiseUnsupported", "collect_blockwise"]
 
@@ -191,19 +199,10 @@ def collect_blockwise(
         `ValueError`: As `collect` does.
     """
     loss_fn = resolve_loss(loss_fn, fisher_estimator)
-    for name, module in modules.items():
-        if not is_supported_linear(module):
-            raise ValueError(f"`{name}` is a {type(module).__name__}, not a linear layer; cannot collect statistics.")
-    wanted = {key: get_statistic(key) for key in dict.fromkeys(statistics)}
-    if not wanted:
+    wanted, hooks = prepare_hooks(modules, statistics, fisher_estimator)
+    if hooks is None:
         return Statistics()
-    hooks = _Hooks(modules, wanted, fisher_estimator)
     backward = bool(hooks.backward_stats)
-    if backward and torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "Fisher importances need gradients, but this runs inside `torch.inference_mode()`, where none can be "
-            "computed. Call compress (or compute_importances) outside the inference_mode block."
-        )
     parent, real = _block_list(model, blocks)
     outside = [name for name in modules if not any(name.startswith(block + ".") for block in blocks)]
     state = _State()

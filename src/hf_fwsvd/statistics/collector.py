@@ -375,20 +375,10 @@ def collect(
     loss_fn = resolve_loss(loss_fn, fisher_estimator)
     if not isinstance(modules, dict):
         modules = {name: model.get_submodule(name) for name in modules}
-    for name, module in modules.items():
-        if not is_supported_linear(module):
-            raise ValueError(f"`{name}` is a {type(module).__name__}, not a linear layer; cannot collect statistics.")
-    wanted = {key: get_statistic(key) for key in dict.fromkeys(statistics)}
-    result = Statistics()
-    if not wanted:
-        return result
+    wanted, hooks = prepare_hooks(modules, statistics, fisher_estimator)
+    if hooks is None:
+        return Statistics()
     info = process_info()
-    hooks = _Hooks(modules, wanted, fisher_estimator)
-    if hooks.backward_stats and torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "Fisher importances need gradients, but this runs inside `torch.inference_mode()`, where none can be "
-            "computed. Call compress (or compute_importances) outside the inference_mode block."
-        )
     was_training, requires_grad = _frozen_state(model)
     model.eval()
     if hooks.backward_stats:
@@ -408,6 +398,31 @@ def collect(
             param.requires_grad_(requires_grad[name])
         model.train(was_training)
     return finish(hooks, modules, wanted, info, error)
+
+
+def prepare_hooks(
+    modules: dict[str, nn.Module], statistics: Iterable[str], fisher_estimator: str
+) -> tuple[dict[str, Statistic], _Hooks | None]:
+    """Check the targets and the calling context, and build the (detached) hooks for `statistics`.
+
+    Shared by [`collect`] and the block-wise pass (`hf_fwsvd.statistics.blockwise`), so both start the same way.
+
+    Returns:
+        `tuple`: The wanted statistics by name, and their hooks (`None` when no statistic was asked for).
+    """
+    for name, module in modules.items():
+        if not is_supported_linear(module):
+            raise ValueError(f"`{name}` is a {type(module).__name__}, not a linear layer; cannot collect statistics.")
+    wanted = {key: get_statistic(key) for key in dict.fromkeys(statistics)}
+    if not wanted:
+        return wanted, None
+    hooks = _Hooks(modules, wanted, fisher_estimator)
+    if hooks.backward_stats and torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "Fisher importances need gradients, but this runs inside `torch.inference_mode()`, where none can be "
+            "computed. Call compress (or compute_importances) outside the inference_mode block."
+        )
+    return wanted, hooks
 
 
 def finish(
