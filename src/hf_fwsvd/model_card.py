@@ -160,8 +160,14 @@ def _evaluation_context(record: EvaluationRecord | None) -> dict[str, Any] | Non
         for name in record.metric_names()
     ]
     split = f", split `{record.split}`" if record.split else ""
+    how = (
+        "Perplexity measured by hf_fwsvd (`evaluate_perplexity`: the texts joined by blank lines, the exp of the mean "
+        "token loss over non-overlapping windows)"
+        if "perplexity" in record.metric_names()
+        else "Measured with `evaluate`"
+    )
     return {
-        "description": f"Measured with `evaluate` on {record.dataset}{split}.",
+        "description": f"{how} on {record.dataset}{split}.",
         "rows": rows,
         "collapse": record.collapse,
     }
@@ -279,6 +285,7 @@ def build_model_card(
         "hf_fwsvd_version": getattr(config, "hf_fwsvd_version", __version__),
         "method": report.method,
         "method_name": method.title,
+        "method_references": method.references,
         "rank_setting": _rank_setting(config),
         "num_modules": len(report.modules),
         "params_before": report.model_params_before,
