@@ -70,3 +70,5 @@ def test_pack_texts_cuts_the_joined_text_into_full_blocks():
 def test_pack_texts_keeps_a_text_shorter_than_one_block():
     assert pack_texts([{"text": "a b"}], _WordTokenizer(), block_length=5, max_blocks=None) == [{"input_ids": [0, 1]}]
     assert describe_source("corpus.txt", 3, "blocks of 128 tokens") == "corpus.txt (3 blocks of 128 tokens)"
+    assert describe_source("held_out.txt", 1) == "held_out.txt (1 example)"
+    assert describe_source("corpus.txt", 1, "blocks of 128 tokens") == "corpus.txt (1 block of 128 tokens)"

@@ -157,6 +157,8 @@ def load_examples(
 def describe_source(source: str, count: int, unit: str = "examples") -> str:
     """A short human description of the data, for reports and model cards: ``"dev.csv (800 examples)"``."""
     name = os.path.basename(os.path.normpath(source)) if os.path.exists(source) else source
+    if count == 1:  # "1 example", "1 block of 128 tokens"
+        unit = unit.replace("examples", "example", 1).replace("blocks", "block", 1)
     return f"{name} ({count:,} {unit})"
 
 
