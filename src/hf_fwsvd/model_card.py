@@ -114,7 +114,9 @@ def record_evaluation(
     task = infer_task(model)
     num_labels = getattr(getattr(model, "config", None), "num_labels", None)
     classifier = task in ("sequence-classification", "token-classification")
-    record.collapse = check_collapse(record.before, record.after, num_labels if classifier else None)
+    report = getattr(model, "fwsvd_report", None)
+    method = getattr(report, "method", None)
+    record.collapse = check_collapse(record.before, record.after, num_labels if classifier else None, method=method)
     if record.collapse:
         logger.warning(record.collapse)
     model.fwsvd_evaluation = record
