@@ -158,13 +158,14 @@ class PeakRSS:
 
 def texts(tokenizer) -> tuple[list[dict], list[dict], str, str]:
     """Calibration chunks, fine-tune chunks, SOTU and Moby Dick evaluation texts (see `benchmark_texts`)."""
-    data = benchmark_texts(tokenizer)
+    data = benchmark_texts(tokenizer, genres=False)
     return data["calibration"], data["train"], data["sotu"], data["moby"]
 
 
-def benchmark_texts(tokenizer) -> dict:
+def benchmark_texts(tokenizer, genres: bool = True) -> dict:
     """Calibration chunks (``calibration``, ``calibration_large``), fine-tune chunks (``train``, ``train_large``),
-    the development text (``dev``, 1980-1989 addresses) and the evaluation texts (``sotu``, ``moby``)."""
+    the development text (``dev``, 1980-1989 addresses) and the evaluation texts (``sotu``, ``moby``); with `genres`
+    also ``extra`` (Hamlet) and the ``+mix`` chunks (see `mix_texts`), whose assets are fetched on first use."""
     from benchmarks.assets import (
         SOTU_CALIBRATION_YEARS,
         SOTU_EVAL_YEARS,
@@ -185,7 +186,7 @@ def benchmark_texts(tokenizer) -> dict:
     all_years = sotu_texts()
     chapters = moby_dick_chapters()
     train_large = train + [chunks[i] for i in LARGE_TRAIN_EXTRA]
-    return {
+    data = {
         "calibration": calibration,
         "calibration_large": calibration + [chunks[i] for i in LARGE_CALIB_EXTRA],
         "train": train,
@@ -193,9 +194,11 @@ def benchmark_texts(tokenizer) -> dict:
         "dev": "\n\n".join(all_years[y] for y in DEV_YEARS if y in all_years),
         "sotu": "\n\n".join(eval_years[y] for y in sorted(eval_years)),
         "moby": "\n\n".join(chapters[c] for c in MOBY_CHAPTERS),
-        "extra": shakespeare_plays()[EXTRA_PLAY],
-        **mix_texts(tokenizer, calibration, train_large, chapters),
     }
+    if genres:
+        data["extra"] = shakespeare_plays()[EXTRA_PLAY]
+        data.update(mix_texts(tokenizer, calibration, train_large, chapters))
+    return data
 
 
 def mix_texts(tokenizer, sotu_calibration: list[dict], sotu_train: list[dict], chapters: dict[int, str]) -> dict:
