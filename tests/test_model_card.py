@@ -54,6 +54,8 @@ def test_card_metadata_and_content_from_the_run(tmp_path):
     assert "| Rank setting | `rank_ratio=0.25` (each module keeps 25% of its full rank) |" in text
     assert "| Calibration data | calib.csv (12 examples); 12 examples used for the Fisher estimate |" in text
     assert "| accuracy | 0.8000 | 0.7500 |" in text and "| f1 | n/a | 0.5000 |" in text
+    assert "Measured with `evaluate` on dev.csv (12 examples)." in text
+    assert "(Fisher-Weighted SVD (FWSVD); Hsu et al., ICLR 2022)." in text
     for row in report.modules:
         assert f"| `{row.name}` | {row.out_features} x {row.in_features} | {row.rank} |" in text
         assert f"| {row.plain_error:.4f} | {row.weighted_error:.4f} |" in text
@@ -107,6 +109,16 @@ def test_local_base_model_is_not_put_in_the_metadata(tmp_path):
     assert card.data.base_model is None and card.data.pipeline_tag == "text-generation"
     assert "compressed from a local checkpoint" in card.text and str(tmp_path) not in str(card)
     assert 'AutoModelForCausalLM.from_pretrained("user/gpt2-svd")' in card.text
+    # plain SVD is not attributed to the FWSVD paper; a perplexity is not said to come from `evaluate`
+    assert "(plain truncated SVD; Eckart & Young, 1936: the best rank-k approximation)." in card.text
+    assert "Hsu et al." not in card.text
+    record_evaluation(dense, {"perplexity": 30.5, "num_examples": 3}, "held_out.txt (3 examples)")
+    text = build_model_card(dense).text
+    assert (
+        "Perplexity measured by hf_fwsvd (`evaluate_perplexity`: the texts joined by blank lines, the exp of the "
+        in text
+    )
+    assert "over non-overlapping windows) on held_out.txt (3 examples)." in text and "`evaluate` on" not in text
     dense.save_pretrained(tmp_path / "out")
     assert str(tmp_path) not in (tmp_path / "out" / "README.md").read_text()
     assert str(tmp_path) not in (tmp_path / "out" / "fwsvd_report.json").read_text()

@@ -30,13 +30,21 @@ _TRY_CAUSAL = (
     "default for causal LMs when no method is given (CLI: `--method fisher_svdllm --param-budget 0.8 "
     "--allocation-power 1`), keep more weights, or run a recovery fine-tune (`hf_fwsvd.finetune(..., lora=True)`)."
 )
+# When the causal-LM default already ran, naming it again is no advice: left are the data, the budget, a fine-tune.
+_TRY_CAUSAL_DEFAULT = (
+    "The method is already the causal-LM default (`fisher_svdllm`). Calibrate on more text of the kind the model "
+    "will serve (thousands of tokens; CLI: `--num-samples`, `--max-length`), keep more weights, or run a recovery "
+    "fine-tune (`hf_fwsvd.finetune(..., lora=True)`)."
+)
 _TRY_CLASSIFIER = (
     'Try keeping more weights, `method="whiten"`, or `param_budget=` with the Fisher allocation, and run a recovery '
     "fine-tune (`hf_fwsvd.finetune`)."
 )
 
 
-def check_collapse(before: dict[str, Any] | None, after: dict[str, Any], num_labels: int | None = None) -> str | None:
+def check_collapse(
+    before: dict[str, Any] | None, after: dict[str, Any], num_labels: int | None = None, method: str | None = None
+) -> str | None:
     """The collapse warning for these dense (`before`) and compressed (`after`) metrics, or `None` when healthy.
 
     Args:
@@ -44,6 +52,7 @@ def check_collapse(before: dict[str, Any] | None, after: dict[str, Any], num_lab
             an accuracy at chance can be detected, which needs `num_labels`.
         after (`dict`): Metrics of the compressed model.
         num_labels (`int`, *optional*): Number of classes, for the chance level of `accuracy`.
+        method (`str`, *optional*): The compression method that ran; the advice does not name it again.
 
     Returns:
         `str` or `None`: The warning text.
@@ -53,7 +62,8 @@ def check_collapse(before: dict[str, Any] | None, after: dict[str, Any], num_lab
     if _number(compressed) and _number(dense) and dense > 0 and compressed > PERPLEXITY_FACTOR * dense:
         return (
             f"Compression collapsed the model: perplexity {compressed:.4g} is {compressed / dense:.1f}x the dense "
-            f"model's {dense:.4g} (the guard fires above {PERPLEXITY_FACTOR:g}x). {_TRY_CAUSAL}"
+            f"model's {dense:.4g} (the guard fires above {PERPLEXITY_FACTOR:g}x). "
+            + (_TRY_CAUSAL_DEFAULT if method == "fisher_svdllm" else _TRY_CAUSAL)
         )
     accuracy = after.get("accuracy")
     if _number(accuracy) and num_labels and num_labels > 1:

@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any
 
-__all__ = ["FILE_BUILDERS", "describe_source", "load_examples"]
+__all__ = ["FILE_BUILDERS", "describe_source", "load_examples", "pack_texts"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,33 @@ def load_examples(
     return examples
 
 
-def describe_source(source: str, count: int) -> str:
+def describe_source(source: str, count: int, unit: str = "examples") -> str:
     """A short human description of the data, for reports and model cards: ``"dev.csv (800 examples)"``."""
     name = os.path.basename(os.path.normpath(source)) if os.path.exists(source) else source
-    return f"{name} ({count:,} examples)"
+    if count == 1:  # "1 example", "1 block of 128 tokens"
+        unit = unit.replace("examples", "example", 1).replace("blocks", "block", 1)
+    return f"{name} ({count:,} {unit})"
+
+
+def pack_texts(
+    examples: list[dict[str, Any]], tokenizer: Any, block_length: int, max_blocks: int | None
+) -> list[dict]:
+    """Language-model calibration from running text: every token of the file counts, whatever its line breaks.
+
+    The texts are joined by blank lines (as the perplexity evaluation joins them), tokenised once and cut into
+    consecutive `block_length`-token blocks, so a file with one long document a line is not truncated to
+    `block_length` tokens a line. The incomplete last block is dropped unless it is the only one.
+
+    Args:
+        examples (`list[dict]`): ``{"text": str}`` dicts, as `load_examples` returns them for language modelling.
+        tokenizer: The model's tokenizer.
+        block_length (`int`): Tokens per block (at most the model's context length).
+        max_blocks (`int`, *optional*): Keep the first `max_blocks` blocks (`None` for all).
+
+    Returns:
+        `list[dict]`: ``{"input_ids": [int]}`` dicts.
+    """
+    ids = tokenizer("\n\n".join(example["text"] for example in examples), verbose=False)["input_ids"]
+    starts = range(0, max(len(ids) - block_length + 1, 1), block_length)
+    blocks = [{"input_ids": list(ids[start : start + block_length])} for start in starts]
+    return blocks[:max_blocks] if max_blocks is not None else blocks

@@ -114,7 +114,9 @@ def record_evaluation(
     task = infer_task(model)
     num_labels = getattr(getattr(model, "config", None), "num_labels", None)
     classifier = task in ("sequence-classification", "token-classification")
-    record.collapse = check_collapse(record.before, record.after, num_labels if classifier else None)
+    report = getattr(model, "fwsvd_report", None)
+    method = getattr(report, "method", None)
+    record.collapse = check_collapse(record.before, record.after, num_labels if classifier else None, method=method)
     if record.collapse:
         logger.warning(record.collapse)
     model.fwsvd_evaluation = record
@@ -160,8 +162,14 @@ def _evaluation_context(record: EvaluationRecord | None) -> dict[str, Any] | Non
         for name in record.metric_names()
     ]
     split = f", split `{record.split}`" if record.split else ""
+    how = (
+        "Perplexity measured by hf_fwsvd (`evaluate_perplexity`: the texts joined by blank lines, the exp of the mean "
+        "token loss over non-overlapping windows)"
+        if "perplexity" in record.metric_names()
+        else "Measured with `evaluate`"
+    )
     return {
-        "description": f"Measured with `evaluate` on {record.dataset}{split}.",
+        "description": f"{how} on {record.dataset}{split}.",
         "rows": rows,
         "collapse": record.collapse,
     }
@@ -279,6 +287,7 @@ def build_model_card(
         "hf_fwsvd_version": getattr(config, "hf_fwsvd_version", __version__),
         "method": report.method,
         "method_name": method.title,
+        "method_references": method.references,
         "rank_setting": _rank_setting(config),
         "num_modules": len(report.modules),
         "params_before": report.model_params_before,

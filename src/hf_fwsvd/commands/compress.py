@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -25,6 +26,8 @@ from .common import (
 )
 
 __all__ = ["add_parser", "run"]
+
+logger = logging.getLogger(__name__)
 
 EXAMPLES = """examples:
   hf-fwsvd compress ./my-classifier --task sequence-classification --data train.csv --rank-ratio 0.33 \\
@@ -59,9 +62,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, metavar="DIR", help="Folder to save the compressed model into.")
     data = parser.add_argument_group("calibration data (needed by methods that read data and by --allocation fisher)")
     add_data_arguments(data, required=False)
-    data.add_argument("--num-samples", type=int, default=256, metavar="N", help="Examples to use (default 256).")
+    data.add_argument(
+        "--num-samples", type=int, default=256, metavar="N",
+        help="Examples to use (default 256; causal LM: blocks of --max-length tokens).",
+    )  # fmt: skip
     data.add_argument("--batch-size", type=int, default=8, metavar="N", help="Batch size (default 8).")
-    data.add_argument("--max-length", type=int, default=128, metavar="N", help="Truncation length (default 128).")
+    data.add_argument(
+        "--max-length", type=int, default=128, metavar="N",
+        help="Truncation length (default 128; causal LM: the text file, lines joined, is cut into blocks this long).",
+    )  # fmt: skip
     how = parser.add_argument_group("how much to compress (one of; default --rank-ratio 0.33)")
     ranks = how.add_mutually_exclusive_group()
     ranks.add_argument("--rank-ratio", type=float, metavar="R", help="Keep this fraction of each module's full rank.")
@@ -249,6 +258,21 @@ def _config(args: argparse.Namespace, examples: list[dict] | None, tokenizer: An
         raise CommandError(str(error), EXIT_USAGE) from error
 
 
+def _pack_calibration(args: argparse.Namespace, examples: list[dict], tokenizer: Any, model: Any) -> list[dict]:
+    """A causal LM calibrates on its text file cut into `--max-length`-token blocks (see `pack_texts`)."""
+    from ..config import FWSVDConfig
+    from ..data_files import pack_texts
+
+    block = args.max_length or FWSVDConfig.__dataclass_fields__["max_length"].default
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(context, int) and context < block:
+        logger.info("Calibration blocks of %d tokens, the model's context length (not --max-length %d).", context,
+                    block)  # fmt: skip
+        block = context
+    return pack_texts(examples, tokenizer, block, max_blocks=None)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..api import compress
     from ..data_files import describe_source
@@ -258,6 +282,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.task, args.num_labels)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     examples = read_examples(args, model) if args.data else None
+    if examples is not None and args.task == "causal-lm":
+        examples = _pack_calibration(args, examples, tokenizer, model)
     eval_examples = read_examples(args, model, prefix="eval-", limit=args.eval_limit) if args.eval_data else None
     config = _config(args, examples, tokenizer)
     before = None
@@ -269,7 +295,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CommandError(str(error)) from error
     report = model.fwsvd_report
-    if examples is not None:
+    if examples is not None and args.task == "causal-lm":
+        used = min(len(examples), config.num_samples or len(examples))
+        block = len(examples[0]["input_ids"])
+        report.calibration_data = describe_source(args.data, used, f"blocks of {block} tokens")
+    elif examples is not None:
         report.calibration_data = describe_source(args.data, len(examples))
     print(report.format_table())
     if eval_examples:

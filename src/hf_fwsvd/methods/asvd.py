@@ -17,6 +17,7 @@ class ActivationScaledSVD(CompressionMethod):
     name = "asvd"
     title = "activation-aware SVD (ASVD)"
     short_title = "ASVD"
+    references = "Yuan et al., 2023, ASVD"
     summary = "ASVD: columns scaled by the mean input magnitude mean|x|; any text, no labels"
     calibration_use = "the mean activation magnitudes (ASVD scaling)"
     statistics = ("activation_abs_mean",)

@@ -27,6 +27,8 @@ class CompressionMethod:
         name (`str`): The `FWSVDConfig(method=...)` value, CLI choice and checkpoint field (a Python identifier).
         title (`str`): Full name for the model card, e.g. ``"Fisher-Weighted SVD (FWSVD)"``.
         short_title (`str`): Short name for plot legends and one-line notes, e.g. ``"FWSVD"``.
+        references (`str`): Where the method comes from, for the model card, e.g. ``"Hsu et al., ICLR 2022"`` (empty:
+            the card names the method only).
         summary (`str`): One line for `--help`, the docs table and the sweep legend.
         calibration_use (`str` or `None`): What the calibration data is used for, completing "N examples used for
             ..." on the model card; `None` when the method needs no data.
@@ -37,6 +39,7 @@ class CompressionMethod:
     name: ClassVar[str]
     title: ClassVar[str]
     short_title: ClassVar[str]
+    references: ClassVar[str] = ""
     summary: ClassVar[str]
     calibration_use: ClassVar[str | None] = None
     statistics: ClassVar[tuple[str, ...]] = ()

@@ -24,6 +24,10 @@ class FisherSVDLLM(SVDLLM):
     name = "fisher_svdllm"
     title = "Fisher-weighted whitening + SVD-LLM's sequential least-squares update"
     short_title = "Fisher SVD-LLM"
+    references = (
+        "the Fisher weighting of Hsu et al., ICLR 2022 (FWSVD) on the whitening and update of Wang et al., ICLR 2025 "
+        "(SVD-LLM)"
+    )
     summary = (
         "fisher_whiten's truncation, then each up factor refit by least squares on the compressed model's inputs; "
         "needs labelled task data"

@@ -18,6 +18,9 @@ class FisherWhitening(CompressionMethod):
     name = "fisher_whiten"
     title = "Fisher-weighted whitening"
     short_title = "Fisher whiten"
+    references = (
+        "the Fisher weighting of Hsu et al., ICLR 2022 (FWSVD) on the whitening of Wang et al., ICLR 2025 (SVD-LLM)"
+    )
     summary = "whitening with the gradient-weighted second moment E[|g|^2 x x^T]; needs labelled task data"
     calibration_use = "the gradient-weighted activation second moments"
     statistics = ("gradient_second_moment",)

@@ -17,6 +17,7 @@ class FisherWeightedSVD(CompressionMethod):
     name = "fwsvd"
     title = "Fisher-Weighted SVD (FWSVD)"
     short_title = "FWSVD"
+    references = "Hsu et al., ICLR 2022"
     summary = "Fisher-weighted SVD (the paper): error weighted by the row Fisher; needs labelled task data"
     calibration_use = "the Fisher estimate"
     statistics = ("row_fisher",)

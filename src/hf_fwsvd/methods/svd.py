@@ -13,6 +13,7 @@ class PlainSVD(CompressionMethod):
     name = "svd"
     title = "plain truncated SVD"
     short_title = "plain SVD"
+    references = "Eckart & Young, 1936: the best rank-k approximation"
     summary = "plain truncated SVD of each weight; needs no calibration data"
     calibration_use = None
     statistics = ()

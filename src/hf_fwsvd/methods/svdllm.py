@@ -26,6 +26,7 @@ class SVDLLM(ActivationWhitening):
     name = "svdllm"
     title = "SVD-LLM (whitening + sequential least-squares update)"
     short_title = "SVD-LLM"
+    references = "Wang et al., ICLR 2025"
     summary = "SVD-LLM: whitening, then each up factor refit by least squares on the compressed model's inputs"
     calibration_use = "the activation second moments (whitening) and the sequential update of the up factors"
     plot_style = {"color": "tab:olive", "marker": "v", "linestyle": "-"}

@@ -24,6 +24,7 @@ class ElementwiseFisherSVD(FisherWeightedSVD):
     name = "tfwsvd"
     title = "FWSVD refined on the element-wise Fisher (TFWSVD)"
     short_title = "TFWSVD"
+    references = "Hua et al., EMNLP 2022 (TFWSVD), on Hsu et al., ICLR 2022 (FWSVD)"
     summary = (
         "FWSVD, then ALS on the element-wise Fisher (refine_iterations sweeps); labelled data, a second weight copy"
     )

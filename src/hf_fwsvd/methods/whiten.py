@@ -18,6 +18,7 @@ class ActivationWhitening(CompressionMethod):
     name = "whiten"
     title = "activation-whitened SVD (SVD-LLM)"
     short_title = "whiten"
+    references = "Wang et al., ICLR 2025"
     summary = "SVD-LLM whitening: error weighted by the input second moment E[x x^T]; any text, no labels"
     calibration_use = "the activation second moments (whitening)"
     statistics = ("activation_second_moment",)
