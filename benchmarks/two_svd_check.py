@@ -46,12 +46,15 @@ def main() -> None:
     parser.add_argument("--stats-cache", type=Path, required=True)
     parser.add_argument("--ratio", type=float, default=0.8, help="fraction of each module's weights kept")
     parser.add_argument("--weightings", nargs="+", default=list(WEIGHTINGS), choices=list(WEIGHTINGS))
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="only these decoder layers (default all)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     directory = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     dense = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     targets = find_target_modules(dense, FWSVDConfig(method="svd", rank=1))
+    if args.layers is not None:
+        targets = {n: m for n, m in targets.items() if any(f".layers.{i}." in n for i in args.layers)}
     store = StatisticsStore(dense, tokenizer, targets, directory, args.stats_cache)
     stats, _ = store.get(benchmark_texts(tokenizer)["calibration"], args.weightings)
     rows = []
@@ -85,7 +88,8 @@ def main() -> None:
                 }
             )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with (RESULTS / "two_svd_check.csv").open("w", newline="") as handle:
+    suffix = "" if args.layers is None else "_layers_" + "_".join(map(str, args.layers))
+    with (RESULTS / f"two_svd_check{suffix}.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
