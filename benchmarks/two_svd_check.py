@@ -8,8 +8,8 @@ chunks of the 1990s addresses, read from ``--stats-cache``), at the rank that ke
 
 It prints, per weighting, the largest difference of the two products (relative to the module's largest weight), the
 largest calibration loss ``tr((W - W_r) C (W - W_r)^T)`` of each route above the optimum (the discarded squared
-singular values of ``W L``, ``L`` the float64 Cholesky factor), the smallest eigenvalue of ``C / max(diag C)`` and the
-seconds each route took. Rows go to ``results/two_svd_check.csv``.
+singular values of ``W C^{1/2}``, symmetric square root in float64), the smallest eigenvalue of ``C / max(diag C)``
+and the seconds each route took. Rows go to ``results/two_svd_check.csv``.
 
 Run from the repository root: ``PYTHONPATH=src:. python benchmarks/two_svd_check.py --stats-cache DIR``.
 """
@@ -71,8 +71,9 @@ def main() -> None:
             started = time.perf_counter()
             v2 = two_svd_truncation(weight, rank, moment.float()).product()
             v2_s = time.perf_counter() - started
-            factor = torch.linalg.cholesky(moment)
-            optimum = float(torch.linalg.svdvals(weight.double() @ factor)[rank:].square().sum())
+            values, vectors = torch.linalg.eigh(moment)  # C^{1/2}, negative rounding-level eigenvalues clamped
+            root = (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+            optimum = float(torch.linalg.svdvals(weight.double() @ root)[rank:].square().sum())
             rows.append(
                 {
                     "weighting": weighting,
@@ -82,7 +83,7 @@ def main() -> None:
                     "fro_diff_rel": float((cholesky - v2).norm() / weight.norm()),
                     "cholesky_excess": calibration_loss(weight, cholesky, moment) / optimum - 1,
                     "v2_excess": calibration_loss(weight, v2, moment) / optimum - 1,
-                    "min_eig": float(torch.linalg.eigvalsh(moment)[0]),
+                    "min_eig": float(values[0]),
                     "cholesky_s": round(cholesky_s, 3),
                     "v2_s": round(v2_s, 3),
                 }
