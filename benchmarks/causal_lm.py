@@ -48,6 +48,8 @@ weight-only int8 on `down` / `up` after a ``sqrt(S)`` split), saved with ``save_
 ``block_mb`` is what the block linears take as stored (int8 data, scales and zero points counted).
 ``fisher_whiten+alloc1+update`` is what ``method="fisher_svdllm"`` with ``param_budget`` and ``allocation_power=1``
 (the causal-LM default) runs.
+``whiten_v2`` is ``whiten``'s objective truncated by SVD-LLM V2's two SVDs instead of a Cholesky factor
+(`hf_fwsvd.two_svd`); ``whiten_v2+alloc1+update`` is the side-by-side of ``whiten+alloc1+update``.
 
 Run from the repository root: ``PYTHONPATH=src python benchmarks/causal_lm.py --budgets 0.8 0.6`` (rows append to
 ``benchmarks/results/causal_lm.csv``, or the file given with ``--csv``; a rerun skips rows already there with a
@@ -117,7 +119,7 @@ LORA_EPOCHS, LORA_LEARNING_RATE = 2.0, 2e-4
 DEFAULT_SETTINGS = [
     "fisher_whiten+alloc1+update", "fisher_whiten+alloc1+update+c128", "whiten+alloc1+update+c128",
     "whiten+alloc1+update", "whiten+alloc1", "whiten+update", "whiten", "whiten+v2", "whiten+v2+update",
-    "fisher_whiten+alloc1", "asvd+alloc1", "fwsvd+alloc1", "fwsvd", "svd", "asvd",
+    "fisher_whiten+alloc1", "asvd+alloc1", "fwsvd+alloc1", "fwsvd", "svd", "asvd", "whiten_v2+alloc1+update",
 ]  # fmt: skip
 
 

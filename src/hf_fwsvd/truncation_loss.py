@@ -14,7 +14,8 @@ is taken of ``max(L, e)`` (so that it is at least 1), and each removal ratio is 
 V2's second idea, "loss-optimised truncation with two SVDs instead of Cholesky" (SVD of ``C = U_c S_c U_c^T``, then
 SVD of ``W U_c S_c^{1/2}``), truncates to the same approximation as our `whiten`: ``W U_c S_c^{1/2}`` and
 ``W C^{1/2}`` differ by an orthogonal factor on the right, so they share their left singular vectors ``U_r``, and both
-keep ``U_r U_r^T W`` (tested in ``tests/test_truncation_loss.py``). Our `factorize` already never inverts ``C``.
+keep ``U_r U_r^T W`` (tested in ``tests/test_truncation_loss.py``). Our `factorize` already never inverts ``C``. The
+route itself is `method="whiten_v2"` (`hf_fwsvd.two_svd`), for side-by-side comparisons.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ method              weighting ``M M^T`` of ``||(W - A B) M||_F``     statistics
 ``fisher_whiten``   ``E[|g|^2 x x^T]``, gradient-weighted moment      ``gradient_second_moment`` (labels)
 ``svdllm``          as ``whiten``, then SVD-LLM's update of ``up``   ``activation_second_moment`` (no labels)
 ``fisher_svdllm``   as ``fisher_whiten``, then SVD-LLM's update      ``gradient_second_moment`` (labels)
+``whiten_v2``       ``E[x x^T]``, truncated by SVD-LLM V2's two SVDs  ``activation_second_moment`` (no labels)
 ==================  ===============================================  ============================================
 """
 
@@ -23,7 +24,7 @@ from .base import CompressionMethod
 from .registry import available_methods, get_method, register_method, unregister_method
 
 # The built-ins, in the order the CLI and error messages list them.
-from . import fwsvd, svd, tfwsvd, whiten, asvd, fisher_whiten, svdllm, fisher_svdllm  # noqa: E402, F401, I001  isort: skip
+from . import fwsvd, svd, tfwsvd, whiten, asvd, fisher_whiten, svdllm, fisher_svdllm, whiten_v2  # noqa: E402, F401, I001  isort: skip
 from .calibrate import check_statistics, collect_statistics, known_statistics, required_statistics  # noqa: E402
 
 __all__ = [
