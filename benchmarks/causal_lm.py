@@ -30,9 +30,9 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the setting has one); ``calib_s`` (the shared statistics, once per run) is reported separately. ``peak_rss_mb`` is
   the process's peak resident memory sampled every 20 ms during that compression.
 
-Settings are ``method[+alloc|+alloc1|+alloc2|+v2][+update|+update_both|+update_dense][+c128|+mix][+lora|+lora64]
+Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense][+c128|+mix][+lora|+lora64]
 [+int8]``:
-``+alloc`` / ``+alloc1`` / ``+alloc2`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1 / 2, ``+v2``
+``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
 update of the `up` factors (`hf_fwsvd.lstsq_update`; ``+update_both`` refits both factors, ``+update_dense`` fits the
 dense model's outputs, see `sequential_update`), ``+lora`` a LoRA recovery fine-tune (``finetune(..., lora=True)``:
@@ -109,7 +109,7 @@ DEV_YEARS = range(1980, 1990)
 MIX_MOBY_CHAPTERS = range(1, 101)  # +mix: the Moby Dick chapters calibration / fine-tuning may read
 EXTRA_PLAY = "hamlet"  # ppl_extra: a genre in no calibration set
 FLAGS = (
-    "alloc", "alloc1", "alloc2", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8",
+    "alloc", "alloc1", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8",
     "bytes", "int8bytes", "mix",
 )  # fmt: skip
 # update flag -> `sequential_update` options
@@ -272,7 +272,7 @@ def parse_setting(setting: str) -> dict:
     if spec["mix"] and spec["c128"]:
         raise ValueError(f"{setting!r}: `+mix` replaces the 32 calibration chunks; it has no 128-chunk set (`+c128`).")
     if (spec["bytes"] or spec["int8bytes"]) and not allocated(spec):
-        raise ValueError(f"{setting!r}: byte budgets need the global allocation (`+alloc`, `+alloc1` or `+alloc2`).")
+        raise ValueError(f"{setting!r}: byte budgets need the global allocation (`+alloc` or `+alloc1`).")
     return spec
 
 
@@ -290,14 +290,14 @@ def block_bytes(model, targets) -> int:
 
 
 def allocated(spec: dict) -> bool:
-    return spec["alloc"] or spec["alloc1"] or spec["alloc2"]
+    return spec["alloc"] or spec["alloc1"]
 
 
 def setting_config(spec: dict, budget: float, stats: Statistics, dense, targets, base: dict) -> FWSVDConfig:
     if spec["int8"]:
         base = {**base, "factor_dtype": "int8"}
     if allocated(spec):
-        power = 2.0 if spec["alloc2"] else 1.0 if spec["alloc1"] else 0.5
+        power = 1.0 if spec["alloc1"] else 0.5
         unit = "bytes" if spec["bytes"] or spec["int8bytes"] else "params"
         if spec["int8bytes"]:  # a fraction of the dense-int8 bytes, expressed as a fraction of the fp32 bytes
             budget = budget * int8_block_bytes(targets) / sum(m.weight.numel() * 4 for m in targets.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from hf_fwsvd import FWSVDConfig, compress
 from hf_fwsvd.calibration import build_calibration_loader
 from hf_fwsvd.factorize import factorize
 from hf_fwsvd.layers import LowRankLinear, dense_weight
-from hf_fwsvd.lstsq_update import output_error, sequential_update, update_up_factor
+from hf_fwsvd.lstsq_update import DENSE_TARGET_WARNING, output_error, sequential_update, update_up_factor
 from hf_fwsvd.targets import find_target_modules
 
 
@@ -162,6 +163,16 @@ def test_dense_target_first_block_equals_svdllm_and_later_blocks_fit_the_dense_m
                                    results["compressed"][0].get_submodule(name).up.weight)  # fmt: skip
         assert results["dense"][1].errors[name] == pytest.approx(results["compressed"][1].errors[name], rel=1e-6)
     assert any(results["dense"][1].errors[n] != pytest.approx(results["compressed"][1].errors[n]) for n in later)
+
+
+@pytest.mark.parametrize("target", ["compressed", "dense"])
+def test_only_the_dense_target_warns(target, caplog):
+    _, model, targets, loader = _compressed_with_loader(tiny_llama, "whiten")
+    with caplog.at_level(logging.WARNING, logger="hf_fwsvd.lstsq_update"):
+        sequential_update(model, dict(targets), loader, target=target)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == ([DENSE_TARGET_WARNING] if target == "dense" else [])
+    assert "1359.6" in DENSE_TARGET_WARNING
 
 
 @pytest.mark.parametrize(
