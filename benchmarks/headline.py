@@ -181,13 +181,17 @@ class TaskRun:
     def key(self, **row) -> str:
         return point_key({"task": self.task} | row)
 
-    def record(self, model: torch.nn.Module, row: dict) -> dict:
-        start = time.perf_counter()
+    def evaluate(self, model: torch.nn.Module) -> tuple[float, float, list]:
+        """``(metric, mean loss, per-example predictions)`` of `model` on the test examples."""
         if self.token:  # per word: the logits at each word's first sub-word
             logits = word_rows(lambda batch: model(**batch).logits, self.tokenizer, self.test)
         else:
             logits = predict(model, self.tokenizer, self.test)
-        value, loss, preds = score(logits, self.labels, self.regression)
+        return score(logits, self.labels, self.regression)
+
+    def record(self, model: torch.nn.Module, row: dict) -> dict:
+        start = time.perf_counter()
+        value, loss, preds = self.evaluate(model)
         full = {"task": self.task, "metric": self.metric, "score": round(value, 5), "loss": round(loss, 5)} | row
         full["eval_s"] = round(time.perf_counter() - start, 1)
         if "params_kept" not in full and not row.get("int8"):
