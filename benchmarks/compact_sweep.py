@@ -144,7 +144,9 @@ def sweep_points(
     allocation_power: float | None,
     config: FWSVDConfig,
 ) -> Iterator[tuple[SweepPoint, nn.Module]]:
-    """Compressed copies of `dense` at each fraction of block weights kept, largest fraction first.
+    """Compressed copies of `dense` at each fraction of block weights kept, largest fraction first; a fraction that
+    resolves to the same ranks as the one before it (``param_ratio`` stops at the speed pay-off rank, about 0.8 of the
+    weights) is skipped.
 
     `allocation_power` `None` keeps the same fraction in every module; a float uses the global Fisher allocation with
     that power (modules it leaves dense stay dense). The factorisation runs once, lazily, at the first point.
@@ -162,10 +164,15 @@ def sweep_points(
         for name, rank in ranks.items():
             highest[name] = max(rank, highest.get(name, 0))
     factors = None
+    previous = None
     for fraction in fractions:
+        ranks = rank_maps[fraction]
+        if ranks == previous:  # param_ratio clamps at the speed pay-off rank: a larger fraction gives the same model
+            logger.info("fraction %s gives the same ranks as the one above it; skipped", fraction)
+            continue
+        previous = ranks
         if factors is None:
             factors = nested_factors(targets, method, highest, stats, config)
-        ranks = rank_maps[fraction]
         yield SweepPoint(fraction, ranks, block_kept(shapes, ranks)), truncated_model(dense, factors, ranks)
 
 
@@ -307,20 +314,22 @@ def run_task(args: argparse.Namespace, task: str) -> None:
 
 def report(path: Path = RESULTS) -> list[str]:
     """One line per model, task and variant: the smallest fraction kept within 1 point of dense (no point above it
-    missing the tolerance), with the block and whole-model fractions removed."""
+    missing the tolerance), with the block and whole-model fractions removed, then the curve (block weights kept:
+    score)."""
     rows = read_rows(path)
     lines = []
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["task"], row["variant"], row["allocation_power"]), []).append(row)
     for (model, task, variant, power), group in groups.items():
-        group.sort(key=lambda r: -float(r["fraction"]))
+        unique = {r["block_kept"]: r for r in sorted(group, key=lambda r: float(r["fraction"]))}
+        group = sorted(unique.values(), key=lambda r: -float(r["block_kept"]))  # one row per distinct model
         best = None
         for row in group:
             if row["within_1pt"] != "1":
                 break
             best = row
-        curve = ", ".join(f"{float(r['fraction']):.1f}: {float(r['score']) * 100:.1f}" for r in group)
+        curve = ", ".join(f"{float(r['block_kept']):.2f}: {float(r['score']) * 100:.1f}" for r in group)
         label = f"{variant} (power {power})" if power else variant
         if best is None:
             verdict = "none within 1 point"

@@ -86,5 +86,13 @@ def test_report_finds_the_last_fraction_within_one_point(tmp_path, monkeypatch):
         compact_sweep._append(row | {"params_kept": params, "drop_points": round((0.834 - value) * 100, 2)}, path)
     assert report(path) == [
         "mpnet trec (dense 83.4) whiten: 20% of block weights / 15.0% of all parameters removable; "
-        "0.9: 83.0, 0.8: 82.6, 0.7: 81.0"
+        "0.90: 83.0, 0.80: 82.6, 0.70: 81.0"
     ]
+
+
+def test_fractions_clamped_to_the_same_ranks_give_one_point(dense_and_stats):
+    dense, stats, config = dense_and_stats
+    # tiny BERT's 16x16 / 16x32 / 32x16 modules pay off up to 75% of their weights: 0.9 and 0.8 both clamp there
+    points = [point for point, _ in sweep_points(dense, stats, "whiten", [0.8, 0.9, 0.5], None, config)]
+    assert [point.fraction for point in points] == [0.9, 0.5]
+    assert points[0].block_kept == 0.75
