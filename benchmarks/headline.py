@@ -10,7 +10,8 @@ calibration, head training or any choice). Optional extras, all on the same test
 * ``--int8``: `torch.ao.quantization.quantize_dynamic` int8 on the dense model and on the compressed models at
   ``--int8-ratios``, with forward time measured side by side (`--timing`) and saved size;
 * ``--estimators``: `fwsvd` with other Fisher estimators (``fisher_estimator=``) at ``--estimator-ratios``;
-* ``--sample-counts``: `fwsvd` with other calibration sizes at ``--estimator-ratios`` (seed 0).
+* ``--sample-counts``: `fwsvd` (or ``--sample-count-methods``) with other calibration sizes at
+  ``--estimator-ratios`` (seed 0; a count above the training split's size uses all of it and is recorded as that size).
 
 Every finished point is appended at once to ``results/headline/points.csv`` and its per-example predictions to
 ``results/headline/<task>_predictions.jsonl`` (a rerun skips finished points). ``--report`` prints the tables with
@@ -181,13 +182,17 @@ class TaskRun:
     def key(self, **row) -> str:
         return point_key({"task": self.task} | row)
 
-    def record(self, model: torch.nn.Module, row: dict) -> dict:
-        start = time.perf_counter()
+    def evaluate(self, model: torch.nn.Module) -> tuple[float, float, list]:
+        """``(metric, mean loss, per-example predictions)`` of `model` on the test examples."""
         if self.token:  # per word: the logits at each word's first sub-word
             logits = word_rows(lambda batch: model(**batch).logits, self.tokenizer, self.test)
         else:
             logits = predict(model, self.tokenizer, self.test)
-        value, loss, preds = score(logits, self.labels, self.regression)
+        return score(logits, self.labels, self.regression)
+
+    def record(self, model: torch.nn.Module, row: dict) -> dict:
+        start = time.perf_counter()
+        value, loss, preds = self.evaluate(model)
         full = {"task": self.task, "metric": self.metric, "score": round(value, 5), "loss": round(loss, 5)} | row
         full["eval_s"] = round(time.perf_counter() - start, 1)
         if "params_kept" not in full and not row.get("int8"):
@@ -285,7 +290,8 @@ def run_task(args: argparse.Namespace, task: str) -> None:
         for seed in args.seeds:
             points("fwsvd", seed, estimator, args.num_samples, args.estimator_ratios)
     for count in args.sample_counts:
-        points("fwsvd", 0, "empirical", count, args.estimator_ratios)
+        for method in args.sample_count_methods:
+            points(method, 0, "empirical", min(count, len(run.splits["train"])), args.estimator_ratios)
 
 
 def timing(args: argparse.Namespace) -> dict:
@@ -358,7 +364,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--int8-ratios", nargs="*", type=float, default=[0.33, 0.5])
     parser.add_argument("--estimators", nargs="*", default=[], choices=["batch", "true"])
     parser.add_argument("--estimator-ratios", nargs="*", type=float, default=[0.33])
-    parser.add_argument("--sample-counts", nargs="*", type=int, default=[])
+    parser.add_argument("--sample-counts", nargs="*", type=int, default=[], help="calibration sizes (seed 0)")
+    parser.add_argument(
+        "--sample-count-methods", nargs="*", default=["fwsvd"], help="methods run at each of --sample-counts"
+    )
     parser.add_argument("--test-size", type=int, help="score on the first N test examples only (smoke runs)")
     parser.add_argument("--timing", action="store_true", help="measure forward time and size instead (first task)")
     parser.add_argument("--timing-ratios", nargs="*", type=float, default=[0.33, 0.5])

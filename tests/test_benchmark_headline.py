@@ -128,3 +128,11 @@ def test_pos_examples_map_penn_tags_to_universal_tags(tmp_path, monkeypatch):
     penn += " NNPS WRB RP EX ) ( RBS WP$ PDT LS FW UH SYM"
     assert set(penn.split()) <= set(assets.PTB_TO_UNIVERSAL)
     assert set(assets.PTB_TO_UNIVERSAL.values()) == set(tags)
+
+
+def test_sample_counts_run_fwsvd_unless_other_methods_are_named():
+    from benchmarks.headline import parse_args
+
+    assert parse_args(["--sample-counts", "32", "512"]).sample_count_methods == ["fwsvd"]
+    args = parse_args(["--sample-counts", "32", "--sample-count-methods", "fwsvd", "whiten"])
+    assert args.sample_counts == [32] and args.sample_count_methods == ["fwsvd", "whiten"]
