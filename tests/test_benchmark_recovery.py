@@ -150,7 +150,17 @@ def test_headline_finetune_copies_the_model_and_logs_under_the_point_key(tmp_pat
     run = SimpleNamespace(
         token=False, task="toy", tokenizer=tiny_tokenizer(), splits={"train": _examples()}, dense=teacher
     )
-    args = headline.parse_args(["--finetune-ratios", "0.5", "--finetune-steps", "3", "--finetune-lr", "1e-3"])
+    argv = [
+        "--finetune-ratios",
+        "0.5",
+        "--finetune-steps",
+        "3",
+        "--finetune-lr",
+        "1e-3",
+        "--finetune-objective",
+        "distill",
+    ]
+    args = headline.parse_args(argv)
     tuned = headline.TaskRun.finetune(run, student, args, "toy|svd|||0.5||finetune_distill_3_0.001|0")
     assert not _changed(before, student) and _changed(before, tuned)
     log = [json.loads(line) for line in (tmp_path / "finetune_log.jsonl").read_text().splitlines()]
