@@ -137,7 +137,10 @@ def main() -> None:
     print("|---|---|---|---|" + "---|" * len(methods))
     for task in tasks:
         dense = [
-            float(r["score"]) for k, v in by.items() if k[0] == task and k[1] == "dense" and k[6] == "0" for r in v
+            float(r["score"])
+            for k, v in by.items()
+            if k[0] == task and k[1] == "dense" and k[5] == "none" and k[6] == "0"
+            for r in v
         ]
         for ratio in ratios:
             kept = [r["block_kept"] for r in rows if r["task"] == task and r["ratio"] == ratio and r["block_kept"]]
@@ -213,7 +216,10 @@ def main() -> None:
         print("|---|---|---|" + "---|" * len(methods))
         for task in tasks:
             dense = [
-                float(r["score"]) for k, v in by.items() if k[0] == task and k[1] == "dense" and k[6] == "0" for r in v
+                float(r["score"])
+                for k, v in by.items()
+                if k[0] == task and k[1] == "dense" and k[5] == "none" and k[6] == "0"
+                for r in v
             ]
             for ratio in sorted({k[4] for k in recovery if k[0] == task}, key=float):
                 cells = []
@@ -233,6 +239,8 @@ def main() -> None:
                     rec = cell(task, m, ratio, stage="recovery")
                     cells.append(f"{_fmt(seed0)} / {_fmt(rec)}")
                 print(f"| {task} | {_fmt(dense)} | {ratio} | " + " | ".join(cells) + " |")
+
+    finetune_table(rows, tasks, methods)
 
     estimators = sorted({k[2] for k in by if k[2] not in ("", "empirical")})
     counts = sorted({k[3] for k in by if k[3] not in ("", "128")}, key=int)
@@ -269,6 +277,42 @@ def main() -> None:
         for name, v in data["models"].items():
             print(f"| {name} | {v['seconds']:.2f} | {dense_s / v['seconds']:.2f}x faster | {v['mb']:.1f} |")
     plot(rows, tasks, methods)
+
+
+def finetune_table(rows: list[dict], tasks: list[str], methods: list[str]) -> None:
+    """A table per recovery fine-tune recipe (stage ``finetune_*``), seed 0: no fine-tune / head refit / fine-tune."""
+
+    def seed0(task: str, method: str, ratio: str, stage: str) -> list[float]:
+        return [
+            float(r["score"])
+            for r in rows
+            if r["task"] == task
+            and r["method"] == method
+            and r["ratio"] == ratio
+            and r["stage"] == stage
+            and r["int8"] == "0"
+            and r["seed"] in ("0", "")
+            and r["estimator"] in ("", "empirical")
+            and r["num_samples"] in ("", "128")
+        ]
+
+    for stage in sorted({r["stage"] for r in rows if r["stage"].startswith("finetune_")}):
+        _, objective, steps, learning_rate = stage.split("_")
+        print(f"\n## Recovery fine-tune `{stage}` ({objective}, {steps} steps, lr {learning_rate}), seed 0\n")
+        print("Each cell: no fine-tune / head refit / fine-tune (x100); dense: as built / after the same fine-tune.\n")
+        print("| task | dense | rank ratio | block weights kept | " + " | ".join(methods) + " |")
+        print("|---|---|---|---|" + "---|" * len(methods))
+        for task in tasks:
+            done = [r for r in rows if r["task"] == task and r["stage"] == stage and r["method"] != "dense"]
+            dense = f"{_fmt(seed0(task, 'dense', '1.0', 'none'))} / {_fmt(seed0(task, 'dense', '1.0', stage)) or '-'}"
+            for ratio in sorted({r["ratio"] for r in done}, key=float):
+                kept = next(r["block_kept"] for r in done if r["ratio"] == ratio)
+                cells = []
+                for m in methods:
+                    tuned = seed0(task, m, ratio, stage)
+                    stages = [seed0(task, m, ratio, "none"), seed0(task, m, ratio, "recovery"), tuned]
+                    cells.append(" / ".join(_fmt(v) or "-" for v in stages) if tuned else "")
+                print(f"| {task} | {dense} | {ratio} | {kept} | " + " | ".join(cells) + " |")
 
 
 def plot(rows: list[dict], tasks: list[str], methods: list[str]) -> None:
