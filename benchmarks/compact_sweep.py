@@ -357,9 +357,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    for name in ("transformers", "hf_fwsvd", "torchao"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    from benchmarks.headline import quiet_logging
+
+    quiet_logging()
     if args.report:
         print("\n".join(report()))
         return

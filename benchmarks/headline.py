@@ -338,6 +338,28 @@ def run_task(args: argparse.Namespace, task: str) -> None:
             points(method, 0, "empirical", min(count, len(run.splits["train"])), args.estimator_ratios)
 
 
+def timing_batches(run: TaskRun, count: int) -> list[dict]:
+    """The first `count` test examples of `run`, sorted by length, in padded batches of 32 (max length 64)."""
+    examples = sorted(run.test[:count], key=lambda e: len(e["text"]))
+    return [
+        run.tokenizer(
+            [e["text"] for e in examples[i : i + 32]],
+            padding=True,
+            truncation=True,
+            max_length=64,
+            return_tensors="pt",
+        )
+        for i in range(0, len(examples), 32)
+    ]
+
+
+def quiet_logging() -> None:
+    """Timestamped INFO logs from the benchmark, warnings only from transformers, hf_fwsvd and torchao."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for name in ("transformers", "hf_fwsvd", "torchao"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def timing(args: argparse.Namespace) -> dict:
     """Forward time and saved size of dense, int8, low-rank and low-rank + int8 models, measured side by side.
 
@@ -357,17 +379,7 @@ def timing(args: argparse.Namespace) -> dict:
         models[f"rank ratio {ratio}"] = model
         models[f"rank ratio {ratio} + int8"] = quantized(model)
         models[f"rank ratio {ratio} + int8 per-channel"] = quantized(model, per_channel=True)
-    examples = sorted(run.test[: args.timing_examples], key=lambda e: len(e["text"]))
-    batches = [
-        run.tokenizer(
-            [e["text"] for e in examples[i : i + 32]],
-            padding=True,
-            truncation=True,
-            max_length=64,
-            return_tensors="pt",
-        )
-        for i in range(0, len(examples), 32)
-    ]
+    batches = timing_batches(run, args.timing_examples)
     seconds = {name: math.inf for name in models}
     with torch.no_grad():
         for _ in range(args.timing_rounds):
@@ -378,7 +390,7 @@ def timing(args: argparse.Namespace) -> dict:
                 seconds[name] = min(seconds[name], time.perf_counter() - start)
     result = {
         "task": run.task,
-        "examples": len(examples),
+        "examples": len(run.test[: args.timing_examples]),
         "rounds": args.timing_rounds,
         "threads": torch.get_num_threads(),
         "load_average": list(__import__("os").getloadavg()),
@@ -429,9 +441,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    for name in ("transformers", "hf_fwsvd", "torchao"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_logging()
     if args.report:
         from benchmarks.headline_report import main as report
 

@@ -41,7 +41,7 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.headline import RESULTS, TaskRun, calibration_sample, quantized, saved_mb
+from benchmarks.headline import RESULTS, TaskRun, calibration_sample, quantized, saved_mb, timing_batches
 from hf_fwsvd import FWSVDConfig, LowRankLinear, compress
 from hf_fwsvd.factor_storage import quantize_factors
 
@@ -106,17 +106,7 @@ def forward_seconds(models: dict[str, nn.Module], batches: list[dict], rounds: i
 
 def compare_task(run: TaskRun, args: argparse.Namespace) -> dict:
     models = candidates(run, args.fraction, args.num_samples)
-    examples = sorted(run.test[: args.timing_examples], key=lambda e: len(e["text"]))
-    batches = [
-        run.tokenizer(
-            [e["text"] for e in examples[i : i + 32]],
-            padding=True,
-            truncation=True,
-            max_length=64,
-            return_tensors="pt",
-        )
-        for i in range(0, len(examples), 32)
-    ]
+    batches = timing_batches(run, args.timing_examples)
     load_before = os.getloadavg()
     seconds = forward_seconds(models, batches, args.rounds)
     load_after = os.getloadavg()
@@ -135,7 +125,7 @@ def compare_task(run: TaskRun, args: argparse.Namespace) -> dict:
     return {
         "task": run.task,
         "metric": run.metric,
-        "timing_examples": len(examples),
+        "timing_examples": len(run.test[: args.timing_examples]),
         "rounds": args.rounds,
         "threads": torch.get_num_threads(),
         "load_average_before_after": [list(load_before), list(load_after)],

@@ -88,6 +88,19 @@ def full_rank(weight_shape: tuple[int, int] | torch.Size) -> int:
     return min(int(weight_shape[0]), int(weight_shape[1]))
 
 
+def validate_weight_and_rank(weight: torch.Tensor, rank: int, name: str = "weight") -> None:
+    """Raise a `ValueError` naming `name` unless `weight` is 2-D and ``1 <= rank <= min(out, in)`` is an int."""
+    if weight.ndim != 2:
+        raise ValueError(f"`{name}` weight must be 2-D, got shape {tuple(weight.shape)}.")
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise ValueError(f"Rank for `{name}` must be an int, got {rank!r}.")
+    if not 1 <= rank <= full_rank(weight.shape):
+        raise ValueError(
+            f"Rank {rank} for `{name}` is out of range: a {tuple(weight.shape)} weight allows ranks 1.."
+            f"{full_rank(weight.shape)}."
+        )
+
+
 def low_rank_params(out_features: int, in_features: int, rank: int) -> int:
     """Weight parameters of the factorised form (bias excluded)."""
     return rank * (out_features + in_features)
@@ -323,15 +336,7 @@ def factorize(
     Returns:
         [`LowRankFactors`]: float32 factors on `weight`'s device (callers cast them back).
     """
-    if weight.ndim != 2:
-        raise ValueError(f"`{name}` weight must be 2-D, got shape {tuple(weight.shape)}.")
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise ValueError(f"Rank for `{name}` must be an int, got {rank!r}.")
-    if not 1 <= rank <= full_rank(weight.shape):
-        raise ValueError(
-            f"Rank {rank} for `{name}` is out of range: a {tuple(weight.shape)} weight allows ranks 1.."
-            f"{full_rank(weight.shape)}."
-        )
+    validate_weight_and_rank(weight, rank, name)
     if importance is not None:
         validate_importance(importance, weight.shape[1], name)
     solver = choose_svd_solver(weight.shape, rank, svd_solver)

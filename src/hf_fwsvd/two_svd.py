@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from .factorize import LowRankFactors, full_rank, validate_importance
+from .factorize import LowRankFactors, validate_importance, validate_weight_and_rank
 
 __all__ = ["two_svd_truncation"]
 
@@ -59,15 +59,7 @@ def two_svd_truncation(
     Returns:
         [`LowRankFactors`]: float32 factors on `weight`'s device; `up` has orthonormal columns.
     """
-    if weight.ndim != 2:
-        raise ValueError(f"`{name}` weight must be 2-D, got shape {tuple(weight.shape)}.")
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise ValueError(f"Rank for `{name}` must be an int, got {rank!r}.")
-    if not 1 <= rank <= full_rank(weight.shape):
-        raise ValueError(
-            f"Rank {rank} for `{name}` is out of range: a {tuple(weight.shape)} weight allows ranks 1.."
-            f"{full_rank(weight.shape)}."
-        )
+    validate_weight_and_rank(weight, rank, name)
     if second_moment.ndim != 2:
         raise ValueError(
             f"The two-SVD truncation of `{name}` needs the in x in second moment of its inputs, got a tensor of shape "
