@@ -173,6 +173,27 @@ def test_causal_lm_calibrates_on_every_token_of_a_long_line_file(tmp_path):
     assert "corpus.txt (4 blocks of 64 tokens)" in ModelCard.load(out / "README.md").text
 
 
+def test_causal_lm_sweep_calibrates_on_the_same_blocks_as_compress(tmp_path, monkeypatch):
+    import hf_fwsvd.methods as methods
+
+    model_dir = save_causal_lm(tmp_path / "gpt2")
+    corpus = tmp_path / "corpus.txt"
+    lines = [" ".join(row["text"] for row in sentences(40, seed=seed)).split()[:150] for seed in (4, 5)]
+    corpus.write_text("\n".join(" ".join(line) for line in lines) + "\n")
+    seen = []
+    collect = methods.collect_statistics
+
+    def recording_collect(model, config, *args, **kwargs):
+        seen.append(list(config.calibration_dataset))
+        return collect(model, config, *args, **kwargs)
+
+    monkeypatch.setattr(methods, "collect_statistics", recording_collect)
+    args = ["sweep", str(model_dir), "--task", "causal-lm", "--data", str(corpus), "--eval-data", str(corpus)]
+    assert main(args + ["--methods", "fwsvd", "--ratios", "0.5", "--output", str(tmp_path / "sweep"), "-q"]) == 0
+    # 300 tokens joined, 64-token blocks (the model's context caps the 128 default): 4 full blocks, as compress uses
+    assert [len(example["input_ids"]) for example in seen[0]] == [64, 64, 64, 64]
+
+
 def test_token_classification_compress_and_evaluate(tmp_path, capsys):
     model_dir = save_token_classifier(tmp_path / "ner")
     data = write_jsonl(tmp_path / "tags.jsonl", tagged_sentences(24, seed=3))

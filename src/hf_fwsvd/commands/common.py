@@ -188,6 +188,22 @@ def read_examples(args: argparse.Namespace, model: Any, prefix: str = "", limit:
         raise CommandError(str(error)) from error
 
 
+def pack_causal_calibration(args: argparse.Namespace, examples: list[dict], tokenizer: Any, model: Any) -> list[dict]:
+    """A causal LM calibrates on its text file cut into `--max-length`-token blocks (see `pack_texts`), capped by the
+    model's context length, so a one-document-a-line corpus is not cut to one truncated example a line."""
+    from ..config import FWSVDConfig
+    from ..data_files import pack_texts
+
+    block = args.max_length or FWSVDConfig.__dataclass_fields__["max_length"].default
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(context, int) and context < block:
+        logger.info("Calibration blocks of %d tokens, the model's context length (not --max-length %d).", context,
+                    block)  # fmt: skip
+        block = context
+    return pack_texts(examples, tokenizer, block, max_blocks=None)
+
+
 def count_parameters(model: Any) -> int:
     return sum(param.numel() for param in model.parameters())
 

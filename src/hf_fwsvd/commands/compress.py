@@ -22,6 +22,7 @@ from .common import (
     evaluate_task,
     load_model,
     load_tokenizer,
+    pack_causal_calibration,
     read_examples,
 )
 
@@ -258,21 +259,6 @@ def _config(args: argparse.Namespace, examples: list[dict] | None, tokenizer: An
         raise CommandError(str(error), EXIT_USAGE) from error
 
 
-def _pack_calibration(args: argparse.Namespace, examples: list[dict], tokenizer: Any, model: Any) -> list[dict]:
-    """A causal LM calibrates on its text file cut into `--max-length`-token blocks (see `pack_texts`)."""
-    from ..config import FWSVDConfig
-    from ..data_files import pack_texts
-
-    block = args.max_length or FWSVDConfig.__dataclass_fields__["max_length"].default
-    config = getattr(model, "config", None)
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if isinstance(context, int) and context < block:
-        logger.info("Calibration blocks of %d tokens, the model's context length (not --max-length %d).", context,
-                    block)  # fmt: skip
-        block = context
-    return pack_texts(examples, tokenizer, block, max_blocks=None)
-
-
 def run(args: argparse.Namespace) -> int:
     from ..api import compress
     from ..data_files import describe_source
@@ -283,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     examples = read_examples(args, model) if args.data else None
     if examples is not None and args.task == "causal-lm":
-        examples = _pack_calibration(args, examples, tokenizer, model)
+        examples = pack_causal_calibration(args, examples, tokenizer, model)
     eval_examples = read_examples(args, model, prefix="eval-", limit=args.eval_limit) if args.eval_data else None
     config = _config(args, examples, tokenizer)
     before = None

@@ -21,6 +21,7 @@ from .common import (
     load_model,
     load_tokenizer,
     main_metric,
+    pack_causal_calibration,
     read_examples,
 )
 from .compress import add_method_arguments, methods_epilog
@@ -166,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
     dense = load_model(args.model, args.task, args.num_labels)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     calibration = read_examples(args, dense)
+    if args.task == "causal-lm":
+        calibration = pack_causal_calibration(args, calibration, tokenizer, dense)
     examples = read_examples(args, dense, prefix="eval-", limit=args.eval_limit)
     evaluate_kwargs = {"max_length": args.max_length, "max_tokens": args.max_tokens, "metrics": args.metrics}
     started = time.perf_counter()
