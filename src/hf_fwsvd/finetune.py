@@ -83,7 +83,8 @@ def finetune(
         lora (`peft.LoraConfig` or `bool`, *optional*): Train LoRA adapters on the `down` / `up` factors instead of
             the factors themselves (`True`: rank 8 on every factor, see `hf_fwsvd.lora`), then merge them into the
             factors: the model keeps its ranks and saves as a normal FWSVD checkpoint.
-        training_args: Further `TrainingArguments` fields (e.g. `weight_decay`, `warmup_ratio`, `max_steps`).
+        training_args: Further `TrainingArguments` fields (e.g. `weight_decay`, `warmup_steps`, `max_steps`;
+            transformers 5 takes a warm-up ratio as a float `warmup_steps` and has no `warmup_ratio`).
 
     Returns:
         [`FinetuneResult`]
