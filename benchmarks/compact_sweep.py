@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import logging
 import sys
 import time
@@ -42,6 +41,7 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.compare_methods import append_row, read_rows
 from hf_fwsvd import FWSVDConfig
 from hf_fwsvd.allocation import allocate_ranks, direction_scores
 from hf_fwsvd.factorize import LowRankFactors
@@ -234,30 +234,13 @@ class Evaluator:
         return self.run.evaluate(model)[0]
 
 
-def read_rows(path: Path = RESULTS) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _append(row: dict, path: Path = RESULTS) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow({k: row.get(k, "") for k in FIELDS})
-
-
 def _key(row: dict) -> str:
     return "|".join(str(row[k]) for k in ("model", "task", "variant", "allocation_power", "fraction", "num_samples"))
 
 
 def run_task(args: argparse.Namespace, task: str) -> None:
     evaluator = Evaluator(args.model, task, args.num_samples)
-    done = {_key(row): row for row in read_rows()}
+    done = {_key(row): row for row in read_rows(RESULTS)}
     dense_rows = [row for row in done.values() if row["model"] == args.model and row["task"] == task]
     if dense_rows:
         dense_score = float(dense_rows[0]["dense_score"])
@@ -299,7 +282,7 @@ def run_task(args: argparse.Namespace, task: str) -> None:
                 "compressed_modules": len(point.ranks),
                 "eval_s": round(time.perf_counter() - tick, 1),
             }
-            _append(row)
+            append_row(RESULTS, row, FIELDS)
             logger.info(
                 "%s %s=%.4f drop %.2f (%.0f s since factorising began)",
                 _key(row),

@@ -208,7 +208,8 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def append_row(path: Path, row: dict, fields: list[str] = CSV_FIELDS) -> None:
-    """Append one row (missing fields left empty) to a results CSV, writing the header first if it is new."""
+    """Append one row (missing fields left empty) to a results CSV; a new file gets its folder and header first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.is_file()
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import io
 import json
 import logging
@@ -50,6 +49,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable f
 from transformers import AutoTokenizer
 
 from benchmarks.assets import TASKS, TOKEN_TASKS, task_splits
+from benchmarks.compare_methods import append_row, read_rows
 from benchmarks.recovery import OBJECTIVES, RECOVERY_ARGS, recovery_finetune
 from benchmarks.task_model import (
     HEAD_ARGS,
@@ -97,10 +97,7 @@ def point_key(row: dict) -> str:
 
 
 def read_points(path: Path = RESULTS / "points.csv") -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    return read_rows(path)
 
 
 def finetune_stage(objective: str, steps: int, learning_rate: float) -> str:
@@ -209,12 +206,7 @@ class TaskRun:
         full["eval_s"] = round(time.perf_counter() - start, 1)
         if "params_kept" not in full and not row.get("int8"):
             full["params_kept"] = round(_params(model) / self.dense_params, 4)
-        new = not self.csv.is_file()
-        with self.csv.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow({k: full.get(k, "") for k in FIELDS})
+        append_row(self.csv, full, FIELDS)
         with self.preds.open("a") as f:
             f.write(json.dumps({"key": point_key(full), "pred": preds}) + "\n")
         self.done.add(point_key(full))

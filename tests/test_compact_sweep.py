@@ -10,6 +10,7 @@ from conftest import calibration_data, tiny_bert
 
 from benchmarks import compact_sweep
 from benchmarks.compact_sweep import block_kept, report, sweep_points, uniform_ranks
+from benchmarks.compare_methods import append_row
 from hf_fwsvd import FWSVDConfig, LowRankLinear
 from hf_fwsvd.methods import collect_statistics
 from hf_fwsvd.pipeline import compress_model
@@ -83,7 +84,9 @@ def test_report_finds_the_last_fraction_within_one_point(tmp_path, monkeypatch):
         (0.7, 0.810, 0, 0.7, 0.78),
     ]:
         row = base | {"fraction": fraction, "score": value, "within_1pt": within, "block_kept": block}
-        compact_sweep._append(row | {"params_kept": params, "drop_points": round((0.834 - value) * 100, 2)}, path)
+        append_row(
+            path, row | {"params_kept": params, "drop_points": round((0.834 - value) * 100, 2)}, compact_sweep.FIELDS
+        )
     assert report(path) == [
         "mpnet trec (dense 83.4) whiten: 20% of block weights / 15.0% of all parameters removable; "
         "0.90: 83.0, 0.80: 82.6, 0.70: 81.0"
