@@ -30,13 +30,17 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the setting has one); ``calib_s`` (the shared statistics, once per run) is reported separately. ``peak_rss_mb`` is
   the process's peak resident memory sampled every 20 ms during that compression.
 
-Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense][+c128|+mix][+lora|+lora64]
+Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense][+c128|+mix][+lora|+lora64|+lora128][+kd]
 [+int8]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
 update of the `up` factors (`hf_fwsvd.lstsq_update`; ``+update_both`` refits both factors, ``+update_dense`` fits the
 dense model's outputs, see `sequential_update`), ``+lora`` a LoRA recovery fine-tune (``finetune(..., lora=True)``:
 rank 8 on every factor, 2 epochs over the 32 fine-tune chunks at lr 2e-4, batch 4) merged back into the factors,
+``+kd`` makes that recovery's loss the distillation from the dense model (``finetune(..., teacher=dense)``:
+``KL(dense || compressed)`` of the next-token distributions at temperature 1, `hf_fwsvd.distill`) instead of the LM
+loss, same chunks, steps, LoRA and learning rate; ``+lora128`` (only with ``+mix``) the same LoRA recovery on 256
+mix chunks (86 / 85 / 85 of the three genres, continuing the pools of ``+lora64``; 128 steps),
 ``+int8`` the factors stored in int8 through the library (``FWSVDConfig(factor_dtype="int8")``: torchao per-channel
 weight-only int8 on `down` / `up` after a ``sqrt(S)`` split), saved with ``save_pretrained`` and reloaded with
 ``from_pretrained`` before the evaluation (needs a method that refines inside `compress`, e.g. ``svdllm`` or
@@ -110,9 +114,11 @@ MIX_MOBY_CHAPTERS = range(1, 101)  # +mix: the Moby Dick chapters calibration / 
 EXTRA_PLAY = "hamlet"  # ppl_extra: a genre in no calibration set
 FLAGS = (
     "alloc", "alloc1", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8",
-    "bytes", "int8bytes", "mix",
+    "bytes", "int8bytes", "mix", "kd", "lora128",
 )  # fmt: skip
 # update flag -> `sequential_update` options
+# LoRA flag -> the fine-tune chunks it reads (2 epochs, batch 4: 16 / 64 / 128 steps)
+LORA_FLAGS = {"lora": "train", "lora64": "train_large", "lora128": "train_xl"}
 UPDATES = {"update": {}, "update_both": {"refit": "both"}, "update_dense": {"target": "dense"}}
 # LoRA recovery (rank 8 on every factor, see `hf_fwsvd.lora`): 2 epochs over the 32 fine-tune chunks, batch 4.
 LORA_EPOCHS, LORA_LEARNING_RATE = 2.0, 2e-4
@@ -204,7 +210,8 @@ def benchmark_texts(tokenizer, genres: bool = True) -> dict:
 
 
 def mix_texts(tokenizer, sotu_calibration: list[dict], sotu_train: list[dict], chapters: dict[int, str]) -> dict:
-    """The ``+mix`` chunks: ``mix_calibration`` (32), ``mix_train`` (32) and ``mix_train_large`` (128), each an
+    """The ``+mix`` chunks: ``mix_calibration`` (32), ``mix_train`` (32), ``mix_train_large`` (128) and
+    ``mix_train_xl`` (256, ``+lora128``), each an
     interleaved equal-share mix of 1990s addresses, Moby Dick chapters 1-100 and WSJ news (see the module doc)."""
     from benchmarks.assets import news_lines
 
@@ -217,6 +224,7 @@ def mix_texts(tokenizer, sotu_calibration: list[dict], sotu_train: list[dict], c
         "mix_calibration": genre_mix([sotu_calibration, moby, news], CALIB_CHUNKS),
         "mix_train": genre_mix([sotu_train, moby_train, news_train], CALIB_CHUNKS),
         "mix_train_large": genre_mix([sotu_train, moby_train, news_train], LARGE_TRAIN_EXTRA.stop // 2),
+        "mix_train_xl": genre_mix([sotu_train, moby_train, news_train], LARGE_TRAIN_EXTRA.stop),
     }
 
 
@@ -251,7 +259,7 @@ def setting_data(spec: dict, data: dict) -> dict:
     if not spec["mix"]:
         return data
     return {**data, "calibration": data["mix_calibration"], "train": data["mix_train"],
-            "train_large": data["mix_train_large"]}  # fmt: skip
+            "train_large": data["mix_train_large"], "train_xl": data["mix_train_xl"]}  # fmt: skip
 
 
 def parse_setting(setting: str) -> dict:
@@ -259,21 +267,30 @@ def parse_setting(setting: str) -> dict:
     unknown = set(flags) - set(FLAGS)
     if unknown:
         raise ValueError(f"Unknown setting flag(s) {sorted(unknown)} in {setting!r}.")
-    if "lora" in flags and "lora64" in flags:
-        raise ValueError(f"Choose one of +lora and +lora64 in {setting!r}.")
+    if len(set(flags) & set(LORA_FLAGS)) > 1:
+        raise ValueError(f"Choose one of {', '.join('+' + flag for flag in LORA_FLAGS)} in {setting!r}.")
     if len(set(flags) & set(UPDATES)) > 1:
         raise ValueError(f"Choose one update flag ({', '.join(UPDATES)}) in {setting!r}.")
     spec = {"method": method, **{flag: flag in flags for flag in FLAGS}}
-    if spec["int8"] and (any(spec[flag] for flag in UPDATES) or spec["lora"] or spec["lora64"]):
+    if spec["int8"] and (any(spec[flag] for flag in UPDATES) or lora_flag(spec)):
         raise ValueError(
             f"{setting!r}: `+int8` quantises the factors inside `compress`, before an update / `+lora` would run; use "
             "a method that refines inside `compress` (svdllm, fisher_svdllm) and no `+lora`."
         )
+    if spec["kd"] and not lora_flag(spec):
+        raise ValueError(f"{setting!r}: `+kd` changes the recovery loss; add `+lora`, `+lora64` or `+lora128`.")
+    if spec["lora128"] and not spec["mix"]:
+        raise ValueError(f"{setting!r}: `+lora128` needs 256 fine-tune chunks, which only `+mix` has; add `+mix`.")
     if spec["mix"] and spec["c128"]:
         raise ValueError(f"{setting!r}: `+mix` replaces the 32 calibration chunks; it has no 128-chunk set (`+c128`).")
     if (spec["bytes"] or spec["int8bytes"]) and not allocated(spec):
         raise ValueError(f"{setting!r}: byte budgets need the global allocation (`+alloc` or `+alloc1`).")
     return spec
+
+
+def lora_flag(spec: dict) -> str | None:
+    """The setting's LoRA recovery flag (``lora``, ``lora64``, ``lora128``), or `None`."""
+    return next((flag for flag in LORA_FLAGS if spec[flag]), None)
 
 
 def int8_block_bytes(targets) -> int:
@@ -434,11 +451,17 @@ def setting_statistics(store: StatisticsStore, spec: dict, budget: float, data: 
     return merged, seconds + more
 
 
-def lora_recover(model, train: list[dict], tokenizer) -> None:
+def lora_recover(model, train: list[dict], tokenizer, teacher=None) -> None:
+    """The LoRA recovery; with `teacher` (``+kd``) its loss is the distillation from the teacher, not the LM loss."""
     from hf_fwsvd.finetune import finetune
 
-    finetune(model, train, tokenizer, epochs=LORA_EPOCHS, learning_rate=LORA_LEARNING_RATE, batch_size=4,
-             max_length=CHUNK_TOKENS, show_progress=False, logging_steps=4, lora=True)  # fmt: skip
+    started = time.perf_counter()
+    result = finetune(model, train, tokenizer, epochs=LORA_EPOCHS, learning_rate=LORA_LEARNING_RATE, batch_size=4,
+                      max_length=CHUNK_TOKENS, show_progress=False, logging_steps=4, lora=True,
+                      teacher=teacher)  # fmt: skip
+    steps = result.log_history[-1].get("step", 0) if result.log_history else 0
+    logger.info("LoRA recovery (%s loss): %d steps in %.0f s, losses %s", "distillation" if teacher else "LM", steps,
+                time.perf_counter() - started, [round(loss, 3) for loss in result.losses])  # fmt: skip
 
 
 def save_and_reload(model, tokenizer):
@@ -556,8 +579,9 @@ def run(args: argparse.Namespace) -> None:
                 compressed = {row.name: targets[row.name] for row in model.fwsvd_report.modules}
                 report = sequential_update(model, compressed, loader, **update)
                 logger.info("update rejected for %d modules", len(report.rejected))
-            if spec["lora"] or spec["lora64"]:
-                lora_recover(model, chosen["train_large" if spec["lora64"] else "train"], tokenizer)
+            if lora_flag(spec):
+                train = chosen[LORA_FLAGS[lora_flag(spec)]]
+                lora_recover(model, train, tokenizer, teacher=dense if spec["kd"] else None)
         compress_s = time.perf_counter() - started
         kept = kept_fraction(model, targets)
         if spec["int8"]:

@@ -6,6 +6,7 @@ import pytest
 
 from benchmarks.assets import _detokenize
 from benchmarks.causal_lm import (
+    LORA_FLAGS,
     MIX_MOBY_CHAPTERS,
     MOBY_CHAPTERS,
     _cells,
@@ -54,11 +55,12 @@ def test_mix_chapters_never_reach_the_evaluation_chapters():
 
 def test_mix_setting_swaps_calibration_and_training_chunks_only():
     data = {name: [name] for name in ("calibration", "calibration_large", "train", "train_large", "mix_calibration",
-                                      "mix_train", "mix_train_large", "dev")}  # fmt: skip
+                                      "mix_train", "mix_train_large", "mix_train_xl", "dev")}  # fmt: skip
     chosen = setting_data(parse_setting("fisher_whiten+alloc1+update+mix+lora"), data)
     assert chosen["calibration"] == ["mix_calibration"]
     assert chosen["train"] == ["mix_train"]
     assert chosen["train_large"] == ["mix_train_large"]
+    assert chosen[LORA_FLAGS["lora128"]] == ["mix_train_xl"]
     assert chosen["dev"] == ["dev"] and chosen["calibration_large"] == ["calibration_large"]
     assert setting_data(parse_setting("fisher_whiten+alloc1+update"), data) is data
 
@@ -77,3 +79,18 @@ def test_table_cells_leave_a_missing_column_empty():
     row = {"ppl_dev": "42.21", "ppl_sotu": "41.87", "ppl_moby": "183.7", "compress_s": "300.1", "peak_rss_mb": "3657"}
     assert _cells(row) == ["42.2", "41.9", "183.7", "", "300.1", "3657"]
     assert _cells({**row, "ppl_extra": "12345.6"}) == ["42.2", "41.9", "183.7", "1.2e+04", "300.1", "3657"]
+
+
+def test_kd_needs_a_lora_recovery():
+    assert parse_setting("fisher_whiten+alloc1+update+mix+lora64+kd")["kd"]
+    with pytest.raises(
+        ValueError, match=r"`\+kd` changes the recovery loss; add `\+lora`, `\+lora64` or `\+lora128`\.$"
+    ):
+        parse_setting("fisher_whiten+alloc1+update+kd")
+
+
+def test_lora128_needs_the_mix_and_one_lora_flag():
+    with pytest.raises(ValueError, match=r"`\+lora128` needs 256 fine-tune chunks, which only `\+mix` has"):
+        parse_setting("fisher_whiten+alloc1+update+lora128")
+    with pytest.raises(ValueError, match=r"^Choose one of \+lora, \+lora64, \+lora128 in "):
+        parse_setting("fisher_whiten+alloc1+update+mix+lora64+lora128")

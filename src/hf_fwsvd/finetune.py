@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import tokenize_examples
+from .calibration import infer_task, tokenize_examples
 from .layers import LowRankLinear
 from .lora import attach_lora, merge_lora
 from .provenance import record_finetune
@@ -45,6 +45,34 @@ class FinetuneResult:
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def check_distillation(model: nn.Module, teacher: nn.Module | None, distill_temperature: float) -> None:
+    """Refuse the distillation settings `finetune` cannot run.
+
+    Raises:
+        `ValueError`: A temperature without a teacher or not above 0, the teacher being the model itself, or a model
+            or teacher that is not a causal LM.
+    """
+    if teacher is None:
+        if distill_temperature != 1.0:
+            raise ValueError(
+                f"`distill_temperature={distill_temperature}` needs a `teacher=`: pass the dense model to distil "
+                "from, or drop `distill_temperature`."
+            )
+        return
+    if not distill_temperature > 0:
+        raise ValueError(f"`distill_temperature` must be > 0, got {distill_temperature}.")
+    if teacher is model:
+        raise ValueError(
+            "`teacher` is the model being fine-tuned; pass a separate copy (e.g. the dense model before compression)."
+        )
+    for role, module in (("model", model), ("teacher", teacher)):
+        if infer_task(module) != "causal-lm":
+            raise ValueError(
+                f"Distillation (`teacher=`) supports causal LMs only, but `{role}` is a {type(module).__name__}; "
+                "fine-tune it without `teacher`."
+            )
+
+
 def finetune(
     model: nn.Module,
     train_examples: Any,
@@ -60,6 +88,8 @@ def finetune(
     seed: int = 0,
     show_progress: bool = True,
     lora: Any = None,
+    teacher: nn.Module | None = None,
+    distill_temperature: float = 1.0,
     **training_args: Any,
 ) -> FinetuneResult:
     """Fine-tune `model` (usually FWSVD-compressed) on `train_examples` and optionally save it.
@@ -83,6 +113,12 @@ def finetune(
         lora (`peft.LoraConfig` or `bool`, *optional*): Train LoRA adapters on the `down` / `up` factors instead of
             the factors themselves (`True`: rank 8 on every factor, see `hf_fwsvd.lora`), then merge them into the
             factors: the model keeps its ranks and saves as a normal FWSVD checkpoint.
+        teacher (`nn.Module`, *optional*): Distil from this model (usually the dense original of a causal LM): the loss
+            becomes ``KL(teacher || model)`` of the next-token distributions, averaged over non-padding positions
+            (see `hf_fwsvd.distill`), instead of the model's own loss. The teacher runs in eval mode without
+            gradients. Causal LMs only.
+        distill_temperature (`float`, *optional*, defaults to 1.0): Softmax temperature of the distillation (the
+            loss is scaled by its square); only with `teacher`.
         training_args: Further `TrainingArguments` fields (e.g. `weight_decay`, `warmup_steps`, `max_steps`;
             transformers 5 takes a warm-up ratio as a float `warmup_steps` and has no `warmup_ratio`).
 
@@ -90,10 +126,12 @@ def finetune(
         [`FinetuneResult`]
 
     Raises:
-        `ValueError`: For bad data (see `build_calibration_loader`) or when nothing would be trained.
+        `ValueError`: For bad data (see `build_calibration_loader`), when nothing would be trained, or for a
+            distillation `finetune` cannot run (see `check_distillation`).
     """
     from transformers import Trainer, TrainingArguments
 
+    check_distillation(model, teacher, distill_temperature)
     examples, collate = tokenize_examples(train_examples, tokenizer, model, num_samples, max_length, batch_size)
     trained = model
     if lora:
@@ -129,7 +167,19 @@ def finetune(
             disable_tqdm=not show_progress,
             **training_args,
         )
-        trainer = Trainer(model=trained, args=args, train_dataset=examples, data_collator=collate)
+        if teacher is None:
+            trainer = Trainer(model=trained, args=args, train_dataset=examples, data_collator=collate)
+        else:
+            from .distill import DistillationTrainer
+
+            trainer = DistillationTrainer(
+                model=trained,
+                args=args,
+                train_dataset=examples,
+                data_collator=collate,
+                teacher=teacher,
+                distill_temperature=distill_temperature,
+            )
         output = trainer.train()
         history = list(trainer.state.log_history)
     if lora:
