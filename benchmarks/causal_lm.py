@@ -30,8 +30,8 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the setting has one); ``calib_s`` (the shared statistics, once per run) is reported separately. ``peak_rss_mb`` is
   the process's peak resident memory sampled every 20 ms during that compression.
 
-Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense][+c128|+mix][+lora|+lora64|+lora128][+kd]
-[+int8]``:
+Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense][+c128|+mix]
+[+lora|+lora64|+lora128][+ep4][+kd][+int8]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
 update of the `up` factors (`hf_fwsvd.lstsq_update`; ``+update_both`` refits both factors, ``+update_dense`` fits the
@@ -40,7 +40,8 @@ rank 8 on every factor, 2 epochs over the 32 fine-tune chunks at lr 2e-4, batch 
 ``+kd`` makes that recovery's loss the distillation from the dense model (``finetune(..., teacher=dense)``:
 ``KL(dense || compressed)`` of the next-token distributions at temperature 1, `hf_fwsvd.distill`) instead of the LM
 loss, same chunks, steps, LoRA and learning rate; ``+lora128`` (only with ``+mix``) the same LoRA recovery on 256
-mix chunks (86 / 85 / 85 of the three genres, continuing the pools of ``+lora64``; 128 steps),
+mix chunks (86 / 85 / 85 of the three genres, continuing the pools of ``+lora64``; 128 steps), ``+ep4`` runs
+the recovery for 4 epochs over its chunks instead of 2 (twice the steps, the same text),
 ``+int8`` the factors stored in int8 through the library (``FWSVDConfig(factor_dtype="int8")``: torchao per-channel
 weight-only int8 on `down` / `up` after a ``sqrt(S)`` split), saved with ``save_pretrained`` and reloaded with
 ``from_pretrained`` before the evaluation (needs a method that refines inside `compress`, e.g. ``svdllm`` or
@@ -114,7 +115,7 @@ MIX_MOBY_CHAPTERS = range(1, 101)  # +mix: the Moby Dick chapters calibration / 
 EXTRA_PLAY = "hamlet"  # ppl_extra: a genre in no calibration set
 FLAGS = (
     "alloc", "alloc1", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8",
-    "bytes", "int8bytes", "mix", "kd", "lora128",
+    "bytes", "int8bytes", "mix", "kd", "lora128", "ep4",
 )  # fmt: skip
 # update flag -> `sequential_update` options
 # LoRA flag -> the fine-tune chunks it reads (2 epochs, batch 4: 16 / 64 / 128 steps)
@@ -122,6 +123,7 @@ LORA_FLAGS = {"lora": "train", "lora64": "train_large", "lora128": "train_xl"}
 UPDATES = {"update": {}, "update_both": {"refit": "both"}, "update_dense": {"target": "dense"}}
 # LoRA recovery (rank 8 on every factor, see `hf_fwsvd.lora`): 2 epochs over the 32 fine-tune chunks, batch 4.
 LORA_EPOCHS, LORA_LEARNING_RATE = 2.0, 2e-4
+LONG_LORA_EPOCHS = 4.0  # +ep4
 DEFAULT_SETTINGS = [
     "fisher_whiten+alloc1+update", "fisher_whiten+alloc1+update+c128", "whiten+alloc1+update+c128",
     "whiten+alloc1+update", "whiten+alloc1", "whiten+update", "whiten", "whiten+v2", "whiten+v2+update",
@@ -279,6 +281,8 @@ def parse_setting(setting: str) -> dict:
         )
     if spec["kd"] and not lora_flag(spec):
         raise ValueError(f"{setting!r}: `+kd` changes the recovery loss; add `+lora`, `+lora64` or `+lora128`.")
+    if spec["ep4"] and not lora_flag(spec):
+        raise ValueError(f"{setting!r}: `+ep4` lengthens the recovery; add `+lora`, `+lora64` or `+lora128`.")
     if spec["lora128"] and not spec["mix"]:
         raise ValueError(f"{setting!r}: `+lora128` needs 256 fine-tune chunks, which only `+mix` has; add `+mix`.")
     if spec["mix"] and spec["c128"]:
@@ -451,12 +455,12 @@ def setting_statistics(store: StatisticsStore, spec: dict, budget: float, data: 
     return merged, seconds + more
 
 
-def lora_recover(model, train: list[dict], tokenizer, teacher=None) -> None:
+def lora_recover(model, train: list[dict], tokenizer, teacher=None, epochs: float = LORA_EPOCHS) -> None:
     """The LoRA recovery; with `teacher` (``+kd``) its loss is the distillation from the teacher, not the LM loss."""
     from hf_fwsvd.finetune import finetune
 
     started = time.perf_counter()
-    result = finetune(model, train, tokenizer, epochs=LORA_EPOCHS, learning_rate=LORA_LEARNING_RATE, batch_size=4,
+    result = finetune(model, train, tokenizer, epochs=epochs, learning_rate=LORA_LEARNING_RATE, batch_size=4,
                       max_length=CHUNK_TOKENS, show_progress=False, logging_steps=4, lora=True,
                       teacher=teacher)  # fmt: skip
     steps = result.log_history[-1].get("step", 0) if result.log_history else 0
@@ -581,7 +585,8 @@ def run(args: argparse.Namespace) -> None:
                 logger.info("update rejected for %d modules", len(report.rejected))
             if lora_flag(spec):
                 train = chosen[LORA_FLAGS[lora_flag(spec)]]
-                lora_recover(model, train, tokenizer, teacher=dense if spec["kd"] else None)
+                epochs = LONG_LORA_EPOCHS if spec["ep4"] else LORA_EPOCHS
+                lora_recover(model, train, tokenizer, teacher=dense if spec["kd"] else None, epochs=epochs)
         compress_s = time.perf_counter() - started
         kept = kept_fraction(model, targets)
         if spec["int8"]:

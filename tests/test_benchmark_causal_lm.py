@@ -6,6 +6,8 @@ import pytest
 
 from benchmarks.assets import _detokenize
 from benchmarks.causal_lm import (
+    LONG_LORA_EPOCHS,
+    LORA_EPOCHS,
     LORA_FLAGS,
     MIX_MOBY_CHAPTERS,
     MOBY_CHAPTERS,
@@ -94,3 +96,12 @@ def test_lora128_needs_the_mix_and_one_lora_flag():
         parse_setting("fisher_whiten+alloc1+update+lora128")
     with pytest.raises(ValueError, match=r"^Choose one of \+lora, \+lora64, \+lora128 in "):
         parse_setting("fisher_whiten+alloc1+update+mix+lora64+lora128")
+
+
+def test_ep4_needs_a_lora_recovery_and_doubles_the_epochs():
+    expected = r"`\+ep4` lengthens the recovery; add `\+lora`, `\+lora64` or `\+lora128`\.$"
+    with pytest.raises(ValueError, match=expected):
+        parse_setting("fisher_whiten+alloc1+update+mix+ep4")
+    spec = parse_setting("fisher_whiten+alloc1+update+mix+lora128+ep4")
+    assert spec["ep4"] and spec["lora128"] and not spec["kd"]
+    assert LONG_LORA_EPOCHS == 2 * LORA_EPOCHS
