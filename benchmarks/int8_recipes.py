@@ -1,0 +1,341 @@
+"""Low rank + dynamic int8 recipes on MPNet task models (issue #15): can one beat one-line dynamic int8 alone?
+
+One-line ``quantize_dynamic`` int8 loses 16 accuracy points on polarity, from its per-tensor *activation*
+quantisation. This script looks for a recipe that keeps the speed and size of dynamic int8 but not its loss, with
+every choice made on a development split carved from the training data (`benchmarks.recovery.dev_split`, training
+examples 2,000-2,299) and the test split read only by the final ``test`` stage. Three stages:
+
+* ``build``: the low-rank models, cached under ``~/.cache/hf_fwsvd/int8_recipes/``: activation-whitened SVD keeping
+  the fraction ``f`` of every block module's weights (``param_ratio=f``, 128 calibration examples of the training
+  split, seed 0, as `benchmarks/int8_compare.py`), optionally followed by the recovery fine-tune
+  (`benchmarks.recovery.recovery_finetune` with `RECOVERY_ARGS`: labels, 125 steps of 16 on the first 2,000 training
+  examples, AdamW 2e-4);
+* ``dev``: per base model (dense and each low-rank model), dynamic int8 variants scored on the development split:
+  every `nn.Linear` quantised, one module group only (`module_group`), all groups but one, and SmoothQuant-style
+  smoothing (`smoothing_scales`) at several ``alpha``;
+* ``test``: the named recipes (``--recipes``, ``base:variant``) on the 500 test examples, with forward time (one
+  thread, the same length-sorted batches, minimum over interleaved rounds) and ``torch.save`` size, side by side in
+  one process, as `benchmarks/int8_compare.py` measures.
+
+A variant is ``int8`` (everything), ``only-<group>``, ``skip-<group>[+<group>...]`` (those groups stay fp32),
+``smooth<alpha>`` and combinations joined with ``,`` (``smooth0.5,skip-ffn_out``); ``fp32`` is the base model as is.
+
+Run from the repository root with ``PYTHONPATH=src:.``, e.g.
+``python benchmarks/int8_recipes.py build --task polarity --fraction 0.8 --finetune``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.headline import (
+    RESULTS,
+    TaskRun,
+    calibration_sample,
+    predict,
+    quiet_logging,
+    saved_mb,
+    score,
+    timing_batches,
+)
+from benchmarks.int8_compare import forward_seconds
+from benchmarks.recovery import RECOVERY_ARGS, dev_split, recovery_finetune
+from hf_fwsvd import FWSVDConfig, compress
+from hf_fwsvd.evaluation import length_sorted_batches
+
+logger = logging.getLogger(__name__)
+
+CACHE = Path.home() / ".cache" / "hf_fwsvd" / "int8_recipes"
+GROUPS = ("qkv", "attn_out", "ffn_in", "ffn_out", "head")
+NUM_SAMPLES = 128
+
+
+def base_name(fraction: float | None, finetune: bool) -> str:
+    """``dense``, ``whiten0.8`` or ``whiten0.8+ft``: the name of a base model in recipes and cache files."""
+    if fraction is None:
+        return "dense"
+    return f"whiten{fraction:g}" + ("+ft" if finetune else "")
+
+
+def build_low_rank(run: TaskRun, fraction: float, finetune: bool) -> nn.Module:
+    """The whitened low-rank model of `run.dense` keeping `fraction` of the block weights, optionally fine-tuned,
+    loaded from the cache when built before (a whole pickled module, ``torch.save(model)``)."""
+    path = CACHE / f"{run.task}_{base_name(fraction, finetune)}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    if finetune:
+        model = copy.deepcopy(build_low_rank(run, fraction, False))
+        start = time.perf_counter()
+        info = recovery_finetune(model, run.tokenizer, run.splits["train"][: RECOVERY_ARGS["train_size"]])
+        logger.info("%s: fine-tuned %s in %.0f s: %s", run.task, path.name, time.perf_counter() - start, info)
+    else:
+        model = copy.deepcopy(run.dense)
+        config = FWSVDConfig(
+            method="whiten",
+            param_ratio=fraction,
+            calibration_dataset=calibration_sample(run.splits["train"], NUM_SAMPLES, 0),
+            tokenizer=run.tokenizer,
+            num_samples=NUM_SAMPLES,
+            batch_size=16,
+            max_length=64,
+        )
+        start = time.perf_counter()
+        compress(model, config, show_progress=False)
+        logger.info("%s: whiten %s compressed in %.0f s", run.task, fraction, time.perf_counter() - start)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    torch.save(model, path)
+    return model
+
+
+def module_tags(name: str) -> set[str]:
+    """The groups an `nn.Linear` of an MPNet task model belongs to: one of `GROUPS`, plus ``"down"`` or ``"up"``
+    for the factors of a `LowRankLinear` (``mpnet.encoder.layer.3.output.dense.up`` -> ``{"ffn_out", "up"}``)."""
+    parts = name.split(".")
+    factor = {parts.pop()} if parts[-1] in ("down", "up") else set()
+    path = ".".join(parts)
+    if path.startswith("classifier."):
+        group = "head"
+    elif path.endswith(("attn.q", "attn.k", "attn.v")):
+        group = "qkv"
+    elif path.endswith("attn.o"):
+        group = "attn_out"
+    elif path.endswith("intermediate.dense"):
+        group = "ffn_in"
+    elif path.endswith("output.dense"):
+        group = "ffn_out"
+    else:
+        raise ValueError(f"module_tags: {name!r} is not a linear of an MPNet task model.")
+    return {group} | factor
+
+
+class SmoothedInput(nn.Module):
+    """``x -> linear(x * inverse_scale)`` where `linear`'s weight columns were multiplied by ``scale``: the same map
+    in exact arithmetic, but the activation's outlier channels are divided down before quantisation.
+
+    Args:
+        linear (`nn.Linear`): The layer, changed in place (its weight becomes ``weight * scale``).
+        scale (`torch.Tensor`): One positive factor per input feature.
+    """
+
+    def __init__(self, linear: nn.Linear, scale: torch.Tensor) -> None:
+        super().__init__()
+        with torch.no_grad():
+            linear.weight.mul_(scale)
+        self.linear = linear
+        self.register_buffer("inverse_scale", 1.0 / scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x * self.inverse_scale)
+
+
+@torch.no_grad()
+def activation_absmax(model: nn.Module, tokenizer, examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Per input feature, the largest ``|x|`` each `nn.Linear` of `model` sees on `examples` (batches of 16, max
+    length 64, padding tokens included as dynamic quantisation includes them)."""
+    absmax: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, inputs: tuple) -> None:
+            value = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(0)
+            absmax[name] = torch.maximum(absmax[name], value) if name in absmax else value
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    model.eval()
+    try:
+        for _, batch in length_sorted_batches(tokenizer, examples, 16, 64):
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return absmax
+
+
+def smoothing_scales(weight: torch.Tensor, absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-feature factor ``s_j = max|x_j|^alpha / max_i |W_ij|^(1 - alpha)`` (clamped to
+    ``[1e-5, 1e5]``): dividing the activations by ``s`` and multiplying the weight columns by it moves ``alpha`` of
+    the outlier range from the activations into the weights."""
+    weight_max = weight.detach().abs().amax(0).clamp(min=1e-8)
+    return (absmax.clamp(min=1e-8).pow(alpha) / weight_max.pow(1 - alpha)).clamp(1e-5, 1e5)
+
+
+def parse_variant(variant: str) -> dict:
+    """``"smooth0.5,skip-ffn_out+head"`` -> ``{"alpha": 0.5, "skip": {"ffn_out", "head"}, "only": None,
+    "per_channel": False, "float": False}``; see the module docstring for the grammar."""
+    spec = {"alpha": None, "skip": set(), "only": None, "per_channel": False, "float": False}
+    tags = set(GROUPS) | {"down", "up"}
+    for part in variant.split(","):
+        if part == "fp32":
+            spec["float"] = True
+        elif part == "int8":
+            continue
+        elif part == "perchannel":
+            spec["per_channel"] = True
+        elif part.startswith("smooth"):
+            spec["alpha"] = float(part.removeprefix("smooth"))
+        elif part.startswith(("skip-", "only-")):
+            kind, names = part.split("-", 1)
+            chosen = set(names.split("+"))
+            if not chosen <= tags:
+                raise ValueError(f"variant {variant!r}: unknown group(s) {sorted(chosen - tags)}; use {sorted(tags)}.")
+            spec[kind] = chosen
+        else:
+            raise ValueError(
+                f"variant {variant!r}: unknown part {part!r}; see benchmarks/int8_recipes.py's docstring."
+            )
+    return spec
+
+
+def dynamic_int8(model: nn.Module, variant: str, absmax: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A copy of `model` with the linears that `variant` selects smoothed (if asked) and dynamically quantised
+    (``quantize_dynamic``, qint8, per-tensor weights unless ``perchannel``); the others stay fp32.
+
+    Args:
+        model (`nn.Module`): The base model (dense or low-rank), not changed.
+        variant (`str`): See `parse_variant`.
+        absmax (`dict[str, torch.Tensor]`, *optional*): `activation_absmax` of `model`; needed for ``smooth``.
+    """
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+
+    spec = parse_variant(variant)
+    model = copy.deepcopy(model)
+    if spec["float"]:
+        return model
+    chosen = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        tags = module_tags(name)
+        if tags & spec["skip"] or (spec["only"] is not None and not tags & spec["only"]):
+            continue
+        if spec["alpha"] is not None:
+            if absmax is None:
+                raise ValueError(f"variant {variant!r} smooths: pass absmax=activation_absmax(model, ...).")
+            scale = smoothing_scales(module.weight, absmax[name], spec["alpha"])
+            model.set_submodule(name, SmoothedInput(module, scale))
+            name = f"{name}.linear"
+        chosen.append(name)
+    qconfig = per_channel_dynamic_qconfig if spec["per_channel"] else default_dynamic_qconfig
+    return quantize_dynamic(model, {name: qconfig for name in chosen}, dtype=torch.qint8)
+
+
+def load_base(run: TaskRun, name: str) -> nn.Module:
+    """``dense`` or a cached `build_low_rank` model named as `base_name` writes it (``whiten0.8+ft``)."""
+    if name == "dense":
+        return run.dense
+    if not name.startswith("whiten"):
+        raise ValueError(f"base {name!r}: use dense or whiten<fraction>[+ft].")
+    finetune = name.endswith("+ft")
+    return build_low_rank(run, float(name.removeprefix("whiten").removesuffix("+ft")), finetune)
+
+
+def dev_stage(run: TaskRun, args: argparse.Namespace) -> dict:
+    """Scores every ``--variants`` of every ``--bases`` model on `dev_split`; merged into the dev JSON file."""
+    dev = dev_split(run.splits["train"])
+    labels = torch.tensor([e["label"] for e in dev], dtype=torch.float32 if run.regression else torch.long)
+    calibration = calibration_sample(run.splits["train"], NUM_SAMPLES, 0)
+    path = RESULTS / f"int8_recipes_dev_{run.task}.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    for base in args.bases:
+        model = load_base(run, base)
+        absmax = (
+            activation_absmax(model, run.tokenizer, calibration) if any("smooth" in v for v in args.variants) else None
+        )
+        for variant in args.variants:
+            start = time.perf_counter()
+            value = score(predict(dynamic_int8(model, variant, absmax), run.tokenizer, dev), labels, run.regression)[0]
+            results[f"{base}:{variant}"] = round(value, 5)
+            logger.info("dev %s %s:%s %.4f (%.0f s)", run.task, base, variant, value, time.perf_counter() - start)
+            path.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def test_stage(run: TaskRun, args: argparse.Namespace) -> dict:
+    """Test score, forward time (one process, interleaved rounds) and saved size of each ``--recipes`` model."""
+    calibration = calibration_sample(run.splits["train"], NUM_SAMPLES, 0)
+    bases: dict[str, tuple[nn.Module, dict | None]] = {}
+    models = {}
+    for recipe in args.recipes:
+        base, variant = recipe.split(":", 1)
+        if base not in bases:
+            model = load_base(run, base)
+            needs = any(r.startswith(f"{base}:") and "smooth" in r for r in args.recipes)
+            bases[base] = (model, activation_absmax(model, run.tokenizer, calibration) if needs else None)
+        models[recipe] = dynamic_int8(bases[base][0], variant, bases[base][1])
+    batches = timing_batches(run, args.timing_examples)
+    load_before = os.getloadavg()
+    seconds = forward_seconds(models, batches, args.rounds)
+    load_after = os.getloadavg()
+    reference = seconds.get("dense:fp32", next(iter(seconds.values())))
+    rows = {}
+    for recipe, model in models.items():
+        start = time.perf_counter()
+        value, _, preds = run.evaluate(model)
+        rows[recipe] = {
+            "score": round(value, 5),
+            "forward_s": round(seconds[recipe], 3),
+            "speedup": round(reference / seconds[recipe], 3),
+            "mb": round(saved_mb(model), 1),
+            "eval_s": round(time.perf_counter() - start, 1),
+            "pred": [int(p) if not run.regression else float(p) for p in preds],
+        }
+        logger.info("test %s %s %s", run.task, recipe, {k: v for k, v in rows[recipe].items() if k != "pred"})
+    path = RESULTS / "int8_recipes_test.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results[run.task] = {
+        "timing_examples": len(run.test[: args.timing_examples]),
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads(),
+        "load_average_before_after": [list(load_before), list(load_after)],
+        "models": rows,
+    }
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{run.task} ({run.metric}), {results[run.task]['timing_examples']} timing examples, 1 thread:")
+    for recipe, row in rows.items():
+        print(
+            f"  {recipe:<44} {row['score'] * 100:6.1f}  {row['forward_s']:7.2f} s  {row['speedup']:5.2f}x  "
+            f"{row['mb']:7.1f} MB"
+        )
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=["build", "dev", "test"])
+    parser.add_argument("--task", default="polarity")
+    parser.add_argument("--fraction", type=float, default=0.8, help="build: fraction of block weights kept")
+    parser.add_argument("--finetune", action="store_true", help="build: add the recovery fine-tune")
+    parser.add_argument("--bases", nargs="+", default=["dense"], help="dev: dense, whiten<f>, whiten<f>+ft")
+    parser.add_argument("--variants", nargs="+", default=["fp32", "int8"], help="dev: variants to score")
+    parser.add_argument("--recipes", nargs="+", default=["dense:fp32", "dense:int8"], help="test: base:variant")
+    parser.add_argument("--timing-examples", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    quiet_logging()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    run = TaskRun(args.task)
+    if args.stage == "build":
+        build_low_rank(run, args.fraction, args.finetune)
+    elif args.stage == "dev":
+        dev_stage(run, args)
+    else:
+        test_stage(run, args)
+
+
+if __name__ == "__main__":
+    main()
