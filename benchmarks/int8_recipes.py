@@ -18,7 +18,9 @@ examples 2,000-2,299) and the test split read only by the final ``test`` stage. 
   one process, as `benchmarks/int8_compare.py` measures.
 
 A variant is ``int8`` (everything), ``only-<group>``, ``skip-<group>[+<group>...]`` (those groups stay fp32),
-``smooth<alpha>`` and combinations joined with ``,`` (``smooth0.5,skip-ffn_out``); ``fp32`` is the base model as is.
+``smooth<alpha>``, ``perchannel`` (one weight scale per output row), ``fullrange`` (8-bit activations,
+`FullRangeDynamicLinear`) and combinations joined with ``,`` (``smooth0.5,skip-ffn_out``); ``fp32`` is the base
+model as is.
 
 Run from the repository root with ``PYTHONPATH=src:.``, e.g.
 ``python benchmarks/int8_recipes.py build --task polarity --fraction 0.8 --finetune``.
@@ -121,6 +123,17 @@ def module_tags(name: str) -> set[str]:
     return {group} | factor
 
 
+class FullRangeDynamicLinear(torch.ao.nn.quantized.dynamic.Linear):
+    """`quantize_dynamic`'s linear with 8-bit instead of 7-bit activations: PyTorch's module always asks fbgemm for
+    ``reduce_range=True`` (which avoids int16 overflow on CPUs without VNNI); on a VNNI CPU the full range is safe and
+    halves the activation rounding step. Made by `dynamic_int8` by swapping the class of a quantised module."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, reduce_range=False).to(
+            x.dtype
+        )
+
+
 class SmoothedInput(nn.Module):
     """``x -> linear(x * inverse_scale)`` where `linear`'s weight columns were multiplied by ``scale``: the same map
     in exact arithmetic, but the activation's outlier channels are divided down before quantisation.
@@ -175,8 +188,8 @@ def smoothing_scales(weight: torch.Tensor, absmax: torch.Tensor, alpha: float) -
 
 def parse_variant(variant: str) -> dict:
     """``"smooth0.5,skip-ffn_out+head"`` -> ``{"alpha": 0.5, "skip": {"ffn_out", "head"}, "only": None,
-    "per_channel": False, "float": False}``; see the module docstring for the grammar."""
-    spec = {"alpha": None, "skip": set(), "only": None, "per_channel": False, "float": False}
+    "per_channel": False, "float": False, "full_range": False}``; see the module docstring for the grammar."""
+    spec = {"alpha": None, "skip": set(), "only": None, "per_channel": False, "float": False, "full_range": False}
     tags = set(GROUPS) | {"down", "up"}
     for part in variant.split(","):
         if part == "fp32":
@@ -185,6 +198,8 @@ def parse_variant(variant: str) -> dict:
             continue
         elif part == "perchannel":
             spec["per_channel"] = True
+        elif part == "fullrange":
+            spec["full_range"] = True
         elif part.startswith("smooth"):
             spec["alpha"] = float(part.removeprefix("smooth"))
         elif part.startswith(("skip-", "only-")):
@@ -202,7 +217,8 @@ def parse_variant(variant: str) -> dict:
 
 def dynamic_int8(model: nn.Module, variant: str, absmax: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """A copy of `model` with the linears that `variant` selects smoothed (if asked) and dynamically quantised
-    (``quantize_dynamic``, qint8, per-tensor weights unless ``perchannel``); the others stay fp32.
+    (``quantize_dynamic``, qint8, per-tensor weights unless ``perchannel``, 7-bit activations unless ``fullrange``);
+    the others stay fp32.
 
     Args:
         model (`nn.Module`): The base model (dense or low-rank), not changed.
@@ -230,7 +246,12 @@ def dynamic_int8(model: nn.Module, variant: str, absmax: dict[str, torch.Tensor]
             name = f"{name}.linear"
         chosen.append(name)
     qconfig = per_channel_dynamic_qconfig if spec["per_channel"] else default_dynamic_qconfig
-    return quantize_dynamic(model, {name: qconfig for name in chosen}, dtype=torch.qint8)
+    model = quantize_dynamic(model, {name: qconfig for name in chosen}, dtype=torch.qint8)
+    if spec["full_range"]:
+        for module in model.modules():
+            if type(module) is torch.ao.nn.quantized.dynamic.Linear:
+                module.__class__ = FullRangeDynamicLinear
+    return model
 
 
 def load_base(run: TaskRun, name: str) -> nn.Module:

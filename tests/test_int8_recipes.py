@@ -11,6 +11,7 @@ from torch import nn
 from transformers import MPNetConfig, MPNetForSequenceClassification
 
 from benchmarks.int8_recipes import (
+    FullRangeDynamicLinear,
     SmoothedInput,
     activation_absmax,
     dynamic_int8,
@@ -84,6 +85,7 @@ def test_parse_variant():
         "only": None,
         "per_channel": False,
         "float": False,
+        "full_range": False,
     }
     assert parse_variant("only-up,perchannel")["only"] == {"up"}
     with pytest.raises(ValueError, match=r"unknown group\(s\) \['ffn'\]"):
@@ -109,6 +111,20 @@ def test_dynamic_int8_quantises_the_chosen_linears(variant, count):
         expected, found = model(**batch).logits, built(**batch).logits
     assert torch.allclose(found, expected, atol=0.05)
     assert torch.equal(found, expected) == (count == 0)
+
+
+def test_full_range_halves_the_activation_rounding_error():
+    torch.manual_seed(0)
+    model = tiny_mpnet()
+    seven_bit, eight_bit = dynamic_int8(model, "int8"), dynamic_int8(model, "int8,fullrange")
+    assert {type(m) for m in seven_bit.modules()} & {DynamicLinear, FullRangeDynamicLinear} == {DynamicLinear}
+    assert {type(m) for m in eight_bit.modules()} & {DynamicLinear, FullRangeDynamicLinear} == {FullRangeDynamicLinear}
+    batch = inputs()
+    with torch.no_grad():
+        expected = model(**batch, output_hidden_states=True).hidden_states[-1]
+        seven_error = (seven_bit(**batch, output_hidden_states=True).hidden_states[-1] - expected).abs().mean()
+        eight_error = (eight_bit(**batch, output_hidden_states=True).hidden_states[-1] - expected).abs().mean()
+    assert eight_error < 0.7 * seven_error
 
 
 def test_dynamic_int8_smoothing_needs_absmax():
