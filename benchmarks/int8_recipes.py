@@ -11,13 +11,14 @@ examples 2,000-2,299) and the test split read only by the final ``test`` stage. 
   (`benchmarks.recovery.recovery_finetune` with `RECOVERY_ARGS`: labels, 125 steps of 16 on the first 2,000 training
   examples, AdamW 2e-4);
 * ``dev``: per base model (dense and each low-rank model), dynamic int8 variants scored on the development split:
-  every `nn.Linear` quantised, one module group only (`module_group`), all groups but one, and SmoothQuant-style
+  every `nn.Linear` quantised, one module group only (`module_tags`), all groups but one, and SmoothQuant-style
   smoothing (`smoothing_scales`) at several ``alpha``;
 * ``test``: the named recipes (``--recipes``, ``base:variant``) on the 500 test examples, with forward time (one
   thread, the same length-sorted batches, minimum over interleaved rounds) and ``torch.save`` size, side by side in
   one process, as `benchmarks/int8_compare.py` measures.
 
-A variant is ``int8`` (everything), ``only-<group>``, ``skip-<group>[+<group>...]`` (those groups stay fp32),
+A variant is ``int8`` (everything), ``only-<group>``, ``skip-<group>[+<group>...]`` (those groups stay fp32; a group
+may be narrowed to one factor, ``ffn_out.down``),
 ``smooth<alpha>``, ``perchannel`` (one weight scale per output row), ``fullrange`` (8-bit activations,
 `FullRangeDynamicLinear`) and combinations joined with ``,`` (``smooth0.5,skip-ffn_out``); ``fp32`` is the base
 model as is.
@@ -187,8 +188,10 @@ def smoothing_scales(weight: torch.Tensor, absmax: torch.Tensor, alpha: float) -
 
 
 def parse_variant(variant: str) -> dict:
-    """``"smooth0.5,skip-ffn_out+head"`` -> ``{"alpha": 0.5, "skip": {"ffn_out", "head"}, "only": None,
-    "per_channel": False, "float": False, "full_range": False}``; see the module docstring for the grammar."""
+    """``"smooth0.5,skip-ffn_out.down+head"`` -> ``{"alpha": 0.5, "skip": {frozenset({"ffn_out", "down"}),
+    frozenset({"head"})}, "only": None, "per_channel": False, "float": False, "full_range": False}``: a linear is
+    skipped (or, for ``only``, kept) when its `module_tags` include every tag of one item; see the module docstring.
+    """
     spec = {"alpha": None, "skip": set(), "only": None, "per_channel": False, "float": False, "full_range": False}
     tags = set(GROUPS) | {"down", "up"}
     for part in variant.split(","):
@@ -204,14 +207,13 @@ def parse_variant(variant: str) -> dict:
             spec["alpha"] = float(part.removeprefix("smooth"))
         elif part.startswith(("skip-", "only-")):
             kind, names = part.split("-", 1)
-            chosen = set(names.split("+"))
-            if not chosen <= tags:
-                raise ValueError(f"variant {variant!r}: unknown group(s) {sorted(chosen - tags)}; use {sorted(tags)}.")
-            spec[kind] = chosen
+            items = {frozenset(item.split(".")) for item in names.split("+")}
+            unknown = set().union(*items) - tags
+            if unknown:
+                raise ValueError(f"variant {variant!r}: unknown group(s) {sorted(unknown)}; use {sorted(tags)}.")
+            spec[kind] = items
         else:
-            raise ValueError(
-                f"variant {variant!r}: unknown part {part!r}; see benchmarks/int8_recipes.py's docstring."
-            )
+            raise ValueError(f"variant {variant!r}: unknown part {part!r}; see the int8_recipes.py docstring.")
     return spec
 
 
@@ -236,7 +238,8 @@ def dynamic_int8(model: nn.Module, variant: str, absmax: dict[str, torch.Tensor]
         if not isinstance(module, nn.Linear):
             continue
         tags = module_tags(name)
-        if tags & spec["skip"] or (spec["only"] is not None and not tags & spec["only"]):
+        skipped = any(item <= tags for item in spec["skip"])
+        if skipped or (spec["only"] is not None and not any(item <= tags for item in spec["only"])):
             continue
         if spec["alpha"] is not None:
             if absmax is None:

@@ -19,6 +19,7 @@ from benchmarks.int8_recipes import (
     parse_variant,
     smoothing_scales,
 )
+from hf_fwsvd import FWSVDConfig, LowRankLinear, compress
 
 DynamicLinear = torch.ao.nn.quantized.dynamic.Linear
 
@@ -79,15 +80,15 @@ def test_smoothed_input_is_the_same_map_and_helps_int8_on_an_outlier_channel():
 
 
 def test_parse_variant():
-    assert parse_variant("smooth0.5,skip-ffn_out+head") == {
+    assert parse_variant("smooth0.5,skip-ffn_out.down+head") == {
         "alpha": 0.5,
-        "skip": {"ffn_out", "head"},
+        "skip": {frozenset({"ffn_out", "down"}), frozenset({"head"})},
         "only": None,
         "per_channel": False,
         "float": False,
         "full_range": False,
     }
-    assert parse_variant("only-up,perchannel")["only"] == {"up"}
+    assert parse_variant("only-up,perchannel")["only"] == {frozenset({"up"})}
     with pytest.raises(ValueError, match=r"unknown group\(s\) \['ffn'\]"):
         parse_variant("skip-ffn")
     with pytest.raises(ValueError, match="unknown part 'int4'"):
@@ -142,3 +143,13 @@ class _Tokenizer:
             "input_ids": torch.tensor([row + [1] * (width - len(row)) for row in ids]),
             "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids]),
         }
+
+
+def test_skip_can_name_one_factor_of_a_low_rank_model():
+    torch.manual_seed(0)
+    low_rank = compress(tiny_mpnet(), FWSVDConfig(method="svd", rank=2), show_progress=False)
+    assert sum(isinstance(m, LowRankLinear) for m in low_rank.modules()) == 12  # 2 layers x 6, the head stays
+    built = dynamic_int8(low_rank, "skip-ffn_out.down")
+    kept = [n for n, m in built.named_modules() if type(m) is nn.Linear]
+    assert kept == ["mpnet.encoder.layer.0.output.dense.down", "mpnet.encoder.layer.1.output.dense.down"]
+    assert sum(isinstance(m, DynamicLinear) for m in built.modules()) == 24 + 2 - 2
