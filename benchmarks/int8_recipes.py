@@ -18,10 +18,11 @@ examples 2,000-2,299) and the test split read only by the final ``test`` stage. 
   one process, as `benchmarks/int8_compare.py` measures.
 
 A variant is ``int8`` (everything), ``only-<group>``, ``skip-<group>[+<group>...]`` (those groups stay fp32; a group
-may be narrowed to one factor, ``ffn_out.down``),
-``smooth<alpha>``, ``perchannel`` (one weight scale per output row), ``fullrange`` (8-bit activations,
-`FullRangeDynamicLinear`) and combinations joined with ``,`` (``smooth0.5,skip-ffn_out``); ``fp32`` is the base
-model as is.
+may be narrowed to one factor, ``ffn_out.down``), ``smooth<alpha>[-<group>...]`` (SmoothQuant-style smoothing of all
+quantised linears or of those groups), ``pertoken-<group>[+...]`` (those groups through torchao's
+``Int8DynamicActivationInt8WeightConfig``: per-token activation scales, per-channel weights, slower kernels),
+``perchannel`` (one weight scale per output row), ``fullrange`` (8-bit activations, `FullRangeDynamicLinear`) and
+combinations joined with ``,`` (``smooth0.5,skip-ffn_out``); ``fp32`` is the base model as is.
 
 Run from the repository root with ``PYTHONPATH=src:.``, e.g.
 ``python benchmarks/int8_recipes.py build --task polarity --fraction 0.8 --finetune``.
@@ -189,11 +190,21 @@ def smoothing_scales(weight: torch.Tensor, absmax: torch.Tensor, alpha: float) -
 
 def parse_variant(variant: str) -> dict:
     """``"smooth0.5,skip-ffn_out.down+head"`` -> ``{"alpha": 0.5, "skip": {frozenset({"ffn_out", "down"}),
-    frozenset({"head"})}, "only": None, "per_channel": False, "float": False, "full_range": False}``: a linear is
+    frozenset({"head"})}, "only": None, "per_channel": False, "float": False, "full_range": False, "smooth": None,
+    "per_token": set()}``: a linear is
     skipped (or, for ``only``, kept) when its `module_tags` include every tag of one item; see the module docstring.
     """
     spec = {"alpha": None, "skip": set(), "only": None, "per_channel": False, "float": False, "full_range": False}
+    spec |= {"smooth": None, "per_token": set()}
     tags = set(GROUPS) | {"down", "up"}
+
+    def items(names: str) -> set[frozenset[str]]:
+        chosen = {frozenset(item.split(".")) for item in names.split("+")}
+        unknown = set().union(*chosen) - tags
+        if unknown:
+            raise ValueError(f"variant {variant!r}: unknown group(s) {sorted(unknown)}; use {sorted(tags)}.")
+        return chosen
+
     for part in variant.split(","):
         if part == "fp32":
             spec["float"] = True
@@ -204,14 +215,14 @@ def parse_variant(variant: str) -> dict:
         elif part == "fullrange":
             spec["full_range"] = True
         elif part.startswith("smooth"):
-            spec["alpha"] = float(part.removeprefix("smooth"))
+            alpha, _, names = part.removeprefix("smooth").partition("-")
+            spec["alpha"] = float(alpha)
+            spec["smooth"] = items(names) if names else None
         elif part.startswith(("skip-", "only-")):
             kind, names = part.split("-", 1)
-            items = {frozenset(item.split(".")) for item in names.split("+")}
-            unknown = set().union(*items) - tags
-            if unknown:
-                raise ValueError(f"variant {variant!r}: unknown group(s) {sorted(unknown)}; use {sorted(tags)}.")
-            spec[kind] = items
+            spec[kind] = items(names)
+        elif part.startswith("pertoken-"):
+            spec["per_token"] = items(part.removeprefix("pertoken-"))
         else:
             raise ValueError(f"variant {variant!r}: unknown part {part!r}; see the int8_recipes.py docstring.")
     return spec
@@ -233,27 +244,34 @@ def dynamic_int8(model: nn.Module, variant: str, absmax: dict[str, torch.Tensor]
     model = copy.deepcopy(model)
     if spec["float"]:
         return model
-    chosen = []
+
+    def matches(tags: set[str], chosen: set[frozenset[str]] | None) -> bool:
+        return chosen is None or any(item <= tags for item in chosen)
+
+    chosen, per_token = [], []
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
         tags = module_tags(name)
-        skipped = any(item <= tags for item in spec["skip"])
-        if skipped or (spec["only"] is not None and not any(item <= tags for item in spec["only"])):
+        if (spec["skip"] and matches(tags, spec["skip"])) or not matches(tags, spec["only"]):
             continue
-        if spec["alpha"] is not None:
+        if spec["alpha"] is not None and matches(tags, spec["smooth"]):
             if absmax is None:
                 raise ValueError(f"variant {variant!r} smooths: pass absmax=activation_absmax(model, ...).")
             scale = smoothing_scales(module.weight, absmax[name], spec["alpha"])
             model.set_submodule(name, SmoothedInput(module, scale))
             name = f"{name}.linear"
-        chosen.append(name)
+        (per_token if spec["per_token"] and matches(tags, spec["per_token"]) else chosen).append(name)
     qconfig = per_channel_dynamic_qconfig if spec["per_channel"] else default_dynamic_qconfig
     model = quantize_dynamic(model, {name: qconfig for name in chosen}, dtype=torch.qint8)
     if spec["full_range"]:
         for module in model.modules():
             if type(module) is torch.ao.nn.quantized.dynamic.Linear:
                 module.__class__ = FullRangeDynamicLinear
+    if per_token:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda _, fqn: fqn in set(per_token))
     return model
 
 

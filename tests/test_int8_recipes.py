@@ -87,7 +87,10 @@ def test_parse_variant():
         "per_channel": False,
         "float": False,
         "full_range": False,
+        "smooth": None,
+        "per_token": set(),
     }
+    assert parse_variant("smooth0.8-ffn_out.down")["smooth"] == {frozenset({"ffn_out", "down"})}
     assert parse_variant("only-up,perchannel")["only"] == {frozenset({"up"})}
     with pytest.raises(ValueError, match=r"unknown group\(s\) \['ffn'\]"):
         parse_variant("skip-ffn")
@@ -97,7 +100,14 @@ def test_parse_variant():
 
 @pytest.mark.parametrize(
     ("variant", "count"),
-    [("fp32", 0), ("int8", 14), ("only-ffn_in", 2), ("skip-qkv+head", 6), ("smooth0.5,skip-ffn_out", 12)],
+    [
+        ("fp32", 0),
+        ("int8", 14),
+        ("only-ffn_in", 2),
+        ("skip-qkv+head", 6),
+        ("smooth0.5,skip-ffn_out", 12),
+        ("smooth0.5-ffn_in", 14),
+    ],
 )
 def test_dynamic_int8_quantises_the_chosen_linears(variant, count):
     torch.manual_seed(0)
@@ -105,7 +115,8 @@ def test_dynamic_int8_quantises_the_chosen_linears(variant, count):
     absmax = activation_absmax(model, _Tokenizer(), [{"text": "a b c"}, {"text": "d e"}])
     built = dynamic_int8(model, variant, absmax)
     assert sum(isinstance(m, DynamicLinear) for m in built.modules()) == count
-    assert sum(isinstance(m, SmoothedInput) for m in built.modules()) == (count if "smooth" in variant else 0)
+    smoothed = {"smooth0.5,skip-ffn_out": 12, "smooth0.5-ffn_in": 2}.get(variant, 0)
+    assert sum(isinstance(m, SmoothedInput) for m in built.modules()) == smoothed
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))  # the base is untouched
     batch = inputs()
     with torch.no_grad():
@@ -153,3 +164,22 @@ def test_skip_can_name_one_factor_of_a_low_rank_model():
     kept = [n for n, m in built.named_modules() if type(m) is nn.Linear]
     assert kept == ["mpnet.encoder.layer.0.output.dense.down", "mpnet.encoder.layer.1.output.dense.down"]
     assert sum(isinstance(m, DynamicLinear) for m in built.modules()) == 24 + 2 - 2
+
+
+def test_per_token_groups_go_through_torchao():
+    pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    model = tiny_mpnet()
+    built = dynamic_int8(model, "pertoken-ffn_out+head")
+    torchao = [n for n, m in built.named_modules() if type(m) is nn.Linear]
+    assert torchao == [
+        "mpnet.encoder.layer.0.output.dense",
+        "mpnet.encoder.layer.1.output.dense",
+        "classifier.dense",
+        "classifier.out_proj",
+    ]
+    assert {type(built.get_submodule(n).weight).__name__ for n in torchao} == {"Int8Tensor"}
+    assert sum(isinstance(m, DynamicLinear) for m in built.modules()) == 10
+    batch = inputs()
+    with torch.no_grad():
+        assert torch.allclose(built(**batch).logits, model(**batch).logits, atol=0.05)
