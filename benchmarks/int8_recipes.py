@@ -5,7 +5,7 @@ quantisation. This script looks for a recipe that keeps the speed and size of dy
 every choice made on a development split carved from the training data (`benchmarks.recovery.dev_split`, training
 examples 2,000-2,299) and the test split read only by the final ``test`` stage. Three stages:
 
-* ``build``: the low-rank models, cached under ``~/.cache/hf_fwsvd/int8_recipes/``: activation-whitened SVD keeping
+* ``build``: the low-rank models (and the fine-tuned dense model, the fair competitor), cached under ``~/.cache/hf_fwsvd/int8_recipes/``: activation-whitened SVD keeping
   the fraction ``f`` of every block module's weights (``param_ratio=f``, 128 calibration examples of the training
   split, seed 0, as `benchmarks/int8_compare.py`), optionally followed by the recovery fine-tune
   (`benchmarks.recovery.recovery_finetune` with `RECOVERY_ARGS`: labels, 125 steps of 16 on the first 2,000 training
@@ -68,15 +68,15 @@ NUM_SAMPLES = 128
 
 
 def base_name(fraction: float | None, finetune: bool) -> str:
-    """``dense``, ``whiten0.8`` or ``whiten0.8+ft``: the name of a base model in recipes and cache files."""
-    if fraction is None:
-        return "dense"
-    return f"whiten{fraction:g}" + ("+ft" if finetune else "")
+    """``dense``, ``dense+ft``, ``whiten0.8`` or ``whiten0.8+ft``: a base model's name in recipes and cache files."""
+    return ("dense" if fraction is None else f"whiten{fraction:g}") + ("+ft" if finetune else "")
 
 
-def build_low_rank(run: TaskRun, fraction: float, finetune: bool) -> nn.Module:
-    """The whitened low-rank model of `run.dense` keeping `fraction` of the block weights, optionally fine-tuned,
-    loaded from the cache when built before (a whole pickled module, ``torch.save(model)``)."""
+def build_low_rank(run: TaskRun, fraction: float | None, finetune: bool) -> nn.Module:
+    """The whitened low-rank model of `run.dense` keeping `fraction` of the block weights (``None``: the dense model
+    itself), optionally fine-tuned, loaded from the cache when built before (a whole pickled module)."""
+    if fraction is None and not finetune:
+        return run.dense
     path = CACHE / f"{run.task}_{base_name(fraction, finetune)}.pt"
     if path.is_file():
         return torch.load(path, weights_only=False)
@@ -276,13 +276,12 @@ def dynamic_int8(model: nn.Module, variant: str, absmax: dict[str, torch.Tensor]
 
 
 def load_base(run: TaskRun, name: str) -> nn.Module:
-    """``dense`` or a cached `build_low_rank` model named as `base_name` writes it (``whiten0.8+ft``)."""
-    if name == "dense":
-        return run.dense
-    if not name.startswith("whiten"):
-        raise ValueError(f"base {name!r}: use dense or whiten<fraction>[+ft].")
+    """``dense[+ft]`` or ``whiten<fraction>[+ft]``, as `base_name` writes it, built or read by `build_low_rank`."""
     finetune = name.endswith("+ft")
-    return build_low_rank(run, float(name.removeprefix("whiten").removesuffix("+ft")), finetune)
+    name = name.removesuffix("+ft")
+    if name != "dense" and not name.startswith("whiten"):
+        raise ValueError(f"base {name!r}: use dense[+ft] or whiten<fraction>[+ft].")
+    return build_low_rank(run, None if name == "dense" else float(name.removeprefix("whiten")), finetune)
 
 
 def dev_stage(run: TaskRun, args: argparse.Namespace) -> dict:
@@ -359,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=["build", "dev", "test"])
     parser.add_argument("--task", default="polarity")
-    parser.add_argument("--fraction", type=float, default=0.8, help="build: fraction of block weights kept")
+    parser.add_argument("--fraction", type=float, help="build: fraction of block weights kept (none: dense)")
     parser.add_argument("--finetune", action="store_true", help="build: add the recovery fine-tune")
     parser.add_argument("--bases", nargs="+", default=["dense"], help="dev: dense, whiten<f>, whiten<f>+ft")
     parser.add_argument("--variants", nargs="+", default=["fp32", "int8"], help="dev: variants to score")
