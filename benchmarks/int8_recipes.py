@@ -5,11 +5,11 @@ quantisation. This script looks for a recipe that keeps the speed and size of dy
 every choice made on a development split carved from the training data (`benchmarks.recovery.dev_split`, training
 examples 2,000-2,299) and the test split read only by the final ``test`` stage. Three stages:
 
-* ``build``: the low-rank models (and the fine-tuned dense model, the fair competitor), cached under ``~/.cache/hf_fwsvd/int8_recipes/``: activation-whitened SVD keeping
+* ``build``: the base models, cached under ``~/.cache/hf_fwsvd/int8_recipes/``: activation-whitened SVD keeping
   the fraction ``f`` of every block module's weights (``param_ratio=f``, 128 calibration examples of the training
   split, seed 0, as `benchmarks/int8_compare.py`), optionally followed by the recovery fine-tune
   (`benchmarks.recovery.recovery_finetune` with `RECOVERY_ARGS`: labels, 125 steps of 16 on the first 2,000 training
-  examples, AdamW 2e-4);
+  examples, AdamW 2e-4); without ``--fraction``, the dense model with the same fine-tune (the fair competitor);
 * ``dev``: per base model (dense and each low-rank model), dynamic int8 variants scored on the development split:
   every `nn.Linear` quantised, one module group only (`module_tags`), all groups but one, and SmoothQuant-style
   smoothing (`smoothing_scales`) at several ``alpha``;
