@@ -3,7 +3,7 @@
 One-line ``quantize_dynamic`` int8 loses 16 accuracy points on polarity, from its per-tensor *activation*
 quantisation. This script looks for a recipe that keeps the speed and size of dynamic int8 but not its loss, with
 every choice made on a development split carved from the training data (`benchmarks.recovery.dev_split`, training
-examples 2,000-2,299) and the test split read only by the final ``test`` stage. Three stages:
+examples 2,000-2,299) and the test split read only by the final ``test`` stage. Four stages:
 
 * ``build``: the base models, cached under ``~/.cache/hf_fwsvd/int8_recipes/``: activation-whitened SVD keeping
   the fraction ``f`` of every block module's weights (``param_ratio=f``, 128 calibration examples of the training
@@ -13,6 +13,7 @@ examples 2,000-2,299) and the test split read only by the final ``test`` stage. 
 * ``dev``: per base model (dense and each low-rank model), dynamic int8 variants scored on the development split:
   every `nn.Linear` quantised, one module group only (`module_tags`), all groups but one, and SmoothQuant-style
   smoothing (`smoothing_scales`) at several ``alpha``;
+* ``margins``: why a base model loses more to int8 (`int8_sensitivity` on the development split);
 * ``test``: the named recipes (``--recipes``, ``base:variant``) on the 500 test examples, with forward time (one
   thread, the same length-sorted batches, minimum over interleaved rounds) and ``torch.save`` size, side by side in
   one process, as `benchmarks/int8_compare.py` measures.
@@ -305,6 +306,46 @@ def dev_stage(run: TaskRun, args: argparse.Namespace) -> dict:
     return results
 
 
+@torch.no_grad()
+def int8_sensitivity(base: nn.Module, quantised: nn.Module, tokenizer, examples: list[dict]) -> dict:
+    """How far `quantised` moves `base` on `examples`: the relative error of the head's input (the <s> feature after
+    the last layer, ``|f_q - f| / |f|``, mean over examples), the base's mean logit margin (top two logits) and the
+    fraction of predictions that flip."""
+    errors, margins, flips = [], [], []
+    for _, batch in length_sorted_batches(tokenizer, examples, 64, 64):
+        out = base(**batch, output_hidden_states=True)
+        out_q = quantised(**batch, output_hidden_states=True)
+        feature, feature_q = out.hidden_states[-1][:, 0], out_q.hidden_states[-1][:, 0]
+        errors.append((feature_q - feature).norm(dim=-1) / feature.norm(dim=-1))
+        top = out.logits.topk(2, dim=-1).values
+        margins.append(top[:, 0] - top[:, 1])
+        flips.append(out.logits.argmax(-1) != out_q.logits.argmax(-1))
+    return {
+        "feature_error": round(torch.cat(errors).mean().item(), 4),
+        "margin": round(torch.cat(margins).mean().item(), 4),
+        "flipped": round(torch.cat(flips).float().mean().item(), 4),
+    }
+
+
+def margins_stage(run: TaskRun, args: argparse.Namespace) -> dict:
+    """`int8_sensitivity` of each ``--variants`` of each ``--bases`` model on `dev_split` (why a base loses more)."""
+    dev = dev_split(run.splits["train"])
+    calibration = calibration_sample(run.splits["train"], NUM_SAMPLES, 0)
+    path = RESULTS / f"int8_recipes_margins_{run.task}.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    for base in args.bases:
+        model = load_base(run, base).eval()
+        smooths = any("smooth" in variant for variant in args.variants)
+        absmax = activation_absmax(model, run.tokenizer, calibration) if smooths else None
+        for variant in args.variants:
+            results[f"{base}:{variant}"] = int8_sensitivity(
+                model, dynamic_int8(model, variant, absmax), run.tokenizer, dev
+            )
+            logger.info("margins %s %s:%s %s", run.task, base, variant, results[f"{base}:{variant}"])
+            path.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
 def test_stage(run: TaskRun, args: argparse.Namespace) -> dict:
     """Test score, forward time (one process, interleaved rounds) and saved size of each ``--recipes`` model."""
     calibration = calibration_sample(run.splits["train"], NUM_SAMPLES, 0)
@@ -356,7 +397,7 @@ def test_stage(run: TaskRun, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=["build", "dev", "test"])
+    parser.add_argument("stage", choices=["build", "dev", "margins", "test"])
     parser.add_argument("--task", default="polarity")
     parser.add_argument("--fraction", type=float, help="build: fraction of block weights kept (none: dense)")
     parser.add_argument("--finetune", action="store_true", help="build: add the recovery fine-tune")
@@ -374,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
         build_low_rank(run, args.fraction, args.finetune)
     elif args.stage == "dev":
         dev_stage(run, args)
+    elif args.stage == "margins":
+        margins_stage(run, args)
     else:
         test_stage(run, args)
 

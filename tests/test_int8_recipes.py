@@ -15,6 +15,7 @@ from benchmarks.int8_recipes import (
     SmoothedInput,
     activation_absmax,
     dynamic_int8,
+    int8_sensitivity,
     module_tags,
     parse_variant,
     smoothing_scales,
@@ -183,3 +184,13 @@ def test_per_token_groups_go_through_torchao():
     batch = inputs()
     with torch.no_grad():
         assert torch.allclose(built(**batch).logits, model(**batch).logits, atol=0.05)
+
+
+def test_int8_sensitivity_is_zero_for_the_model_itself_and_positive_for_int8():
+    torch.manual_seed(0)
+    model = tiny_mpnet()
+    examples = [{"text": "a b c d"}, {"text": "e f"}, {"text": "g h i"}]
+    same = int8_sensitivity(model, dynamic_int8(model, "fp32"), _Tokenizer(), examples)
+    assert same["feature_error"] == 0.0 and same["flipped"] == 0.0 and same["margin"] > 0
+    quantised = int8_sensitivity(model, dynamic_int8(model, "int8"), _Tokenizer(), examples)
+    assert 0 < quantised["feature_error"] < 0.2 and quantised["margin"] == same["margin"]
