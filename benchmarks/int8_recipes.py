@@ -3,7 +3,7 @@
 One-line ``quantize_dynamic`` int8 loses 16 accuracy points on polarity, from its per-tensor *activation*
 quantisation. This script looks for a recipe that keeps the speed and size of dynamic int8 but not its loss, with
 every choice made on a development split carved from the training data (`benchmarks.recovery.dev_split`, training
-examples 2,000-2,299) and the test split read only by the final ``test`` stage. Four stages:
+examples 2,000-2,299) and the test split read only by the final ``test`` stage. Five stages:
 
 * ``build``: the base models, cached under ``~/.cache/hf_fwsvd/int8_recipes/``: activation-whitened SVD keeping
   the fraction ``f`` of every block module's weights (``param_ratio=f``, 128 calibration examples of the training
@@ -16,7 +16,7 @@ examples 2,000-2,299) and the test split read only by the final ``test`` stage. 
 * ``margins``: why a base model loses more to int8 (`int8_sensitivity` on the development split);
 * ``test``: the named recipes (``--recipes``, ``base:variant``) on the 500 test examples, with forward time (one
   thread, the same length-sorted batches, minimum over interleaved rounds) and ``torch.save`` size, side by side in
-  one process, as `benchmarks/int8_compare.py` measures.
+  one process, as `benchmarks/int8_compare.py` measures; ``paired``: McNemar tests between those test predictions.
 
 A variant is ``int8`` (everything), ``only-<group>``, ``skip-<group>[+<group>...]`` (those groups stay fp32; a group
 may be narrowed to one factor, ``ffn_out.down``), ``smooth<alpha>[-<group>...]`` (SmoothQuant-style smoothing of all
@@ -395,15 +395,36 @@ def test_stage(run: TaskRun, args: argparse.Namespace) -> dict:
     return results
 
 
+def paired_stage(run: TaskRun, args: argparse.Namespace) -> dict:
+    """McNemar tests (`benchmarks.headline_report.mcnemar`) of every recipe of the ``test`` stage's results against
+    each of ``--references``, from the stored test predictions; printed and returned as ``{(a, ref): (only a right,
+    only ref right, p)}``."""
+    from benchmarks.headline_report import mcnemar
+
+    rows = json.loads((RESULTS / "int8_recipes_test.json").read_text())[run.task]["models"]
+    right = {
+        name: [p == y for p, y in zip(row["pred"], run.labels.tolist(), strict=True)] for name, row in rows.items()
+    }
+    tests = {}
+    for reference in args.references:
+        for name in rows:
+            if name != reference:
+                tests[(name, reference)] = mcnemar(right[name], right[reference])
+                only_a, only_b, p = tests[(name, reference)]
+                print(f"{run.task} {name:<40} vs {reference:<20} {only_a:3d} / {only_b:3d}  p = {p:.3g}")
+    return tests
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=["build", "dev", "margins", "test"])
+    parser.add_argument("stage", choices=["build", "dev", "margins", "test", "paired"])
     parser.add_argument("--task", default="polarity")
     parser.add_argument("--fraction", type=float, help="build: fraction of block weights kept (none: dense)")
     parser.add_argument("--finetune", action="store_true", help="build: add the recovery fine-tune")
     parser.add_argument("--bases", nargs="+", default=["dense"], help="dev: dense, whiten<f>, whiten<f>+ft")
     parser.add_argument("--variants", nargs="+", default=["fp32", "int8"], help="dev: variants to score")
     parser.add_argument("--recipes", nargs="+", default=["dense:fp32", "dense:int8"], help="test: base:variant")
+    parser.add_argument("--references", nargs="+", default=["dense:int8"], help="paired: recipes to test against")
     parser.add_argument("--timing-examples", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
@@ -417,8 +438,10 @@ def main(argv: list[str] | None = None) -> None:
         dev_stage(run, args)
     elif args.stage == "margins":
         margins_stage(run, args)
-    else:
+    elif args.stage == "test":
         test_stage(run, args)
+    else:
+        paired_stage(run, args)
 
 
 if __name__ == "__main__":
