@@ -309,19 +309,23 @@ def dev_stage(run: TaskRun, args: argparse.Namespace) -> dict:
 @torch.no_grad()
 def int8_sensitivity(base: nn.Module, quantised: nn.Module, tokenizer, examples: list[dict]) -> dict:
     """How far `quantised` moves `base` on `examples`: the relative error of the head's input (the <s> feature after
-    the last layer, ``|f_q - f| / |f|``, mean over examples), the base's mean logit margin (top two logits) and the
-    fraction of predictions that flip."""
-    errors, margins, flips = [], [], []
+    the last layer, ``|f_q - f| / |f|``, mean over examples) and of what the head's first layer makes of it
+    (``|D f_q - D f| / |D f|`` with ``D`` the base's ``classifier.dense``, bias left out, so directions the head
+    ignores do not count), the base's mean logit margin (top two logits) and the fraction of predictions that flip."""
+    errors, head_errors, margins, flips = [], [], [], []
+    head = base.classifier.dense.weight
     for _, batch in length_sorted_batches(tokenizer, examples, 64, 64):
         out = base(**batch, output_hidden_states=True)
         out_q = quantised(**batch, output_hidden_states=True)
         feature, feature_q = out.hidden_states[-1][:, 0], out_q.hidden_states[-1][:, 0]
         errors.append((feature_q - feature).norm(dim=-1) / feature.norm(dim=-1))
+        head_errors.append(((feature_q - feature) @ head.T).norm(dim=-1) / (feature @ head.T).norm(dim=-1))
         top = out.logits.topk(2, dim=-1).values
         margins.append(top[:, 0] - top[:, 1])
         flips.append(out.logits.argmax(-1) != out_q.logits.argmax(-1))
     return {
         "feature_error": round(torch.cat(errors).mean().item(), 4),
+        "head_error": round(torch.cat(head_errors).mean().item(), 4),
         "margin": round(torch.cat(margins).mean().item(), 4),
         "flipped": round(torch.cat(flips).float().mean().item(), 4),
     }
