@@ -68,30 +68,34 @@ GROUPS = ("qkv", "attn_out", "ffn_in", "ffn_out", "head")
 NUM_SAMPLES = 128
 
 
-def base_name(fraction: float | None, finetune: bool) -> str:
-    """``dense``, ``dense+ft``, ``whiten0.8`` or ``whiten0.8+ft``: a base model's name in recipes and cache files."""
-    return ("dense" if fraction is None else f"whiten{fraction:g}") + ("+ft" if finetune else "")
+def base_name(fraction: float | None, finetune: bool, seed: int = 0) -> str:
+    """``dense``, ``dense+ft``, ``whiten0.8``, ``whiten0.8+ft`` or, for another seed, ``whiten0.8+ft@1``: a base
+    model's name in recipes and cache files."""
+    name = ("dense" if fraction is None else f"whiten{fraction:g}") + ("+ft" if finetune else "")
+    return name + (f"@{seed}" if seed else "")
 
 
-def build_low_rank(run: TaskRun, fraction: float | None, finetune: bool) -> nn.Module:
+def build_low_rank(run: TaskRun, fraction: float | None, finetune: bool, seed: int = 0) -> nn.Module:
     """The whitened low-rank model of `run.dense` keeping `fraction` of the block weights (``None``: the dense model
-    itself), optionally fine-tuned, loaded from the cache when built before (a whole pickled module)."""
+    itself), optionally fine-tuned, loaded from the cache when built before (a whole pickled module). `seed` draws
+    the calibration sample (`calibration_sample`) and the fine-tune's batch order and dropout."""
     if fraction is None and not finetune:
         return run.dense
-    path = CACHE / f"{run.task}_{base_name(fraction, finetune)}.pt"
+    path = CACHE / f"{run.task}_{base_name(fraction, finetune, seed)}.pt"
     if path.is_file():
         return torch.load(path, weights_only=False)
     if finetune:
-        model = copy.deepcopy(build_low_rank(run, fraction, False))
+        model = copy.deepcopy(build_low_rank(run, fraction, False, seed))
         start = time.perf_counter()
-        info = recovery_finetune(model, run.tokenizer, run.splits["train"][: RECOVERY_ARGS["train_size"]])
+        train = run.splits["train"][: RECOVERY_ARGS["train_size"]]
+        info = recovery_finetune(model, run.tokenizer, train, seed=seed)
         logger.info("%s: fine-tuned %s in %.0f s: %s", run.task, path.name, time.perf_counter() - start, info)
     else:
         model = copy.deepcopy(run.dense)
         config = FWSVDConfig(
             method="whiten",
             param_ratio=fraction,
-            calibration_dataset=calibration_sample(run.splits["train"], NUM_SAMPLES, 0),
+            calibration_dataset=calibration_sample(run.splits["train"], NUM_SAMPLES, seed),
             tokenizer=run.tokenizer,
             num_samples=NUM_SAMPLES,
             batch_size=16,
@@ -276,27 +280,34 @@ def dynamic_int8(model: nn.Module, variant: str, absmax: dict[str, torch.Tensor]
     return model
 
 
+def base_seed(name: str) -> int:
+    """The seed of a base named as `base_name` writes it: ``whiten0.5+ft@1`` -> 1, ``dense`` -> 0."""
+    return int(name.partition("@")[2] or 0)
+
+
 def load_base(run: TaskRun, name: str) -> nn.Module:
-    """``dense[+ft]`` or ``whiten<fraction>[+ft]``, as `base_name` writes it, built or read by `build_low_rank`."""
-    finetune = name.endswith("+ft")
-    name = name.removesuffix("+ft")
-    if name != "dense" and not name.startswith("whiten"):
-        raise ValueError(f"base {name!r}: use dense[+ft] or whiten<fraction>[+ft].")
-    return build_low_rank(run, None if name == "dense" else float(name.removeprefix("whiten")), finetune)
+    """``dense[+ft][@seed]`` or ``whiten<fraction>[+ft][@seed]``, as `base_name` writes it, built or read by
+    `build_low_rank`."""
+    seed = base_seed(name)
+    kind = name.partition("@")[0]
+    finetune = kind.endswith("+ft")
+    kind = kind.removesuffix("+ft")
+    if kind != "dense" and not kind.startswith("whiten"):
+        raise ValueError(f"base {name!r}: use dense[+ft][@seed] or whiten<fraction>[+ft][@seed].")
+    return build_low_rank(run, None if kind == "dense" else float(kind.removeprefix("whiten")), finetune, seed)
 
 
 def dev_stage(run: TaskRun, args: argparse.Namespace) -> dict:
     """Scores every ``--variants`` of every ``--bases`` model on `dev_split`; merged into the dev JSON file."""
     dev = dev_split(run.splits["train"])
     labels = torch.tensor([e["label"] for e in dev], dtype=torch.float32 if run.regression else torch.long)
-    calibration = calibration_sample(run.splits["train"], NUM_SAMPLES, 0)
     path = RESULTS / f"int8_recipes_dev_{run.task}.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     for base in args.bases:
         model = load_base(run, base)
-        absmax = (
-            activation_absmax(model, run.tokenizer, calibration) if any("smooth" in v for v in args.variants) else None
-        )
+        calibration = calibration_sample(run.splits["train"], NUM_SAMPLES, base_seed(base))
+        smooths = any("smooth" in variant for variant in args.variants)
+        absmax = activation_absmax(model, run.tokenizer, calibration) if smooths else None
         for variant in args.variants:
             start = time.perf_counter()
             value = score(predict(dynamic_int8(model, variant, absmax), run.tokenizer, dev), labels, run.regression)[0]
@@ -334,12 +345,12 @@ def int8_sensitivity(base: nn.Module, quantised: nn.Module, tokenizer, examples:
 def margins_stage(run: TaskRun, args: argparse.Namespace) -> dict:
     """`int8_sensitivity` of each ``--variants`` of each ``--bases`` model on `dev_split` (why a base loses more)."""
     dev = dev_split(run.splits["train"])
-    calibration = calibration_sample(run.splits["train"], NUM_SAMPLES, 0)
     path = RESULTS / f"int8_recipes_margins_{run.task}.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     for base in args.bases:
         model = load_base(run, base).eval()
         smooths = any("smooth" in variant for variant in args.variants)
+        calibration = calibration_sample(run.splits["train"], NUM_SAMPLES, base_seed(base))
         absmax = activation_absmax(model, run.tokenizer, calibration) if smooths else None
         for variant in args.variants:
             results[f"{base}:{variant}"] = int8_sensitivity(
@@ -352,7 +363,6 @@ def margins_stage(run: TaskRun, args: argparse.Namespace) -> dict:
 
 def test_stage(run: TaskRun, args: argparse.Namespace) -> dict:
     """Test score, forward time (one process, interleaved rounds) and saved size of each ``--recipes`` model."""
-    calibration = calibration_sample(run.splits["train"], NUM_SAMPLES, 0)
     bases: dict[str, tuple[nn.Module, dict | None]] = {}
     models = {}
     for recipe in args.recipes:
@@ -360,6 +370,7 @@ def test_stage(run: TaskRun, args: argparse.Namespace) -> dict:
         if base not in bases:
             model = load_base(run, base)
             needs = any(r.startswith(f"{base}:") and "smooth" in r for r in args.recipes)
+            calibration = calibration_sample(run.splits["train"], NUM_SAMPLES, base_seed(base))
             bases[base] = (model, activation_absmax(model, run.tokenizer, calibration) if needs else None)
         models[recipe] = dynamic_int8(bases[base][0], variant, bases[base][1])
     batches = timing_batches(run, args.timing_examples)
@@ -382,7 +393,8 @@ def test_stage(run: TaskRun, args: argparse.Namespace) -> dict:
         logger.info("test %s %s %s", run.task, recipe, {k: v for k, v in rows[recipe].items() if k != "pred"})
     path = RESULTS / "int8_recipes_test.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
-    results[run.task] = {
+    key = f"{run.task}|{args.label}" if args.label else run.task
+    results[key] = {
         "timing_examples": len(run.test[: args.timing_examples]),
         "rounds": args.rounds,
         "threads": torch.get_num_threads(),
@@ -390,7 +402,7 @@ def test_stage(run: TaskRun, args: argparse.Namespace) -> dict:
         "models": rows,
     }
     path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\n{run.task} ({run.metric}), {results[run.task]['timing_examples']} timing examples, 1 thread:")
+    print(f"\n{key} ({run.metric}), {results[key]['timing_examples']} timing examples, 1 thread:")
     for recipe, row in rows.items():
         print(
             f"  {recipe:<44} {row['score'] * 100:6.1f}  {row['forward_s']:7.2f} s  {row['speedup']:5.2f}x  "
@@ -405,7 +417,8 @@ def paired_stage(run: TaskRun, args: argparse.Namespace) -> dict:
     only ref right, p)}``."""
     from benchmarks.headline_report import mcnemar
 
-    rows = json.loads((RESULTS / "int8_recipes_test.json").read_text())[run.task]["models"]
+    key = f"{run.task}|{args.label}" if args.label else run.task
+    rows = json.loads((RESULTS / "int8_recipes_test.json").read_text())[key]["models"]
     right = {
         name: [p == y for p, y in zip(row["pred"], run.labels.tolist(), strict=True)] for name, row in rows.items()
     }
@@ -425,10 +438,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", default="polarity")
     parser.add_argument("--fraction", type=float, help="build: fraction of block weights kept (none: dense)")
     parser.add_argument("--finetune", action="store_true", help="build: add the recovery fine-tune")
+    parser.add_argument("--seed", type=int, default=0, help="build: calibration sample and fine-tune seed")
     parser.add_argument("--bases", nargs="+", default=["dense"], help="dev: dense, whiten<f>, whiten<f>+ft")
     parser.add_argument("--variants", nargs="+", default=["fp32", "int8"], help="dev: variants to score")
     parser.add_argument("--recipes", nargs="+", default=["dense:fp32", "dense:int8"], help="test: base:variant")
     parser.add_argument("--references", nargs="+", default=["dense:int8"], help="paired: recipes to test against")
+    parser.add_argument("--label", help="test / paired: store / read the rows under '<task>|<label>'")
     parser.add_argument("--timing-examples", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
@@ -437,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     run = TaskRun(args.task)
     if args.stage == "build":
-        build_low_rank(run, args.fraction, args.finetune)
+        build_low_rank(run, args.fraction, args.finetune, args.seed)
     elif args.stage == "dev":
         dev_stage(run, args)
     elif args.stage == "margins":

@@ -14,6 +14,8 @@ from benchmarks.int8_recipes import (
     FullRangeDynamicLinear,
     SmoothedInput,
     activation_absmax,
+    base_name,
+    base_seed,
     dynamic_int8,
     int8_sensitivity,
     module_tags,
@@ -195,3 +197,17 @@ def test_int8_sensitivity_is_zero_for_the_model_itself_and_positive_for_int8():
     quantised = int8_sensitivity(model, dynamic_int8(model, "int8"), _Tokenizer(), examples)
     assert 0 < quantised["feature_error"] < 0.2 and 0 < quantised["head_error"] < 0.2
     assert quantised["margin"] == same["margin"]
+
+
+@pytest.mark.parametrize(
+    ("fraction", "finetune", "seed", "name"),
+    [
+        (None, False, 0, "dense"),
+        (None, True, 1, "dense+ft@1"),
+        (0.5, True, 0, "whiten0.5+ft"),
+        (0.8, False, 2, "whiten0.8@2"),
+    ],
+)
+def test_base_names_round_trip_their_seed(fraction, finetune, seed, name):
+    assert base_name(fraction, finetune, seed) == name
+    assert base_seed(name) == seed
