@@ -643,7 +643,8 @@ def plot(path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = list(csv.DictReader(CSV_PATH.open()))
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, axes = plt.subplots(1, 2, figsize=(15, 5))
+    markers = "osD^v<>"
     for axis, column, title in zip(axes, ("ppl_sotu", "ppl_moby"), ("SOTU 2000-2021", "Moby Dick ch. 116-135"),
                                    strict=True):  # fmt: skip
         for name, style in (("dense", ":"), ("int8", "--")):
@@ -655,13 +656,15 @@ def plot(path: Path) -> None:
             points = sorted((float(r["kept"]), float(r[column])) for r in rows if r["setting"] == setting)
             values = [v for _, v in points]
             if all(math.isfinite(v) and v < 1e4 for v in values):
-                axis.plot(*zip(*points, strict=True), "-o", color=f"C{index % 10}", label=setting)
+                style = {"color": f"C{index % 10}", "marker": markers[index // 10 % len(markers)]}
+                axis.plot(*zip(*points, strict=True), "-", label=setting, **style)
         axis.set_yscale("log")
         axis.set_xlabel("fraction of block-linear weights kept")
         axis.set_ylabel("perplexity (log scale)")
         axis.set_title(f"SmolLM2-135M, {title}")
-        axis.legend(fontsize=7)
-    figure.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="center left", bbox_to_anchor=(0.8, 0.5), fontsize=7)
+    figure.tight_layout(rect=(0, 0, 0.8, 1))
     figure.savefig(path, dpi=120)
 
 
