@@ -163,3 +163,16 @@ def test_a_classifier_student_is_refused():
         "Distillation (`teacher=`) supports causal LMs only, but `model` is a BertForSequenceClassification; "
         "fine-tune it without `teacher`."
     )
+
+
+def test_the_model_card_says_the_fine_tune_was_a_distillation(tmp_path):
+    teacher = wide_llama()
+    student = compress(copy.deepcopy(teacher), FWSVDConfig(method="svd", rank=3), show_progress=False)
+    finetune(student, calibration_data("llama", 4), epochs=1, batch_size=4, show_progress=False, teacher=teacher,
+             distill_temperature=2.0)  # fmt: skip
+    record = student.fwsvd_report.finetuning[-1]
+    assert record.objective == "distillation from a teacher model (KL, temperature 2)"
+    student.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    expected = "on 4 examples (distillation from a teacher model (KL, temperature 2), 1 epochs"
+    assert f"Fine-tuned after compression with `hf_fwsvd.finetune` {expected}" in card

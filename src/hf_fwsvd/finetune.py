@@ -194,6 +194,9 @@ def finetune(
             steps=output.global_step,
             learning_rate=learning_rate,
             train_loss=output.training_loss,
+            objective=None
+            if teacher is None
+            else f"distillation from a teacher model (KL, temperature {distill_temperature:g})",
         ),
     )
     losses = [entry["loss"] for entry in history if "loss" in entry]

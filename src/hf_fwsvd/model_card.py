@@ -211,7 +211,7 @@ def _finetune_row(record: FinetuneRecord) -> str:
         parts.append(f"on {record.data}")
     elif record.examples:
         parts.append(f"on {record.examples:,} examples")
-    settings = []
+    settings = [record.objective] if record.objective else []
     if record.epochs is not None:
         settings.append(f"{record.epochs:g} epochs")
     if record.steps is not None:

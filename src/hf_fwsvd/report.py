@@ -55,6 +55,8 @@ class FinetuneRecord:
         learning_rate (`float`, *optional*): Peak learning rate.
         train_loss (`float`, *optional*): Mean training loss.
         data (`str`, *optional*): A description of the training data.
+        objective (`str`, *optional*): The training loss when it is not the model's own, e.g. ``"distillation from a
+            teacher model (KL, temperature 1)"``.
     """
 
     by: str
@@ -64,6 +66,7 @@ class FinetuneRecord:
     learning_rate: float | None = None
     train_loss: float | None = None
     data: str | None = None
+    objective: str | None = None
 
 
 @dataclass
