@@ -65,13 +65,14 @@ def with_int8_factors(model: nn.Module) -> nn.Module:
     return model
 
 
-def candidates(run: TaskRun, fraction: float, num_samples: int) -> dict[str, nn.Module]:
-    """The six models compared, built from `run.dense` (see the module docstring)."""
+def whitened(run: TaskRun, fraction: float, num_samples: int, seed: int = 0) -> nn.Module:
+    """A copy of `run.dense` compressed by activation whitening keeping `fraction` of every block module's weights,
+    calibrated on `num_samples` training examples drawn with `seed` (`calibration_sample`)."""
     low_rank = copy.deepcopy(run.dense)
     config = FWSVDConfig(
         method="whiten",
         param_ratio=fraction,
-        calibration_dataset=calibration_sample(run.splits["train"], num_samples, 0),
+        calibration_dataset=calibration_sample(run.splits["train"], num_samples, seed),
         tokenizer=run.tokenizer,
         num_samples=num_samples,
         batch_size=16,
@@ -80,6 +81,12 @@ def candidates(run: TaskRun, fraction: float, num_samples: int) -> dict[str, nn.
     start = time.perf_counter()
     compress(low_rank, config, show_progress=False)
     logger.info("%s: whiten %s compressed in %.0f s", run.task, fraction, time.perf_counter() - start)
+    return low_rank
+
+
+def candidates(run: TaskRun, fraction: float, num_samples: int) -> dict[str, nn.Module]:
+    """The six models compared, built from `run.dense` (see the module docstring)."""
+    low_rank = whitened(run, fraction, num_samples)
     return {
         "dense": run.dense,
         "dynamic int8": quantized(run.dense),

@@ -56,9 +56,8 @@ from benchmarks.headline import (
     score,
     timing_batches,
 )
-from benchmarks.int8_compare import forward_seconds
+from benchmarks.int8_compare import forward_seconds, whitened
 from benchmarks.recovery import RECOVERY_ARGS, dev_split, recovery_finetune
-from hf_fwsvd import FWSVDConfig, compress
 from hf_fwsvd.evaluation import length_sorted_batches
 
 logger = logging.getLogger(__name__)
@@ -91,19 +90,7 @@ def build_low_rank(run: TaskRun, fraction: float | None, finetune: bool, seed: i
         info = recovery_finetune(model, run.tokenizer, train, seed=seed)
         logger.info("%s: fine-tuned %s in %.0f s: %s", run.task, path.name, time.perf_counter() - start, info)
     else:
-        model = copy.deepcopy(run.dense)
-        config = FWSVDConfig(
-            method="whiten",
-            param_ratio=fraction,
-            calibration_dataset=calibration_sample(run.splits["train"], NUM_SAMPLES, seed),
-            tokenizer=run.tokenizer,
-            num_samples=NUM_SAMPLES,
-            batch_size=16,
-            max_length=64,
-        )
-        start = time.perf_counter()
-        compress(model, config, show_progress=False)
-        logger.info("%s: whiten %s compressed in %.0f s", run.task, fraction, time.perf_counter() - start)
+        model = whitened(run, fraction, NUM_SAMPLES, seed)
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.save(model, path)
     return model
