@@ -131,6 +131,8 @@ def finetune(
     """
     from transformers import Trainer, TrainingArguments
 
+    from .distill import DistillationTrainer
+
     check_distillation(model, teacher, distill_temperature)
     examples, collate = tokenize_examples(train_examples, tokenizer, model, num_samples, max_length, batch_size)
     trained = model
@@ -167,19 +169,13 @@ def finetune(
             disable_tqdm=not show_progress,
             **training_args,
         )
-        if teacher is None:
-            trainer = Trainer(model=trained, args=args, train_dataset=examples, data_collator=collate)
-        else:
-            from .distill import DistillationTrainer
-
-            trainer = DistillationTrainer(
-                model=trained,
-                args=args,
-                train_dataset=examples,
-                data_collator=collate,
-                teacher=teacher,
-                distill_temperature=distill_temperature,
-            )
+        trainer_class, distillation = Trainer, {}
+        if teacher is not None:
+            trainer_class = DistillationTrainer
+            distillation = {"teacher": teacher, "distill_temperature": distill_temperature}
+        trainer = trainer_class(
+            model=trained, args=args, train_dataset=examples, data_collator=collate, **distillation
+        )
         output = trainer.train()
         history = list(trainer.state.log_history)
     if lora:
