@@ -14,6 +14,7 @@ from .config import FWSVDConfig  # noqa: E402
 from .factorize import factorize  # noqa: E402
 from .fisher import estimate_fisher  # noqa: E402
 from .importances import load_importances, save_importances  # noqa: E402
+from .int8_deploy import fold_smoothing, quantize_int8  # noqa: E402
 from .integration import install  # noqa: E402
 from .layers import LowRankLinear  # noqa: E402
 from .layerwise import compress_layerwise  # noqa: E402
@@ -33,6 +34,8 @@ __all__ = [
     "decompress",
     "estimate_fisher",
     "factorize",
+    "fold_smoothing",
     "load_importances",
+    "quantize_int8",
     "save_importances",
 ]
