@@ -23,7 +23,9 @@ may be narrowed to one factor, ``ffn_out.down``), ``smooth<alpha>[-<group>...]``
 quantised linears or of those groups), ``pertoken-<group>[+...]`` (those groups through torchao's
 ``Int8DynamicActivationInt8WeightConfig``: per-token activation scales, per-channel weights, slower kernels),
 ``perchannel`` (one weight scale per output row), ``fullrange`` (8-bit activations, `FullRangeDynamicLinear`) and
-combinations joined with ``,`` (``smooth0.5,skip-ffn_out``); ``fp32`` is the base model as is.
+combinations joined with ``,`` (``smooth0.5,skip-ffn_out``); ``fp32`` is the base model as is. ``lib`` (alone) is the
+library's recipe, `hf_fwsvd.int8_deploy.quantize_int8` with ``smooth_alpha=0.5`` and 8-bit activations: the
+``smooth0.5-up,fullrange`` recipe with the smoothing folded into the ``down`` factors instead of a separate multiply.
 
 Run from the repository root with ``PYTHONPATH=src:.``, e.g.
 ``python benchmarks/int8_recipes.py build --task polarity --fraction 0.8 --finetune``.
@@ -59,6 +61,7 @@ from benchmarks.headline import (
 from benchmarks.int8_compare import forward_seconds, whitened
 from benchmarks.recovery import RECOVERY_ARGS, dev_split, recovery_finetune
 from hf_fwsvd.evaluation import length_sorted_batches
+from hf_fwsvd.int8_deploy import FullRangeDynamicLinear, collect_input_absmax, quantize_int8, smoothing_scales
 
 logger = logging.getLogger(__name__)
 
@@ -117,17 +120,6 @@ def module_tags(name: str) -> set[str]:
     return {group} | factor
 
 
-class FullRangeDynamicLinear(torch.ao.nn.quantized.dynamic.Linear):
-    """`quantize_dynamic`'s linear with 8-bit instead of 7-bit activations: PyTorch's module always asks fbgemm for
-    ``reduce_range=True`` (which avoids int16 overflow on CPUs without VNNI); on a VNNI CPU the full range is safe and
-    halves the activation rounding step. Made by `dynamic_int8` by swapping the class of a quantised module."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, reduce_range=False).to(
-            x.dtype
-        )
-
-
 class SmoothedInput(nn.Module):
     """``x -> linear(x * inverse_scale)`` where `linear`'s weight columns were multiplied by ``scale``: the same map
     in exact arithmetic, but the activation's outlier channels are divided down before quantisation.
@@ -148,46 +140,21 @@ class SmoothedInput(nn.Module):
         return self.linear(x * self.inverse_scale)
 
 
-@torch.no_grad()
 def activation_absmax(model: nn.Module, tokenizer, examples: list[dict]) -> dict[str, torch.Tensor]:
-    """Per input feature, the largest ``|x|`` each `nn.Linear` of `model` sees on `examples` (batches of 16, max
-    length 64, padding tokens included as dynamic quantisation includes them)."""
-    absmax: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def record(module: nn.Module, inputs: tuple) -> None:
-            value = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(0)
-            absmax[name] = torch.maximum(absmax[name], value) if name in absmax else value
-
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    model.eval()
-    try:
-        for _, batch in length_sorted_batches(tokenizer, examples, 16, 64):
-            model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return absmax
-
-
-def smoothing_scales(weight: torch.Tensor, absmax: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SmoothQuant's per-input-feature factor ``s_j = max|x_j|^alpha / max_i |W_ij|^(1 - alpha)`` (clamped to
-    ``[1e-5, 1e5]``): dividing the activations by ``s`` and multiplying the weight columns by it moves ``alpha`` of
-    the outlier range from the activations into the weights."""
-    weight_max = weight.detach().abs().amax(0).clamp(min=1e-8)
-    return (absmax.clamp(min=1e-8).pow(alpha) / weight_max.pow(1 - alpha)).clamp(1e-5, 1e5)
+    """Per input feature, the largest ``|x|`` each `nn.Linear` of `model` sees on `examples` (the library's
+    `collect_input_absmax`, batches of 16, max length 64, padding tokens included as dynamic quantisation includes
+    them)."""
+    return collect_input_absmax(model, examples, tokenizer, None, None, 16, 64, show_progress=False)
 
 
 def parse_variant(variant: str) -> dict:
     """``"smooth0.5,skip-ffn_out.down+head"`` -> ``{"alpha": 0.5, "skip": {frozenset({"ffn_out", "down"}),
     frozenset({"head"})}, "only": None, "per_channel": False, "float": False, "full_range": False, "smooth": None,
-    "per_token": set()}``: a linear is
+    "per_token": set(), "library": False}``: a linear is
     skipped (or, for ``only``, kept) when its `module_tags` include every tag of one item; see the module docstring.
     """
     spec = {"alpha": None, "skip": set(), "only": None, "per_channel": False, "float": False, "full_range": False}
-    spec |= {"smooth": None, "per_token": set()}
+    spec |= {"smooth": None, "per_token": set(), "library": False}
     tags = set(GROUPS) | {"down", "up"}
 
     def items(names: str) -> set[frozenset[str]]:
@@ -197,7 +164,11 @@ def parse_variant(variant: str) -> dict:
             raise ValueError(f"variant {variant!r}: unknown group(s) {sorted(unknown)}; use {sorted(tags)}.")
         return chosen
 
+    if variant == "lib":
+        return spec | {"library": True}
     for part in variant.split(","):
+        if part == "lib":
+            raise ValueError(f"variant {variant!r}: 'lib' is the library recipe as a whole; use it alone.")
         if part == "fp32":
             spec["float"] = True
         elif part == "int8":
@@ -233,6 +204,10 @@ def dynamic_int8(model: nn.Module, variant: str, absmax: dict[str, torch.Tensor]
     from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
     spec = parse_variant(variant)
+    if spec["library"]:
+        if absmax is None:
+            raise ValueError(f"variant {variant!r} smooths: pass absmax=activation_absmax(model, ...).")
+        return quantize_int8(model, smooth_alpha=0.5, activation_bits=8, input_absmax=absmax, show_progress=False)
     model = copy.deepcopy(model)
     if spec["float"]:
         return model
@@ -267,6 +242,11 @@ def dynamic_int8(model: nn.Module, variant: str, absmax: dict[str, torch.Tensor]
     return model
 
 
+def needs_absmax(variant: str) -> bool:
+    """Whether `variant` (or a ``base:variant`` recipe) smooths, so `dynamic_int8` needs `activation_absmax`."""
+    return "smooth" in variant or variant.rpartition(":")[2] == "lib"
+
+
 def base_seed(name: str) -> int:
     """The seed of a base named as `base_name` writes it: ``whiten0.5+ft@1`` -> 1, ``dense`` -> 0."""
     return int(name.partition("@")[2] or 0)
@@ -293,7 +273,7 @@ def dev_stage(run: TaskRun, args: argparse.Namespace) -> dict:
     for base in args.bases:
         model = load_base(run, base)
         calibration = calibration_sample(run.splits["train"], NUM_SAMPLES, base_seed(base))
-        smooths = any("smooth" in variant for variant in args.variants)
+        smooths = any(needs_absmax(variant) for variant in args.variants)
         absmax = activation_absmax(model, run.tokenizer, calibration) if smooths else None
         for variant in args.variants:
             start = time.perf_counter()
@@ -336,7 +316,7 @@ def margins_stage(run: TaskRun, args: argparse.Namespace) -> dict:
     results = json.loads(path.read_text()) if path.is_file() else {}
     for base in args.bases:
         model = load_base(run, base).eval()
-        smooths = any("smooth" in variant for variant in args.variants)
+        smooths = any(needs_absmax(variant) for variant in args.variants)
         calibration = calibration_sample(run.splits["train"], NUM_SAMPLES, base_seed(base))
         absmax = activation_absmax(model, run.tokenizer, calibration) if smooths else None
         for variant in args.variants:
@@ -356,7 +336,7 @@ def test_stage(run: TaskRun, args: argparse.Namespace) -> dict:
         base, variant = recipe.split(":", 1)
         if base not in bases:
             model = load_base(run, base)
-            needs = any(r.startswith(f"{base}:") and "smooth" in r for r in args.recipes)
+            needs = any(r.startswith(f"{base}:") and needs_absmax(r) for r in args.recipes)
             calibration = calibration_sample(run.splits["train"], NUM_SAMPLES, base_seed(base))
             bases[base] = (model, activation_absmax(model, run.tokenizer, calibration) if needs else None)
         models[recipe] = dynamic_int8(bases[base][0], variant, bases[base][1])

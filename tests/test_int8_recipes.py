@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_tokenizer
 from torch import nn
 from transformers import MPNetConfig, MPNetForSequenceClassification
 
@@ -23,6 +24,7 @@ from benchmarks.int8_recipes import (
     smoothing_scales,
 )
 from hf_fwsvd import FWSVDConfig, LowRankLinear, compress
+from hf_fwsvd.int8_deploy import quantize_int8
 
 DynamicLinear = torch.ao.nn.quantized.dynamic.Linear
 
@@ -92,7 +94,11 @@ def test_parse_variant():
         "full_range": False,
         "smooth": None,
         "per_token": set(),
+        "library": False,
     }
+    assert parse_variant("lib")["library"] is True
+    with pytest.raises(ValueError, match="'lib' is the library recipe as a whole; use it alone"):
+        parse_variant("lib,fullrange")
     assert parse_variant("smooth0.8-ffn_out.down")["smooth"] == {frozenset({"ffn_out", "down"})}
     assert parse_variant("only-up,perchannel")["only"] == {frozenset({"up"})}
     with pytest.raises(ValueError, match=r"unknown group\(s\) \['ffn'\]"):
@@ -115,7 +121,7 @@ def test_parse_variant():
 def test_dynamic_int8_quantises_the_chosen_linears(variant, count):
     torch.manual_seed(0)
     model = tiny_mpnet()
-    absmax = activation_absmax(model, _Tokenizer(), [{"text": "a b c"}, {"text": "d e"}])
+    absmax = activation_absmax(model, tiny_tokenizer(), [{"text": "w3 w4 w5"}, {"text": "w6 w7"}])
     built = dynamic_int8(model, variant, absmax)
     assert sum(isinstance(m, DynamicLinear) for m in built.modules()) == count
     smoothed = {"smooth0.5,skip-ffn_out": 12, "smooth0.5-ffn_in": 2}.get(variant, 0)
@@ -211,3 +217,26 @@ def test_int8_sensitivity_is_zero_for_the_model_itself_and_positive_for_int8():
 def test_base_names_round_trip_their_seed(fraction, finetune, seed, name):
     assert base_name(fraction, finetune, seed) == name
     assert base_seed(name) == seed
+
+
+def test_lib_variant_is_the_library_recipe_with_the_smoothing_folded(monkeypatch):
+    from hf_fwsvd import int8_deploy
+
+    monkeypatch.setattr(int8_deploy, "cpu_has_int8_dot_product", lambda: True)
+    torch.manual_seed(0)
+    low_rank = compress(tiny_mpnet(), FWSVDConfig(method="svd", rank=4), show_progress=False).eval()
+    examples = [{"text": "w3 w4 w5 w9"}, {"text": "w6 w7"}, {"text": "w8 w10 w11"}]
+    absmax = activation_absmax(low_rank, tiny_tokenizer(), examples)
+    built = dynamic_int8(low_rank, "lib", absmax)
+    assert {type(m) for m in built.modules()} & {DynamicLinear, FullRangeDynamicLinear, SmoothedInput, nn.Linear} == {
+        FullRangeDynamicLinear
+    }
+    batch = inputs()
+    direct = quantize_int8(low_rank, smooth_alpha=0.5, activation_bits=8, input_absmax=absmax, show_progress=False)
+    unfolded = dynamic_int8(low_rank, "smooth0.5-up,fullrange", absmax)
+    with torch.no_grad():
+        found = built(**batch).logits
+        assert torch.equal(found, direct(**batch).logits)
+        assert torch.allclose(found, unfolded(**batch).logits, atol=0.02)  # only down's int8 rounding differs
+    with pytest.raises(ValueError, match="pass absmax=activation_absmax"):
+        dynamic_int8(low_rank, "lib")
