@@ -265,10 +265,11 @@ def load_base(run: TaskRun, name: str) -> nn.Module:
 
 
 def dev_stage(run: TaskRun, args: argparse.Namespace) -> dict:
-    """Scores every ``--variants`` of every ``--bases`` model on `dev_split`; merged into the dev JSON file."""
+    """Scores every ``--variants`` of every ``--bases`` model on `dev_split`; merged into the dev JSON file (with
+    ``--label``, a file of its own, ``int8_recipes_dev_<task>_<label>.json``)."""
     dev = dev_split(run.splits["train"])
     labels = torch.tensor([e["label"] for e in dev], dtype=torch.float32 if run.regression else torch.long)
-    path = RESULTS / f"int8_recipes_dev_{run.task}.json"
+    path = RESULTS / f"int8_recipes_dev_{run.task}{'_' + args.label if args.label else ''}.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     for base in args.bases:
         model = load_base(run, base)
@@ -410,7 +411,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=["fp32", "int8"], help="dev: variants to score")
     parser.add_argument("--recipes", nargs="+", default=["dense:fp32", "dense:int8"], help="test: base:variant")
     parser.add_argument("--references", nargs="+", default=["dense:int8"], help="paired: recipes to test against")
-    parser.add_argument("--label", help="test / paired: store / read the rows under '<task>|<label>'")
+    parser.add_argument(
+        "--label", help="test / paired: store / read the rows under '<task>|<label>'; dev: a separate file"
+    )
     parser.add_argument("--timing-examples", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
