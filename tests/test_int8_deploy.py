@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import sample_input, sentences, tiny_bert, tiny_tokenizer  # noqa: F401  (sample_input: fixture)
+from conftest import sentences, tiny_bert, tiny_tokenizer
 from torch import nn
 from transformers import BertForSequenceClassification
 
@@ -68,7 +68,7 @@ def test_collect_input_absmax_is_the_brute_force_maximum():
     assert torch.allclose(absmax["bert.encoder.layer.0.output.dense.up"], torch.cat(seen).abs().amax(0))
 
 
-def test_fold_leaves_fp32_outputs_equal_and_applies_the_scales_to_the_factors(sample_input):  # noqa: F811
+def test_fold_leaves_fp32_outputs_equal_and_applies_the_scales_to_the_factors(sample_input):
     model = compressed_bert()
     before = copy.deepcopy(model)
     absmax = collect_input_absmax(model, TEXTS, tiny_tokenizer(), show_progress=False)
@@ -86,7 +86,7 @@ def test_fold_leaves_fp32_outputs_equal_and_applies_the_scales_to_the_factors(sa
     assert torch.allclose(folded_absmax[f"{name}.up"], absmax[f"{name}.up"] / expected, rtol=1e-4)
 
 
-def test_folded_model_saves_and_reloads_as_an_fwsvd_checkpoint(tmp_path, sample_input):  # noqa: F811
+def test_folded_model_saves_and_reloads_as_an_fwsvd_checkpoint(tmp_path, sample_input):
     model = compressed_bert()
     fold_smoothing(model, TEXTS, tiny_tokenizer(), show_progress=False)
     model.save_pretrained(tmp_path)
@@ -96,7 +96,7 @@ def test_folded_model_saves_and_reloads_as_an_fwsvd_checkpoint(tmp_path, sample_
 
 
 @pytest.mark.parametrize("bits", [7, 8], ids=["7-bit", "8-bit"])
-def test_quantize_int8_makes_every_linear_dynamic_int8_close_to_fp32(monkeypatch, sample_input, bits):  # noqa: F811
+def test_quantize_int8_makes_every_linear_dynamic_int8_close_to_fp32(monkeypatch, sample_input, bits):
     monkeypatch.setattr(int8_deploy, "cpu_has_int8_dot_product", lambda: True)
     model = compressed_bert()
     quantised = quantize_int8(model, TEXTS, tiny_tokenizer(), activation_bits=bits, show_progress=False)
