@@ -73,12 +73,16 @@ DEV_SIZE = 300
 
 
 def recovery_examples(train: list[dict], size: int = RECOVERY_ARGS["train_size"]) -> list[dict]:
-    """The first `size` training examples outside `dev_split`: ``train[:2000]``, then ``train[2300:]``.
+    """The first `size` training examples outside `dev_split`: ``train[:2000]``, then ``train[2300:]``. Up to 2,000
+    this is ``train[:size]``, as the recipe always used it (the whole split when it is shorter).
 
     Raises:
-        `ValueError`: When the training split has fewer than `size` examples outside the development split.
+        `ValueError`: When `size` exceeds 2,000 and the training split has fewer than `size` examples outside the
+            development split.
     """
     start = RECOVERY_ARGS["train_size"]
+    if size <= start:
+        return train[:size]
     usable = train[:start] + train[start + DEV_SIZE :]
     if size > len(usable):
         raise ValueError(
