@@ -9,9 +9,12 @@ calibration, head training or any choice). Optional extras, all on the same test
   compressed encoder's features of the first ``--recovery-examples`` head-training examples), seed 0 only;
 * ``--finetune-ratios``: a short recovery fine-tune of the compressed encoder (`benchmarks.recovery`: the block
   weights trained for ``--finetune-steps`` steps on the first 2,000 training examples, by distilling the dense task
-  model's hidden states or on the task labels, ``--finetune-objective``), seed 0 only, for ``--finetune-methods``;
-  ``--finetune-dense`` runs the same fine-tune on the dense model. Rows carry the stage
-  ``finetune_<objective>_<steps>_<learning rate>``; training times go to ``results/headline/finetune_log.jsonl``;
+  model's hidden states or on the task labels, ``--finetune-objective``), for ``--finetune-methods`` at the seeds
+  ``--finetune-seeds`` (default 0; a seed's fine-tune also uses it for its batch order and dropout);
+  ``--finetune-dense`` runs the same fine-tune (seed 0) on the dense model. Rows carry the stage
+  ``finetune_<objective>_<steps>_<learning rate>`` (plus ``_n<examples>`` when ``--finetune-train-size`` is not
+  2,000: the first examples of `benchmarks.recovery.recovery_examples`); training times go to
+  ``results/headline/finetune_log.jsonl``;
 * ``--int8``: `torch.ao.quantization.quantize_dynamic` int8 on the dense model and on the compressed models at
   ``--int8-ratios``, with forward time measured side by side (`--timing`) and saved size;
 * ``--estimators``: `fwsvd` with other Fisher estimators (``fisher_estimator=``) at ``--estimator-ratios``;
@@ -50,7 +53,7 @@ from transformers import AutoTokenizer
 
 from benchmarks.assets import TASKS, TOKEN_TASKS, task_splits
 from benchmarks.compare_methods import append_row, read_rows
-from benchmarks.recovery import OBJECTIVES, RECOVERY_ARGS, recovery_finetune
+from benchmarks.recovery import OBJECTIVES, RECOVERY_ARGS, recovery_examples, recovery_finetune
 from benchmarks.task_model import (
     HEAD_ARGS,
     TOKEN_MAX_LENGTH,
@@ -100,9 +103,13 @@ def read_points(path: Path = RESULTS / "points.csv") -> list[dict]:
     return read_rows(path)
 
 
-def finetune_stage(objective: str, steps: int, learning_rate: float) -> str:
-    """The `stage` of a recovery fine-tune's rows, e.g. ``finetune_distill_125_0.0002``: one per recipe."""
-    return f"finetune_{objective}_{steps}_{learning_rate:g}"
+def finetune_stage(
+    objective: str, steps: int, learning_rate: float, train_size: int = RECOVERY_ARGS["train_size"]
+) -> str:
+    """The `stage` of a recovery fine-tune's rows, e.g. ``finetune_distill_125_0.0002`` (``..._n2900`` on 2,900
+    training examples): one per recipe."""
+    size = f"_n{train_size}" if train_size != RECOVERY_ARGS["train_size"] else ""
+    return f"finetune_{objective}_{steps}_{learning_rate:g}{size}"
 
 
 def calibration_sample(train: list[dict], count: int, seed: int) -> list[dict]:
@@ -222,8 +229,9 @@ class TaskRun:
         fit_head(model, features, task_labels(self.task, train), **args)
         return model
 
-    def finetune(self, model: torch.nn.Module, args: argparse.Namespace, key: str) -> torch.nn.Module:
-        """A copy of `model` after the recovery fine-tune (`recovery_finetune`, teacher: the dense task model).
+    def finetune(self, model: torch.nn.Module, args: argparse.Namespace, key: str, seed: int = 0) -> torch.nn.Module:
+        """A copy of `model` after the recovery fine-tune (`recovery_finetune`, teacher: the dense task model,
+        `seed`: its batch order and dropout).
 
         Its training log (seconds, losses) is appended to ``finetune_log.jsonl`` under the point's `key`.
         """
@@ -233,11 +241,12 @@ class TaskRun:
         info = recovery_finetune(
             model,
             self.tokenizer,
-            self.splits["train"][: RECOVERY_ARGS["train_size"]],
+            recovery_examples(self.splits["train"], args.finetune_train_size),
             args.finetune_objective,
             teacher=self.dense,
             steps=args.finetune_steps,
             learning_rate=args.finetune_lr,
+            seed=seed,
         )
         with (RESULTS / "finetune_log.jsonl").open("a") as f:
             f.write(json.dumps({"key": key, "load_average": list(os.getloadavg())} | info) + "\n")
@@ -256,11 +265,14 @@ def run_task(args: argparse.Namespace, task: str) -> None:
         row = {"method": "dense", "ratio": 1.0, "seed": "", "stage": "none", "block_kept": 1.0} | base | {"int8": 2}
         if point_key({"task": task} | row) not in run.done:
             run.record(quantized(run.dense, per_channel=True), row)
-    stage = finetune_stage(args.finetune_objective, args.finetune_steps, args.finetune_lr)
+    stage = finetune_stage(args.finetune_objective, args.finetune_steps, args.finetune_lr, args.finetune_train_size)
     if args.finetune_dense and run.key(method="dense", ratio=1.0, seed="", stage=stage, **base) not in run.done:
         key = run.key(method="dense", ratio=1.0, seed="", stage=stage, **base)
         row = {"method": "dense", "ratio": 1.0, "seed": "", "stage": stage, "block_kept": 1.0} | base
         run.record(run.finetune(run.dense, args, key), row)
+
+    def finetuned(seed: int | str, ratio: float, method: str) -> bool:
+        return (seed or 0) in args.finetune_seeds and ratio in args.finetune_ratios and method in args.finetune_methods
 
     def points(method: str, seed: int | str, estimator: str, num_samples: int | str, ratios: list[float]) -> None:
         common = {"method": method, "estimator": estimator, "num_samples": num_samples, "seed": seed}
@@ -269,7 +281,7 @@ def run_task(args: argparse.Namespace, task: str) -> None:
             keys = [run.key(ratio=ratio, stage="none", int8=0, **common)]
             if seed in (0, "") and ratio in args.recovery_ratios and method in args.recovery_methods:
                 keys.append(run.key(ratio=ratio, stage="recovery", int8=0, **common))
-            if seed in (0, "") and ratio in args.finetune_ratios and method in args.finetune_methods:
+            if finetuned(seed, ratio, method):
                 keys.append(run.key(ratio=ratio, stage=stage, int8=0, **common))
             if seed in (0, "") and args.int8 and ratio in args.int8_ratios and estimator in ("", "empirical"):
                 keys.append(run.key(ratio=ratio, stage="none", int8=1, **common))
@@ -305,10 +317,10 @@ def run_task(args: argparse.Namespace, task: str) -> None:
             if seed in (0, "") and ratio in args.recovery_ratios and method in args.recovery_methods:
                 if run.key(ratio=ratio, stage="recovery", int8=0, **common) not in run.done:
                     run.record(run.recover(model, args.recovery_examples), row | {"stage": "recovery", "int8": 0})
-            if seed in (0, "") and ratio in args.finetune_ratios and method in args.finetune_methods:
+            if finetuned(seed, ratio, method):
                 key = run.key(ratio=ratio, stage=stage, int8=0, **common)
                 if key not in run.done:
-                    run.record(run.finetune(model, args, key), row | {"stage": stage, "int8": 0})
+                    run.record(run.finetune(model, args, key, seed or 0), row | {"stage": stage, "int8": 0})
             if seed in (0, "") and args.int8 and ratio in args.int8_ratios and estimator in ("", "empirical"):
                 if run.key(ratio=ratio, stage="none", int8=1, **common) not in run.done:
                     run.record(quantized(model), row | {"stage": "none", "int8": 1})
@@ -407,11 +419,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recovery-ratios", nargs="*", type=float, default=[])
     parser.add_argument("--recovery-methods", nargs="*", default=["svd", "fwsvd", "whiten", "tfwsvd"])
     parser.add_argument("--recovery-examples", type=int, default=1000)
-    parser.add_argument("--finetune-ratios", nargs="*", type=float, default=[], help="recovery fine-tune (seed 0)")
+    parser.add_argument("--finetune-ratios", nargs="*", type=float, default=[], help="recovery fine-tune")
+    parser.add_argument("--finetune-seeds", nargs="*", type=int, default=[0], help="seeds given a fine-tune")
     parser.add_argument("--finetune-methods", nargs="*", default=["svd", "fwsvd", "whiten", "tfwsvd"])
     parser.add_argument("--finetune-objective", choices=OBJECTIVES, default=RECOVERY_ARGS["objective"])
     parser.add_argument("--finetune-steps", type=int, default=RECOVERY_ARGS["steps"])
     parser.add_argument("--finetune-lr", type=float, default=RECOVERY_ARGS["learning_rate"])
+    parser.add_argument("--finetune-train-size", type=int, default=RECOVERY_ARGS["train_size"])
     parser.add_argument("--finetune-dense", action="store_true", help="also the same fine-tune of the dense model")
     parser.add_argument("--int8", action="store_true")
     parser.add_argument("--int8-per-channel", action="store_true", help="also per-channel int8 (int8=2 rows)")

@@ -10,6 +10,9 @@ frozen. Two objectives:
   not trained: the dense task model's head reads the recovered encoder.
 * ``"label"``: the task loss on the training labels (cross-entropy, or squared error for regression); the head
   (`model.classifier`) trains together with the block weights.
+* ``"label+kd"`` (classification only): ``(1 - w) * cross-entropy + w * T^2 * KL(teacher || student)`` on the class
+  logits, with the teacher (the dense task model) at temperature ``T``; ``T = KD_TEMPERATURE = 2`` and
+  ``w = KD_WEIGHT = 0.5`` were fixed before any run, not tuned. The head trains as for ``"label"``.
 
 Batches of similar-length examples in a seeded order (`benchmarks.task_model._length_grouped_batches`), AdamW with
 linear warm-up and linear decay to 0, dropout on in the student. Run as a script to compare the objectives on a
@@ -38,9 +41,20 @@ from hf_fwsvd.targets import find_target_modules
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OBJECTIVES", "RECOVERY_ARGS", "block_parameters", "distill_loss", "recovery_finetune", "dev_split"]
+__all__ = [
+    "OBJECTIVES",
+    "RECOVERY_ARGS",
+    "block_parameters",
+    "distill_loss",
+    "kd_loss",
+    "recovery_finetune",
+    "dev_split",
+    "recovery_examples",
+]
 
-OBJECTIVES = ("distill", "label")
+OBJECTIVES = ("distill", "label", "label+kd")
+KD_TEMPERATURE = 2.0
+KD_WEIGHT = 0.5
 # The recipe scored on the test split, chosen on the development split (`dev_split`; whiten at rank ratio 0.33, dev
 # accuracy: TREC dense 85.3, compressed 77.7, distill 2e-4 83.7, distill 1e-3 80.0, label 5e-5 88.7, label 2e-4 89.3;
 # polarity dense 84.3, compressed 77.7, distill 2e-4 83.3; see benchmarks/README.md). 125 steps of 16 = one epoch of
@@ -56,6 +70,26 @@ RECOVERY_ARGS = {
     "train_size": 2000,
 }
 DEV_SIZE = 300
+
+
+def recovery_examples(train: list[dict], size: int = RECOVERY_ARGS["train_size"]) -> list[dict]:
+    """The first `size` training examples outside `dev_split`: ``train[:2000]``, then ``train[2300:]``. Up to 2,000
+    this is ``train[:size]``, as the recipe always used it (the whole split when it is shorter).
+
+    Raises:
+        `ValueError`: When `size` exceeds 2,000 and the training split has fewer than `size` examples outside the
+            development split.
+    """
+    start = RECOVERY_ARGS["train_size"]
+    if size <= start:
+        return train[:size]
+    usable = train[:start] + train[start + DEV_SIZE :]
+    if size > len(usable):
+        raise ValueError(
+            f"recovery_examples: size={size} but the training split has {len(usable)} examples outside the "
+            f"development split; use size <= {len(usable)}."
+        )
+    return usable[:size]
 
 
 def dev_split(train: list[dict], train_size: int = RECOVERY_ARGS["train_size"]) -> list[dict]:
@@ -93,6 +127,30 @@ def distill_loss(
         ((s - t).square() * weight).sum() / denominator for s, t in zip(student_hidden, teacher_hidden, strict=True)
     ]
     return torch.stack(losses).mean()
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = KD_TEMPERATURE,
+    weight: float = KD_WEIGHT,
+) -> torch.Tensor:
+    """``(1 - weight) * CE(s, y) + weight * T^2 * mean_b KL(softmax(t / T) || softmax(s / T))``.
+
+    Args:
+        student_logits, teacher_logits (`torch.Tensor`): ``batch x classes`` logits.
+        labels (`torch.Tensor`): ``batch`` class indices.
+        temperature (`float`, *optional*, defaults to 2.0): Softening temperature ``T`` of both distributions.
+        weight (`float`, *optional*, defaults to 0.5): Share ``w`` of the distillation term.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} != teacher {tuple(teacher_logits.shape)}.")
+    cross_entropy = torch.nn.functional.cross_entropy(student_logits, labels)
+    student = torch.log_softmax(student_logits / temperature, dim=-1)
+    teacher = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
+    return (1 - weight) * cross_entropy + weight * temperature**2 * kl
 
 
 def recovery_finetune(
@@ -137,11 +195,14 @@ def recovery_finetune(
 
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}.")
-    if objective == "distill" and teacher is None:
-        raise ValueError('objective="distill" needs teacher= (the dense task model).')
+    if objective in ("distill", "label+kd") and teacher is None:
+        raise ValueError(f"objective={objective!r} needs teacher= (the dense task model).")
+    if objective == "label+kd" and model.config.num_labels == 1:
+        raise ValueError('objective="label+kd" needs a classifier; use "label" for regression.')
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}.")
-    trained = block_parameters(model) + (list(model.classifier.parameters()) if objective == "label" else [])
+    head = list(model.classifier.parameters()) if objective.startswith("label") else []
+    trained = block_parameters(model) + head
     trained_ids = {id(p) for p in trained}
     previous = {name: p.requires_grad for name, p in model.named_parameters()}
     for param in model.parameters():
@@ -171,6 +232,10 @@ def recovery_finetune(
                 batch = tokenizer.pad({"input_ids": [encoded[i] for i in batch_idx]}, return_tensors="pt")
                 if objective == "label":
                     loss = model(**batch, labels=labels[batch_idx]).loss
+                elif objective == "label+kd":
+                    with torch.no_grad():
+                        target = teacher(**batch).logits
+                    loss = kd_loss(model(**batch).logits, target, labels[batch_idx])
                 else:
                     with torch.no_grad():
                         target = teacher.base_model(**batch, output_hidden_states=True).hidden_states[1:]
@@ -220,7 +285,7 @@ def compare_on_dev(args: argparse.Namespace) -> dict:
     def dev_score(model: torch.nn.Module) -> float:
         return round(score(predict(model, run.tokenizer, dev), dev_labels, run.regression)[0], 5)
 
-    calibration = calibration_sample(train, 128, 0)
+    calibration = calibration_sample(train, 128, args.seed)
     config = FWSVDConfig(
         method=args.method,
         rank_ratio=args.ratio,
@@ -235,6 +300,8 @@ def compare_on_dev(args: argparse.Namespace) -> dict:
         "task": args.task,
         "method": args.method,
         "ratio": args.ratio,
+        "seed": args.seed,
+        "finetune_seed": args.finetune_seed,
         "dev": f"train[{RECOVERY_ARGS['train_size']}:{RECOVERY_ARGS['train_size'] + DEV_SIZE}]",
         "dense": dev_score(run.dense),
         "compressed": dev_score(compressed),
@@ -242,24 +309,42 @@ def compare_on_dev(args: argparse.Namespace) -> dict:
     }
     logger.info("dev: dense %.4f, compressed %.4f", result["dense"], result["compressed"])
     for candidate in args.candidates:
-        objective, learning_rate = candidate.split(":")
+        objective, learning_rate, train_size, steps = parse_candidate(candidate, args.steps)
         model = copy.deepcopy(compressed)
         info = recovery_finetune(
             model,
             run.tokenizer,
-            train[: RECOVERY_ARGS["train_size"]],
+            recovery_examples(train, train_size),
             objective,
             teacher=run.dense,
-            steps=args.steps,
-            learning_rate=float(learning_rate),
+            steps=steps,
+            learning_rate=learning_rate,
+            seed=args.finetune_seed,
         )
-        info |= {"learning_rate": float(learning_rate), "dev": dev_score(model)}
+        info |= {"candidate": candidate, "learning_rate": learning_rate, "train_size": train_size}
+        info["dev"] = dev_score(model)
         logger.info("dev: %s -> %.4f (%s)", candidate, info["dev"], info)
         result["candidates"].append(info)
-    name = f"recovery_dev_{args.task}_{args.method}_{'_'.join(args.candidates).replace(':', '-')}.json"
+    seeds = (f"_seed{args.seed}" if args.seed else "") + (f"_ft{args.finetune_seed}" if args.finetune_seed else "")
+    name = f"recovery_dev_{args.task}_{args.method}{seeds}_{'_'.join(args.candidates).replace(':', '-')}.json"
     out = Path(__file__).resolve().parent / "results" / "headline" / name
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def parse_candidate(candidate: str, steps: int) -> tuple[str, float, int, int]:
+    """``"objective:lr[:train_size[:steps]]"`` -> ``(objective, lr, train_size, steps)``; `train_size` defaults to
+    2,000 examples (`recovery_examples`) and `steps` to the given default, or to one pass when `train_size` is given.
+    """
+    parts = candidate.split(":")
+    if not 2 <= len(parts) <= 4:
+        raise ValueError(f"candidate {candidate!r}: use objective:learning_rate[:train_size[:steps]].")
+    train_size = int(parts[2]) if len(parts) > 2 else RECOVERY_ARGS["train_size"]
+    if len(parts) == 4:
+        steps = int(parts[3])
+    elif len(parts) == 3:
+        steps = -(-train_size // RECOVERY_ARGS["batch_size"])
+    return parts[0], float(parts[1]), train_size, steps
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -271,8 +356,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ratio", type=float, default=0.33)
     parser.add_argument("--steps", type=int, default=RECOVERY_ARGS["steps"])
     parser.add_argument(
-        "--candidates", nargs="+", default=["distill:2e-4", "label:5e-5"], help="objective:learning_rate pairs"
+        "--candidates",
+        nargs="+",
+        default=["distill:2e-4", "label:5e-5"],
+        help="objective:learning_rate[:train_size[:steps]] (train_size examples from recovery_examples; steps "
+        "default: --steps, or one pass over train_size when it is given)",
     )
+    parser.add_argument("--seed", type=int, default=0, help="calibration sample of the compressed model")
+    parser.add_argument("--finetune-seed", type=int, default=0, help="batch order and dropout of the fine-tunes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for name in ("transformers", "hf_fwsvd"):

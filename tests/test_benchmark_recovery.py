@@ -13,7 +13,15 @@ from conftest import sentences, tiny_roberta, tiny_tokenizer
 from transformers import RobertaForSequenceClassification
 
 from benchmarks import headline, headline_report
-from benchmarks.recovery import block_parameters, dev_split, distill_loss, recovery_finetune
+from benchmarks.recovery import (
+    block_parameters,
+    dev_split,
+    distill_loss,
+    kd_loss,
+    parse_candidate,
+    recovery_examples,
+    recovery_finetune,
+)
 from hf_fwsvd import FWSVDConfig, compress
 from hf_fwsvd.layers import LowRankLinear
 
@@ -128,10 +136,15 @@ def test_same_fine_tune_runs_on_the_dense_model():
 
 def test_recovery_finetune_rejects_bad_arguments():
     teacher, student = _compressed()
-    with pytest.raises(ValueError, match=r"objective='kd' is not one of \('distill', 'label'\)\."):
+    with pytest.raises(ValueError, match=r"objective='kd' is not one of \('distill', 'label', 'label\+kd'\)\."):
         recovery_finetune(student, tiny_tokenizer(), _examples(), "kd", teacher=teacher)
-    with pytest.raises(ValueError, match=r'objective="distill" needs teacher= \(the dense task model\)\.'):
+    with pytest.raises(ValueError, match=r"objective='distill' needs teacher= \(the dense task model\)\."):
         recovery_finetune(student, tiny_tokenizer(), _examples(), "distill")
+    with pytest.raises(ValueError, match=r"objective='label\+kd' needs teacher= \(the dense task model\)\."):
+        recovery_finetune(student, tiny_tokenizer(), _examples(), "label+kd")
+    teacher, student = _compressed(regression=True)
+    with pytest.raises(ValueError, match='objective="label\\+kd" needs a classifier; use "label" for regression.'):
+        recovery_finetune(student, tiny_tokenizer(), _examples(regression=True), "label+kd", teacher=teacher)
     with pytest.raises(ValueError, match="steps must be positive, got 0."):
         recovery_finetune(student, tiny_tokenizer(), _examples(), "label", steps=0)
 
@@ -187,3 +200,81 @@ def test_finetune_stage_names_the_recipe_and_the_report_shows_all_three_stages(c
     out = capsys.readouterr().out
     assert "## Recovery fine-tune `finetune_distill_125_0.0002` (distill, 125 steps, lr 0.0002), seed 0" in out
     assert "| trec | 83.4 / 85.0 | 0.33 | 0.4941 | 26.8 / 64.8 / 80.0 |" in out
+
+
+def test_kd_loss_matches_a_brute_force_mix_of_cross_entropy_and_tempered_kl():
+    student = torch.tensor([[1.0, -0.5, 0.25], [0.2, 0.3, -2.0]])
+    teacher = torch.tensor([[0.5, 0.0, 1.0], [-1.0, 1.0, 0.0]])
+    labels = torch.tensor([0, 2])
+
+    def softmax(row: list[float], temperature: float) -> list[float]:
+        exps = [math.exp(v / temperature) for v in row]
+        return [v / sum(exps) for v in exps]
+
+    cross_entropy = sum(-math.log(softmax(student[b].tolist(), 1.0)[labels[b]]) for b in range(2)) / 2
+    kl = 0.0
+    for b in range(2):
+        p, q = softmax(teacher[b].tolist(), 2.0), softmax(student[b].tolist(), 2.0)
+        kl += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True)) / 2
+    assert math.isclose(float(kd_loss(student, teacher, labels)), 0.5 * cross_entropy + 0.5 * 4 * kl, rel_tol=1e-6)
+    assert math.isclose(float(kd_loss(student, teacher, labels, weight=0.0)), cross_entropy, rel_tol=1e-6)
+    # the student equal to the teacher: only the label term is left
+    assert math.isclose(
+        float(kd_loss(teacher, teacher, labels)),
+        0.5 * float(torch.nn.functional.cross_entropy(teacher, labels)),
+        rel_tol=1e-6,
+    )
+    with pytest.raises(ValueError, match=r"student logits \(2, 3\) != teacher \(2, 2\)\."):
+        kd_loss(student, teacher[:, :2], labels)
+
+
+def test_label_kd_trains_the_factors_and_the_head_and_leaves_the_teacher():
+    teacher, student = _compressed()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    info = recovery_finetune(
+        student, tiny_tokenizer(), _examples(), "label+kd", teacher=teacher, steps=4, batch_size=4
+    )
+    changed = _changed(before, student)
+    assert {name for name in changed if name.startswith("classifier.")} == {
+        name for name in before if name.startswith("classifier.")
+    }
+    assert all(".down." in name or ".up." in name for name in changed if not name.startswith("classifier."))
+    assert not _changed(teacher_before, teacher)
+    head = sum(p.numel() for p in student.classifier.parameters())
+    assert info["objective"] == "label+kd" and info["steps"] == 4
+    assert info["trained_parameters"] == sum(p.numel() for p in block_parameters(student)) + head
+
+
+def test_recovery_examples_skip_the_dev_split():
+    train = [{"text": str(i), "label": 0} for i in range(2400)]
+    assert recovery_examples(train) == train[:2000]
+    assert recovery_examples(train, 2100) == train[:2000] + train[2300:2400]
+    assert recovery_examples(train[:50]) == train[:50]  # a short split: all of it, as before
+    with pytest.raises(ValueError, match="recovery_examples: size=2101 but the training split has 2100 examples "):
+        recovery_examples(train, 2101)
+
+
+def test_parse_candidate_defaults_to_one_pass_over_the_given_examples():
+    assert parse_candidate("label:2e-4", 125) == ("label", 2e-4, 2000, 125)
+    assert parse_candidate("label+kd:1e-4:2900", 125) == ("label+kd", 1e-4, 2900, 182)
+    assert parse_candidate("label:1e-4:2000:250", 125) == ("label", 1e-4, 2000, 250)
+    with pytest.raises(ValueError, match=r"candidate 'label': use objective:learning_rate\[:train_size\[:steps\]\]\."):
+        parse_candidate("label", 125)
+
+
+def test_finetune_stage_names_a_larger_training_set_and_headline_passes_the_seed(tmp_path, monkeypatch):
+    assert headline.finetune_stage("label", 182, 2e-4, 2900) == "finetune_label_182_0.0002_n2900"
+    assert headline.finetune_stage("label", 125, 2e-4, 2000) == "finetune_label_125_0.0002"
+    monkeypatch.setattr(headline, "RESULTS", tmp_path)
+    teacher, student = _compressed()
+    train = _examples(2400)
+    run = SimpleNamespace(token=False, task="toy", tokenizer=tiny_tokenizer(), splits={"train": train}, dense=teacher)
+    seen = []
+    monkeypatch.setattr(headline, "recovery_finetune", lambda *a, **k: seen.append((a[2], k["seed"])) or {})
+    args = headline.parse_args(
+        ["--finetune-steps", "2", "--finetune-train-size", "2100", "--finetune-seeds", "0", "2"]
+    )
+    assert args.finetune_seeds == [0, 2]
+    headline.TaskRun.finetune(run, student, args, "key", seed=2)
+    assert seen == [(train[:2000] + train[2300:2400], 2)]
