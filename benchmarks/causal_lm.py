@@ -31,7 +31,7 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the process's peak resident memory sampled every 20 ms during that compression.
 
 Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense][+c128|+mix]
-[+lora|+lora64|+lora128][+ep4][+kd][+r<rank>][+lr<rate>][+full][+int8]``:
+[+lora|+lora64|+lora128][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+int8]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
 update of the `up` factors (`hf_fwsvd.lstsq_update`; ``+update_both`` refits both factors, ``+update_dense`` fits the
@@ -41,7 +41,8 @@ rank 8 on every factor, 2 epochs over the 32 fine-tune chunks at lr 2e-4, batch 
 ``KL(dense || compressed)`` of the next-token distributions at temperature 1, `hf_fwsvd.distill`) instead of the LM
 loss, same chunks, steps, LoRA and learning rate; ``+lora128`` (only with ``+mix``) the same LoRA recovery on 256
 mix chunks (86 / 85 / 85 of the three genres, continuing the pools of ``+lora64``; 128 steps), ``+ep4`` runs
-the recovery for 4 epochs over its chunks instead of 2 (twice the steps, the same text),
+the recovery for 4 epochs over its chunks instead of 2 (twice the steps, the same text), ``+ep1`` for 1 (half the
+steps, every chunk seen once),
 ``+r<rank>`` (e.g. ``+r64``) sets the LoRA rank (default 8, ``lora_alpha`` twice the rank), ``+lr<rate>`` (e.g.
 ``+lr1e-3``) the recovery's learning rate (default 2e-4), ``+full`` trains the factors themselves instead of LoRA
 adapters (``finetune(..., train_only_low_rank=True)``; modules the allocation left dense stay frozen); each needs a
@@ -120,7 +121,7 @@ MIX_MOBY_CHAPTERS = range(1, 101)  # +mix: the Moby Dick chapters calibration / 
 EXTRA_PLAY = "hamlet"  # ppl_extra: a genre in no calibration set
 FLAGS = (
     "alloc", "alloc1", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8",
-    "bytes", "int8bytes", "mix", "kd", "lora128", "ep4",
+    "bytes", "int8bytes", "mix", "kd", "lora128", "ep4", "ep1",
 )  # fmt: skip
 # update flag -> `sequential_update` options
 # LoRA flag -> the fine-tune chunks it reads (2 epochs, batch 4: 16 / 64 / 128 steps)
@@ -129,6 +130,7 @@ UPDATES = {"update": {}, "update_both": {"refit": "both"}, "update_dense": {"tar
 # LoRA recovery (rank 8 on every factor, see `hf_fwsvd.lora`): 2 epochs over the 32 fine-tune chunks, batch 4.
 LORA_EPOCHS, LORA_LEARNING_RATE = 2.0, 2e-4
 LONG_LORA_EPOCHS = 4.0  # +ep4
+SHORT_LORA_EPOCHS = 1.0  # +ep1: one pass, half the steps (each chunk seen once)
 # +r<rank>, +lr<rate>, +full: the recovery's capacity and learning rate (issue #16, 2026-12-05)
 RECOVERY_FLAG = re.compile(r"r(\d+)|lr(\d+(?:\.\d+)?e-\d+)|(full)")
 RECOVERY_DEFAULTS = {"lora_rank": 8, "learning_rate": LORA_LEARNING_RATE, "full": False}
@@ -296,8 +298,13 @@ def parse_setting(setting: str) -> dict:
         )
     if spec["kd"] and not lora_flag(spec):
         raise ValueError(f"{setting!r}: `+kd` changes the recovery loss; add `+lora`, `+lora64` or `+lora128`.")
-    if spec["ep4"] and not lora_flag(spec):
-        raise ValueError(f"{setting!r}: `+ep4` lengthens the recovery; add `+lora`, `+lora64` or `+lora128`.")
+    for flag in ("ep1", "ep4"):
+        if spec[flag] and not lora_flag(spec):
+            raise ValueError(
+                f"{setting!r}: `+{flag}` sets the recovery's epochs; add `+lora`, `+lora64` or `+lora128`."
+            )
+    if spec["ep1"] and spec["ep4"]:
+        raise ValueError(f"{setting!r}: choose one of `+ep1` and `+ep4`.")
     if spec["lora128"] and not spec["mix"]:
         raise ValueError(f"{setting!r}: `+lora128` needs 256 fine-tune chunks, which only `+mix` has; add `+mix`.")
     if spec["mix"] and spec["c128"]:
@@ -634,7 +641,7 @@ def run(args: argparse.Namespace) -> None:
                 logger.info("update rejected for %d modules", len(report.rejected))
             if lora_flag(spec):
                 train = chosen[LORA_FLAGS[lora_flag(spec)]]
-                epochs = LONG_LORA_EPOCHS if spec["ep4"] else LORA_EPOCHS
+                epochs = LONG_LORA_EPOCHS if spec["ep4"] else SHORT_LORA_EPOCHS if spec["ep1"] else LORA_EPOCHS
                 lora_recover(
                     model,
                     train,

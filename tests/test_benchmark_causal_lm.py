@@ -11,6 +11,7 @@ from benchmarks.causal_lm import (
     LORA_FLAGS,
     MIX_MOBY_CHAPTERS,
     MOBY_CHAPTERS,
+    SHORT_LORA_EPOCHS,
     _cells,
     chunk_ids,
     genre_mix,
@@ -98,13 +99,17 @@ def test_lora128_needs_the_mix_and_one_lora_flag():
         parse_setting("fisher_whiten+alloc1+update+mix+lora64+lora128")
 
 
-def test_ep4_needs_a_lora_recovery_and_doubles_the_epochs():
-    expected = r"`\+ep4` lengthens the recovery; add `\+lora`, `\+lora64` or `\+lora128`\.$"
-    with pytest.raises(ValueError, match=expected):
-        parse_setting("fisher_whiten+alloc1+update+mix+ep4")
+def test_ep4_and_ep1_need_a_lora_recovery_and_scale_the_epochs():
+    for flag in ("ep4", "ep1"):
+        expected = rf"`\+{flag}` sets the recovery's epochs; add `\+lora`, `\+lora64` or `\+lora128`\.$"
+        with pytest.raises(ValueError, match=expected):
+            parse_setting(f"fisher_whiten+alloc1+update+mix+{flag}")
+    with pytest.raises(ValueError, match=r"choose one of `\+ep1` and `\+ep4`\.$"):
+        parse_setting("fisher_whiten+alloc1+update+mix+lora128+ep1+ep4")
     spec = parse_setting("fisher_whiten+alloc1+update+mix+lora128+ep4")
-    assert spec["ep4"] and spec["lora128"] and not spec["kd"]
-    assert LONG_LORA_EPOCHS == 2 * LORA_EPOCHS
+    assert spec["ep4"] and spec["lora128"] and not spec["kd"] and not spec["ep1"]
+    assert parse_setting("fisher_whiten+alloc1+update+mix+lora128+ep1")["ep1"]
+    assert LONG_LORA_EPOCHS == 2 * LORA_EPOCHS == 4 * SHORT_LORA_EPOCHS
 
 
 def test_recovery_capacity_flags_set_rank_rate_and_full_training():
