@@ -11,6 +11,7 @@ from benchmarks.causal_lm import (
     LORA_FLAGS,
     MIX_MOBY_CHAPTERS,
     MOBY_CHAPTERS,
+    SHORT_LORA_EPOCHS,
     _cells,
     chunk_ids,
     genre_mix,
@@ -98,10 +99,34 @@ def test_lora128_needs_the_mix_and_one_lora_flag():
         parse_setting("fisher_whiten+alloc1+update+mix+lora64+lora128")
 
 
-def test_ep4_needs_a_lora_recovery_and_doubles_the_epochs():
-    expected = r"`\+ep4` lengthens the recovery; add `\+lora`, `\+lora64` or `\+lora128`\.$"
-    with pytest.raises(ValueError, match=expected):
-        parse_setting("fisher_whiten+alloc1+update+mix+ep4")
+def test_ep4_and_ep1_need_a_lora_recovery_and_scale_the_epochs():
+    for flag in ("ep4", "ep1"):
+        expected = rf"`\+{flag}` sets the recovery's epochs; add `\+lora`, `\+lora64` or `\+lora128`\.$"
+        with pytest.raises(ValueError, match=expected):
+            parse_setting(f"fisher_whiten+alloc1+update+mix+{flag}")
+    with pytest.raises(ValueError, match=r"choose one of `\+ep1` and `\+ep4`\.$"):
+        parse_setting("fisher_whiten+alloc1+update+mix+lora128+ep1+ep4")
     spec = parse_setting("fisher_whiten+alloc1+update+mix+lora128+ep4")
-    assert spec["ep4"] and spec["lora128"] and not spec["kd"]
-    assert LONG_LORA_EPOCHS == 2 * LORA_EPOCHS
+    assert spec["ep4"] and spec["lora128"] and not spec["kd"] and not spec["ep1"]
+    assert parse_setting("fisher_whiten+alloc1+update+mix+lora128+ep1")["ep1"]
+    assert LONG_LORA_EPOCHS == 2 * LORA_EPOCHS == 4 * SHORT_LORA_EPOCHS
+
+
+def test_recovery_capacity_flags_set_rank_rate_and_full_training():
+    spec = parse_setting("fisher_whiten+alloc1+update+mix+lora64+r64+lr1e-3")
+    assert (spec["lora_rank"], spec["learning_rate"], spec["full"]) == (64, 1e-3, False)
+    spec = parse_setting("fisher_whiten+alloc1+update+mix+lora64+full+lr1e-4")
+    assert (spec["lora_rank"], spec["learning_rate"], spec["full"]) == (8, 1e-4, True)
+    assert parse_setting("fisher_whiten+alloc1+update+mix+lora")["lora_rank"] == 8
+    assert not parse_setting("svd")["full"]
+
+
+def test_recovery_capacity_flags_need_a_recovery_and_no_rank_with_full():
+    with pytest.raises(ValueError, match=r"`\+r<rank>`, `\+lr<rate>` and `\+full` change the recovery; add `\+lora`"):
+        parse_setting("fisher_whiten+alloc1+update+r64")
+    with pytest.raises(ValueError, match=r"`\+full` trains the factors themselves, it has no LoRA rank; drop"):
+        parse_setting("fisher_whiten+alloc1+update+mix+lora64+full+r64")
+    with pytest.raises(ValueError, match=r"the LoRA rank of `\+r0` must be at least 1"):
+        parse_setting("fisher_whiten+alloc1+update+mix+lora64+r0")
+    with pytest.raises(ValueError, match=r"Unknown setting flag\(s\) \['lrfast'\]"):
+        parse_setting("fisher_whiten+alloc1+update+mix+lora64+lrfast")
