@@ -31,7 +31,7 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the process's peak resident memory sampled every 20 ms during that compression.
 
 Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense][+c128|+mix]
-[+lora|+lora64|+lora128][+ep4][+kd][+int8]``:
+[+lora|+lora64|+lora128][+ep4][+kd][+r<rank>][+lr<rate>][+full][+int8]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
 update of the `up` factors (`hf_fwsvd.lstsq_update`; ``+update_both`` refits both factors, ``+update_dense`` fits the
@@ -42,6 +42,10 @@ rank 8 on every factor, 2 epochs over the 32 fine-tune chunks at lr 2e-4, batch 
 loss, same chunks, steps, LoRA and learning rate; ``+lora128`` (only with ``+mix``) the same LoRA recovery on 256
 mix chunks (86 / 85 / 85 of the three genres, continuing the pools of ``+lora64``; 128 steps), ``+ep4`` runs
 the recovery for 4 epochs over its chunks instead of 2 (twice the steps, the same text),
+``+r<rank>`` (e.g. ``+r64``) sets the LoRA rank (default 8, ``lora_alpha`` twice the rank), ``+lr<rate>`` (e.g.
+``+lr1e-3``) the recovery's learning rate (default 2e-4), ``+full`` trains the factors themselves instead of LoRA
+adapters (``finetune(..., train_only_low_rank=True)``; modules the allocation left dense stay frozen); each needs a
+LoRA flag, which chooses the chunks and steps,
 ``+int8`` the factors stored in int8 through the library (``FWSVDConfig(factor_dtype="int8")``: torchao per-channel
 weight-only int8 on `down` / `up` after a ``sqrt(S)`` split), saved with ``save_pretrained`` and reloaded with
 ``from_pretrained`` before the evaluation (needs a method that refines inside `compress`, e.g. ``svdllm`` or
@@ -75,6 +79,7 @@ import json
 import logging
 import math
 import platform
+import re
 import sys
 import threading
 import time
@@ -124,6 +129,9 @@ UPDATES = {"update": {}, "update_both": {"refit": "both"}, "update_dense": {"tar
 # LoRA recovery (rank 8 on every factor, see `hf_fwsvd.lora`): 2 epochs over the 32 fine-tune chunks, batch 4.
 LORA_EPOCHS, LORA_LEARNING_RATE = 2.0, 2e-4
 LONG_LORA_EPOCHS = 4.0  # +ep4
+# +r<rank>, +lr<rate>, +full: the recovery's capacity and learning rate (issue #16, 2026-12-05)
+RECOVERY_FLAG = re.compile(r"r(\d+)|lr(\d+(?:\.\d+)?e-\d+)|(full)")
+RECOVERY_DEFAULTS = {"lora_rank": 8, "learning_rate": LORA_LEARNING_RATE, "full": False}
 DEFAULT_SETTINGS = [
     "fisher_whiten+alloc1+update", "fisher_whiten+alloc1+update+c128", "whiten+alloc1+update+c128",
     "whiten+alloc1+update", "whiten+alloc1", "whiten+update", "whiten", "whiten+v2", "whiten+v2+update",
@@ -266,6 +274,8 @@ def setting_data(spec: dict, data: dict) -> dict:
 
 def parse_setting(setting: str) -> dict:
     method, *flags = setting.split("+")
+    recovery = recovery_options(flags, setting)
+    flags = [flag for flag in flags if not RECOVERY_FLAG.fullmatch(flag)]
     unknown = set(flags) - set(FLAGS)
     if unknown:
         raise ValueError(f"Unknown setting flag(s) {sorted(unknown)} in {setting!r}.")
@@ -273,7 +283,12 @@ def parse_setting(setting: str) -> dict:
         raise ValueError(f"Choose one of {', '.join('+' + flag for flag in LORA_FLAGS)} in {setting!r}.")
     if len(set(flags) & set(UPDATES)) > 1:
         raise ValueError(f"Choose one update flag ({', '.join(UPDATES)}) in {setting!r}.")
-    spec = {"method": method, **{flag: flag in flags for flag in FLAGS}}
+    spec = {"method": method, **{flag: flag in flags for flag in FLAGS}, **recovery}
+    if recovery != RECOVERY_DEFAULTS and not lora_flag(spec):
+        raise ValueError(
+            f"{setting!r}: `+r<rank>`, `+lr<rate>` and `+full` change the recovery; add `+lora`, `+lora64` or "
+            "`+lora128`."
+        )
     if spec["int8"] and (any(spec[flag] for flag in UPDATES) or lora_flag(spec)):
         raise ValueError(
             f"{setting!r}: `+int8` quantises the factors inside `compress`, before an update / `+lora` would run; use "
@@ -290,6 +305,28 @@ def parse_setting(setting: str) -> dict:
     if (spec["bytes"] or spec["int8bytes"]) and not allocated(spec):
         raise ValueError(f"{setting!r}: byte budgets need the global allocation (`+alloc` or `+alloc1`).")
     return spec
+
+
+def recovery_options(flags: list[str], setting: str) -> dict:
+    """The recovery's ``lora_rank``, ``learning_rate`` and ``full`` from the ``+r<rank>``, ``+lr<rate>`` and ``+full``
+    flags of `setting` (defaults: `RECOVERY_DEFAULTS`)."""
+    options = dict(RECOVERY_DEFAULTS)
+    for flag in flags:
+        match = RECOVERY_FLAG.fullmatch(flag)
+        if match is None:
+            continue
+        rank, rate, full = match.groups()
+        if rank is not None:
+            options["lora_rank"] = int(rank)
+        elif rate is not None:
+            options["learning_rate"] = float(rate)
+        else:
+            options["full"] = True
+        if rank is not None and int(rank) < 1:
+            raise ValueError(f"{setting!r}: the LoRA rank of `+{flag}` must be at least 1.")
+    if options["full"] and options["lora_rank"] != RECOVERY_DEFAULTS["lora_rank"]:
+        raise ValueError(f"{setting!r}: `+full` trains the factors themselves, it has no LoRA rank; drop `+r<rank>`.")
+    return options
 
 
 def lora_flag(spec: dict) -> str | None:
@@ -455,14 +492,26 @@ def setting_statistics(store: StatisticsStore, spec: dict, budget: float, data: 
     return merged, seconds + more
 
 
-def lora_recover(model, train: list[dict], tokenizer, teacher=None, epochs: float = LORA_EPOCHS) -> None:
-    """The LoRA recovery; with `teacher` (``+kd``) its loss is the distillation from the teacher, not the LM loss."""
+def lora_recover(
+    model,
+    train: list[dict],
+    tokenizer,
+    teacher=None,
+    epochs: float = LORA_EPOCHS,
+    lora_rank: int = RECOVERY_DEFAULTS["lora_rank"],
+    learning_rate: float = LORA_LEARNING_RATE,
+    full: bool = False,
+) -> None:
+    """The recovery fine-tune: LoRA of rank `lora_rank` on every factor, or (`full`) the factors themselves (modules
+    the allocation left dense stay frozen); with `teacher` (``+kd``) its loss is the distillation from the teacher."""
     from hf_fwsvd.finetune import finetune
+    from hf_fwsvd.lora import default_lora_config
 
     started = time.perf_counter()
-    result = finetune(model, train, tokenizer, epochs=epochs, learning_rate=LORA_LEARNING_RATE, batch_size=4,
-                      max_length=CHUNK_TOKENS, show_progress=False, logging_steps=4, lora=True,
-                      teacher=teacher)  # fmt: skip
+    lora = None if full else default_lora_config(lora_rank)
+    result = finetune(model, train, tokenizer, epochs=epochs, learning_rate=learning_rate, batch_size=4,
+                      max_length=CHUNK_TOKENS, show_progress=False, logging_steps=4, lora=lora,
+                      train_only_low_rank=full, teacher=teacher)  # fmt: skip
     steps = result.log_history[-1].get("step", 0) if result.log_history else 0
     logger.info("LoRA recovery (%s loss): %d steps in %.0f s, losses %s", "distillation" if teacher else "LM", steps,
                 time.perf_counter() - started, [round(loss, 3) for loss in result.losses])  # fmt: skip
@@ -586,7 +635,16 @@ def run(args: argparse.Namespace) -> None:
             if lora_flag(spec):
                 train = chosen[LORA_FLAGS[lora_flag(spec)]]
                 epochs = LONG_LORA_EPOCHS if spec["ep4"] else LORA_EPOCHS
-                lora_recover(model, train, tokenizer, teacher=dense if spec["kd"] else None, epochs=epochs)
+                lora_recover(
+                    model,
+                    train,
+                    tokenizer,
+                    teacher=dense if spec["kd"] else None,
+                    epochs=epochs,
+                    lora_rank=spec["lora_rank"],
+                    learning_rate=spec["learning_rate"],
+                    full=spec["full"],
+                )
         compress_s = time.perf_counter() - started
         kept = kept_fraction(model, targets)
         if spec["int8"]:

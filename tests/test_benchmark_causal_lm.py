@@ -105,3 +105,23 @@ def test_ep4_needs_a_lora_recovery_and_doubles_the_epochs():
     spec = parse_setting("fisher_whiten+alloc1+update+mix+lora128+ep4")
     assert spec["ep4"] and spec["lora128"] and not spec["kd"]
     assert LONG_LORA_EPOCHS == 2 * LORA_EPOCHS
+
+
+def test_recovery_capacity_flags_set_rank_rate_and_full_training():
+    spec = parse_setting("fisher_whiten+alloc1+update+mix+lora64+r64+lr1e-3")
+    assert (spec["lora_rank"], spec["learning_rate"], spec["full"]) == (64, 1e-3, False)
+    spec = parse_setting("fisher_whiten+alloc1+update+mix+lora64+full+lr1e-4")
+    assert (spec["lora_rank"], spec["learning_rate"], spec["full"]) == (8, 1e-4, True)
+    assert parse_setting("fisher_whiten+alloc1+update+mix+lora")["lora_rank"] == 8
+    assert not parse_setting("svd")["full"]
+
+
+def test_recovery_capacity_flags_need_a_recovery_and_no_rank_with_full():
+    with pytest.raises(ValueError, match=r"`\+r<rank>`, `\+lr<rate>` and `\+full` change the recovery; add `\+lora`"):
+        parse_setting("fisher_whiten+alloc1+update+r64")
+    with pytest.raises(ValueError, match=r"`\+full` trains the factors themselves, it has no LoRA rank; drop"):
+        parse_setting("fisher_whiten+alloc1+update+mix+lora64+full+r64")
+    with pytest.raises(ValueError, match=r"the LoRA rank of `\+r0` must be at least 1"):
+        parse_setting("fisher_whiten+alloc1+update+mix+lora64+r0")
+    with pytest.raises(ValueError, match=r"Unknown setting flag\(s\) \['lrfast'\]"):
+        parse_setting("fisher_whiten+alloc1+update+mix+lora64+lrfast")
