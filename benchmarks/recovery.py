@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable f
 
 from benchmarks.task_model import _length_grouped_batches
 from hf_fwsvd import FWSVDConfig
+from hf_fwsvd.distill import distillation_loss
 from hf_fwsvd.targets import find_target_modules
 
 logger = logging.getLogger(__name__)
@@ -147,10 +148,8 @@ def kd_loss(
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} != teacher {tuple(teacher_logits.shape)}.")
     cross_entropy = torch.nn.functional.cross_entropy(student_logits, labels)
-    student = torch.log_softmax(student_logits / temperature, dim=-1)
-    teacher = torch.log_softmax(teacher_logits / temperature, dim=-1)
-    kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
-    return (1 - weight) * cross_entropy + weight * temperature**2 * kl
+    distillation = distillation_loss(student_logits, teacher_logits, temperature=temperature)  # T^2 KL, batch mean
+    return (1 - weight) * cross_entropy + weight * distillation
 
 
 def recovery_finetune(
