@@ -10,7 +10,8 @@
    evaluate the original and each reloaded compressed model on the 800-sentence dev split.
 4. Recovery (the recommended recipe, ``benchmarks/README.md`` "Recovery fine-tune"): fine-tune the recommended
    method's low-rank factors with ``hf_fwsvd.finetune`` for one pass over 2,000 training sentences (125 steps of 16,
-   learning rate 2e-4, the MPNet recipe; nothing was tuned on this dev split), save, reload and evaluate it too.
+   learning rate 2e-4, the MPNet recipe when this job was measured: the MPNet recipe is 5e-5 since 2026-12-05, not
+   re-measured here; nothing was tuned on this dev split), save, reload and evaluate it too.
 
 Run from the repository root: ``python benchmarks/main_job.py`` (``--help`` for options).
 """

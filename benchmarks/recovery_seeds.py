@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable f
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.headline import RESULTS, TaskRun, predict, quiet_logging, score
-from benchmarks.int8_recipes import load_base
+from benchmarks.int8_recipes import BASE_FINETUNE_LR, load_base
 from benchmarks.recovery import RECOVERY_ARGS, dev_split, recovery_examples, recovery_finetune
 
 logger = logging.getLogger(__name__)
@@ -67,10 +67,11 @@ def main(argv: list[str] | None = None) -> None:
         name, _, seed = refit.rpartition(":")
         model = copy.deepcopy(load_base(run, name))
         start = time.perf_counter()
-        info = recovery_finetune(model, run.tokenizer, recovery_examples(run.splits["train"]), seed=int(seed))
+        train = recovery_examples(run.splits["train"])
+        info = recovery_finetune(model, run.tokenizer, train, learning_rate=BASE_FINETUNE_LR, seed=int(seed))
         info["wall_s"] = round(time.perf_counter() - start, 1)
         info["dev"] = round(score(predict(model, run.tokenizer, dev), dev_labels, run.regression)[0], 5)
-        save(f"{name}+ft(seed {seed})", info | {"recipe": RECOVERY_ARGS})
+        save(f"{name}+ft(seed {seed})", info | {"recipe": RECOVERY_ARGS | {"learning_rate": BASE_FINETUNE_LR}})
     print(json.dumps(results, indent=2))
 
 
