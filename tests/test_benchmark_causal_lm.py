@@ -20,6 +20,7 @@ from benchmarks.causal_lm import (
     chunk_ids,
     genre_mix,
     genre_shares,
+    lora_flag,
     mix_texts,
     parse_setting,
     setting_data,
@@ -64,13 +65,14 @@ def test_mix_chapters_never_reach_the_evaluation_chapters():
 def test_mix_setting_swaps_calibration_and_training_chunks_only():
     data = {name: [name] for name in ("calibration", "calibration_large", "train", "train_large", "mix_calibration",
                                       "mix_train", "mix_train_large", "mix_train_xl", "mix_train_xxl",
-                                      "dev")}  # fmt: skip
+                                      "mix_train_xxxl", "dev")}  # fmt: skip
     chosen = setting_data(parse_setting("fisher_whiten+alloc1+update+mix+lora"), data)
     assert chosen["calibration"] == ["mix_calibration"]
     assert chosen["train"] == ["mix_train"]
     assert chosen["train_large"] == ["mix_train_large"]
     assert chosen[LORA_FLAGS["lora128"]] == ["mix_train_xl"]
     assert chosen[LORA_FLAGS["lora256"]] == ["mix_train_xxl"]
+    assert chosen[LORA_FLAGS["lora512"]] == ["mix_train_xxxl"]
     assert chosen["dev"] == ["dev"] and chosen["calibration_large"] == ["calibration_large"]
     assert setting_data(parse_setting("fisher_whiten+alloc1+update"), data) is data
 
@@ -94,7 +96,9 @@ def test_table_cells_leave_a_missing_column_empty():
 def test_kd_needs_a_lora_recovery():
     assert parse_setting("fisher_whiten+alloc1+update+mix+lora64+kd")["kd"]
     with pytest.raises(
-        ValueError, match=r"`\+kd` changes the recovery loss; add `\+lora`, `\+lora64`, `\+lora128` or `\+lora256`\.$"
+        ValueError,
+        match=r"`\+kd` changes the recovery loss; add `\+lora`, `\+lora64`, `\+lora128`, `\+lora256` or "
+        r"`\+lora512`\.$",
     ):
         parse_setting("fisher_whiten+alloc1+update+kd")
 
@@ -102,13 +106,14 @@ def test_kd_needs_a_lora_recovery():
 def test_lora128_needs_the_mix_and_one_lora_flag():
     with pytest.raises(ValueError, match=r"`\+lora128` needs 256 fine-tune chunks, which only `\+mix` has"):
         parse_setting("fisher_whiten+alloc1+update+lora128")
-    with pytest.raises(ValueError, match=r"^Choose one of \+lora, \+lora64, \+lora128, \+lora256 in "):
+    with pytest.raises(ValueError, match=r"^Choose one of \+lora, \+lora64, \+lora128, \+lora256, \+lora512 in "):
         parse_setting("fisher_whiten+alloc1+update+mix+lora64+lora128")
 
 
 def test_ep4_and_ep1_need_a_lora_recovery_and_scale_the_epochs():
     for flag in ("ep4", "ep1"):
-        expected = rf"`\+{flag}` sets the recovery's epochs; add `\+lora`, `\+lora64`, `\+lora128` or `\+lora256`\.$"
+        lora = r"`\+lora`, `\+lora64`, `\+lora128`, `\+lora256` or `\+lora512`"
+        expected = rf"`\+{flag}` sets the recovery's epochs; add {lora}\.$"
         with pytest.raises(ValueError, match=expected):
             parse_setting(f"fisher_whiten+alloc1+update+mix+{flag}")
     with pytest.raises(ValueError, match=r"choose one of `\+ep1` and `\+ep4`\.$"):
@@ -142,10 +147,14 @@ def test_recovery_capacity_flags_need_a_recovery_and_no_rank_with_full():
 def test_lora256_needs_the_mix():
     with pytest.raises(ValueError, match=r"`\+lora256` needs 512 fine-tune chunks, which only `\+mix` has; add"):
         parse_setting("fisher_whiten+alloc1+update+lora256")
-    with pytest.raises(ValueError, match=r"^Choose one of \+lora, \+lora64, \+lora128, \+lora256 in "):
+    with pytest.raises(ValueError, match=r"^Choose one of \+lora, \+lora64, \+lora128, \+lora256, \+lora512 in "):
         parse_setting("fisher_whiten+alloc1+update+mix+lora128+lora256")
     spec = parse_setting("fisher_whiten+alloc1+update+mix+lora256+ep1")
     assert spec["lora256"] and spec["ep1"] and not spec["lora128"]
+    with pytest.raises(ValueError, match=r"`\+lora512` needs 1024 fine-tune chunks, which only `\+mix` has; add"):
+        parse_setting("fisher_whiten+alloc1+update+lora512+ep1")
+    spec = parse_setting("fisher_whiten+alloc1+update+mix+lora512+ep1")
+    assert lora_flag(spec) == "lora512" and spec["ep1"] and not spec["lora256"]
 
 
 class _WordTokenizer:
@@ -159,13 +168,14 @@ def _words(prefix: str, chunks: int) -> str:
     return " ".join(f"{prefix}.{index}" for index in range(chunks * CHUNK_TOKENS))
 
 
-def _fake_mix(monkeypatch, news_chunks: int = 120, oanc_chunks: int = 80, oanc_prefix: str = "oanc"):
-    """`mix_texts` on made-up sources: every SOTU year 1960-2021, WSJ and OANC lines, Moby chapters 1-135."""
-    years = {year: _words(f"sotu{year}", 3) for year in range(1960, 2022)}
+def _fake_mix(monkeypatch, news_chunks: int = 120, oanc_chunks: int = 240, oanc_prefix: str = "oanc"):
+    """`mix_texts` on made-up sources: every SOTU year 1960-2021, WSJ and OANC lines, Moby chapters 1-135 (enough
+    for the 1,024-chunk pool)."""
+    years = {year: _words(f"sotu{year}", 11) for year in range(1960, 2022)}
     monkeypatch.setattr(assets, "sotu_texts", lambda: years)
     monkeypatch.setattr(assets, "news_lines", lambda: [_words("wsj", news_chunks)])
     monkeypatch.setattr(assets, "oanc_lines", lambda: [_words(oanc_prefix, oanc_chunks)])
-    chapters = {chapter: _words(f"moby{chapter}", 2) for chapter in range(1, 136)}
+    chapters = {chapter: _words(f"moby{chapter}", 4) for chapter in range(1, 136)}
     calibration = chunk_ids(_words("calib1990s", 32).split())
     train = chunk_ids(_words("train1990s", 128).split())
     return mix_texts(_WordTokenizer(), calibration, train, chapters)
@@ -179,24 +189,40 @@ def test_mix_pool_sizes_and_old_pools_are_a_prefix_of_the_512_chunk_pool(monkeyp
     data = _fake_mix(monkeypatch)
     sizes = {name: len(data[name]) for name in data}
     assert sizes == {"mix_calibration": 32, "mix_train": 32, "mix_train_large": 128, "mix_train_xl": 256,
-                     "mix_train_xxl": 512}  # fmt: skip
+                     "mix_train_xxl": 512, "mix_train_xxxl": 1024}  # fmt: skip
     for name in ("mix_train", "mix_train_large", "mix_train_xl"):
         assert data["mix_train_xxl"][: len(data[name])] == data[name], name
     # the added sources do not change any older set: other OANC text, or none at all beyond what +lora256 needs
     other = _fake_mix(monkeypatch, oanc_prefix="other")
-    assert all(other[name] == data[name] for name in data if name != "mix_train_xxl")
+    assert all(other[name] == data[name] for name in data if name not in ("mix_train_xxl", "mix_train_xxxl"))
     sources = [_source(chunk) for chunk in data["mix_train_xxl"]]
     # equal shares 171 / 171 / 170: 128 1990s + 43 extra-speech chunks, 171 Moby, 110 WSJ + 60 OANC chunks
     assert sum(s == "train1990s" for s in sources) == 128
     assert sum(s.startswith("sotu") for s in sources) == 171 - 128
     assert sum(s.startswith("moby") for s in sources) == 171
     assert (sources.count("wsj"), sources.count("oanc")) == (110, 60)
-    assert "oanc" not in {_source(chunk) for name in data if name != "mix_train_xxl" for chunk in data[name]}
+    assert "oanc" not in {
+        _source(chunk) for name in data if name not in ("mix_train_xxl", "mix_train_xxxl") for chunk in data[name]
+    }
+
+
+def test_the_1024_chunk_pool_continues_the_512_chunk_pool(monkeypatch):
+    data = _fake_mix(monkeypatch)
+    assert data["mix_train_xxxl"][:512] == data["mix_train_xxl"]
+    sources = [_source(chunk) for chunk in data["mix_train_xxxl"]]
+    # equal shares 342 / 341 / 341: 128 1990s + 214 extra-speech chunks, 341 Moby, 110 WSJ + 231 OANC chunks
+    assert sum(s == "train1990s" for s in sources) == 128
+    assert sum(s.startswith("sotu") for s in sources) == 342 - 128
+    assert sum(s.startswith("moby") for s in sources) == 341
+    assert (sources.count("wsj"), sources.count("oanc")) == (110, 231)
+    assert len({tuple(chunk["input_ids"]) for chunk in data["mix_train_xxxl"]}) == 1024
+    with pytest.raises(ValueError, match=r"^Genre 2 has 340 chunks, the mix needs 341\.$"):
+        _fake_mix(monkeypatch, oanc_chunks=230)
 
 
 def test_mix_fine_tune_chunks_stay_off_calibration_dev_and_evaluation_text(monkeypatch):
     data = _fake_mix(monkeypatch)
-    train = data["mix_train_xxl"]
+    train = data["mix_train_xxxl"]
     assert not {tuple(c["input_ids"]) for c in train} & {tuple(c["input_ids"]) for c in data["mix_calibration"]}
     words = {word for chunk in train for word in chunk["input_ids"]}
     speech_years = {int(word[4:8]) for word in words if word.startswith("sotu")}
