@@ -127,7 +127,7 @@ LARGE_CALIB_EXTRA, LARGE_TRAIN_EXTRA = range(64, 160), range(160, 256)
 MOBY_CHAPTERS = range(116, 136)
 DEV_YEARS = range(1980, 1990)
 MIX_MOBY_CHAPTERS = range(1, 101)  # +mix: the Moby Dick chapters calibration / fine-tuning may read
-# +lora256: the speech pool continues with the 1960-1979 addresses (after the 1990s fine-tune chunks)
+# +lora256 / +lora512: the speech pool continues with the 1960-1979 addresses (after the 1990s fine-tune chunks)
 EXTRA_SPEECH_YEARS = range(1960, 1980)
 # +lora128, +lora256, +lora512: mix fine-tune chunks
 XL_TRAIN_CHUNKS, XXL_TRAIN_CHUNKS, XXXL_TRAIN_CHUNKS = 256, 512, 1024
@@ -137,7 +137,7 @@ FLAGS = (
     "bytes", "int8bytes", "mix", "kd", "lora128", "ep4", "ep1", "lora256", "lora512",
 )  # fmt: skip
 # update flag -> `sequential_update` options
-# LoRA flag -> the fine-tune chunks it reads (2 epochs, batch 4: 16 / 64 / 128 / 256 steps)
+# LoRA flag -> the fine-tune chunks it reads (2 epochs, batch 4: 16 / 64 / 128 / 256 / 512 steps)
 LORA_FLAGS = {
     "lora": "train", "lora64": "train_large", "lora128": "train_xl", "lora256": "train_xxl", "lora512": "train_xxxl",
 }  # fmt: skip
@@ -301,9 +301,9 @@ def setting_data(spec: dict, data: dict) -> dict:
     """`benchmark_texts` with the calibration and fine-tune chunks the setting reads (``+mix``: the genre mix)."""
     if not spec["mix"]:
         return data
-    return {**data, "calibration": data["mix_calibration"], "train": data["mix_train"],
-            "train_large": data["mix_train_large"], "train_xl": data["mix_train_xl"],
-            "train_xxl": data["mix_train_xxl"], "train_xxxl": data["mix_train_xxxl"]}  # fmt: skip
+    # every LoRA flag's chunks have a ``mix_`` twin (`mix_texts`)
+    mixed = {chunks: data[f"mix_{chunks}"] for chunks in LORA_FLAGS.values()}
+    return {**data, "calibration": data["mix_calibration"], **mixed}
 
 
 def parse_setting(setting: str) -> dict:
