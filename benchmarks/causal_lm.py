@@ -35,7 +35,7 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the process's peak resident memory sampled every 20 ms during that compression.
 
 Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense][+c128|+mix]
-[+lora|+lora64|+lora128|+lora256|+lora512][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+int8]``:
+[+lora|+lora64|+lora128|+lora256|+lora512][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+seed<k>][+int8]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
 update of the `up` factors (`hf_fwsvd.lstsq_update`; ``+update_both`` refits both factors, ``+update_dense`` fits the
@@ -54,8 +54,10 @@ the recovery for 4 epochs over its chunks instead of 2 (twice the steps, the sam
 steps, every chunk seen once),
 ``+r<rank>`` (e.g. ``+r64``) sets the LoRA rank (default 8, ``lora_alpha`` twice the rank), ``+lr<rate>`` (e.g.
 ``+lr1e-3``) the recovery's learning rate (default 2e-4), ``+full`` trains the factors themselves instead of LoRA
-adapters (``finetune(..., train_only_low_rank=True)``; modules the allocation left dense stay frozen); each needs a
-LoRA flag, which chooses the chunks and steps,
+adapters (``finetune(..., train_only_low_rank=True)``; modules the allocation left dense stay frozen), ``+seed<k>``
+(e.g. ``+seed1``) the recovery's seed (``finetune(..., seed=k)``: the adapters' initialisation, batch order and
+dropout; default 0; rows recorded before 2026-12-05 12:30 UTC drew the adapters from the process's random state, not
+from the seed); each needs a LoRA flag, which chooses the chunks and steps,
 ``+int8`` the factors stored in int8 through the library (``FWSVDConfig(factor_dtype="int8")``: torchao per-channel
 weight-only int8 on `down` / `up` after a ``sqrt(S)`` split), saved with ``save_pretrained`` and reloaded with
 ``from_pretrained`` before the evaluation (needs a method that refines inside `compress`, e.g. ``svdllm`` or
@@ -150,8 +152,8 @@ LORA_EPOCHS, LORA_LEARNING_RATE = 2.0, 2e-4
 LONG_LORA_EPOCHS = 4.0  # +ep4
 SHORT_LORA_EPOCHS = 1.0  # +ep1: one pass, half the steps (each chunk seen once)
 # +r<rank>, +lr<rate>, +full: the recovery's capacity and learning rate (issue #16, 2026-12-05)
-RECOVERY_FLAG = re.compile(r"r(\d+)|lr(\d+(?:\.\d+)?e-\d+)|(full)")
-RECOVERY_DEFAULTS = {"lora_rank": 8, "learning_rate": LORA_LEARNING_RATE, "full": False}
+RECOVERY_FLAG = re.compile(r"r(\d+)|lr(\d+(?:\.\d+)?e-\d+)|(full)|seed(\d+)")
+RECOVERY_DEFAULTS = {"lora_rank": 8, "learning_rate": LORA_LEARNING_RATE, "full": False, "seed": 0}
 DEFAULT_SETTINGS = [
     "fisher_whiten+alloc1+update", "fisher_whiten+alloc1+update+c128", "whiten+alloc1+update+c128",
     "whiten+alloc1+update", "whiten+alloc1", "whiten+update", "whiten", "whiten+v2", "whiten+v2+update",
@@ -319,7 +321,9 @@ def parse_setting(setting: str) -> dict:
         raise ValueError(f"Choose one update flag ({', '.join(UPDATES)}) in {setting!r}.")
     spec = {"method": method, **{flag: flag in flags for flag in FLAGS}, **recovery}
     if recovery != RECOVERY_DEFAULTS and not lora_flag(spec):
-        raise ValueError(f"{setting!r}: `+r<rank>`, `+lr<rate>` and `+full` change the recovery; add {LORA_CHOICES}.")
+        raise ValueError(
+            f"{setting!r}: `+r<rank>`, `+lr<rate>`, `+full` and `+seed<k>` change the recovery; add {LORA_CHOICES}."
+        )
     if spec["int8"] and (any(spec[flag] for flag in UPDATES) or lora_flag(spec)):
         raise ValueError(
             f"{setting!r}: `+int8` quantises the factors inside `compress`, before an update / `+lora` would run; use "
@@ -345,18 +349,20 @@ def parse_setting(setting: str) -> dict:
 
 
 def recovery_options(flags: list[str], setting: str) -> dict:
-    """The recovery's ``lora_rank``, ``learning_rate`` and ``full`` from the ``+r<rank>``, ``+lr<rate>`` and ``+full``
-    flags of `setting` (defaults: `RECOVERY_DEFAULTS`)."""
+    """The recovery's ``lora_rank``, ``learning_rate``, ``full`` and ``seed`` from the ``+r<rank>``, ``+lr<rate>``,
+    ``+full`` and ``+seed<k>`` flags of `setting` (defaults: `RECOVERY_DEFAULTS`)."""
     options = dict(RECOVERY_DEFAULTS)
     for flag in flags:
         match = RECOVERY_FLAG.fullmatch(flag)
         if match is None:
             continue
-        rank, rate, full = match.groups()
+        rank, rate, full, seed = match.groups()
         if rank is not None:
             options["lora_rank"] = int(rank)
         elif rate is not None:
             options["learning_rate"] = float(rate)
+        elif seed is not None:
+            options["seed"] = int(seed)
         else:
             options["full"] = True
         if rank is not None and int(rank) < 1:
@@ -538,9 +544,11 @@ def lora_recover(
     lora_rank: int = RECOVERY_DEFAULTS["lora_rank"],
     learning_rate: float = LORA_LEARNING_RATE,
     full: bool = False,
+    seed: int = 0,
 ) -> None:
     """The recovery fine-tune: LoRA of rank `lora_rank` on every factor, or (`full`) the factors themselves (modules
-    the allocation left dense stay frozen); with `teacher` (``+kd``) its loss is the distillation from the teacher."""
+    the allocation left dense stay frozen); with `teacher` (``+kd``) its loss is the distillation from the teacher.
+    `seed` (``+seed<k>``) fixes the adapters' initialisation, the batch order and dropout."""
     from hf_fwsvd.finetune import finetune
     from hf_fwsvd.lora import default_lora_config
 
@@ -548,7 +556,7 @@ def lora_recover(
     lora = None if full else default_lora_config(lora_rank)
     result = finetune(model, train, tokenizer, epochs=epochs, learning_rate=learning_rate, batch_size=4,
                       max_length=CHUNK_TOKENS, show_progress=False, logging_steps=4, lora=lora,
-                      train_only_low_rank=full, teacher=teacher)  # fmt: skip
+                      train_only_low_rank=full, teacher=teacher, seed=seed)  # fmt: skip
     steps = result.log_history[-1].get("step", 0) if result.log_history else 0
     logger.info("LoRA recovery (%s loss): %d steps in %.0f s, losses %s", "distillation" if teacher else "LM", steps,
                 time.perf_counter() - started, [round(loss, 3) for loss in result.losses])  # fmt: skip
@@ -681,6 +689,7 @@ def run(args: argparse.Namespace) -> None:
                     lora_rank=spec["lora_rank"],
                     learning_rate=spec["learning_rate"],
                     full=spec["full"],
+                    seed=spec["seed"],
                 )
         compress_s = time.perf_counter() - started
         kept = kept_fraction(model, targets)

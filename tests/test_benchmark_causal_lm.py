@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
 import benchmarks.assets as assets
@@ -21,6 +23,7 @@ from benchmarks.causal_lm import (
     genre_mix,
     genre_shares,
     lora_flag,
+    lora_recover,
     mix_texts,
     parse_setting,
     setting_data,
@@ -133,9 +136,28 @@ def test_recovery_capacity_flags_set_rank_rate_and_full_training():
     assert not parse_setting("svd")["full"]
 
 
+def test_recovery_seed_flag_reaches_the_fine_tune(monkeypatch):
+    import hf_fwsvd.finetune
+
+    spec = parse_setting("fisher_whiten+alloc1+update+mix+lora512+seed2")
+    assert (spec["seed"], spec["lora_rank"], lora_flag(spec)) == (2, 8, "lora512")
+    assert parse_setting("fisher_whiten+alloc1+update+mix+lora512")["seed"] == 0
+    seen = {}
+
+    def fake_finetune(model, train, tokenizer, **options):
+        seen.update(options)
+        return types.SimpleNamespace(log_history=[], losses=[])
+
+    monkeypatch.setattr(hf_fwsvd.finetune, "finetune", fake_finetune)
+    lora_recover(None, [], None, seed=spec["seed"])
+    assert seen["seed"] == 2 and seen["lora"].r == 8
+
+
 def test_recovery_capacity_flags_need_a_recovery_and_no_rank_with_full():
-    with pytest.raises(ValueError, match=r"`\+r<rank>`, `\+lr<rate>` and `\+full` change the recovery; add `\+lora`"):
-        parse_setting("fisher_whiten+alloc1+update+r64")
+    changes = r"`\+r<rank>`, `\+lr<rate>`, `\+full` and `\+seed<k>` change the recovery; add `\+lora`"
+    for flag in ("r64", "seed1"):
+        with pytest.raises(ValueError, match=changes):
+            parse_setting(f"fisher_whiten+alloc1+update+{flag}")
     with pytest.raises(ValueError, match=r"`\+full` trains the factors themselves, it has no LoRA rank; drop"):
         parse_setting("fisher_whiten+alloc1+update+mix+lora64+full+r64")
     with pytest.raises(ValueError, match=r"the LoRA rank of `\+r0` must be at least 1"):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import calibration_data, tiny_llama
+from peft import LoraConfig
 
 from hf_fwsvd import FWSVDConfig, compress
 from hf_fwsvd.calibration import build_calibration_loader
@@ -14,8 +17,6 @@ from hf_fwsvd.lora import attach_lora
 
 
 def test_lora_recovery_merges_into_the_factors_and_reloads(tmp_path):
-    from peft import LoraConfig
-
     torch.manual_seed(0)
     model = compress(tiny_llama(), FWSVDConfig(method="svd", rank=3), show_progress=False)
     data = calibration_data("llama", 16)
@@ -45,6 +46,25 @@ def test_lora_recovery_merges_into_the_factors_and_reloads(tmp_path):
         assert torch.equal(value, state[key]), key
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, model(**batch).logits)
+
+
+def test_lora_seed_fixes_the_adapters_whatever_the_global_random_state():
+    torch.manual_seed(0)
+    compressed = compress(tiny_llama(), FWSVDConfig(method="svd", rank=3), show_progress=False)
+    data = calibration_data("llama", 8)
+
+    def tuned(seed: int, global_seed: int) -> dict[str, torch.Tensor]:
+        model = copy.deepcopy(compressed)
+        torch.manual_seed(global_seed)  # a different process state before the call must not matter
+        finetune(model, data, epochs=1, learning_rate=2e-2, batch_size=8, show_progress=False, seed=seed,
+                 lora=LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0))  # fmt: skip
+        return model.state_dict()
+
+    first, again, other = tuned(1, 0), tuned(1, 123), tuned(2, 0)
+    factors = [key for key in first if key.endswith((".up.weight", ".down.weight"))]
+    assert factors
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert any(not torch.equal(first[key], other[key]) for key in factors)
 
 
 def test_lora_needs_a_compressed_model():

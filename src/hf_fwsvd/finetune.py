@@ -108,7 +108,7 @@ def finetune(
         train_only_low_rank (`bool`, *optional*, defaults to `False`): Freeze every parameter except the
             `LowRankLinear` factors (and their biases).
         logging_steps (`int`, *optional*, defaults to 10): Steps between loss logs.
-        seed (`int`, *optional*, defaults to 0): Seed for data order and dropout.
+        seed (`int`, *optional*, defaults to 0): Seed for the LoRA adapters' initialisation, data order and dropout.
         show_progress (`bool`, *optional*, defaults to `True`): `Trainer`'s progress bar.
         lora (`peft.LoraConfig` or `bool`, *optional*): Train LoRA adapters on the `down` / `up` factors instead of
             the factors themselves (`True`: rank 8 on every factor, see `hf_fwsvd.lora`), then merge them into the
@@ -129,7 +129,7 @@ def finetune(
         `ValueError`: For bad data (see `build_calibration_loader`), when nothing would be trained, or for a
             distillation `finetune` cannot run (see `check_distillation`).
     """
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments, set_seed
 
     from .distill import DistillationTrainer
 
@@ -141,6 +141,7 @@ def finetune(
             raise ValueError(
                 "Give `lora=` or `train_only_low_rank=True`, not both: with LoRA only the adapters train."
             )
+        set_seed(seed)  # the adapters' random initialisation, so `seed` fixes the whole run
         trained = attach_lora(model, lora)
     elif train_only_low_rank:
         low_rank = {
