@@ -313,6 +313,48 @@ def finetune_table(rows: list[dict], tasks: list[str], methods: list[str]) -> No
                     stages = [seed0(task, m, ratio, "none"), seed0(task, m, ratio, "recovery"), tuned]
                     cells.append(" / ".join(_fmt(v) or "-" for v in stages) if tuned else "")
                 print(f"| {task} | {dense} | {ratio} | {kept} | " + " | ".join(cells) + " |")
+        finetune_tests(tasks, methods, stage)
+
+
+def finetune_tests(tasks: list[str], methods: list[str], stage: str) -> None:
+    """Paired tests of every method against SVD after the same fine-tune (seed 0), per task and averaged over tasks
+    (McNemar / paired bootstrap of Pearson r; the average by `bootstrap_tasks`)."""
+    lines, pooled, names = [], defaultdict(list), defaultdict(list)
+    for task in tasks:
+        predictions = load_predictions(task)
+        regression = TASKS[task][0] == 1
+        for svd_key in sorted(k for k in predictions if k.startswith(f"{task}|svd|||") and k.endswith(f"|{stage}|0")):
+            ratio = svd_key.split("|")[4]
+            svd = torch.tensor(predictions[svd_key], dtype=torch.float64)
+            y = test_labels(task, task_splits(task)["test"]).double()[: len(svd)]
+            for method in methods[1:]:
+                key = f"{task}|{method}|empirical|128|{ratio}|0|{stage}|0"
+                if key not in predictions:
+                    continue
+                pred = torch.tensor(predictions[key], dtype=torch.float64)
+                names[(ratio, method)].append(task)
+                if regression:
+                    diff, p = bootstrap_pearson(pred, svd, y)
+                    pooled[(ratio, method)].append((pred, svd, y, True))
+                    lines.append(f"| {task} | {ratio} | {method} | {100 * diff:+.1f} (r) | bootstrap | {p:.3g} |")
+                    continue
+                right, svd_right = (pred == y).double(), (svd == y).double()
+                pooled[(ratio, method)].append((right, svd_right, y, False))
+                only, only_svd, p = mcnemar(right.bool().tolist(), svd_right.bool().tolist())
+                diff = 100 * float((right - svd_right).mean())
+                lines.append(f"| {task} | {ratio} | {method} | {diff:+.1f} | McNemar {only}/{only_svd} | {p:.3g} |")
+    if not lines:
+        return
+    print(f"\nPaired tests against SVD after `{stage}` (seed 0):\n")
+    print("| task | rank ratio | method | diff (pt) | test | p |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(lines))
+    for (ratio, method), per_task in sorted(pooled.items()):
+        if len(per_task) > 1:
+            stat, p = bootstrap_tasks(per_task)
+            shown = f"{p:.3g}" if p > 0 else f"< {1 / DRAWS:g}"
+            label = f"mean of {len(per_task)} ({', '.join(names[(ratio, method)])})"
+            print(f"| {label} | {ratio} | {method} | {100 * stat:+.2f} | bootstrap | {shown} |")
 
 
 def plot(rows: list[dict], tasks: list[str], methods: list[str]) -> None:

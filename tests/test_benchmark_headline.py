@@ -136,3 +136,25 @@ def test_sample_counts_run_fwsvd_unless_other_methods_are_named():
     assert parse_args(["--sample-counts", "32", "512"]).sample_count_methods == ["fwsvd"]
     args = parse_args(["--sample-counts", "32", "--sample-count-methods", "fwsvd", "whiten"])
     assert args.sample_counts == [32] and args.sample_count_methods == ["fwsvd", "whiten"]
+
+
+def test_finetune_tests_pairs_each_method_with_svd_after_the_same_fine_tune(monkeypatch, capsys):
+    import benchmarks.headline_report as report
+
+    stage = "finetune_label_125_5e-05"
+    labels = torch.tensor([0, 1] * 10)
+    svd = [0] * 20  # right on the 10 zeros
+    fwsvd = labels.tolist()[:18] + [1, 1]  # right on 19: the 10 ones that SVD misses, wrong on one zero SVD gets
+    predictions = {
+        f"trec|svd|||0.33||{stage}|0": svd,
+        f"trec|fwsvd|empirical|128|0.33|0|{stage}|0": fwsvd,
+        "trec|fwsvd|empirical|128|0.33|0|none|0": svd,  # another stage: ignored
+    }
+    monkeypatch.setattr(report, "load_predictions", lambda task: predictions if task == "trec" else {})
+    monkeypatch.setattr(report, "task_splits", lambda task: {"test": [None] * 20})
+    monkeypatch.setattr(report, "test_labels", lambda task, test: labels)
+    report.finetune_tests(["trec", "polarity"], ["svd", "fwsvd", "whiten"], stage)
+    out = capsys.readouterr().out
+    p = mcnemar([True] * 10 + [False], [False] * 10 + [True])[2]
+    assert f"| trec | 0.33 | fwsvd | +45.0 | McNemar 10/1 | {p:.3g} |" in out
+    assert "mean of" not in out  # one task: no average
