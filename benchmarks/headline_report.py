@@ -97,6 +97,11 @@ def bootstrap_tasks(per_task: list[tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return observed / n, min(1.0, p)
 
 
+def _bootstrap_p(p: float) -> str:
+    """A bootstrap p-value as printed: ``< 1/DRAWS`` when no resample crossed zero."""
+    return f"{p:.3g}" if p > 0 else f"< {1 / DRAWS:g}"
+
+
 def load_predictions(task: str) -> dict[str, list]:
     path = RESULTS / f"{task}_predictions.jsonl"
     if not path.is_file():
@@ -199,13 +204,13 @@ def main() -> None:
     for (ratio, method), per_task in sorted(pooled_all.items()):
         stat, p = bootstrap_tasks(per_task)
         names = ", ".join(pooled_names[(ratio, method)])
-        shown = f"{p:.3g}" if p > 0 else f"< {1 / DRAWS:g}"
+        shown = _bootstrap_p(p)
         print(f"| {ratio} | {method} | {len(per_task)} ({names}) | {100 * stat:+.2f} | {shown} |")
         task_names = pooled_names[(ratio, method)]
         sentence = [t for t, name in zip(per_task, task_names, strict=True) if name not in TOKEN_TASKS]
         if 1 < len(sentence) < len(per_task):  # the same without the token task(s): the sentence-level tasks only
             stat, p = bootstrap_tasks(sentence)
-            shown = f"{p:.3g}" if p > 0 else f"< {1 / DRAWS:g}"
+            shown = _bootstrap_p(p)
             names = ", ".join(n for n in task_names if n not in TOKEN_TASKS)
             print(f"| {ratio} | {method} | {len(sentence)} ({names}) | {100 * stat:+.2f} | {shown} |")
 
@@ -323,10 +328,12 @@ def finetune_tests(tasks: list[str], methods: list[str], stage: str) -> None:
     for task in tasks:
         predictions = load_predictions(task)
         regression = TASKS[task][0] == 1
-        for svd_key in sorted(k for k in predictions if k.startswith(f"{task}|svd|||") and k.endswith(f"|{stage}|0")):
+        svd_keys = sorted(k for k in predictions if k.startswith(f"{task}|svd|||") and k.endswith(f"|{stage}|0"))
+        labels = test_labels(task, task_splits(task)["test"]).double() if svd_keys else None
+        for svd_key in svd_keys:
             ratio = svd_key.split("|")[4]
             svd = torch.tensor(predictions[svd_key], dtype=torch.float64)
-            y = test_labels(task, task_splits(task)["test"]).double()[: len(svd)]
+            y = labels[: len(svd)]
             for method in methods[1:]:
                 key = f"{task}|{method}|empirical|128|{ratio}|0|{stage}|0"
                 if key not in predictions:
@@ -352,7 +359,7 @@ def finetune_tests(tasks: list[str], methods: list[str], stage: str) -> None:
     for (ratio, method), per_task in sorted(pooled.items()):
         if len(per_task) > 1:
             stat, p = bootstrap_tasks(per_task)
-            shown = f"{p:.3g}" if p > 0 else f"< {1 / DRAWS:g}"
+            shown = _bootstrap_p(p)
             label = f"mean of {len(per_task)} ({', '.join(names[(ratio, method)])})"
             print(f"| {label} | {ratio} | {method} | {100 * stat:+.2f} | bootstrap | {shown} |")
 
