@@ -10,7 +10,8 @@ calibration, head training or any choice). Optional extras, all on the same test
 * ``--finetune-ratios``: a short recovery fine-tune of the compressed encoder (`benchmarks.recovery`: the block
   weights trained for ``--finetune-steps`` steps on the first 2,000 training examples, by distilling the dense task
   model's hidden states or on the task labels, ``--finetune-objective``), for ``--finetune-methods`` at the seeds
-  ``--finetune-seeds`` (default 0; a seed's fine-tune also uses it for its batch order and dropout);
+  ``--finetune-seeds`` (default 0; a seed's fine-tune also uses it for its batch order and dropout; `svd`, which
+  reads no calibration sample, gets one fine-tune per listed seed, its rows carrying that seed, "" for 0);
   ``--finetune-dense`` runs the same fine-tune (seed 0) on the dense model. Rows carry the stage
   ``finetune_<objective>_<steps>_<learning rate>`` (plus ``_n<examples>`` when ``--finetune-train-size`` is not
   2,000: the first examples of `benchmarks.recovery.recovery_examples`); training times go to
@@ -253,6 +254,22 @@ class TaskRun:
         return model
 
 
+def finetune_seeds(args: argparse.Namespace, seed: int | str, ratio: float, method: str) -> list[int]:
+    """The fine-tune seeds of a point: its calibration seed when listed in ``--finetune-seeds``, or every listed seed
+    for a point without one (`svd` reads no calibration sample)."""
+    if ratio not in args.finetune_ratios or method not in args.finetune_methods:
+        return []
+    if seed == "":
+        return list(args.finetune_seeds)
+    return [seed] if seed in args.finetune_seeds else []
+
+
+def finetune_row(common: dict, finetune_seed: int) -> dict:
+    """`common` with the seed its fine-tuned row carries: a point without a calibration seed (`svd`) carries its
+    fine-tune seed ("" for 0, as the seed-0 rows always did)."""
+    return common if common["seed"] != "" else common | {"seed": finetune_seed or ""}
+
+
 def run_task(args: argparse.Namespace, task: str) -> None:
     run = TaskRun(task, args.test_size)
     base = {"estimator": "", "num_samples": "", "int8": 0}
@@ -271,9 +288,6 @@ def run_task(args: argparse.Namespace, task: str) -> None:
         row = {"method": "dense", "ratio": 1.0, "seed": "", "stage": stage, "block_kept": 1.0} | base
         run.record(run.finetune(run.dense, args, key), row)
 
-    def finetuned(seed: int | str, ratio: float, method: str) -> bool:
-        return (seed or 0) in args.finetune_seeds and ratio in args.finetune_ratios and method in args.finetune_methods
-
     def points(method: str, seed: int | str, estimator: str, num_samples: int | str, ratios: list[float]) -> None:
         common = {"method": method, "estimator": estimator, "num_samples": num_samples, "seed": seed}
         wanted = []
@@ -281,8 +295,8 @@ def run_task(args: argparse.Namespace, task: str) -> None:
             keys = [run.key(ratio=ratio, stage="none", int8=0, **common)]
             if seed in (0, "") and ratio in args.recovery_ratios and method in args.recovery_methods:
                 keys.append(run.key(ratio=ratio, stage="recovery", int8=0, **common))
-            if finetuned(seed, ratio, method):
-                keys.append(run.key(ratio=ratio, stage=stage, int8=0, **common))
+            for finetune_seed in finetune_seeds(args, seed, ratio, method):
+                keys.append(run.key(ratio=ratio, stage=stage, int8=0, **finetune_row(common, finetune_seed)))
             if seed in (0, "") and args.int8 and ratio in args.int8_ratios and estimator in ("", "empirical"):
                 keys.append(run.key(ratio=ratio, stage="none", int8=1, **common))
                 if args.int8_per_channel:
@@ -317,10 +331,11 @@ def run_task(args: argparse.Namespace, task: str) -> None:
             if seed in (0, "") and ratio in args.recovery_ratios and method in args.recovery_methods:
                 if run.key(ratio=ratio, stage="recovery", int8=0, **common) not in run.done:
                     run.record(run.recover(model, args.recovery_examples), row | {"stage": "recovery", "int8": 0})
-            if finetuned(seed, ratio, method):
-                key = run.key(ratio=ratio, stage=stage, int8=0, **common)
+            for finetune_seed in finetune_seeds(args, seed, ratio, method):
+                tuned_row = row | finetune_row(common, finetune_seed) | {"stage": stage, "int8": 0}
+                key = run.key(ratio=ratio, stage=stage, int8=0, **finetune_row(common, finetune_seed))
                 if key not in run.done:
-                    run.record(run.finetune(model, args, key, seed or 0), row | {"stage": stage, "int8": 0})
+                    run.record(run.finetune(model, args, key, finetune_seed), tuned_row)
             if seed in (0, "") and args.int8 and ratio in args.int8_ratios and estimator in ("", "empirical"):
                 if run.key(ratio=ratio, stage="none", int8=1, **common) not in run.done:
                     run.record(quantized(model), row | {"stage": "none", "int8": 1})

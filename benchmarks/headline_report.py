@@ -319,6 +319,7 @@ def finetune_table(rows: list[dict], tasks: list[str], methods: list[str]) -> No
                     cells.append(" / ".join(_fmt(v) or "-" for v in stages) if tuned else "")
                 print(f"| {task} | {dense} | {ratio} | {kept} | " + " | ".join(cells) + " |")
         finetune_tests(tasks, methods, stage)
+        finetune_seed_tests(tasks, methods, stage)
 
 
 def finetune_tests(tasks: list[str], methods: list[str], stage: str) -> None:
@@ -362,6 +363,64 @@ def finetune_tests(tasks: list[str], methods: list[str], stage: str) -> None:
             shown = _bootstrap_p(p)
             label = f"mean of {len(per_task)} ({', '.join(names[(ratio, method)])})"
             print(f"| {label} | {ratio} | {method} | {100 * stat:+.2f} | bootstrap | {shown} |")
+
+
+def finetune_seed_tests(tasks: list[str], methods: list[str], stage: str) -> None:
+    """Every method against SVD after the same fine-tune at every seed both have (printed when some pair has two or
+    more): mean +- std of each over the seeds, and the paired test of the per-example score averaged over the seeds
+    (sign-flip for accuracy, paired bootstrap for Pearson r; over tasks `bootstrap_tasks`). An `svd` row's seed is
+    its fine-tune seed ("" for 0); another method's is its calibration seed, which its fine-tune also uses."""
+    lines, pooled, names, several = [], defaultdict(list), defaultdict(list), False
+    for task in tasks:
+        predictions = load_predictions(task)
+        regression = TASKS[task][0] == 1
+        labels = None
+        for ratio in sorted({k.split("|")[4] for k in predictions if k.endswith(f"|{stage}|0")}, key=float):
+            svd = {s or "0": predictions.get(f"{task}|svd|||{ratio}|{s}|{stage}|0") for s in ("", "1", "2", "3", "4")}
+            for method in methods[1:]:
+                prefix = f"{task}|{method}|empirical|128|{ratio}|"
+                seeds = sorted(
+                    k[len(prefix) :].split("|")[0]
+                    for k in predictions
+                    if k.startswith(prefix) and k.endswith(f"|{stage}|0")
+                )
+                seeds = [s for s in seeds if svd.get(s) is not None]
+                if not seeds:
+                    continue
+                several |= len(seeds) > 1
+                labels = labels if labels is not None else test_labels(task, task_splits(task)["test"]).double()
+                ours = torch.tensor([predictions[f"{prefix}{s}|{stage}|0"] for s in seeds], dtype=torch.float64)
+                theirs = torch.tensor([svd[s] for s in seeds], dtype=torch.float64)
+                y = labels[: ours.shape[1]]
+                names[(ratio, method)].append(task)
+                if regression:
+                    score = [float(torch.corrcoef(torch.stack([p, y]))[0, 1]) for p in ours]
+                    base = [float(torch.corrcoef(torch.stack([p, y]))[0, 1]) for p in theirs]
+                    diff, p = bootstrap_pearson(ours.mean(0), theirs.mean(0), y)
+                    pooled[(ratio, method)].append((ours.mean(0), theirs.mean(0), y, True))
+                    test, shown = "bootstrap", f"{p:.3g}"
+                else:
+                    right, svd_right = (ours == y).double(), (theirs == y).double()
+                    score, base = right.mean(1).tolist(), svd_right.mean(1).tolist()
+                    diff, p = sign_flip_p([right.mean(0) - svd_right.mean(0)])
+                    pooled[(ratio, method)].append((right.mean(0), svd_right.mean(0), y, False))
+                    test, shown = "sign-flip", f"{p:.3g}"
+                lines.append(
+                    f"| {task} | {ratio} | {method} | {','.join(seeds)} | {_fmt(base)} | {_fmt(score)} | "
+                    f"{100 * diff:+.1f}{' (r)' if regression else ''} | {test} | {shown} |"
+                )
+    if not several:
+        return
+    print(f"\nAfter `{stage}` at every seed both have (mean ± std over seeds; paired test on the seed-averaged "
+          "per-example score):\n")  # fmt: skip
+    print("| task | rank ratio | method | seeds | SVD + ft | method + ft | diff (pt) | test | p |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(lines))
+    for (ratio, method), per_task in sorted(pooled.items()):
+        if len(per_task) > 1:
+            stat, p = bootstrap_tasks(per_task)
+            label = f"mean of {len(per_task)} ({', '.join(names[(ratio, method)])})"
+            print(f"| {label} | {ratio} | {method} | | | | {100 * stat:+.2f} | bootstrap | {_bootstrap_p(p)} |")
 
 
 def plot(rows: list[dict], tasks: list[str], methods: list[str]) -> None:

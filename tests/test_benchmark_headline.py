@@ -158,3 +158,44 @@ def test_finetune_tests_pairs_each_method_with_svd_after_the_same_fine_tune(monk
     p = mcnemar([True] * 10 + [False], [False] * 10 + [True])[2]
     assert f"| trec | 0.33 | fwsvd | +45.0 | McNemar 10/1 | {p:.3g} |" in out
     assert "mean of" not in out  # one task: no average
+
+
+def test_svd_gets_one_fine_tune_per_listed_seed_and_calibrated_methods_their_own():
+    from benchmarks.headline import finetune_row, finetune_seeds, parse_args
+
+    args = parse_args(
+        ["--finetune-ratios", "0.33", "--finetune-methods", "svd", "fwsvd", "--finetune-seeds", "0", "2"]
+    )
+    assert finetune_seeds(args, "", 0.33, "svd") == [0, 2]
+    assert finetune_seeds(args, 2, 0.33, "fwsvd") == [2]
+    assert finetune_seeds(args, 1, 0.33, "fwsvd") == []  # seed 1 not listed
+    assert finetune_seeds(args, 0, 0.5, "fwsvd") == []  # ratio not listed
+    assert finetune_seeds(args, 0, 0.33, "whiten") == []  # method not listed
+    svd = {"method": "svd", "estimator": "", "num_samples": "", "seed": ""}
+    assert finetune_row(svd, 0)["seed"] == "" and finetune_row(svd, 2)["seed"] == 2
+    fwsvd = {"method": "fwsvd", "estimator": "empirical", "num_samples": 128, "seed": 1}
+    assert finetune_row(fwsvd, 1) == fwsvd
+
+
+def test_finetune_seed_tests_pair_the_seeds_both_methods_have(monkeypatch, capsys):
+    import benchmarks.headline_report as report
+
+    stage = "finetune_label_125_5e-05"
+    labels = torch.tensor([0, 1] * 10)
+    predictions = {
+        f"trec|svd|||0.33||{stage}|0": [0] * 20,  # svd's fine-tune seed 0: right on the 10 zeros
+        f"trec|svd|||0.33|1|{stage}|0": [1] * 20,  # seed 1: right on the 10 ones
+        f"trec|fwsvd|empirical|128|0.33|0|{stage}|0": labels.tolist(),
+        f"trec|fwsvd|empirical|128|0.33|1|{stage}|0": labels.tolist()[:18] + [1, 0],  # 18 of 20
+        f"trec|fwsvd|empirical|128|0.33|2|{stage}|0": [0] * 20,  # no svd seed 2: left out
+    }
+    monkeypatch.setattr(report, "load_predictions", lambda task: predictions if task == "trec" else {})
+    monkeypatch.setattr(report, "task_splits", lambda task: {"test": [None] * 20})
+    monkeypatch.setattr(report, "test_labels", lambda task, test: labels)
+    report.finetune_seed_tests(["trec", "polarity"], ["svd", "fwsvd"], stage)
+    out = capsys.readouterr().out
+    # svd 50 at both seeds, fwsvd 100 and 90: +45.0 on the seed-averaged per-example score
+    assert "| trec | 0.33 | fwsvd | 0,1 | 50.0 ± 0.0 | 95.0 ± 7.1 | +45.0 | sign-flip |" in out
+    predictions.pop(f"trec|svd|||0.33|1|{stage}|0")
+    report.finetune_seed_tests(["trec"], ["svd", "fwsvd"], stage)
+    assert capsys.readouterr().out == ""  # one seed pair only: finetune_tests covers it
