@@ -91,3 +91,17 @@ def test_tfwsvd_compress_lowers_elementwise_error_against_fwsvd(sample_input, tm
     reloaded = type(model).from_pretrained(tmp_path / "t")
     with torch.no_grad():
         assert torch.allclose(model(**sample_input).logits, reloaded(**sample_input).logits, rtol=0, atol=1e-6)
+
+
+def test_row_solve_matches_each_rows_weighted_least_squares():
+    from hf_fwsvd.refine import _solve_rows
+
+    generator = torch.Generator().manual_seed(3)
+    target = torch.randn(9, 12, generator=generator, dtype=torch.float64)
+    weights = torch.rand(9, 12, generator=generator, dtype=torch.float64)
+    right = torch.randn(4, 12, generator=generator, dtype=torch.float64)
+    solved = _solve_rows(target, weights, right, ridge=0.0)
+    for o in range(9):  # brute force: scale row o's equations by sqrt(weight) and solve by lstsq
+        root = weights[o].sqrt()
+        expected = torch.linalg.lstsq((right * root).T, target[o] * root).solution
+        assert torch.allclose(solved[o], expected, atol=1e-10)
