@@ -181,7 +181,8 @@ def main() -> None:
                     pooled_all[(ratio, method)].append((preds.mean(0), svd, y, True))
                     diff, p = bootstrap_pearson(preds.mean(0), svd, y)
                     print(
-                        f"| {task} | {ratio} | {method} | {len(keys)} | {100 * diff:+.1f} (r) | bootstrap | {p:.3g} |"
+                        f"| {task} | {ratio} | {method} | {len(keys)} | {100 * diff:+.1f} (r) | bootstrap | "
+                        f"{_bootstrap_p(p)} |"
                     )
                     continue
                 d = (preds == y).double().mean(0) - (svd == y).double()
@@ -344,7 +345,8 @@ def finetune_tests(tasks: list[str], methods: list[str], stage: str) -> None:
                 if regression:
                     diff, p = bootstrap_pearson(pred, svd, y)
                     pooled[(ratio, method)].append((pred, svd, y, True))
-                    lines.append(f"| {task} | {ratio} | {method} | {100 * diff:+.1f} (r) | bootstrap | {p:.3g} |")
+                    shown = _bootstrap_p(p)
+                    lines.append(f"| {task} | {ratio} | {method} | {100 * diff:+.1f} (r) | bootstrap | {shown} |")
                     continue
                 right, svd_right = (pred == y).double(), (svd == y).double()
                 pooled[(ratio, method)].append((right, svd_right, y, False))
@@ -398,7 +400,7 @@ def finetune_seed_tests(tasks: list[str], methods: list[str], stage: str) -> Non
                     base = [float(torch.corrcoef(torch.stack([p, y]))[0, 1]) for p in theirs]
                     diff, p = bootstrap_pearson(ours.mean(0), theirs.mean(0), y)
                     pooled[(ratio, method)].append((ours.mean(0), theirs.mean(0), y, True))
-                    test, shown = "bootstrap", f"{p:.3g}"
+                    test, shown = "bootstrap", _bootstrap_p(p)
                 else:
                     right, svd_right = (ours == y).double(), (theirs == y).double()
                     score, base = right.mean(1).tolist(), svd_right.mean(1).tolist()
