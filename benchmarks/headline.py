@@ -332,10 +332,11 @@ def run_task(args: argparse.Namespace, task: str) -> None:
                 if run.key(ratio=ratio, stage="recovery", int8=0, **common) not in run.done:
                     run.record(run.recover(model, args.recovery_examples), row | {"stage": "recovery", "int8": 0})
             for finetune_seed in finetune_seeds(args, seed, ratio, method):
-                tuned_row = row | finetune_row(common, finetune_seed) | {"stage": stage, "int8": 0}
-                key = run.key(ratio=ratio, stage=stage, int8=0, **finetune_row(common, finetune_seed))
+                tuned = finetune_row(common, finetune_seed)
+                key = run.key(ratio=ratio, stage=stage, int8=0, **tuned)
                 if key not in run.done:
-                    run.record(run.finetune(model, args, key, finetune_seed), tuned_row)
+                    tuned_model = run.finetune(model, args, key, finetune_seed)
+                    run.record(tuned_model, row | tuned | {"stage": stage, "int8": 0})
             if seed in (0, "") and args.int8 and ratio in args.int8_ratios and estimator in ("", "empirical"):
                 if run.key(ratio=ratio, stage="none", int8=1, **common) not in run.done:
                     run.record(quantized(model), row | {"stage": "none", "int8": 1})

@@ -359,12 +359,18 @@ def finetune_tests(tasks: list[str], methods: list[str], stage: str) -> None:
     print("| task | rank ratio | method | diff (pt) | test | p |")
     print("|---|---|---|---|---|---|")
     print("\n".join(lines))
+    print_task_means(pooled, names)
+
+
+def print_task_means(pooled: dict, names: dict, empty_cells: int = 0) -> None:
+    """One table row per ``(ratio, method)`` pooled over two or more tasks: the mean difference against SVD and its
+    `bootstrap_tasks` p-value, after `empty_cells` blank columns."""
     for (ratio, method), per_task in sorted(pooled.items()):
         if len(per_task) > 1:
             stat, p = bootstrap_tasks(per_task)
-            shown = _bootstrap_p(p)
             label = f"mean of {len(per_task)} ({', '.join(names[(ratio, method)])})"
-            print(f"| {label} | {ratio} | {method} | {100 * stat:+.2f} | bootstrap | {shown} |")
+            blanks = "| " * empty_cells
+            print(f"| {label} | {ratio} | {method} | {blanks}{100 * stat:+.2f} | bootstrap | {_bootstrap_p(p)} |")
 
 
 def finetune_seed_tests(tasks: list[str], methods: list[str], stage: str) -> None:
@@ -378,7 +384,11 @@ def finetune_seed_tests(tasks: list[str], methods: list[str], stage: str) -> Non
         regression = TASKS[task][0] == 1
         labels = None
         for ratio in sorted({k.split("|")[4] for k in predictions if k.endswith(f"|{stage}|0")}, key=float):
-            svd = {s or "0": predictions.get(f"{task}|svd|||{ratio}|{s}|{stage}|0") for s in ("", "1", "2", "3", "4")}
+            svd = {
+                key.split("|")[5] or "0": predictions[key]
+                for key in predictions
+                if key.startswith(f"{task}|svd|||{ratio}|") and key.endswith(f"|{stage}|0")
+            }
             for method in methods[1:]:
                 prefix = f"{task}|{method}|empirical|128|{ratio}|"
                 seeds = sorted(
@@ -418,11 +428,7 @@ def finetune_seed_tests(tasks: list[str], methods: list[str], stage: str) -> Non
     print("| task | rank ratio | method | seeds | SVD + ft | method + ft | diff (pt) | test | p |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(lines))
-    for (ratio, method), per_task in sorted(pooled.items()):
-        if len(per_task) > 1:
-            stat, p = bootstrap_tasks(per_task)
-            label = f"mean of {len(per_task)} ({', '.join(names[(ratio, method)])})"
-            print(f"| {label} | {ratio} | {method} | | | | {100 * stat:+.2f} | bootstrap | {_bootstrap_p(p)} |")
+    print_task_means(pooled, names, empty_cells=3)
 
 
 def plot(rows: list[dict], tasks: list[str], methods: list[str]) -> None:
