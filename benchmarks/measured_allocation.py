@@ -17,6 +17,10 @@ few ratios, everything else dense. This script does the same and feeds the measu
 3. The remaining arguments run `benchmarks.causal_lm` with that allocation in place of the proxy
    (`measured_allocation`), e.g. ``--runs fisher_whiten+alloc1+update+mix@0.8``.
 
+``--rule threshold`` uses ASVD's own rule on the same measurements instead (`threshold_allocation`): one
+sensitivity threshold, bisected until the budget holds; every module takes its smallest measured rank whose loss
+increase is below the threshold, or stays dense.
+
 Example (the statistics cache as in the allocation screen)::
 
     PYTHONPATH=src:. python benchmarks/measured_allocation.py --measure --curves /tmp/curves.jsonl \
@@ -31,6 +35,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +52,7 @@ from hf_fwsvd.ranks import round_rank
 logger = logging.getLogger(__name__)
 
 KEPT_FRACTIONS = (0.0, 0.25, 0.5, 0.75)
+RULES = ("greedy", "threshold")
 SENSITIVITY_CHUNKS = 8
 _BLOCK = re.compile(r"\.layers\.(\d+)\.")
 
@@ -126,14 +132,61 @@ def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
+def threshold_allocation(
+    shapes: dict[str, tuple[int, int]], curves: dict[str, list[tuple[int, float]]], param_budget: float
+) -> tuple[dict[str, int], list[str]]:
+    """ASVD's rule: the smallest sensitivity threshold whose choices fit ``param_budget`` of the modules' weights.
+
+    The measured ``(module, rank, loss increase)`` with a rank above 0 are sorted by loss increase; taking the first
+    ``n`` of them, every module gets the smallest rank among its taken points (dense when none is taken). The kept
+    weights fall as ``n`` grows, so the smallest ``n`` that fits is found by bisection.
+
+    Returns:
+        `(ranks, dense)`: the rank of every factorised module and the modules left dense.
+
+    Raises:
+        `ValueError`: When even every measured point taken does not fit the budget.
+    """
+    points = sorted(
+        (delta, name, rank) for name in shapes for rank, delta in curves[name] if rank > 0
+    )  # fmt: skip
+    budget = math.floor(param_budget * sum(out * inp for out, inp in shapes.values()))
+
+    def choose(count: int) -> tuple[dict[str, int], int]:
+        ranks: dict[str, int] = {}
+        for _, name, rank in points[:count]:
+            ranks[name] = min(rank, ranks.get(name, rank))
+        kept = sum(ranks[n] * sum(shape) if n in ranks else shape[0] * shape[1] for n, shape in shapes.items())
+        return ranks, kept
+
+    low, high = 0, len(points)
+    if choose(high)[1] > budget:
+        raise ValueError(f"`param_budget={param_budget}` is below what the smallest measured ranks keep.")
+    while low < high:
+        middle = (low + high) // 2
+        if choose(middle)[1] <= budget:
+            high = middle
+        else:
+            low = middle + 1
+    ranks, _ = choose(low)
+    return ranks, sorted(set(shapes) - set(ranks))
+
+
 @contextlib.contextmanager
-def measured_allocation(curves: dict[str, list[tuple[int, float]]]) -> Iterator[None]:
-    """Inside the block, `compress`'s global allocation (``param_budget``) scores the directions with `curve_scores`
-    of the measured curves instead of the Fisher-mass proxy; restored on exit.
+def measured_allocation(curves: dict[str, list[tuple[int, float]]], rule: str = "greedy") -> Iterator[None]:
+    """Inside the block, `compress`'s global allocation (``param_budget``) uses the measured curves instead of the
+    Fisher-mass proxy; restored on exit.
+
+    Args:
+        curves (`dict[str, list[tuple[int, float]]]`): Module name -> measured ``(rank, loss increase)``.
+        rule (`str`, *optional*, defaults to `"greedy"`): `"greedy"` (our allocator on `curve_scores`) or
+            `"threshold"` (ASVD's rule, `threshold_allocation`; weight budgets only).
 
     Raises:
         `ValueError` (on use): When a target module has no measured curve.
     """
+    if rule not in RULES:
+        raise ValueError(f"`rule` must be one of {RULES}, got {rule!r}.")
     saved = pipeline.budget_ranks
 
     def budget_ranks(weights, shapes, config, stats, dtypes=None):
@@ -144,11 +197,16 @@ def measured_allocation(curves: dict[str, list[tuple[int, float]]]) -> Iterator[
             raise ValueError(
                 f"No measured sensitivity for {len(missing)} module(s), e.g. `{missing[0]}`; measure them first."
             )
-        scores = {name: curve_scores(shape, curves[name]) for name, shape in shapes.items()}
-        costs = pipeline.budget_costs(shapes, config, dtypes)
-        allocation = allocate_ranks(shapes, scores, config.param_budget, costs)
-        ranks = {name: round_rank(rank, config.rank_multiple) for name, rank in allocation.ranks.items()}
-        return ranks, allocation.dense
+        if rule == "threshold":
+            if config.budget_unit != "params":
+                raise ValueError('`rule="threshold"` supports `budget_unit="params"` only.')
+            chosen, dense = threshold_allocation(shapes, curves, config.param_budget)
+        else:
+            scores = {name: curve_scores(shape, curves[name]) for name, shape in shapes.items()}
+            costs = pipeline.budget_costs(shapes, config, dtypes)
+            allocation = allocate_ranks(shapes, scores, config.param_budget, costs)
+            chosen, dense = allocation.ranks, allocation.dense
+        return {name: round_rank(rank, config.rank_multiple) for name, rank in chosen.items()}, dense
 
     pipeline.budget_ranks = budget_ranks
     try:
@@ -263,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--curves", type=Path, required=True, help="JSON lines of measured points")
     parser.add_argument("--measure", action="store_true", help="measure the curves (appending to --curves)")
     parser.add_argument("--method", default="fisher_whiten", help="the factorisation measured")
+    parser.add_argument("--rule", choices=RULES, default="greedy", help="how the measurements become ranks")
     parser.add_argument("--stats-cache", type=Path, default=None)
     parser.add_argument("--shard", type=lambda s: tuple(int(v) for v in s.split("/")), default=(0, 1),
                         help="i/n: measure every n-th module starting at i")  # fmt: skip
@@ -276,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.causal_lm import main as causal_lm_main
 
     rest = args.causal_lm_args[1:] if args.causal_lm_args[:1] == ["--"] else args.causal_lm_args
-    with measured_allocation(read_curves(args.curves)):
+    with measured_allocation(read_curves(args.curves), args.rule):
         causal_lm_main(rest)
 
 

@@ -15,6 +15,7 @@ from benchmarks.measured_allocation import (
     measure_module,
     measured_allocation,
     rank_for_fraction,
+    threshold_allocation,
 )
 from hf_fwsvd import FWSVDConfig, compress
 from hf_fwsvd.allocation import allocate_ranks
@@ -91,7 +92,8 @@ def test_curve_scores_refuse_empty_and_out_of_range_points():
         curve_scores((12, 6), [(4, 1.0)])
 
 
-def test_measured_allocation_drives_compress_and_is_restored():
+@pytest.mark.parametrize("rule", ["greedy", "threshold"])
+def test_measured_allocation_drives_compress_and_is_restored(rule):
     model, ids = _model_and_ids()
     targets = find_target_modules(model, FWSVDConfig(method="svd", rank=1))
     shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
@@ -99,14 +101,18 @@ def test_measured_allocation_drives_compress_and_is_restored():
     curves = {
         name: [(0, 5.0 if "up_proj" in name else 0.5), (1, 1.0 if "up_proj" in name else 0.01)] for name in shapes
     }
-    expected = allocate_ranks(shapes, {n: curve_scores(s, curves[n]) for n, s in shapes.items()}, 0.7)
-    assert {"model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"} <= set(expected.dense)
+    if rule == "greedy":
+        allocation = allocate_ranks(shapes, {n: curve_scores(s, curves[n]) for n, s in shapes.items()}, 0.7)
+        expected_ranks, expected_dense = allocation.ranks, allocation.dense
+    else:
+        expected_ranks, expected_dense = threshold_allocation(shapes, curves, 0.7)
+    assert {"model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"} <= set(expected_dense)
     data = [{"input_ids": row} for row in ids.tolist()]
     config = FWSVDConfig(method="svd", param_budget=0.7, allocation_power=1.0, calibration_dataset=data)
-    with measured_allocation(curves):
+    with measured_allocation(curves, rule):
         compress(model, config, show_progress=False)
-    assert model.config.quantization_config.ranks == expected.ranks
-    assert sorted(model.fwsvd_report.dense_modules) == expected.dense
+    assert model.config.quantization_config.ranks == expected_ranks
+    assert sorted(model.fwsvd_report.dense_modules) == expected_dense
     assert pipeline.budget_ranks.__module__ == "hf_fwsvd.pipeline"
 
 
@@ -119,3 +125,38 @@ def test_measured_allocation_names_a_module_without_a_curve():
         with measured_allocation({}):
             compress(model, config, show_progress=False)
     assert pipeline.budget_ranks.__module__ == "hf_fwsvd.pipeline"
+
+
+def test_threshold_allocation_takes_the_smallest_threshold_that_fits_like_asvd():
+    shapes = {"a": (12, 6), "b": (12, 6)}  # 72 weights each, a rank costs 18
+    curves = {"a": [(0, 9.0), (1, 0.5), (2, 0.2), (3, 0.05)], "b": [(1, 0.4), (2, 0.1), (3, 0.01)]}
+    # sorted: b3 0.01, a3 0.05, b2 0.1, a2 0.2, b1 0.4, a1 0.5 (rank 0 is never a choice)
+    assert threshold_allocation(shapes, curves, 0.99) == ({"b": 3}, ["a"])  # 54 + 72 = 126 <= 142
+    assert threshold_allocation(shapes, curves, 0.6) == ({"a": 2, "b": 2}, [])  # a3 b2 keep 54 + 36 = 90 > 86
+    assert threshold_allocation(shapes, curves, 0.3) == ({"a": 1, "b": 1}, [])
+    with pytest.raises(ValueError, match=r"`param_budget=0.2` is below what the smallest measured ranks keep."):
+        threshold_allocation(shapes, curves, 0.2)
+
+
+def test_threshold_allocation_matches_a_brute_force_scan_of_every_threshold():
+    generator = torch.Generator().manual_seed(3)
+    shapes = {f"m{i}": (int(8 + 4 * i), 8) for i in range(5)}
+    curves = {
+        name: [(rank, float(torch.rand((), generator=generator))) for rank in range(1, int(8 * s[0] / (s[0] + 8)))]
+        for name, s in shapes.items()
+    }
+    for budget in (0.3, 0.5, 0.7, 0.9):
+        limit = int(budget * sum(a * b for a, b in shapes.values()))
+        for threshold in sorted(d for points in curves.values() for _, d in points) + [float("inf")]:
+            ranks = {n: min((r for r, d in curves[n] if d < threshold), default=None) for n in shapes}
+            kept = sum(r * sum(shapes[n]) if r else shapes[n][0] * shapes[n][1] for n, r in ranks.items())
+            if kept <= limit:  # the first threshold that fits, with the points strictly below it taken
+                break
+        expected = {n: r for n, r in ranks.items() if r}
+        assert threshold_allocation(shapes, curves, budget) == (expected, sorted(set(shapes) - set(expected)))
+
+
+def test_an_unknown_rule_is_refused():
+    with pytest.raises(ValueError, match=r"`rule` must be one of \('greedy', 'threshold'\), got 'median'."):
+        with measured_allocation({}, "median"):
+            pass
