@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -82,13 +83,13 @@ def lower_convex_hull(points: list[tuple[float, float]]) -> list[tuple[float, fl
     return hull
 
 
-def curve_scores(shape: tuple[int, int], points: list[tuple[int, float]]) -> torch.Tensor:
-    """Direction scores (length ``min(out, in)``) from measured ``(rank, loss increase)`` points of one module.
+def curve_values(shape: tuple[int, int], points: list[tuple[int, float]]) -> torch.Tensor:
+    """The predicted loss increase ``f(r)`` at every rank ``r = 0 .. min(out, in)`` from measured points of one
+    module.
 
     The points are clipped at 0, joined by ``(break-even rank, 0)`` (the dense module loses nothing) and replaced by
-    their lower convex hull ``f``, a convex non-increasing piecewise-linear function of the rank; direction ``k``
-    scores ``f(k - 1) - f(k)``. Directions from the break-even rank on score 0 (the allocator turns the module dense
-    there). Ranks below the smallest measured one follow the hull's first segment.
+    their lower convex hull ``f``, a convex non-increasing piecewise-linear function of the rank, 0 from the
+    break-even rank on. Ranks below the smallest measured one follow the hull's first segment.
 
     Args:
         shape (`tuple[int, int]`): ``(out_features, in_features)``.
@@ -103,14 +104,29 @@ def curve_scores(shape: tuple[int, int], points: list[tuple[int, float]]) -> tor
     for rank, _ in points:
         if not 0 <= rank < end:
             raise ValueError(f"Measured rank {rank} is outside [0, {end:.1f}) (the break-even rank).")
-    hull = lower_convex_hull([(float(r), max(0.0, float(d))) for r, d in points] + [(end, 0.0)])
     # every y is >= 0 and the last vertex is (end, 0), so the convex hull is non-increasing
+    hull = lower_convex_hull([(float(r), max(0.0, float(d))) for r, d in points] + [(end, 0.0)])
     xs = torch.tensor([x for x, _ in hull], dtype=torch.float64)
     ys = torch.tensor([y for _, y in hull], dtype=torch.float64)
     ranks = torch.arange(full_rank(shape) + 1, dtype=torch.float64)
-    values = _interpolate(ranks.clamp(max=end), xs, ys)
-    scores = (values[:-1] - values[1:]).clamp_min(0.0)
-    return torch.cummin(scores, 0).values
+    return _interpolate(ranks.clamp(max=end), xs, ys).clamp_min(0.0)
+
+
+def curve_scores(shape: tuple[int, int], points: list[tuple[int, float]]) -> torch.Tensor:
+    """Direction scores (length ``min(out, in)``): direction ``k`` scores ``f(k - 1) - f(k)`` for the `curve_values`
+    ``f`` (non-increasing, 0 from the break-even rank on, where the allocator turns the module dense)."""
+    values = curve_values(shape, points)
+    return torch.cummin((values[:-1] - values[1:]).clamp_min(0.0), 0).values
+
+
+def predicted_increase(
+    shapes: dict[str, tuple[int, int]], curves: dict[str, list[tuple[int, float]]], ranks: dict[str, int]
+) -> float:
+    """The summed `curve_values` of every module at its rank (0 for a module missing from `ranks`, kept dense): the
+    loss increase the measurements predict if the modules' effects added up."""
+    return sum(
+        float(curve_values(shape, curves[name])[ranks[name]]) for name, shape in shapes.items() if name in ranks
+    )
 
 
 def _interpolate(x: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
@@ -276,13 +292,13 @@ def measure_module(
     return points
 
 
-def measure(args: argparse.Namespace) -> None:
+def _setup(args: argparse.Namespace) -> tuple:
+    """The dense model, its targets, the method's statistics on the genre mix, the mix and the measured token ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from benchmarks.assets import smollm2_dir
     from benchmarks.causal_lm import StatisticsStore, benchmark_texts, needed_statistics, parse_setting
     from hf_fwsvd import FWSVDConfig
-    from hf_fwsvd.methods import get_method
     from hf_fwsvd.targets import find_target_modules
 
     directory = smollm2_dir()
@@ -293,14 +309,22 @@ def measure(args: argparse.Namespace) -> None:
     spec = parse_setting(f"{args.method}+alloc1+mix")
     store = StatisticsStore(model, tokenizer, targets, directory, args.stats_cache)
     stats, _ = store.get(data["mix_calibration"], needed_statistics(spec, 0.8))
+    chunks = data["mix_calibration"][:SENSITIVITY_CHUNKS]
+    input_ids = torch.tensor([chunk["input_ids"] for chunk in chunks])
+    return model, tokenizer, targets, stats, data["mix_calibration"], input_ids
+
+
+def measure(args: argparse.Namespace) -> None:
+    from hf_fwsvd import FWSVDConfig
+    from hf_fwsvd.methods import get_method
+
+    model, _, targets, stats, _, input_ids = _setup(args)
     method = get_method(args.method)
     config = FWSVDConfig(method=args.method, param_ratio=0.5)
 
     def truncate(name):
         return lambda weight, rank: method.factorize(weight, rank, name, stats, config).product()
 
-    chunks = data["mix_calibration"][:SENSITIVITY_CHUNKS]
-    input_ids = torch.tensor([chunk["input_ids"] for chunk in chunks])
     cache = BlockInputs(model, input_ids)
     logger.info("dense calibration loss %.4f on %d tokens", cache.dense_loss, input_ids.numel())
     done = set(read_curves(args.curves)) if args.curves.exists() else set()
@@ -316,11 +340,48 @@ def measure(args: argparse.Namespace) -> None:
                     ", ".join(f"r{r} {d:+.4f}" for r, d in points), time.perf_counter() - started)  # fmt: skip
 
 
+def additivity(args: argparse.Namespace) -> None:
+    """Print, for the proxy and both measured allocations at ``--additivity`` (the method alone, no update step),
+    the summed single-module loss increases the curves predict next to the loss increase of the whole compressed
+    model, on the measured tokens."""
+    from benchmarks.causal_lm import CHUNK_TOKENS
+    from hf_fwsvd import FWSVDConfig, compress
+
+    model, tokenizer, targets, stats, calibration, input_ids = _setup(args)
+    curves = read_curves(args.curves)
+    shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
+    with torch.no_grad():
+        dense_loss = float(model(input_ids=input_ids, labels=input_ids).loss)
+    config = FWSVDConfig(method=args.method, param_budget=args.additivity, allocation_power=1.0,
+                         calibration_dataset=calibration, tokenizer=tokenizer, batch_size=4, max_length=CHUNK_TOKENS,
+                         num_samples=None)  # fmt: skip
+    print(f"| allocation at {args.additivity:.0%} kept, {args.method}, no update | predicted (sum) | measured | "
+          "modules dense |\n|---|---|---|---|")  # fmt: skip
+    for label, rule in (("Fisher-mass proxy (default)", None), ("measured, greedy", "greedy"),
+                        ("measured, threshold (ASVD)", "threshold")):  # fmt: skip
+        compressed = copy.deepcopy(model)
+        with measured_allocation(curves, rule) if rule else contextlib.nullcontext():
+            compress(compressed, config, statistics=stats, show_progress=False)
+        ranks = compressed.config.quantization_config.ranks
+        with torch.no_grad():
+            increase = float(compressed(input_ids=input_ids, labels=input_ids).loss) - dense_loss
+        predicted = predicted_increase(shapes, curves, ranks)
+        print(f"| {label} | {predicted:.4f} | {increase:.4f} | {len(shapes) - len(ranks)} |", flush=True)
+        del compressed
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--curves", type=Path, required=True, help="JSON lines of measured points")
     parser.add_argument("--measure", action="store_true", help="measure the curves (appending to --curves)")
     parser.add_argument("--method", default="fisher_whiten", help="the factorisation measured")
+    parser.add_argument(
+        "--additivity",
+        type=float,
+        default=None,
+        metavar="BUDGET",
+        help="compare predicted and measured loss increases of the allocations at this budget",
+    )
     parser.add_argument("--rule", choices=RULES, default="greedy", help="how the measurements become ranks")
     parser.add_argument("--stats-cache", type=Path, default=None)
     parser.add_argument("--shard", type=lambda s: tuple(int(v) for v in s.split("/")), default=(0, 1),
@@ -331,6 +392,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     if args.measure:
         measure(args)
+        return
+    if args.additivity is not None:
+        additivity(args)
         return
     from benchmarks.causal_lm import main as causal_lm_main
 

@@ -11,9 +11,11 @@ from benchmarks.measured_allocation import (
     BlockInputs,
     break_even_rank,
     curve_scores,
+    curve_values,
     lower_convex_hull,
     measure_module,
     measured_allocation,
+    predicted_increase,
     rank_for_fraction,
     threshold_allocation,
 )
@@ -160,3 +162,11 @@ def test_an_unknown_rule_is_refused():
     with pytest.raises(ValueError, match=r"`rule` must be one of \('greedy', 'threshold'\), got 'median'."):
         with measured_allocation({}, "median"):
             pass
+
+
+def test_predicted_increase_sums_the_hull_at_each_rank_and_zero_for_dense_modules():
+    shapes = {"a": (12, 6), "b": (12, 6), "c": (12, 6)}
+    curves = {"a": [(0, 8.0), (1, 2.0), (3, 0.0)], "b": [(2, 2.0)], "c": [(1, 5.0)]}
+    assert curve_values(shapes["a"], curves["a"]).tolist() == [8.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    # a at rank 2 -> 1.0 (on the chord (1, 2) - (3, 0)); b at rank 1 -> 3.0 (chord (2, 2) - (4, 0) extended); c dense
+    assert predicted_increase(shapes, curves, {"a": 2, "b": 1}) == pytest.approx(4.0)
