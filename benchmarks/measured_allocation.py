@@ -19,7 +19,8 @@ few ratios, everything else dense. This script does the same and feeds the measu
 
 ``--rule threshold`` uses ASVD's own rule on the same measurements instead (`threshold_allocation`): one
 sensitivity threshold, bisected until the budget holds; every module takes its smallest measured rank whose loss
-increase is below the threshold, or stays dense.
+increase is below the threshold, or stays dense. ``--additivity BUDGET`` prints, for the proxy and both rules, the
+summed single-module increases the curves predict next to the whole compressed model's increase.
 
 Example (the statistics cache as in the allocation screen)::
 
