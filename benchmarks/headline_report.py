@@ -247,6 +247,7 @@ def main() -> None:
                 print(f"| {task} | {_fmt(dense)} | {ratio} | " + " | ".join(cells) + " |")
 
     finetune_table(rows, tasks, methods)
+    method_pair_tests(tasks, "tfwsvd", ["fwsvd", "whiten"])
 
     estimators = sorted({k[2] for k in by if k[2] not in ("", "empirical")})
     counts = sorted({k[3] for k in by if k[3] not in ("", "128")}, key=int)
@@ -360,6 +361,51 @@ def finetune_tests(tasks: list[str], methods: list[str], stage: str) -> None:
     print("|---|---|---|---|---|---|")
     print("\n".join(lines))
     print_task_means(pooled, names)
+
+
+def method_pair_tests(tasks: list[str], method: str, others: list[str], seed: str = "0") -> None:
+    """Paired tests of `method` against each of `others` at the same calibration seed, no fine-tune, wherever both
+    were run: McNemar / paired bootstrap of Pearson r per task, `bootstrap_tasks` over the tasks."""
+    lines, pooled, names = [], defaultdict(list), defaultdict(list)
+    for task in tasks:
+        predictions = load_predictions(task)
+        regression = TASKS[task][0] == 1
+        prefix = f"{task}|{method}|empirical|128|"
+        keys = sorted(k for k in predictions if k.startswith(prefix) and k.endswith(f"|{seed}|none|0"))
+        labels = test_labels(task, task_splits(task)["test"]).double() if keys else None
+        for key in keys:
+            ratio = key.split("|")[4]
+            pred = torch.tensor(predictions[key], dtype=torch.float64)
+            y = labels[: len(pred)]
+            for other in others:
+                other_key = key.replace(f"|{method}|", f"|{other}|", 1)
+                if other_key not in predictions:
+                    continue
+                base = torch.tensor(predictions[other_key], dtype=torch.float64)
+                names[(ratio, other)].append(task)
+                if regression:
+                    diff, p = bootstrap_pearson(pred, base, y)
+                    pooled[(ratio, other)].append((pred, base, y, True))
+                    lines.append(
+                        f"| {task} | {ratio} | {other} | {100 * diff:+.1f} (r) | bootstrap | {_bootstrap_p(p)} |"
+                    )
+                    continue
+                right, base_right = (pred == y).double(), (base == y).double()
+                pooled[(ratio, other)].append((right, base_right, y, False))
+                only, only_base, p = mcnemar(right.bool().tolist(), base_right.bool().tolist())
+                diff = 100 * float((right - base_right).mean())
+                lines.append(f"| {task} | {ratio} | {other} | {diff:+.1f} | McNemar {only}/{only_base} | {p:.3g} |")
+    if not lines:
+        return
+    print(f"\n## {method} against the other methods (no fine-tune, calibration seed {seed})\n")
+    print(f"| task | rank ratio | against | {method} minus it (pt) | test | p |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(lines))
+    for (ratio, other), per_task in sorted(pooled.items()):
+        if len(per_task) > 1:
+            stat, p = bootstrap_tasks(per_task)
+            label = f"mean of {len(per_task)} ({', '.join(names[(ratio, other)])})"
+            print(f"| {label} | {ratio} | {other} | {100 * stat:+.2f} | bootstrap | {_bootstrap_p(p)} |")
 
 
 def print_task_means(pooled: dict, names: dict, empty_cells: int = 0) -> None:

@@ -199,3 +199,23 @@ def test_finetune_seed_tests_pair_the_seeds_both_methods_have(monkeypatch, capsy
     predictions.pop(f"trec|svd|||0.33|1|{stage}|0")
     report.finetune_seed_tests(["trec"], ["svd", "fwsvd"], stage)
     assert capsys.readouterr().out == ""  # one seed pair only: finetune_tests covers it
+
+
+def test_method_pair_tests_compare_tfwsvd_with_each_method_at_the_same_seed(monkeypatch, capsys):
+    import benchmarks.headline_report as report
+
+    labels = torch.tensor([0, 1] * 10)
+    predictions = {
+        "trec|tfwsvd|empirical|128|0.33|0|none|0": labels.tolist()[:18] + [1, 1],  # 19 of 20
+        "trec|fwsvd|empirical|128|0.33|0|none|0": [0] * 20,  # 10 of 20
+        "trec|whiten|empirical|128|0.33|1|none|0": labels.tolist(),  # another seed: not paired
+        "trec|fwsvd|empirical|128|0.33|0|finetune_label_125_5e-05|0": labels.tolist(),  # fine-tuned: ignored
+    }
+    monkeypatch.setattr(report, "load_predictions", lambda task: predictions if task == "trec" else {})
+    monkeypatch.setattr(report, "task_splits", lambda task: {"test": [None] * 20})
+    monkeypatch.setattr(report, "test_labels", lambda task, test: labels)
+    report.method_pair_tests(["trec", "polarity"], "tfwsvd", ["fwsvd", "whiten"])
+    out = capsys.readouterr().out
+    p = mcnemar([True] * 10 + [False], [False] * 10 + [True])[2]
+    assert f"| trec | 0.33 | fwsvd | +45.0 | McNemar 10/1 | {p:.3g} |" in out
+    assert "| whiten |" not in out and "mean of" not in out
