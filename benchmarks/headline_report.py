@@ -324,6 +324,23 @@ def finetune_table(rows: list[dict], tasks: list[str], methods: list[str]) -> No
         finetune_seed_tests(tasks, methods, stage)
 
 
+def paired_test(
+    task: str, ratio: str, label: str, pred: torch.Tensor, base: torch.Tensor, y: torch.Tensor, regression: bool
+) -> tuple[str, tuple]:
+    """The table row ``| task | ratio | label | pred minus base | test | p |`` (McNemar on accuracy, paired
+    bootstrap on Pearson r) and the pair as `bootstrap_tasks` pools it."""
+    if regression:
+        diff, p = bootstrap_pearson(pred, base, y)
+        return f"| {task} | {ratio} | {label} | {100 * diff:+.1f} (r) | bootstrap | {_bootstrap_p(p)} |", (
+            pred, base, y, True,
+        )  # fmt: skip
+    right, base_right = (pred == y).double(), (base == y).double()
+    only, only_base, p = mcnemar(right.bool().tolist(), base_right.bool().tolist())
+    diff = 100 * float((right - base_right).mean())
+    line = f"| {task} | {ratio} | {label} | {diff:+.1f} | McNemar {only}/{only_base} | {p:.3g} |"
+    return line, (right, base_right, y, False)
+
+
 def finetune_tests(tasks: list[str], methods: list[str], stage: str) -> None:
     """Paired tests of every method against SVD after the same fine-tune (seed 0), per task and averaged over tasks
     (McNemar / paired bootstrap of Pearson r; the average by `bootstrap_tasks`)."""
@@ -343,17 +360,9 @@ def finetune_tests(tasks: list[str], methods: list[str], stage: str) -> None:
                     continue
                 pred = torch.tensor(predictions[key], dtype=torch.float64)
                 names[(ratio, method)].append(task)
-                if regression:
-                    diff, p = bootstrap_pearson(pred, svd, y)
-                    pooled[(ratio, method)].append((pred, svd, y, True))
-                    shown = _bootstrap_p(p)
-                    lines.append(f"| {task} | {ratio} | {method} | {100 * diff:+.1f} (r) | bootstrap | {shown} |")
-                    continue
-                right, svd_right = (pred == y).double(), (svd == y).double()
-                pooled[(ratio, method)].append((right, svd_right, y, False))
-                only, only_svd, p = mcnemar(right.bool().tolist(), svd_right.bool().tolist())
-                diff = 100 * float((right - svd_right).mean())
-                lines.append(f"| {task} | {ratio} | {method} | {diff:+.1f} | McNemar {only}/{only_svd} | {p:.3g} |")
+                line, pair = paired_test(task, ratio, method, pred, svd, y, regression)
+                lines.append(line)
+                pooled[(ratio, method)].append(pair)
     if not lines:
         return
     print(f"\nPaired tests against SVD after `{stage}` (seed 0):\n")
@@ -383,29 +392,16 @@ def method_pair_tests(tasks: list[str], method: str, others: list[str], seed: st
                     continue
                 base = torch.tensor(predictions[other_key], dtype=torch.float64)
                 names[(ratio, other)].append(task)
-                if regression:
-                    diff, p = bootstrap_pearson(pred, base, y)
-                    pooled[(ratio, other)].append((pred, base, y, True))
-                    lines.append(
-                        f"| {task} | {ratio} | {other} | {100 * diff:+.1f} (r) | bootstrap | {_bootstrap_p(p)} |"
-                    )
-                    continue
-                right, base_right = (pred == y).double(), (base == y).double()
-                pooled[(ratio, other)].append((right, base_right, y, False))
-                only, only_base, p = mcnemar(right.bool().tolist(), base_right.bool().tolist())
-                diff = 100 * float((right - base_right).mean())
-                lines.append(f"| {task} | {ratio} | {other} | {diff:+.1f} | McNemar {only}/{only_base} | {p:.3g} |")
+                line, pair = paired_test(task, ratio, other, pred, base, y, regression)
+                lines.append(line)
+                pooled[(ratio, other)].append(pair)
     if not lines:
         return
     print(f"\n## {method} against the other methods (no fine-tune, calibration seed {seed})\n")
     print(f"| task | rank ratio | against | {method} minus it (pt) | test | p |")
     print("|---|---|---|---|---|---|")
     print("\n".join(lines))
-    for (ratio, other), per_task in sorted(pooled.items()):
-        if len(per_task) > 1:
-            stat, p = bootstrap_tasks(per_task)
-            label = f"mean of {len(per_task)} ({', '.join(names[(ratio, other)])})"
-            print(f"| {label} | {ratio} | {other} | {100 * stat:+.2f} | bootstrap | {_bootstrap_p(p)} |")
+    print_task_means(pooled, names)
 
 
 def print_task_means(pooled: dict, names: dict, empty_cells: int = 0) -> None:
