@@ -324,27 +324,56 @@ def finetune_table(rows: list[dict], tasks: list[str], methods: list[str]) -> No
         finetune_seed_tests(tasks, methods, stage)
 
 
-def paired_test(
-    task: str, ratio: str, label: str, pred: torch.Tensor, base: torch.Tensor, y: torch.Tensor, regression: bool
-) -> tuple[str, tuple]:
-    """The table row ``| task | ratio | label | pred minus base | test | p |`` (McNemar on accuracy, paired
-    bootstrap on Pearson r) and the pair as `bootstrap_tasks` pools it."""
-    if regression:
-        diff, p = bootstrap_pearson(pred, base, y)
-        return f"| {task} | {ratio} | {label} | {100 * diff:+.1f} (r) | bootstrap | {_bootstrap_p(p)} |", (
-            pred, base, y, True,
-        )  # fmt: skip
-    right, base_right = (pred == y).double(), (base == y).double()
-    only, only_base, p = mcnemar(right.bool().tolist(), base_right.bool().tolist())
-    diff = 100 * float((right - base_right).mean())
-    line = f"| {task} | {ratio} | {label} | {diff:+.1f} | McNemar {only}/{only_base} | {p:.3g} |"
-    return line, (right, base_right, y, False)
+class PairedTests:
+    """Rows of paired tests, one per ``(task, ratio, label)``: McNemar on accuracy, paired bootstrap on Pearson r;
+    printed with the `bootstrap_tasks` average of every ``(ratio, label)`` run on two or more tasks."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.pooled: dict[tuple[str, str], list[tuple]] = defaultdict(list)
+        self.names: dict[tuple[str, str], list[str]] = defaultdict(list)
+
+    def add(
+        self,
+        task: str,
+        ratio: str,
+        label: str,
+        pred: torch.Tensor,
+        base: torch.Tensor,
+        y: torch.Tensor,
+        regression: bool,
+    ) -> None:
+        """The row ``| task | ratio | label | pred minus base | test | p |``, and the pair pooled over tasks."""
+        self.names[(ratio, label)].append(task)
+        if regression:
+            diff, p = bootstrap_pearson(pred, base, y)
+            self.pooled[(ratio, label)].append((pred, base, y, True))
+            self.lines.append(
+                f"| {task} | {ratio} | {label} | {100 * diff:+.1f} (r) | bootstrap | {_bootstrap_p(p)} |"
+            )
+            return
+        right, base_right = (pred == y).double(), (base == y).double()
+        self.pooled[(ratio, label)].append((right, base_right, y, False))
+        only, only_base, p = mcnemar(right.bool().tolist(), base_right.bool().tolist())
+        diff = 100 * float((right - base_right).mean())
+        self.lines.append(f"| {task} | {ratio} | {label} | {diff:+.1f} | McNemar {only}/{only_base} | {p:.3g} |")
+
+    def print(self, title: str, columns: str) -> None:
+        """`title`, the table (``columns`` names the label and difference columns) and the task means; nothing when
+        no row was added."""
+        if not self.lines:
+            return
+        print(title)
+        print(f"| task | rank ratio | {columns} | test | p |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(self.lines))
+        print_task_means(self.pooled, self.names)
 
 
 def finetune_tests(tasks: list[str], methods: list[str], stage: str) -> None:
     """Paired tests of every method against SVD after the same fine-tune (seed 0), per task and averaged over tasks
     (McNemar / paired bootstrap of Pearson r; the average by `bootstrap_tasks`)."""
-    lines, pooled, names = [], defaultdict(list), defaultdict(list)
+    table = PairedTests()
     for task in tasks:
         predictions = load_predictions(task)
         regression = TASKS[task][0] == 1
@@ -359,23 +388,14 @@ def finetune_tests(tasks: list[str], methods: list[str], stage: str) -> None:
                 if key not in predictions:
                     continue
                 pred = torch.tensor(predictions[key], dtype=torch.float64)
-                names[(ratio, method)].append(task)
-                line, pair = paired_test(task, ratio, method, pred, svd, y, regression)
-                lines.append(line)
-                pooled[(ratio, method)].append(pair)
-    if not lines:
-        return
-    print(f"\nPaired tests against SVD after `{stage}` (seed 0):\n")
-    print("| task | rank ratio | method | diff (pt) | test | p |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(lines))
-    print_task_means(pooled, names)
+                table.add(task, ratio, method, pred, svd, y, regression)
+    table.print(f"\nPaired tests against SVD after `{stage}` (seed 0):\n", "method | diff (pt)")
 
 
 def method_pair_tests(tasks: list[str], method: str, others: list[str], seed: str = "0") -> None:
     """Paired tests of `method` against each of `others` at the same calibration seed, no fine-tune, wherever both
     were run: McNemar / paired bootstrap of Pearson r per task, `bootstrap_tasks` over the tasks."""
-    lines, pooled, names = [], defaultdict(list), defaultdict(list)
+    table = PairedTests()
     for task in tasks:
         predictions = load_predictions(task)
         regression = TASKS[task][0] == 1
@@ -391,17 +411,9 @@ def method_pair_tests(tasks: list[str], method: str, others: list[str], seed: st
                 if other_key not in predictions:
                     continue
                 base = torch.tensor(predictions[other_key], dtype=torch.float64)
-                names[(ratio, other)].append(task)
-                line, pair = paired_test(task, ratio, other, pred, base, y, regression)
-                lines.append(line)
-                pooled[(ratio, other)].append(pair)
-    if not lines:
-        return
-    print(f"\n## {method} against the other methods (no fine-tune, calibration seed {seed})\n")
-    print(f"| task | rank ratio | against | {method} minus it (pt) | test | p |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(lines))
-    print_task_means(pooled, names)
+                table.add(task, ratio, other, pred, base, y, regression)
+    title = f"\n## {method} against the other methods (no fine-tune, calibration seed {seed})\n"
+    table.print(title, f"against | {method} minus it (pt)")
 
 
 def print_task_means(pooled: dict, names: dict, empty_cells: int = 0) -> None:

@@ -48,7 +48,7 @@ from torch import nn
 
 import hf_fwsvd.pipeline as pipeline
 from hf_fwsvd.allocation import allocate_ranks
-from hf_fwsvd.factorize import full_rank
+from hf_fwsvd.factorize import full_rank, low_rank_params
 from hf_fwsvd.ranks import round_rank
 
 logger = logging.getLogger(__name__)
@@ -173,7 +173,9 @@ def threshold_allocation(
         ranks: dict[str, int] = {}
         for _, name, rank in points[:count]:
             ranks[name] = min(rank, ranks.get(name, rank))
-        kept = sum(ranks[n] * sum(shape) if n in ranks else shape[0] * shape[1] for n, shape in shapes.items())
+        kept = sum(
+            low_rank_params(*shape, ranks[n]) if n in ranks else shape[0] * shape[1] for n, shape in shapes.items()
+        )
         return ranks, kept
 
     low, high = 0, len(points)
