@@ -105,3 +105,46 @@ def test_row_solve_matches_each_rows_weighted_least_squares():
         root = weights[o].sqrt()
         expected = torch.linalg.lstsq((right * root).T, target[o] * root).solution
         assert torch.allclose(solved[o], expected, atol=1e-10)
+
+
+def brute_force_rows(target, weights, right):
+    """Each row's weighted least squares, by scaling its equations with sqrt(weight) and calling lstsq."""
+    rows = []
+    for o in range(target.shape[0]):
+        root = weights[o].sqrt()
+        rows.append(torch.linalg.lstsq((right * root).T, target[o] * root).solution)
+    return torch.stack(rows)
+
+
+def test_row_solve_in_chunks_matches_brute_force(monkeypatch):
+    import hf_fwsvd.refine as refine
+
+    generator = torch.Generator().manual_seed(4)
+    target = torch.randn(23, 17, generator=generator, dtype=torch.float64)
+    weights = torch.rand(23, 17, generator=generator, dtype=torch.float64)
+    right = torch.randn(5, 17, generator=generator, dtype=torch.float64)
+    monkeypatch.setattr(refine, "_CHUNK_ELEMENTS", 2 * 5 * 5)  # two rows per chunk, twelve chunks
+    solved = refine._solve_rows(target, weights, right, ridge=0.0)
+    assert torch.allclose(solved, brute_force_rows(target, weights, right), atol=1e-10)
+
+
+def test_rows_whose_cholesky_fails_fall_back_to_lu(monkeypatch):
+    import hf_fwsvd.refine as refine
+
+    generator = torch.Generator().manual_seed(5)
+    target = torch.randn(6, 11, generator=generator, dtype=torch.float64)
+    weights = torch.rand(6, 11, generator=generator, dtype=torch.float64)
+    right = torch.randn(3, 11, generator=generator, dtype=torch.float64)
+    cholesky_ex = torch.linalg.cholesky_ex
+
+    def failing_rows_1_and_4(system, upper=False):
+        factor, info = cholesky_ex(system, upper=upper)
+        factor = factor.clone()
+        factor[[1, 4]] = float("nan")  # a failed factorisation leaves nothing usable
+        info = info.clone()
+        info[[1, 4]] = 2
+        return factor, info
+
+    monkeypatch.setattr(refine.torch.linalg, "cholesky_ex", failing_rows_1_and_4)
+    solved = refine._solve_rows(target, weights, right, ridge=0.0)
+    assert torch.allclose(solved, brute_force_rows(target, weights, right), atol=1e-10)

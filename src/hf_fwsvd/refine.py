@@ -52,20 +52,43 @@ def weighted_objective(weight: torch.Tensor, weights: torch.Tensor, factors: Low
         return float((weights.detach().to(torch.float64) * residual.square()).sum())
 
 
-def _solve_rows(target: torch.Tensor, weights: torch.Tensor, right: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Rows ``a_o`` minimising ``sum_i weights_oi (target_oi - a_o . right[:, i])^2`` (``right`` is ``r x in``)."""
-    rows, inner = target.shape
+def _upper_weighted_grams(weights: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Upper triangles of ``right diag(weights[o]) right^T`` for every row ``o``, in float64 (zeros below).
+
+    Row ``j`` of every Gram, from the diagonal on, is ``weights @ (right[j] * right[j:])^T``: one matrix product for
+    all rows of `weights` at once, and half the work of the full Grams, which are symmetric.
+    """
     rank = right.shape[0]
-    chunk = max(1, _CHUNK_ELEMENTS // max(rank * max(inner, rank), 1))
-    identity = torch.eye(rank, dtype=torch.float64, device=target.device)
+    columns = right.T.contiguous()  # in x r
+    grams = torch.zeros(weights.shape[0], rank, rank, dtype=torch.float64, device=right.device)
+    for j in range(rank):
+        grams[:, j, j:] = weights @ (columns[:, j:] * columns[:, j : j + 1])
+    return grams
+
+
+def _solve_rows(target: torch.Tensor, weights: torch.Tensor, right: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Rows ``a_o`` minimising ``sum_i weights_oi (target_oi - a_o . right[:, i])^2`` (``right`` is ``r x in``).
+
+    Each row's ``r x r`` normal equations, plus a ridge relative to the mean of their diagonal, are solved by
+    Cholesky in float64; a row whose system is not numerically positive definite falls back to an LU solve.
+    """
+    rows = target.shape[0]
+    rank = right.shape[0]
+    chunk = max(1, _CHUNK_ELEMENTS // max(rank * rank, 1))
     solved = []
     for start in range(0, rows, chunk):
         w = weights[start : start + chunk]  # c x in
-        scaled = right.unsqueeze(0) * w.unsqueeze(1)  # c x r x in
-        gram = (scaled @ right.T).to(torch.float64)  # c x r x r
-        rhs = (scaled @ target[start : start + chunk].unsqueeze(-1)).to(torch.float64)  # c x r x 1
-        scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None]
-        solved.append(torch.linalg.solve(gram + ridge * scale * identity, rhs).squeeze(-1).to(target.dtype))
+        system = _upper_weighted_grams(w, right)  # c x r x r, upper triangles
+        rhs = ((w * target[start : start + chunk]) @ right.T).to(torch.float64).unsqueeze(-1)  # c x r x 1
+        diagonal = system.diagonal(dim1=-2, dim2=-1)
+        diagonal.add_(ridge * diagonal.mean(-1, keepdim=True).clamp_min(1e-30))
+        factor, info = torch.linalg.cholesky_ex(system, upper=True)
+        chunk_solved = torch.cholesky_solve(rhs, factor, upper=True)
+        failed = info.nonzero().flatten()
+        if failed.numel():
+            upper = system[failed]
+            chunk_solved[failed] = torch.linalg.solve(upper + upper.triu(1).transpose(-2, -1), rhs[failed])
+        solved.append(chunk_solved.squeeze(-1).to(target.dtype))
     return torch.cat(solved)
 
 
