@@ -247,7 +247,8 @@ def main() -> None:
                 print(f"| {task} | {_fmt(dense)} | {ratio} | " + " | ".join(cells) + " |")
 
     finetune_table(rows, tasks, methods)
-    method_pair_tests(tasks, "tfwsvd", ["fwsvd", "whiten"])
+    for seed in sorted({r["seed"] for r in rows if r["method"] == "tfwsvd"}):
+        method_pair_tests(tasks, "tfwsvd", ["fwsvd", "whiten"], seed)
 
     estimators = sorted({k[2] for k in by if k[2] not in ("", "empirical")})
     counts = sorted({k[3] for k in by if k[3] not in ("", "128")}, key=int)
