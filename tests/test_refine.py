@@ -93,6 +93,15 @@ def test_tfwsvd_compress_lowers_elementwise_error_against_fwsvd(sample_input, tm
         assert torch.allclose(model(**sample_input).logits, reloaded(**sample_input).logits, rtol=0, atol=1e-6)
 
 
+def brute_force_rows(target, weights, right):
+    """Each row's weighted least squares, by scaling its equations with sqrt(weight) and calling lstsq."""
+    rows = []
+    for o in range(target.shape[0]):
+        root = weights[o].sqrt()
+        rows.append(torch.linalg.lstsq((right * root).T, target[o] * root).solution)
+    return torch.stack(rows)
+
+
 def test_row_solve_matches_each_rows_weighted_least_squares():
     from hf_fwsvd.refine import _solve_rows
 
@@ -101,19 +110,7 @@ def test_row_solve_matches_each_rows_weighted_least_squares():
     weights = torch.rand(9, 12, generator=generator, dtype=torch.float64)
     right = torch.randn(4, 12, generator=generator, dtype=torch.float64)
     solved = _solve_rows(target, weights, right, ridge=0.0)
-    for o in range(9):  # brute force: scale row o's equations by sqrt(weight) and solve by lstsq
-        root = weights[o].sqrt()
-        expected = torch.linalg.lstsq((right * root).T, target[o] * root).solution
-        assert torch.allclose(solved[o], expected, atol=1e-10)
-
-
-def brute_force_rows(target, weights, right):
-    """Each row's weighted least squares, by scaling its equations with sqrt(weight) and calling lstsq."""
-    rows = []
-    for o in range(target.shape[0]):
-        root = weights[o].sqrt()
-        rows.append(torch.linalg.lstsq((right * root).T, target[o] * root).solution)
-    return torch.stack(rows)
+    assert torch.allclose(solved, brute_force_rows(target, weights, right), atol=1e-10)
 
 
 def test_row_solve_in_chunks_matches_brute_force(monkeypatch):
