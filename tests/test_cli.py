@@ -273,7 +273,8 @@ ARGUMENT_ERRORS = {
     "sweep-bad-method": (
         S + " --ratios 0.2 --methods fwsvd,qr",
         2,
-        "--methods accepts fwsvd, svd, tfwsvd, whiten, asvd, fisher_whiten, svdllm, fisher_svdllm, whiten_v2; got qr",
+        "--methods accepts fwsvd, svd, tfwsvd, whiten, asvd, fisher_whiten, svdllm, fisher_svdllm, whiten_v2, "
+        "kfac_whiten; got qr",
     ),
     "no-command": ("", 2, "the following arguments are required: COMMAND"),
 }

@@ -24,7 +24,18 @@ from hf_fwsvd.cli import main
 from hf_fwsvd.methods import CompressionMethod, available_methods, get_method, register_method, unregister_method
 from hf_fwsvd.model_card import build_model_card
 
-BUILT_INS = ("fwsvd", "svd", "tfwsvd", "whiten", "asvd", "fisher_whiten", "svdllm", "fisher_svdllm", "whiten_v2")
+BUILT_INS = (
+    "fwsvd",
+    "svd",
+    "tfwsvd",
+    "whiten",
+    "asvd",
+    "fisher_whiten",
+    "svdllm",
+    "fisher_svdllm",
+    "whiten_v2",
+    "kfac_whiten",
+)
 
 
 class ConstantImportance(CompressionMethod):

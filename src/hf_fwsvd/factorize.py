@@ -46,9 +46,11 @@ __all__ = [
     "input_weighting",
     "left_singular_basis",
     "low_rank_params",
+    "output_basis",
     "relative_errors",
     "representable_factors",
     "validate_importance",
+    "weighted_matrix",
 ]
 
 DEFAULT_IMPORTANCE_FLOOR = 0.0
@@ -217,6 +219,13 @@ def apply_weighting(weight: torch.Tensor, weighting: torch.Tensor | None) -> tor
     return weight * weighting if weighting.ndim == 1 else weight @ weighting
 
 
+def weighted_matrix(weight: torch.Tensor, importance: torch.Tensor | None, floor: float) -> torch.Tensor:
+    """``W M`` in float32 for the importance's weighting (the matrix whose singular values rank the directions)."""
+    dense = weight.detach().to(torch.float32)
+    weighting = input_weighting(importance.to(dense.device) if importance is not None else None, floor)
+    return apply_weighting(dense, weighting)
+
+
 def _column_factors(dense: torch.Tensor, importance: torch.Tensor, floor: float) -> torch.Tensor | None:
     """float32 column factors proportional to ``sqrt(I / max I)`` for the SVD, or `None` for uniform importances.
 
@@ -235,7 +244,7 @@ def _column_factors(dense: torch.Tensor, importance: torch.Tensor, floor: float)
     return roots.clamp(max=torch.finfo(torch.float32).max).to(torch.float32)
 
 
-def _output_basis(dense: torch.Tensor, scaling: torch.Tensor | None, rank: int, solver: str = "full") -> torch.Tensor:
+def output_basis(dense: torch.Tensor, scaling: torch.Tensor | None, rank: int, solver: str = "full") -> torch.Tensor:
     """Orthonormal ``out x rank`` basis: the top left singular vectors of ``W M`` (``M = diag(d)`` for a vector
     scaling, a matrix factor otherwise), completed from the plain SVD of the rest of ``W`` when ``W M`` has fewer than
     `rank` (numerically) non-zero singular values. `solver` is ``"full"`` or ``"randomized"``."""
@@ -350,7 +359,7 @@ def factorize(
             scaling = _column_factors(dense, importance, floor)
         else:
             scaling = input_weighting(importance.to(dense.device), floor)
-        up = _output_basis(dense, scaling, rank, solver).contiguous()
+        up = output_basis(dense, scaling, rank, solver).contiguous()
         down = up.T @ dense
     return LowRankFactors(down=down, up=up)
 

@@ -23,7 +23,7 @@ from .allocation import ModuleCost, allocate_ranks, direction_scores
 from .calibration import calibration_loader_from_config
 from .defaults import resolve_defaults
 from .factor_storage import INT8_STORAGE, factor_element_bytes, quantize_factors, storage_bytes
-from .factorize import LowRankFactors, apply_weighting, input_weighting, low_rank_params, relative_errors
+from .factorize import LowRankFactors, low_rank_params, relative_errors, weighted_matrix
 from .layers import LowRankLinear, dense_weight
 from .methods import CompressionMethod, check_statistics, collect_statistics, get_method
 from .payoff import low_rank_pays_off
@@ -54,13 +54,6 @@ def fisher_mass(weight: torch.Tensor, importance: torch.Tensor) -> float:
     """``sum_oi F_i W_oi^2``: the diagonal-Fisher estimate of the loss increase if the module were zeroed."""
     dense = weight.detach().to(torch.float32)
     return float((dense.square().sum(0) * importance.to(torch.float32).to(dense.device)).sum())
-
-
-def weighted_matrix(weight: torch.Tensor, importance: torch.Tensor | None, floor: float) -> torch.Tensor:
-    """``W M`` for the importance's weighting (the matrix whose singular values rank the directions)."""
-    dense = weight.detach().to(torch.float32)
-    weighting = input_weighting(importance.to(dense.device) if importance is not None else None, floor)
-    return apply_weighting(dense, weighting)
 
 
 def budget_costs(
@@ -119,9 +112,8 @@ def budget_ranks(
     method = get_method(config.method)
     scores = {}
     for name, weight in weights:
-        importance = method.importance(name, stats)
         mass = fisher_mass(weight, stats["row_fisher"][name]) ** config.allocation_power
-        scores[name] = direction_scores(weighted_matrix(weight, importance, config.importance_floor), mass)
+        scores[name] = direction_scores(method.weighted_matrix(name, weight, stats, config), mass)
     allocation = allocate_ranks(shapes, scores, config.param_budget, budget_costs(shapes, config, dtypes))
     return {name: round_rank(rank, config.rank_multiple) for name, rank in allocation.ranks.items()}, allocation.dense
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..factorize import LowRankFactors, factorize
+from ..factorize import LowRankFactors, factorize, weighted_matrix
 
 __all__ = ["CompressionMethod"]
 
@@ -59,6 +59,20 @@ class CompressionMethod:
             stats (`Mapping`): Statistic name -> module name -> fp32 tensor (the statistics in `statistics`).
         """
         return None
+
+    def weighted_matrix(
+        self, name: str, weight: torch.Tensor, stats: Mapping[str, Mapping[str, torch.Tensor]], config: Any
+    ) -> torch.Tensor:
+        """The float32 matrix whose squared singular values score the directions `factorize` keeps or drops (the
+        global rank allocation reads it); by default ``W M`` for the weighting `importance` returns.
+
+        Args:
+            name (`str`): Module name.
+            weight (`torch.Tensor`): The dense weight (``out x in``).
+            stats (`Mapping`): Statistic name -> module name -> fp32 tensor.
+            config ([`FWSVDConfig`]): The run's config (`importance_floor`).
+        """
+        return weighted_matrix(weight, self.importance(name, stats), config.importance_floor)
 
     def factorize(
         self,

@@ -6,7 +6,9 @@ a mean over tokens), and each is divided by the number of calibration examples `
 
 - ``row_fisher``: ``F_i = 1/N sum_n sum_o (dL_n/dW_oi)^2``, one value per input feature (FWSVD's importance);
 - ``elementwise_fisher``: ``I_oi = 1/N sum_n (dL_n/dW_oi)^2`` (``out x in``: a second copy of the weight);
-- ``gradient_second_moment``: ``C = 1/N sum_n sum_t |g_nt|^2 x_nt x_nt^T`` (``in x in``).
+- ``gradient_second_moment``: ``C = 1/N sum_n sum_t |g_nt|^2 x_nt x_nt^T`` (``in x in``);
+- ``output_gradient_second_moment``: ``G = 1/N sum_n sum_t g_nt g_nt^T`` (``out x out``, the output factor of a
+  Kronecker-factored Fisher).
 
 With the ``"batch"`` Fisher estimator the two Fisher statistics square the gradient of the batch-mean loss instead,
 ``B_b (dL_b/dW)^2`` per batch (divided by ``N``: the mean over batches of equal size), as common FWSVD code does; the
@@ -32,6 +34,7 @@ __all__ = [
     "ActivationSecondMoment",
     "ElementwiseFisher",
     "GradientSecondMoment",
+    "OutputGradientSecondMoment",
     "RowFisher",
 ]
 
@@ -113,6 +116,20 @@ class GradientSecondMoment(Statistic):
     def accumulate(self, observation: Observation) -> torch.Tensor:
         weighted = _rows(observation.inputs) * _rows(observation.grads).norm(dim=-1, keepdim=True)
         return weighted.T @ weighted * (observation.batch * observation.batch)
+
+
+@register_statistic
+class OutputGradientSecondMoment(Statistic):
+    name = "output_gradient_second_moment"
+    summary = "output-gradient second moment sum_t g_t g_t^T, out x out"
+    needs_backward = True
+
+    def shape(self, out_features: int, in_features: int) -> tuple[int, ...]:
+        return (out_features, out_features)
+
+    def accumulate(self, observation: Observation) -> torch.Tensor:
+        grads = _rows(observation.grads)
+        return grads.T @ grads * (observation.batch * observation.batch)
 
 
 @register_statistic
