@@ -35,7 +35,7 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the process's peak resident memory sampled every 20 ms during that compression.
 
 Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense][+c128|+mix]
-[+lora|+lora64|+lora128|+lora256|+lora512][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+seed<k>][+int8]``:
+[+lora|+lora64|+lora128|+lora256|+lora512][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+seed<k>][+int8][+true]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
 update of the `up` factors (`hf_fwsvd.lstsq_update`; ``+update_both`` refits both factors, ``+update_dense`` fits the
@@ -71,6 +71,10 @@ weight-only int8 on `down` / `up` after a ``sqrt(S)`` split), saved with ``save_
 (the causal-LM default) runs.
 ``whiten_v2`` is ``whiten``'s objective truncated by SVD-LLM V2's two SVDs instead of a Cholesky factor
 (`hf_fwsvd.two_svd`); ``whiten_v2+alloc1+update`` is the side-by-side of ``whiten+alloc1+update``.
+``+true`` collects the backward statistics (the allocation's row Fisher, the gradient-weighted moments) with the true
+Fisher (``fisher_estimator="true"``: each next token drawn from the model's own prediction, seeded) instead of the
+calibration text's next tokens. ``kfac_whiten`` weighs the output side too (`hf_fwsvd.kronecker`; its damping is
+screened by ``benchmarks/kfac_screen.py``).
 
 Run from the repository root: ``PYTHONPATH=src python benchmarks/causal_lm.py --budgets 0.8 0.6`` (rows append to
 ``benchmarks/results/causal_lm.csv``, or the file given with ``--csv``; a rerun skips rows already there with a
@@ -136,7 +140,7 @@ XL_TRAIN_CHUNKS, XXL_TRAIN_CHUNKS, XXXL_TRAIN_CHUNKS = 256, 512, 1024
 EXTRA_PLAY = "hamlet"  # ppl_extra: a genre in no calibration set
 FLAGS = (
     "alloc", "alloc1", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8",
-    "bytes", "int8bytes", "mix", "kd", "lora128", "ep4", "ep1", "lora256", "lora512",
+    "bytes", "int8bytes", "mix", "kd", "lora128", "ep4", "ep1", "lora256", "lora512", "true",
 )  # fmt: skip
 # update flag -> `sequential_update` options
 # LoRA flag -> the fine-tune chunks it reads (2 epochs, batch 4: 16 / 64 / 128 / 256 / 512 steps)
@@ -454,16 +458,18 @@ class StatisticsStore:
         self.memory: dict[tuple[str, str], dict] = {}
         self.tokens: dict[str, dict[str, int]] = {}
 
-    def key(self, chunks: list[dict]) -> str:
+    def key(self, chunks: list[dict], estimator: str = "empirical") -> str:
         material = json.dumps({"model": self.model_name, "chunks": [c["input_ids"] for c in chunks], "batch_size": 4,
-                               "max_length": CHUNK_TOKENS, "fisher_estimator": "empirical"})  # fmt: skip
+                               "max_length": CHUNK_TOKENS, "fisher_estimator": estimator})  # fmt: skip
         return hashlib.sha256(material.encode()).hexdigest()[:16]
 
-    def get(self, chunks: list[dict], names: list[str]) -> tuple[Statistics, float]:
-        """`names` on `chunks` (collected in one pass for those not in memory or the cache) and the seconds spent."""
+    def get(self, chunks: list[dict], names: list[str], estimator: str = "empirical") -> tuple[Statistics, float]:
+        """`names` on `chunks` (collected in one pass for those not in memory or the cache) and the seconds spent;
+        backward statistics with the Fisher `estimator` (`"true"`: labels drawn from the model, see
+        `hf_fwsvd.statistics.sampled_label_loss`)."""
         from hf_fwsvd.statistics.cache import load_statistics_cache, save_statistics_cache
 
-        key = self.key(chunks)
+        key = self.key(chunks, estimator)
         missing = []
         for name in names:
             if (key, name) in self.memory:
@@ -482,7 +488,7 @@ class StatisticsStore:
             started = time.perf_counter()
             loader = build_calibration_loader(chunks, self.tokenizer, self.dense, batch_size=4,
                                               max_length=CHUNK_TOKENS, num_samples=None)  # fmt: skip
-            fresh = collect(self.dense, loader, self.targets, missing, show_progress=False)
+            fresh = collect(self.dense, loader, self.targets, missing, show_progress=False, fisher_estimator=estimator)
             seconds = time.perf_counter() - started
             logger.info("statistics %s (%d chunks) collected in %.0f s", missing, len(chunks), seconds)
             if fresh.tokens:
@@ -511,22 +517,33 @@ def statistics_plan(spec: dict, budget: float) -> tuple[list[str], list[str]]:
 
 def prefetch(store: StatisticsStore, settings: list[str], budgets: list[float], data: dict) -> float:
     """Collect every statistic the runs need up front, one pass per calibration set; the seconds spent."""
-    needed: dict[str, tuple[list[dict], list[str]]] = {}  # calibration set -> (its chunks, statistic names)
+    # (calibration set, Fisher estimator) -> (its chunks, statistic names)
+    needed: dict[tuple[str, str], tuple[list[dict], list[str]]] = {}
     for setting in settings:
         spec = parse_setting(setting)
         chosen = setting_data(spec, data)
+        estimator = fisher_estimator(spec)
         small_set, large_set = ("mix" if spec["mix"] else "calibration"), "calibration_large"
         for budget in budgets:
             first, second = statistics_plan(spec, budget)
-            needed.setdefault(small_set, (chosen["calibration"], []))[1].extend(first)
-            needed.setdefault(large_set, (chosen["calibration_large"], []))[1].extend(second)
-    return sum(store.get(chunks, list(dict.fromkeys(names)))[1] for chunks, names in needed.values() if names)
+            needed.setdefault((small_set, estimator), (chosen["calibration"], []))[1].extend(first)
+            needed.setdefault((large_set, "empirical"), (chosen["calibration_large"], []))[1].extend(second)
+    return sum(
+        store.get(chunks, list(dict.fromkeys(names)), estimator)[1]
+        for (_, estimator), (chunks, names) in needed.items()
+        if names
+    )
+
+
+def fisher_estimator(spec: dict) -> str:
+    """The Fisher estimator of a setting's backward statistics: `"true"` with ``+true``, else `"empirical"`."""
+    return "true" if spec["true"] else "empirical"
 
 
 def setting_statistics(store: StatisticsStore, spec: dict, budget: float, data: dict) -> tuple[Statistics, float]:
     """A setting's statistics: backward ones from the 32 calibration chunks, forward ones from its calibration set."""
     backward, forward = statistics_plan(spec, budget)
-    small, seconds = store.get(data["calibration"], backward)
+    small, seconds = store.get(data["calibration"], backward, fisher_estimator(spec))
     if not forward:
         return small, seconds
     large, more = store.get(data["calibration_large"], forward)

@@ -18,6 +18,7 @@ from benchmarks.causal_lm import (
     MIX_MOBY_CHAPTERS,
     MOBY_CHAPTERS,
     SHORT_LORA_EPOCHS,
+    StatisticsStore,
     _cells,
     chunk_ids,
     genre_mix,
@@ -26,6 +27,7 @@ from benchmarks.causal_lm import (
     lora_recover,
     mix_texts,
     parse_setting,
+    prefetch,
     setting_data,
 )
 
@@ -258,3 +260,29 @@ def test_mix_fine_tune_chunks_stay_off_calibration_dev_and_evaluation_text(monke
 def test_mix_names_the_short_pool_when_the_news_runs_out(monkeypatch):
     with pytest.raises(ValueError, match=r"^Genre 2 has 169 chunks, the mix needs 170\.$"):
         _fake_mix(monkeypatch, oanc_chunks=59)
+
+
+class RecordingStore:
+    """Stands in for `StatisticsStore.get`: records which chunks, statistics and estimator each call asks for."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[str, ...], str]] = []
+
+    def get(self, chunks, names, estimator="empirical"):
+        self.calls.append((chunks[0]["input_ids"][0], tuple(names), estimator))
+        return {}, 1.0
+
+
+def test_true_flag_collects_the_backward_statistics_with_the_true_fisher_only():
+    data = {"calibration": _pool("c", 2), "calibration_large": _pool("L", 2)}
+    store = RecordingStore()
+    seconds = prefetch(store, ["fisher_whiten+alloc1", "fisher_whiten+alloc1+true", "whiten+c128"], [0.8], data)
+    assert seconds == 3.0
+    assert store.calls == [
+        ("c0", ("gradient_second_moment", "row_fisher"), "empirical"),
+        ("L0", ("activation_second_moment",), "empirical"),
+        ("c0", ("gradient_second_moment", "row_fisher"), "true"),
+    ]
+    keys = StatisticsStore.__new__(StatisticsStore)
+    keys.model_name = "m"
+    assert keys.key(_pool("c", 2), "true") != keys.key(_pool("c", 2)) == keys.key(_pool("c", 2), "empirical")
