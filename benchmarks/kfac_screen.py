@@ -6,8 +6,9 @@ output side the output-gradient moment ``G`` normalised to a largest diagonal en
 identity, and the closer the method is to `fisher_whiten`. This script runs `benchmarks.causal_lm` with either change:
 
 * ``--output-damping D``: the damping of ``G``, instead of the library's 1e-6;
-* ``--one-sided-allocation``: the global allocation scores each module with `fisher_whiten`'s one-sided spectrum
-  (``W M``), while the factorisation stays two-sided; this separates what the allocation and the truncation do.
+* ``--two-sided-allocation``: the global allocation scores each module by the two-sided spectrum (the singular values
+  of ``L^T W M``, `hf_fwsvd.kronecker.kronecker_weighted_matrix`) instead of the library's one-sided ``W M``; this
+  separates what the allocation and the truncation do.
 
 Everything else (calibration, evaluation, CSV) is `benchmarks.causal_lm`'s; the remaining arguments go to it, e.g.
 ``PYTHONPATH=src:. python benchmarks/kfac_screen.py --output-damping 0.1 -- --csv /tmp/screen.csv
@@ -21,45 +22,59 @@ import contextlib
 from collections.abc import Iterator
 
 import hf_fwsvd.kronecker as kronecker
-from hf_fwsvd.methods.base import CompressionMethod
 from hf_fwsvd.methods.kfac_whiten import KroneckerFisherWhitening
+
+
+def _two_sided_matrix(self, name: str, weight, stats, config):
+    """``L^T W M`` of module `name`: the spectrum the two-sided objective drops (the allocation's scores)."""
+    return kronecker.kronecker_weighted_matrix(
+        weight,
+        self.importance(name, stats),
+        stats["output_gradient_second_moment"][name],
+        floor=config.importance_floor,
+        name=name,
+    )
 
 
 @contextlib.contextmanager
 def kfac_variant(
-    output_damping: float = kronecker.OUTPUT_DAMPING, one_sided_allocation: bool = False
+    output_damping: float = kronecker.OUTPUT_DAMPING, two_sided_allocation: bool = False
 ) -> Iterator[None]:
-    """Inside the block, `kfac_whiten` damps ``G`` by `output_damping` and, with `one_sided_allocation`, is allocated
-    by the one-sided spectrum; restored on exit.
+    """Inside the block, `kfac_whiten` damps ``G`` by `output_damping` and, with `two_sided_allocation`, is allocated
+    by the two-sided spectrum; restored on exit.
 
     Args:
         output_damping (`float`, *optional*): Damping of the normalised output-gradient moment (positive).
-        one_sided_allocation (`bool`, *optional*, defaults to `False`): Score the allocation by ``W M`` only.
+        two_sided_allocation (`bool`, *optional*, defaults to `False`): Score the allocation by ``L^T W M``.
     """
     if not output_damping > 0:
         raise ValueError(f"`output_damping` must be positive, got {output_damping}.")
     saved_damping = kronecker.OUTPUT_DAMPING
+    overridden = "weighted_matrix" in vars(KroneckerFisherWhitening)
     saved_matrix = KroneckerFisherWhitening.weighted_matrix
     kronecker.OUTPUT_DAMPING = output_damping
-    if one_sided_allocation:
-        KroneckerFisherWhitening.weighted_matrix = CompressionMethod.weighted_matrix
+    if two_sided_allocation:
+        KroneckerFisherWhitening.weighted_matrix = _two_sided_matrix
     try:
         yield
     finally:
         kronecker.OUTPUT_DAMPING = saved_damping
-        KroneckerFisherWhitening.weighted_matrix = saved_matrix
+        if overridden:
+            KroneckerFisherWhitening.weighted_matrix = saved_matrix
+        elif "weighted_matrix" in vars(KroneckerFisherWhitening):
+            del KroneckerFisherWhitening.weighted_matrix
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-damping", type=float, default=kronecker.OUTPUT_DAMPING)
-    parser.add_argument("--one-sided-allocation", action="store_true")
+    parser.add_argument("--two-sided-allocation", action="store_true")
     parser.add_argument("causal_lm_args", nargs=argparse.REMAINDER, help="after `--`: benchmarks/causal_lm.py's")
     args = parser.parse_args(argv)
     from benchmarks.causal_lm import main as causal_lm_main
 
     rest = args.causal_lm_args[1:] if args.causal_lm_args[:1] == ["--"] else args.causal_lm_args
-    with kfac_variant(args.output_damping, args.one_sided_allocation):
+    with kfac_variant(args.output_damping, args.two_sided_allocation):
         causal_lm_main(rest)
 
 

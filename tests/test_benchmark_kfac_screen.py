@@ -7,8 +7,11 @@ import torch
 
 import hf_fwsvd.kronecker as kronecker
 from benchmarks.kfac_screen import kfac_variant
+from hf_fwsvd import FWSVDConfig
 from hf_fwsvd.factorize import factorize
 from hf_fwsvd.methods import get_method
+from hf_fwsvd.pipeline import budget_ranks
+from hf_fwsvd.statistics import Statistics
 
 
 class Config:
@@ -34,16 +37,42 @@ def test_large_damping_approaches_fisher_whiten_and_is_restored_after_an_error()
     assert torch.equal(kronecker.kronecker_factorize(weight, 2, input_moment, output_moment).product(), default)
 
 
-def test_one_sided_allocation_scores_w_m_only():
+def test_two_sided_allocation_scores_l_w_m_and_is_undone():
     method = get_method("kfac_whiten")
     weight = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
     stats = {"gradient_second_moment": {"m": moment(4, 3)}, "output_gradient_second_moment": {"m": moment(6, 4)}}
-    two_sided = method.weighted_matrix("m", weight, stats, Config())
-    with kfac_variant(one_sided_allocation=True):
-        one_sided = method.weighted_matrix("m", weight, stats, Config())
-        assert torch.equal(one_sided, get_method("fisher_whiten").weighted_matrix("m", weight, stats, Config()))
+    one_sided = method.weighted_matrix("m", weight, stats, Config())
+    with kfac_variant(two_sided_allocation=True):
+        two_sided = method.weighted_matrix("m", weight, stats, Config())
+        expected = kronecker.kronecker_weighted_matrix(
+            weight, stats["gradient_second_moment"]["m"], stats["output_gradient_second_moment"]["m"]
+        )
+        assert torch.equal(two_sided, expected)
     assert not torch.allclose(one_sided, two_sided)
-    assert torch.equal(method.weighted_matrix("m", weight, stats, Config()), two_sided)
+    assert "weighted_matrix" not in vars(type(method))
+    assert torch.equal(method.weighted_matrix("m", weight, stats, Config()), one_sided)
+
+
+def test_global_allocation_reads_the_method_spectrum():
+    """`budget_ranks` scores the method's `weighted_matrix`: with the two-sided spectrum, a module whose output
+    gradients live in one direction gets fewer directions than one with isotropic output gradients; with the library's
+    one-sided spectrum the two identical modules get the same rank."""
+    weight = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(12)))[0]
+    stats = Statistics(
+        {
+            "row_fisher": {"a": torch.ones(16), "b": torch.ones(16)},
+            "gradient_second_moment": {"a": torch.eye(16), "b": torch.eye(16)},
+            "output_gradient_second_moment": {"a": torch.diag(torch.tensor([1.0] + [1e-4] * 15)), "b": torch.eye(16)},
+        }
+    )
+    shapes = {"a": (16, 16), "b": (16, 16)}
+    config = FWSVDConfig(method="kfac_whiten", param_budget=0.5, allocation_power=1.0)
+    weights = [("a", weight), ("b", weight)]
+    one_sided, dense = budget_ranks(weights, shapes, config, stats)
+    with kfac_variant(two_sided_allocation=True):
+        two_sided, _ = budget_ranks(weights, shapes, config, stats)
+    assert one_sided["a"] == one_sided["b"] and dense == []
+    assert two_sided["a"] < two_sided["b"]
 
 
 def test_bad_damping_is_refused():

@@ -6,13 +6,11 @@ import pytest
 import torch
 from conftest import calibration_data, tiny_gpt2
 
-from hf_fwsvd import FWSVDConfig
 from hf_fwsvd.calibration import build_calibration_loader
 from hf_fwsvd.factorize import factorize
 from hf_fwsvd.kronecker import OUTPUT_DAMPING, kronecker_factorize, kronecker_weighted_matrix, output_weighting
 from hf_fwsvd.methods import get_method
-from hf_fwsvd.pipeline import budget_ranks
-from hf_fwsvd.statistics import Statistics, collect
+from hf_fwsvd.statistics import collect
 
 
 def random_moment(size: int, samples: int, seed: int) -> torch.Tensor:
@@ -124,7 +122,7 @@ def test_output_gradient_moment_matches_brute_force_on_sequences():
         )
 
 
-def test_method_scores_and_factorises_two_sided():
+def test_method_factorises_two_sided_and_allocates_like_fisher_whiten():
     method = get_method("kfac_whiten")
     weight = torch.randn(6, 5, generator=torch.Generator().manual_seed(9))
     stats = {
@@ -139,30 +137,6 @@ def test_method_scores_and_factorises_two_sided():
         weight, 2, stats["gradient_second_moment"]["m"], stats["output_gradient_second_moment"]["m"]
     )
     assert torch.equal(method.factorize(weight, 2, "m", stats, Config()).product(), expected.product())
-    expected_matrix = kronecker_weighted_matrix(
-        weight, stats["gradient_second_moment"]["m"], stats["output_gradient_second_moment"]["m"]
-    )
-    assert torch.equal(method.weighted_matrix("m", weight, stats, Config()), expected_matrix)
+    one_sided = get_method("fisher_whiten").weighted_matrix("m", weight, stats, Config())
+    assert torch.equal(method.weighted_matrix("m", weight, stats, Config()), one_sided)
     assert method.statistics == ("gradient_second_moment", "output_gradient_second_moment")
-
-
-def test_global_allocation_scores_the_two_sided_spectrum():
-    """`budget_ranks` reads the method's `weighted_matrix`: with the same weights and input moments, a module whose
-    output gradients live in one direction gets fewer directions than one with isotropic output gradients."""
-    weight = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(12)))[0]
-    concentrated = torch.diag(torch.tensor([1.0] + [1e-4] * 15))
-    stats = Statistics(
-        {
-            "row_fisher": {"a": torch.ones(16), "b": torch.ones(16)},
-            "gradient_second_moment": {"a": torch.eye(16), "b": torch.eye(16)},
-            "output_gradient_second_moment": {"a": concentrated, "b": torch.eye(16)},
-        }
-    )
-    shapes = {"a": (16, 16), "b": (16, 16)}
-    config = FWSVDConfig(method="kfac_whiten", param_budget=0.5, allocation_power=1.0)
-    ranks, dense = budget_ranks([("a", weight), ("b", weight)], shapes, config, stats)
-    config_one_sided = FWSVDConfig(method="fisher_whiten", param_budget=0.5, allocation_power=1.0)
-    one_sided, _ = budget_ranks([("a", weight), ("b", weight)], shapes, config_one_sided, stats)
-    assert ranks["a"] < ranks["b"]
-    assert one_sided["a"] == one_sided["b"]
-    assert dense == []

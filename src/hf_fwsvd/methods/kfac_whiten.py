@@ -5,6 +5,11 @@ same for every output direction. Here the output side is weighted too, by the gr
 ``G = E[g g^T]``, so the output directions the loss is sensitive to are kept first: the objective is
 ``tr(G (W - W') C (W - W')^T)`` with ``C = E[|g|^2 x x^T]`` (see `hf_fwsvd.kronecker`). With ``G`` proportional to
 the identity it is exactly `fisher_whiten`.
+
+The global allocation scores each module by `fisher_whiten`'s one-sided spectrum (the inherited `weighted_matrix`),
+not by the two-sided one: on SmolLM2 the two-sided spectrum moved the budget so badly that perplexity rose by half
+(`benchmarks/kfac_screen.py --two-sided-allocation`, benchmarks/README.md), while the two-sided truncation under the
+one-sided allocation was the best setting measured without fine-tuning.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 import torch
 
 from ..factorize import LowRankFactors
-from ..kronecker import kronecker_factorize, kronecker_weighted_matrix
+from ..kronecker import kronecker_factorize
 from .base import CompressionMethod
 from .registry import register_method
 
@@ -41,17 +46,6 @@ class KroneckerFisherWhitening(CompressionMethod):
 
     def importance(self, name: str, stats: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.Tensor:
         return stats["gradient_second_moment"][name]
-
-    def weighted_matrix(
-        self, name: str, weight: torch.Tensor, stats: Mapping[str, Mapping[str, torch.Tensor]], config: Any
-    ) -> torch.Tensor:
-        return kronecker_weighted_matrix(
-            weight,
-            self.importance(name, stats),
-            stats["output_gradient_second_moment"][name],
-            floor=config.importance_floor,
-            name=name,
-        )
 
     def factorize(
         self,
