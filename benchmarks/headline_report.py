@@ -125,7 +125,7 @@ def main() -> None:
     for r in rows:
         by[(r["task"], r["method"], r["estimator"], r["num_samples"], r["ratio"], r["stage"], r["int8"])].append(r)
     ratios = sorted({r["ratio"] for r in rows if r["method"] != "dense"}, key=float)
-    methods = [m for m in ("svd", "fwsvd", "tfwsvd", "whiten") if any(r["method"] == m for r in rows)]
+    methods = [m for m in ("svd", "fwsvd", "tfwsvd", "whiten", "kfac_whiten") if any(r["method"] == m for r in rows)]
 
     def cell(task, method, ratio, stage="none", estimator=None, num_samples=None, int8="0"):
         estimator = estimator if estimator is not None else ("" if method == "svd" else "empirical")
@@ -249,6 +249,8 @@ def main() -> None:
     finetune_table(rows, tasks, methods)
     for seed in sorted({r["seed"] for r in rows if r["method"] == "tfwsvd"}):
         method_pair_tests(tasks, "tfwsvd", ["fwsvd", "whiten"], seed)
+    for seed in sorted({r["seed"] for r in rows if r["method"] == "kfac_whiten"}):
+        method_pair_tests(tasks, "kfac_whiten", ["whiten", "tfwsvd", "fwsvd"], seed)
 
     estimators = sorted({k[2] for k in by if k[2] not in ("", "empirical")})
     counts = sorted({k[3] for k in by if k[3] not in ("", "128")}, key=int)
@@ -495,7 +497,13 @@ def plot(rows: list[dict], tasks: list[str], methods: list[str]) -> None:
     if not tasks:
         return
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), dpi=100, squeeze=False)
-    colors = {"svd": "tab:red", "fwsvd": "tab:blue", "tfwsvd": "tab:purple", "whiten": "tab:green"}
+    colors = {
+        "svd": "tab:red",
+        "fwsvd": "tab:blue",
+        "tfwsvd": "tab:purple",
+        "whiten": "tab:green",
+        "kfac_whiten": "tab:pink",
+    }
     for ax, task in zip(axes[0], tasks, strict=True):
         sub = [r for r in rows if r["task"] == task and r["int8"] == "0" and r["stage"] == "none"]
         dense = [float(r["score"]) for r in sub if r["method"] == "dense"]

@@ -274,7 +274,7 @@ ARGUMENT_ERRORS = {
         S + " --ratios 0.2 --methods fwsvd,qr",
         2,
         "--methods accepts fwsvd, svd, tfwsvd, whiten, asvd, fisher_whiten, svdllm, fisher_svdllm, whiten_v2, "
-        "kfac_whiten; got qr",
+        "kfac_whiten, kfac_svdllm; got qr",
     ),
     "no-command": ("", 2, "the following arguments are required: COMMAND"),
 }

@@ -35,6 +35,7 @@ BUILT_INS = (
     "fisher_svdllm",
     "whiten_v2",
     "kfac_whiten",
+    "kfac_svdllm",
 )
 
 

@@ -190,7 +190,12 @@ def test_sequential_update_rejects_bad_options(kwargs, message):
     assert str(error.value) == message
 
 
-def test_fisher_svdllm_keeps_fisher_whitens_down_factors_and_never_raises_the_output_error(monkeypatch):
+@pytest.mark.parametrize(
+    ("updated", "truncation"), [("fisher_svdllm", "fisher_whiten"), ("kfac_svdllm", "kfac_whiten")]
+)
+def test_update_methods_keep_their_truncations_down_factors_and_never_raise_the_output_error(
+    monkeypatch, updated, truncation
+):
     from hf_fwsvd.methods import svdllm as svdllm_module
 
     reports = []
@@ -204,21 +209,19 @@ def test_fisher_svdllm_keeps_fisher_whitens_down_factors_and_never_raises_the_ou
     dense = tiny_llama()
     data = calibration_data("llama", 12)
     models = {}
-    for method in ("fisher_svdllm", "fisher_whiten"):
+    for method in (updated, truncation):
         config = FWSVDConfig(method=method, rank=2, calibration_dataset=data, batch_size=4)
         models[method] = compress(copy.deepcopy(dense), config, show_progress=False)
-    (report,) = reports  # only fisher_svdllm runs the update
-    low_rank = {n: m for n, m in models["fisher_svdllm"].named_modules() if isinstance(m, LowRankLinear)}
+    (report,) = reports  # only the update method runs it
+    low_rank = {n: m for n, m in models[updated].named_modules() if isinstance(m, LowRankLinear)}
     assert set(report.errors) == set(low_rank)
     for name, module in low_rank.items():
-        plain = models["fisher_whiten"].get_submodule(name)
-        assert torch.equal(module.down.weight, plain.down.weight), name  # the Fisher-chosen `down` is kept
+        plain = models[truncation].get_submodule(name)
+        assert torch.equal(module.down.weight, plain.down.weight), name  # the truncation's `down` is kept
         error_before, error_after = report.errors[name]
         assert error_after <= error_before, name  # the calibration reconstruction error never rises
     assert sum(after for _, after in report.errors.values()) < sum(b for b, _ in report.errors.values())
     changed = [
-        n
-        for n, m in low_rank.items()
-        if not torch.equal(m.up.weight, models["fisher_whiten"].get_submodule(n).up.weight)
+        n for n, m in low_rank.items() if not torch.equal(m.up.weight, models[truncation].get_submodule(n).up.weight)
     ]
     assert len(changed) >= len(low_rank) - len(report.rejected)

@@ -29,7 +29,7 @@ CONFIG_CASES = {
     "unknown-method": (
         {"method": "fisher"},
         "Unknown method 'fisher'; choose one of fwsvd, svd, tfwsvd, whiten, asvd, fisher_whiten, svdllm, "
-        "fisher_svdllm, whiten_v2, kfac_whiten.",
+        "fisher_svdllm, whiten_v2, kfac_whiten, kfac_svdllm.",
     ),
     "rank-pattern-string-value": (
         {"rank_pattern": {"query": "4"}},

@@ -18,6 +18,7 @@ method              weighting ``M M^T`` of ``||(W - A B) M||_F``     statistics
 ``whiten_v2``       ``E[x x^T]``, truncated by SVD-LLM V2's two SVDs  ``activation_second_moment`` (no labels)
 ``kfac_whiten``     ``E[|g|^2 x x^T]``, output side ``E[g g^T]``     ``gradient_second_moment`` and
                                                                      ``output_gradient_second_moment`` (labels)
+``kfac_svdllm``     as ``kfac_whiten``, then SVD-LLM's update        as ``kfac_whiten``
 ==================  ===============================================  ============================================
 """
 
@@ -26,7 +27,8 @@ from .base import CompressionMethod
 from .registry import available_methods, get_method, register_method, unregister_method
 
 # The built-ins, in the order the CLI and error messages list them.
-from . import fwsvd, svd, tfwsvd, whiten, asvd, fisher_whiten, svdllm, fisher_svdllm, whiten_v2, kfac_whiten  # noqa: E402, F401, I001  isort: skip
+from . import fwsvd, svd, tfwsvd, whiten, asvd, fisher_whiten, svdllm, fisher_svdllm, whiten_v2  # noqa: E402, F401, I001  isort: skip
+from . import kfac_whiten, kfac_svdllm  # noqa: E402, F401, I001  isort: skip
 from .calibrate import check_statistics, collect_statistics, known_statistics, required_statistics  # noqa: E402
 
 __all__ = [
