@@ -12,8 +12,8 @@ from hf_fwsvd.cli import main
 from hf_fwsvd.collapse import check_collapse
 
 TRY_CAUSAL = (
-    'Try `method="fisher_svdllm"` with `param_budget=` (global allocation, `allocation_power=1.0`), which is the '
-    "default for causal LMs when no method is given (CLI: `--method fisher_svdllm --param-budget 0.8 "
+    'Try `method="kfac_svdllm"` with `param_budget=` (global allocation, `allocation_power=1.0`), which is the '
+    "default for causal LMs when no method is given (CLI: `--method kfac_svdllm --param-budget 0.8 "
     "--allocation-power 1`), keep more weights, or run a recovery fine-tune (`hf_fwsvd.finetune(..., lora=True)`)."
 )
 
@@ -26,13 +26,14 @@ def test_perplexity_collapse_text():
 
 
 def test_perplexity_collapse_of_the_default_does_not_suggest_the_default_again():
-    assert check_collapse({"perplexity": 24.7}, {"perplexity": 91.25}, method="fisher_svdllm") == (
+    assert check_collapse({"perplexity": 24.7}, {"perplexity": 91.25}, method="kfac_svdllm") == (
         "Compression collapsed the model: perplexity 91.25 is 3.7x the dense model's 24.7 (the guard fires above 3x). "
-        "The method is already the causal-LM default (`fisher_svdllm`). Calibrate on more text of the kind the model "
+        "The method is already the causal-LM default (`kfac_svdllm`). Calibrate on more text of the kind the model "
         "will serve (thousands of tokens; CLI: `--num-samples`, `--max-length`), keep more weights, or run a recovery "
         "fine-tune (`hf_fwsvd.finetune(..., lora=True)`)."
     )
     assert check_collapse({"perplexity": 24.7}, {"perplexity": 91.25}, method="svd").endswith(TRY_CAUSAL)
+    assert check_collapse({"perplexity": 24.7}, {"perplexity": 91.25}, method="fisher_svdllm").endswith(TRY_CAUSAL)
 
 
 @pytest.mark.parametrize(

@@ -11,17 +11,17 @@ from hf_fwsvd import FWSVDConfig, compress
 from hf_fwsvd.defaults import UNIFORM_CAUSAL_WARNING, resolve_defaults
 
 
-def test_causal_lm_without_method_or_size_gets_fisher_svdllm_with_the_allocation():
+def test_causal_lm_without_method_or_size_gets_kfac_svdllm_with_the_allocation():
     config = resolve_defaults(tiny_llama(), FWSVDConfig().copy_for_run())
-    assert (config.method, config.rank_ratio, config.param_budget) == ("fisher_svdllm", None, 0.8)
+    assert (config.method, config.rank_ratio, config.param_budget) == ("kfac_svdllm", None, 0.8)
     assert (config.allocation, config.allocation_power) == ("fisher", 1.0)
 
 
 def test_causal_lm_without_method_keeps_an_explicit_size():
     config = resolve_defaults(tiny_llama(), FWSVDConfig(param_ratio=0.6).copy_for_run())
-    assert (config.method, config.param_ratio, config.param_budget) == ("fisher_svdllm", 0.6, None)
+    assert (config.method, config.param_ratio, config.param_budget) == ("kfac_svdllm", 0.6, None)
     config = resolve_defaults(tiny_llama(), FWSVDConfig(param_budget=0.7).copy_for_run())
-    assert (config.method, config.param_budget, config.allocation_power) == ("fisher_svdllm", 0.7, 1.0)
+    assert (config.method, config.param_budget, config.allocation_power) == ("kfac_svdllm", 0.7, 1.0)
 
 
 def test_other_models_without_method_get_the_papers_fwsvd():
@@ -56,13 +56,13 @@ def test_compress_saves_the_resolved_default(tmp_path):
     config = FWSVDConfig(calibration_dataset=calibration_data("llama", 8), batch_size=4)
     compress(model, config, show_progress=False)
     saved = model.config.quantization_config
-    assert (saved.method, saved.param_budget, saved.allocation_power) == ("fisher_svdllm", 0.8, 1.0)
+    assert (saved.method, saved.param_budget, saved.allocation_power) == ("kfac_svdllm", 0.8, 1.0)
     assert config.method is None and config.rank_ratio == 0.33  # the user's config is not modified
     model.save_pretrained(tmp_path / "out")
     reloaded = type(model).from_pretrained(tmp_path / "out")
-    assert reloaded.config.quantization_config.method == "fisher_svdllm"
+    assert reloaded.config.quantization_config.method == "kfac_svdllm"
 
 
-def test_block_by_block_causal_default_is_fisher_whiten():
+def test_block_by_block_causal_default_is_kfac_whiten():
     config = resolve_defaults(type(tiny_llama()), FWSVDConfig().copy_for_run(), in_memory=False)
-    assert (config.method, config.param_budget, config.allocation_power) == ("fisher_whiten", 0.8, 1.0)
+    assert (config.method, config.param_budget, config.allocation_power) == ("kfac_whiten", 0.8, 1.0)

@@ -24,8 +24,8 @@ GPT2_OFFLOAD_MAP = {
 
 
 def _config(arch: str, **kwargs) -> FWSVDConfig:
-    # the paper's method unless a test says otherwise (causal LMs default to `fisher_svdllm` in memory,
-    # `fisher_whiten` by block)
+    # the paper's method unless a test says otherwise (causal LMs default to `kfac_svdllm` in memory,
+    # `kfac_whiten` by block)
     kwargs.setdefault("method", "fwsvd")
     return FWSVDConfig(rank=4, calibration_dataset=calibration_data(arch), batch_size=4, **kwargs)
 
@@ -166,3 +166,17 @@ def test_layerwise_errors(tmp_path, reference):
     with pytest.raises(ValueError, match="has no model.safetensors.index.json or model.safetensors"):
         compress_layerwise(empty, tmp_path / "y", _config("llama"))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_layerwise_kfac_whiten_equals_compress(tmp_path):
+    """The two-sided method's output-gradient statistic is collected block by block exactly as in memory."""
+    dense = _dense(tmp_path, "llama")
+    model = AutoModelForCausalLM.from_pretrained(dense)
+    compress(model, _config("llama", method="kfac_whiten"), show_progress=False)
+    saved = str(tmp_path / "in-memory")
+    model.save_pretrained(saved)
+    out = str(tmp_path / "layerwise")
+    compress_layerwise(dense, out, _config("llama", method="kfac_whiten"), show_progress=False)
+    expected, tensors = _tensors(saved), _tensors(out)
+    assert sorted(tensors) == sorted(expected)
+    assert all(torch.equal(tensors[key], value) for key, value in expected.items())

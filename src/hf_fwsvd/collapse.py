@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .defaults import CAUSAL_LM_METHOD
+
 __all__ = ["CHANCE_MARGIN", "PERPLEXITY_FACTOR", "check_collapse"]
 
 logger = logging.getLogger(__name__)
@@ -26,15 +28,15 @@ PERPLEXITY_FACTOR = 3.0
 CHANCE_MARGIN = 0.05
 
 _TRY_CAUSAL = (
-    'Try `method="fisher_svdllm"` with `param_budget=` (global allocation, `allocation_power=1.0`), which is the '
-    "default for causal LMs when no method is given (CLI: `--method fisher_svdllm --param-budget 0.8 "
+    f'Try `method="{CAUSAL_LM_METHOD}"` with `param_budget=` (global allocation, `allocation_power=1.0`), which is '
+    f"the default for causal LMs when no method is given (CLI: `--method {CAUSAL_LM_METHOD} --param-budget 0.8 "
     "--allocation-power 1`), keep more weights, or run a recovery fine-tune (`hf_fwsvd.finetune(..., lora=True)`)."
 )
 # When the causal-LM default already ran, naming it again is no advice: left are the data, the budget, a fine-tune.
 _TRY_CAUSAL_DEFAULT = (
-    "The method is already the causal-LM default (`fisher_svdllm`). Calibrate on more text of the kind the model "
-    "will serve (thousands of tokens; CLI: `--num-samples`, `--max-length`), keep more weights, or run a recovery "
-    "fine-tune (`hf_fwsvd.finetune(..., lora=True)`)."
+    f"The method is already the causal-LM default (`{CAUSAL_LM_METHOD}`). Calibrate on more text of the kind the "
+    "model will serve (thousands of tokens; CLI: `--num-samples`, `--max-length`), keep more weights, or run a "
+    "recovery fine-tune (`hf_fwsvd.finetune(..., lora=True)`)."
 )
 _TRY_CLASSIFIER = (
     'Try keeping more weights, `method="whiten"`, or `param_budget=` with the Fisher allocation, and run a recovery '
@@ -63,7 +65,7 @@ def check_collapse(
         return (
             f"Compression collapsed the model: perplexity {compressed:.4g} is {compressed / dense:.1f}x the dense "
             f"model's {dense:.4g} (the guard fires above {PERPLEXITY_FACTOR:g}x). "
-            + (_TRY_CAUSAL_DEFAULT if method == "fisher_svdllm" else _TRY_CAUSAL)
+            + (_TRY_CAUSAL_DEFAULT if method == CAUSAL_LM_METHOD else _TRY_CAUSAL)
         )
     accuracy = after.get("accuracy")
     if _number(accuracy) and num_labels and num_labels > 1:

@@ -71,9 +71,11 @@ class FWSVDConfig(QuantizationConfigMixin):
         method (`str`, *optional*): A registered method (see `hf_fwsvd.methods.available_methods()`): `"fwsvd"`
             (row-wise Fisher, the paper), `"svd"` (plain SVD), `"tfwsvd"` (element-wise Fisher refinement of FWSVD),
             `"whiten"` (SVD-LLM activation whitening), `"asvd"` (activation-magnitude column scaling),
-            `"fisher_whiten"` (whitening with the gradient-weighted activation second moment), or one added with
-            `hf_fwsvd.methods.register_method`. See `docs/methods.md`. Left `None` (the default), `compress` chooses
-            per model (see `hf_fwsvd.defaults`): for a causal LM `"fisher_svdllm"` with the global allocation
+            `"fisher_whiten"` (whitening with the gradient-weighted activation second moment), `"kfac_whiten"` (its
+            two-sided, Kronecker-factored form), the SVD-LLM update variants (`"svdllm"`, `"fisher_svdllm"`,
+            `"kfac_svdllm"`), `"whiten_v2"`, or one added with `hf_fwsvd.methods.register_method`. See
+            `docs/methods.md`. Left `None` (the default), `compress` chooses per model (see `hf_fwsvd.defaults`): for
+            a causal LM `"kfac_svdllm"` with the global allocation
             (`allocation_power=1.0`, and `param_budget=0.8` when no size is given), for other models `"fwsvd"`.
         target_modules (`str | list[str]`, *optional*): A regex (fullmatch on the module name) or a list of names /
             name suffixes. Default: every linear layer inside the transformer blocks.

@@ -90,7 +90,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         choices=_method_choices(),
         default=None,
         metavar="METHOD",
-        help=f"One of: {', '.join(_method_choices())} (see 'methods:' below). Default: fisher_svdllm with "
+        help=f"One of: {', '.join(_method_choices())} (see 'methods:' below). Default: kfac_svdllm with "
         "--param-budget 0.8 and the global allocation (power 1) for a causal LM, fwsvd (the paper) otherwise.",
     )
     add_method_arguments(how, default=None)
