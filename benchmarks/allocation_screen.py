@@ -62,13 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--power", type=float, default=1.0, help="exponent on the Fisher mass (with +alloc1)")
     parser.add_argument("--scores", choices=SCORES, default="mass")
-    parser.add_argument("causal_lm_args", nargs=argparse.REMAINDER, help="after `--`: benchmarks/causal_lm.py's")
-    args = parser.parse_args(argv)
-    from benchmarks.causal_lm import main as causal_lm_main
+    from benchmarks.causal_lm import main_under
 
-    rest = args.causal_lm_args[1:] if args.causal_lm_args[:1] == ["--"] else args.causal_lm_args
-    with allocation_variant(args.power, args.scores):
-        causal_lm_main(rest)
+    main_under(parser, lambda args: allocation_variant(args.power, args.scores), argv)
 
 
 if __name__ == "__main__":

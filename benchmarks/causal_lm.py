@@ -87,6 +87,7 @@ batching, so later processes do not collect it again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import datetime
@@ -99,6 +100,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -787,6 +789,20 @@ def plot(path: Path) -> None:
     figure.legend(handles, labels, loc="center left", bbox_to_anchor=(0.8, 0.5), fontsize=7)
     figure.tight_layout(rect=(0, 0, 0.8, 1))
     figure.savefig(path, dpi=120)
+
+
+def main_under(
+    parser: argparse.ArgumentParser,
+    variant: Callable[[argparse.Namespace], contextlib.AbstractContextManager],
+    argv: list[str] | None = None,
+) -> None:
+    """For screening scripts: parse their options with `parser`, then run `main` on the arguments after ``--``
+    inside the context `variant(options)` returns (which changes the library for the run and restores it)."""
+    parser.add_argument("causal_lm_args", nargs=argparse.REMAINDER, help="after `--`: benchmarks/causal_lm.py's")
+    args = parser.parse_args(argv)
+    rest = args.causal_lm_args[1:] if args.causal_lm_args[:1] == ["--"] else args.causal_lm_args
+    with variant(args):
+        main(rest)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -69,13 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-damping", type=float, default=kronecker.OUTPUT_DAMPING)
     parser.add_argument("--two-sided-allocation", action="store_true")
-    parser.add_argument("causal_lm_args", nargs=argparse.REMAINDER, help="after `--`: benchmarks/causal_lm.py's")
-    args = parser.parse_args(argv)
-    from benchmarks.causal_lm import main as causal_lm_main
+    from benchmarks.causal_lm import main_under
 
-    rest = args.causal_lm_args[1:] if args.causal_lm_args[:1] == ["--"] else args.causal_lm_args
-    with kfac_variant(args.output_damping, args.two_sided_allocation):
-        causal_lm_main(rest)
+    main_under(parser, lambda args: kfac_variant(args.output_damping, args.two_sided_allocation), argv)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,18 @@ def calibration_data(arch: str, count: int = 12, seed: int = 0) -> list[dict]:
     return examples
 
 
+def gpt2_equal_length_setup(batch_size: int = 2) -> tuple:
+    """A seeded tiny GPT-2 in eval mode, its calibration examples of 6 tokens (no padding, so per-example sums equal
+    per-batch ones), two target names and a loader of `batch_size`: the setting of the brute-force statistic tests."""
+    from hf_fwsvd.calibration import build_calibration_loader
+
+    torch.manual_seed(0)
+    model = tiny_gpt2().eval()
+    examples = [example for example in calibration_data("gpt2", 20) if len(example["input_ids"]) == 6]
+    names = ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"]
+    return model, examples, names, build_calibration_loader(examples, model=model, batch_size=batch_size)
+
+
 @pytest.fixture
 def sample_input() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)

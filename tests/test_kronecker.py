@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import calibration_data, tiny_gpt2
+from conftest import gpt2_equal_length_setup
 
 from hf_fwsvd.calibration import build_calibration_loader
 from hf_fwsvd.factorize import factorize
@@ -93,11 +93,7 @@ def test_mismatched_output_moment_raises_naming_the_module():
 
 
 def test_output_gradient_moment_matches_brute_force_on_sequences():
-    torch.manual_seed(0)
-    model = tiny_gpt2().eval()
-    examples = [example for example in calibration_data("gpt2", 20) if len(example["input_ids"]) == 6]
-    names = ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"]
-    loader = build_calibration_loader(examples, model=model, batch_size=2)
+    model, examples, names, loader = gpt2_equal_length_setup()
     stats = collect(model, loader, names, ["output_gradient_second_moment"], show_progress=False)
     expected = {name: 0.0 for name in names}
     outputs = {}

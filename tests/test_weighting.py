@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import calibration_data, tiny_bert, tiny_gpt2
+from conftest import calibration_data, gpt2_equal_length_setup, tiny_bert
 from test_fisher import brute_force
 from torch import nn
 
@@ -146,11 +146,7 @@ def test_elementwise_fisher_and_second_moment_match_brute_force():
 
 
 def test_elementwise_fisher_matches_brute_force_on_sequences():
-    torch.manual_seed(0)
-    model = tiny_gpt2().eval()
-    examples = [example for example in calibration_data("gpt2", 20) if len(example["input_ids"]) == 6]
-    names = ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"]
-    loader = build_calibration_loader(examples, model=model, batch_size=2)
+    model, examples, names, loader = gpt2_equal_length_setup()
     stats = estimate_fisher_statistics(model, loader, names, show_progress=False, elementwise=True)
     singles = list(build_calibration_loader(examples, model=model, batch_size=1))
     expected = brute_force(model, singles, names, lambda m, b: m(**b).loss)

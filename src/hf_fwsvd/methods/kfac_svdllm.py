@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..factorize import LowRankFactors
-from ..kronecker import kronecker_factorize
+from .kfac_whiten import KroneckerFisherWhitening
 from .registry import register_method
 from .svdllm import SVDLLM
 
@@ -48,12 +48,4 @@ class KroneckerSVDLLM(SVDLLM):
         self, weight: torch.Tensor, rank: int, name: str, stats: Mapping[str, Mapping[str, torch.Tensor]], config: Any
     ) -> LowRankFactors:
         self._dense[name] = weight
-        return kronecker_factorize(
-            weight,
-            rank,
-            self.importance(name, stats),
-            stats["output_gradient_second_moment"][name],
-            floor=config.importance_floor,
-            name=name,
-            svd_solver=config.svd_solver,
-        )
+        return KroneckerFisherWhitening.factorize(self, weight, rank, name, stats, config)
