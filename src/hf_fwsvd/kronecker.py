@@ -24,12 +24,12 @@ import torch
 from .factorize import (
     DEFAULT_IMPORTANCE_FLOOR,
     LowRankFactors,
-    apply_weighting,
     choose_svd_solver,
     input_weighting,
     output_basis,
     validate_importance,
     validate_weight_and_rank,
+    weighted_matrix,
 )
 
 __all__ = ["OUTPUT_DAMPING", "kronecker_factorize", "kronecker_weighted_matrix", "output_weighting"]
@@ -77,6 +77,14 @@ def output_weighting(second_moment: torch.Tensor, name: str = "weight") -> torch
     raise ValueError(f"Output-gradient second moment for `{name}` is not positive semi-definite; recompute it.")
 
 
+def _left_weighted(
+    dense: torch.Tensor, output_second_moment: torch.Tensor, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, L^T W)``: the float64 output factor of `output_weighting` and the float32 weight weighted by it."""
+    left = output_weighting(output_second_moment.to(dense.device), name)
+    return left, (left.T @ dense.to(torch.float64)).to(torch.float32)
+
+
 def kronecker_weighted_matrix(
     weight: torch.Tensor,
     input_importance: torch.Tensor | None,
@@ -85,10 +93,8 @@ def kronecker_weighted_matrix(
     name: str = "weight",
 ) -> torch.Tensor:
     """``L^T W M``: the float32 matrix whose squared singular values are the directions' shares of the objective."""
-    dense = weight.detach().to(torch.float32)
-    left = output_weighting(output_second_moment.to(dense.device), name)
-    weighting = input_weighting(input_importance.to(dense.device) if input_importance is not None else None, floor)
-    return apply_weighting((left.T @ dense.to(torch.float64)).to(torch.float32), weighting)
+    _, left_weighted = _left_weighted(weight.detach().to(torch.float32), output_second_moment, name)
+    return weighted_matrix(left_weighted, input_importance, floor)
 
 
 def kronecker_factorize(
@@ -129,8 +135,7 @@ def kronecker_factorize(
         dense = weight.detach().to(torch.float32)
         if not torch.isfinite(dense).all():
             raise ValueError(f"`{name}` weight has NaN/Inf values; refusing to factorise it.")
-        left = output_weighting(output_second_moment.to(dense.device), name)
-        left_weighted = (left.T @ dense.to(torch.float64)).to(torch.float32)
+        left, left_weighted = _left_weighted(dense, output_second_moment, name)
         scaling = input_weighting(input_importance.to(dense.device) if input_importance is not None else None, floor)
         basis = output_basis(left_weighted, scaling, rank, solver).to(torch.float64)
         up = torch.linalg.solve_triangular(left.T, basis, upper=True)
