@@ -380,7 +380,8 @@ def finetune_tests(tasks: list[str], methods: list[str], stage: str) -> None:
     for task in tasks:
         predictions = load_predictions(task)
         regression = TASKS[task][0] == 1
-        svd_keys = sorted(k for k in predictions if k.startswith(f"{task}|svd|||") and k.endswith(f"|{stage}|0"))
+        # SVD's seed-0 fine-tune only (its seed field is empty); `finetune_seed_tests` pairs the other seeds
+        svd_keys = sorted(k for k in predictions if k.startswith(f"{task}|svd|||") and k.endswith(f"||{stage}|0"))
         labels = test_labels(task, task_splits(task)["test"]).double() if svd_keys else None
         for svd_key in svd_keys:
             ratio = svd_key.split("|")[4]

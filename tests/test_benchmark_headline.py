@@ -147,6 +147,7 @@ def test_finetune_tests_pairs_each_method_with_svd_after_the_same_fine_tune(monk
     fwsvd = labels.tolist()[:18] + [1, 1]  # right on 19: the 10 ones that SVD misses, wrong on one zero SVD gets
     predictions = {
         f"trec|svd|||0.33||{stage}|0": svd,
+        f"trec|svd|||0.33|1|{stage}|0": [1] * 20,  # svd's fine-tune seed 1: not paired with fwsvd's seed 0
         f"trec|fwsvd|empirical|128|0.33|0|{stage}|0": fwsvd,
         "trec|fwsvd|empirical|128|0.33|0|none|0": svd,  # another stage: ignored
     }
@@ -157,6 +158,7 @@ def test_finetune_tests_pairs_each_method_with_svd_after_the_same_fine_tune(monk
     out = capsys.readouterr().out
     p = mcnemar([True] * 10 + [False], [False] * 10 + [True])[2]
     assert f"| trec | 0.33 | fwsvd | +45.0 | McNemar 10/1 | {p:.3g} |" in out
+    assert out.count("| trec | 0.33 | fwsvd |") == 1
     assert "mean of" not in out  # one task: no average
 
 
@@ -218,4 +220,5 @@ def test_method_pair_tests_compare_tfwsvd_with_each_method_at_the_same_seed(monk
     out = capsys.readouterr().out
     p = mcnemar([True] * 10 + [False], [False] * 10 + [True])[2]
     assert f"| trec | 0.33 | fwsvd | +45.0 | McNemar 10/1 | {p:.3g} |" in out
+    assert out.count("| trec | 0.33 | fwsvd |") == 1
     assert "| whiten |" not in out and "mean of" not in out
