@@ -8,7 +8,8 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   statistics (row Fisher, activation moments) are collected once on the dense model and shared by every setting.
   ``+c128`` takes the forward statistics (the activation second moments) and the update's inputs from 128 chunks
   instead: those 32 plus chunks 64-159 of the same addresses (32K tokens). Backward statistics (the Fisher of the
-  allocation, ``fisher_whiten``'s gradient-weighted moments) always come from the first 32 chunks.
+  allocation, ``fisher_whiten``'s gradient-weighted moments) come from the first 32 chunks, except with ``+f128``,
+  which takes every statistic (backward ones included) and the update's inputs from the same 128 chunks.
 - Recovery fine-tune (``+lora``): the next 32 chunks of 256 tokens of the same 1990s addresses (chunks 32-63);
   ``+lora64`` uses those plus chunks 160-255 (128 chunks, 4x the steps), still never the evaluation texts.
 - ``+mix`` (issue #16, the genre question): the 32 calibration chunks AND the fine-tune chunks come from a fixed
@@ -34,7 +35,7 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the setting has one); ``calib_s`` (the shared statistics, once per run) is reported separately. ``peak_rss_mb`` is
   the process's peak resident memory sampled every 20 ms during that compression.
 
-Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense][+c128|+mix]
+Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense][+c128|+f128|+mix]
 [+lora|+lora64|+lora128|+lora256|+lora512][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+seed<k>][+int8][+true]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
@@ -142,7 +143,7 @@ XL_TRAIN_CHUNKS, XXL_TRAIN_CHUNKS, XXXL_TRAIN_CHUNKS = 256, 512, 1024
 EXTRA_PLAY = "hamlet"  # ppl_extra: a genre in no calibration set
 FLAGS = (
     "alloc", "alloc1", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8",
-    "bytes", "int8bytes", "mix", "kd", "lora128", "ep4", "ep1", "lora256", "lora512", "true",
+    "bytes", "int8bytes", "mix", "kd", "lora128", "ep4", "ep1", "lora256", "lora512", "true", "f128",
 )  # fmt: skip
 # update flag -> `sequential_update` options
 # LoRA flag -> the fine-tune chunks it reads (2 epochs, batch 4: 16 / 64 / 128 / 256 / 512 steps)
@@ -347,8 +348,13 @@ def parse_setting(setting: str) -> dict:
             raise ValueError(
                 f"{setting!r}: `+{flag}` needs {chunks} fine-tune chunks, which only `+mix` has; add `+mix`."
             )
-    if spec["mix"] and spec["c128"]:
-        raise ValueError(f"{setting!r}: `+mix` replaces the 32 calibration chunks; it has no 128-chunk set (`+c128`).")
+    for flag in ("c128", "f128"):
+        if spec["mix"] and spec[flag]:
+            raise ValueError(
+                f"{setting!r}: `+mix` replaces the 32 calibration chunks; it has no 128-chunk set (`+{flag}`)."
+            )
+    if spec["c128"] and spec["f128"]:
+        raise ValueError(f"{setting!r}: choose one of `+c128` and `+f128`.")
     if (spec["bytes"] or spec["int8bytes"]) and not allocated(spec):
         raise ValueError(f"{setting!r}: byte budgets need the global allocation (`+alloc` or `+alloc1`).")
     return spec
@@ -514,6 +520,8 @@ def statistics_plan(spec: dict, budget: float) -> tuple[list[str], list[str]]:
     names = needed_statistics(spec, budget)
     backward = [name for name in names if get_statistic(name).needs_backward]
     forward = [name for name in names if not get_statistic(name).needs_backward]
+    if spec["f128"]:
+        return [], backward + forward
     return (backward, forward) if spec["c128"] else (backward + forward, [])
 
 
@@ -529,7 +537,8 @@ def prefetch(store: StatisticsStore, settings: list[str], budgets: list[float], 
         for budget in budgets:
             first, second = statistics_plan(spec, budget)
             needed.setdefault((small_set, estimator), (chosen["calibration"], []))[1].extend(first)
-            needed.setdefault((large_set, "empirical"), (chosen["calibration_large"], []))[1].extend(second)
+            large_estimator = estimator if spec["f128"] else "empirical"
+            needed.setdefault((large_set, large_estimator), (chosen["calibration_large"], []))[1].extend(second)
     return sum(
         store.get(chunks, list(dict.fromkeys(names)), estimator)[1]
         for (_, estimator), (chunks, names) in needed.items()
@@ -543,12 +552,16 @@ def fisher_estimator(spec: dict) -> str:
 
 
 def setting_statistics(store: StatisticsStore, spec: dict, budget: float, data: dict) -> tuple[Statistics, float]:
-    """A setting's statistics: backward ones from the 32 calibration chunks, forward ones from its calibration set."""
+    """A setting's statistics: backward ones from the 32 calibration chunks, forward ones from its calibration set
+    (with ``+f128`` all of them from the 128-chunk set)."""
     backward, forward = statistics_plan(spec, budget)
-    small, seconds = store.get(data["calibration"], backward, fisher_estimator(spec))
     if not forward:
-        return small, seconds
-    large, more = store.get(data["calibration_large"], forward)
+        return store.get(data["calibration"], backward, fisher_estimator(spec))
+    large_estimator = fisher_estimator(spec) if spec["f128"] else "empirical"
+    large, seconds = store.get(data["calibration_large"], forward, large_estimator)
+    if not backward:
+        return large, seconds
+    small, more = store.get(data["calibration"], backward, fisher_estimator(spec))
     merged = Statistics({**small, **large})
     merged.tokens = large.tokens
     return merged, seconds + more
@@ -679,7 +692,7 @@ def run(args: argparse.Namespace) -> None:
     for setting, budget in runs:
         spec = parse_setting(setting)
         chosen = setting_data(spec, data)
-        chunks = chosen["calibration_large" if spec["c128"] else "calibration"]
+        chunks = chosen["calibration_large" if spec["c128"] or spec["f128"] else "calibration"]
         stats, more = setting_statistics(store, spec, budget, chosen)
         calib_s += more
         base = {"calibration_dataset": chunks, "tokenizer": tokenizer, "batch_size": 4,

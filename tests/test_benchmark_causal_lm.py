@@ -29,6 +29,7 @@ from benchmarks.causal_lm import (
     parse_setting,
     prefetch,
     setting_data,
+    setting_statistics,
 )
 
 
@@ -80,6 +81,24 @@ def test_mix_setting_swaps_calibration_and_training_chunks_only():
     assert chosen[LORA_FLAGS["lora512"]] == ["mix_train_xxxl"]
     assert chosen["dev"] == ["dev"] and chosen["calibration_large"] == ["calibration_large"]
     assert setting_data(parse_setting("fisher_whiten+alloc1+update"), data) is data
+
+
+def test_f128_collects_every_statistic_on_the_128_chunk_set():
+    data = {"calibration": _pool("c", 2), "calibration_large": _pool("L", 2)}
+    store = RecordingStore()
+    prefetch(store, ["fisher_whiten+alloc1+f128", "fisher_whiten+alloc1+f128+true"], [0.8], data)
+    assert store.calls == [
+        ("L0", ("gradient_second_moment", "row_fisher"), "empirical"),
+        ("L0", ("gradient_second_moment", "row_fisher"), "true"),
+    ]
+    spec = parse_setting("fisher_whiten+alloc1+f128")
+    store.calls.clear()
+    setting_statistics(store, spec, 0.8, data)
+    assert store.calls == [("L0", ("gradient_second_moment", "row_fisher"), "empirical")]
+    with pytest.raises(ValueError, match=r"choose one of `\+c128` and `\+f128`"):
+        parse_setting("whiten+c128+f128")
+    with pytest.raises(ValueError, match=r"it has no 128-chunk set \(`\+f128`\)"):
+        parse_setting("whiten+f128+mix")
 
 
 def test_mix_with_c128_is_refused():
