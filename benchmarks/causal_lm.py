@@ -35,11 +35,13 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the setting has one); ``calib_s`` (the shared statistics, once per run) is reported separately. ``peak_rss_mb`` is
   the process's peak resident memory sampled every 20 ms during that compression.
 
-Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense][+c128|+f128|+mix]
+Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense|+update_weighted][+c128|+f128|+mix]
 [+lora|+lora64|+lora128|+lora256|+lora512][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+seed<k>][+int8][+true]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
-update of the `up` factors (`hf_fwsvd.lstsq_update`; ``+update_both`` refits both factors, ``+update_dense`` fits the
+update of the `up` factors (`hf_fwsvd.lstsq_update`; ``+update_weighted`` weighs each calibration token by the dense
+model's ``|g_t|^2`` at the module output, as `fisher_whiten` / `kfac_whiten`'s truncation does
+(`hf_fwsvd.token_weights`), ``+update_both`` refits both factors, ``+update_dense`` fits the
 dense model's outputs, see `sequential_update`), ``+lora`` a LoRA recovery fine-tune (``finetune(..., lora=True)``:
 rank 8 on every factor, 2 epochs over the 32 fine-tune chunks at lr 2e-4, batch 4) merged back into the factors,
 ``+kd`` makes that recovery's loss the distillation from the dense model (``finetune(..., teacher=dense)``:
@@ -119,7 +121,9 @@ from hf_fwsvd.lstsq_update import sequential_update
 from hf_fwsvd.methods import required_statistics
 from hf_fwsvd.pipeline import weighted_matrix
 from hf_fwsvd.statistics import Statistics, collect
+from hf_fwsvd.statistics.collector import resolve_loss
 from hf_fwsvd.targets import find_target_modules
+from hf_fwsvd.token_weights import output_gradient_token_weights
 from hf_fwsvd.truncation_loss import heterogeneous_ranks
 
 logger = logging.getLogger("causal_lm")
@@ -144,6 +148,7 @@ EXTRA_PLAY = "hamlet"  # ppl_extra: a genre in no calibration set
 FLAGS = (
     "alloc", "alloc1", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8",
     "bytes", "int8bytes", "mix", "kd", "lora128", "ep4", "ep1", "lora256", "lora512", "true", "f128",
+    "update_weighted",
 )  # fmt: skip
 # update flag -> `sequential_update` options
 # LoRA flag -> the fine-tune chunks it reads (2 epochs, batch 4: 16 / 64 / 128 / 256 / 512 steps)
@@ -153,7 +158,10 @@ LORA_FLAGS = {
 # the LoRA flags that read the mix pools only, with their chunk counts
 MIX_ONLY_LORA_FLAGS = {"lora128": XL_TRAIN_CHUNKS, "lora256": XXL_TRAIN_CHUNKS, "lora512": XXXL_TRAIN_CHUNKS}
 LORA_CHOICES = ", ".join(f"`+{flag}`" for flag in list(LORA_FLAGS)[:-1]) + f" or `+{list(LORA_FLAGS)[-1]}`"
-UPDATES = {"update": {}, "update_both": {"refit": "both"}, "update_dense": {"target": "dense"}}
+UPDATES = {
+    "update": {}, "update_both": {"refit": "both"}, "update_dense": {"target": "dense"},
+    "update_weighted": {"weighted": True},
+}  # fmt: skip
 # LoRA recovery (rank 8 on every factor, see `hf_fwsvd.lora`): 2 epochs over the 32 fine-tune chunks, batch 4.
 LORA_EPOCHS, LORA_LEARNING_RATE = 2.0, 2e-4
 LONG_LORA_EPOCHS = 4.0  # +ep4
@@ -707,7 +715,11 @@ def run(args: argparse.Namespace) -> None:
                 loader = build_calibration_loader(chunks, tokenizer, dense, batch_size=4,
                                                   max_length=CHUNK_TOKENS, num_samples=None)  # fmt: skip
                 compressed = {row.name: targets[row.name] for row in model.fwsvd_report.modules}
-                report = sequential_update(model, compressed, loader, **update)
+                options = dict(update)
+                if options.pop("weighted", False):
+                    loss = resolve_loss(None, fisher_estimator(spec))
+                    options["token_weights"] = output_gradient_token_weights(dense, compressed, loader, loss)
+                report = sequential_update(model, compressed, loader, **options)
                 logger.info("update rejected for %d modules", len(report.rejected))
             if lora_flag(spec):
                 train = chosen[LORA_FLAGS[lora_flag(spec)]]

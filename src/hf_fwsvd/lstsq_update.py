@@ -37,7 +37,7 @@ Two variants (options of [`sequential_update`], same guarantee):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,6 +194,7 @@ def sequential_update(
     batches: Iterable[dict[str, torch.Tensor]],
     refit: str = "up",
     target: str = "compressed",
+    token_weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
 ) -> UpdateReport:
     """Refit the `up` factor of every compressed module in `dense_modules`, block by block (see the module docstring).
 
@@ -210,13 +211,18 @@ def sequential_update(
             Experimental: `"dense"` lowers every module's error against the dense outputs on the calibration tokens
             and still destroyed SmolLM2-135M at 80% kept (development perplexity 1359.6 against 42.2 for the
             default, benchmarks/README.md), so it logs a warning.
+        token_weights (`Mapping[str, Sequence[torch.Tensor]]`, *optional*): Module name -> one weight per token of
+            each batch (shaped like the module's input without its last dimension, batches in the order of
+            `batches`), e.g. the dense model's ``|g_t|^2`` from
+            [`~hf_fwsvd.token_weights.output_gradient_token_weights`]: every moment becomes ``X^T diag(w) X``, so the
+            fit weighs the tokens as `fisher_whiten` / `kfac_whiten`'s truncation does. Unweighted when `None`.
 
     Returns:
         [`UpdateReport`]
 
     Raises:
-        `ValueError`: When a name is not a `LowRankLinear` in `model` or is outside every transformer block, or for an
-            unknown `refit` / `target`.
+        `ValueError`: When a name is not a `LowRankLinear` in `model` or is outside every transformer block, for an
+            unknown `refit` / `target`, or when `token_weights` lacks a module or a batch.
     """
     if refit not in REFITS:
         raise ValueError(f"Unknown refit {refit!r}; choose one of {', '.join(map(repr, REFITS))}.")
@@ -254,7 +260,9 @@ def sequential_update(
         for block_name in blocks[first : last + 1]:
             block = model.get_submodule(block_name)
             names = by_block.get(block_name, [])
-            moments, next_dense = _collect_dense_moments(model, block, names, dense_modules, cached, dense_states)
+            moments, next_dense = _collect_dense_moments(
+                model, block, names, dense_modules, cached, dense_states, token_weights
+            )
             for name in names:
                 _update_one(model.get_submodule(name), dense_modules[name], moments[name], name, report, refit)
             dense_states = next_dense
@@ -277,14 +285,16 @@ def _collect_dense_moments(
     dense_modules: dict[str, nn.Module],
     cached: list[tuple[tuple, dict, torch.Tensor | None]],
     dense_states: list[torch.Tensor] | None = None,
+    token_weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
 ) -> tuple[dict[str, Moments], list[torch.Tensor] | None]:
     """The float64 moments of each dense module's inputs while the dense version of `block` runs on `cached`:
     ``X_c^T X_c``, and with `dense_states` (the dense model's hidden states entering the block, one per batch) also
     ``X_d^T X_c`` and ``X_d^T X_d``, where ``X_d`` are the inputs in the dense model; then also the dense model's
-    hidden states leaving the block."""
+    hidden states leaving the block. With `token_weights`, each moment is ``X^T diag(w) X``."""
     low_rank = {name: model.get_submodule(name) for name in names}
     sums: dict[str, list[torch.Tensor]] = {}
     current: list[torch.Tensor | None] = [None]
+    batch_index = [0]
     dense_rows: dict[str, torch.Tensor] = {}
     capturing: list[bool] = [False]
     handles = []
@@ -296,18 +306,22 @@ def _collect_dense_moments(
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             rows = args[0].detach().to(torch.float64)
+            weights = None if token_weights is None else _batch_weights(token_weights, name, batch_index[0], rows)
             mask = current[0]
             if mask is not None and rows.ndim == 3 and tuple(mask.shape) == tuple(rows.shape[:2]):
                 rows = rows[mask.bool()]
+                weights = None if weights is None else weights[mask.bool()]
             rows = rows.reshape(-1, rows.shape[-1])
             if capturing[0]:  # the dense model's pass: keep the rows until the compressed inputs of this batch arrive
                 dense_rows[name] = rows
                 return
-            add(name, 0, rows.T @ rows)
+            weighted = rows if weights is None else rows * weights.reshape(-1, 1)
+            add(name, 0, rows.T @ weighted)
             if name in dense_rows:
                 target = dense_rows.pop(name)
-                add(name, 1, target.T @ rows)
-                add(name, 2, target.T @ target)
+                add(name, 1, target.T @ weighted)
+                target_weighted = target if weights is None else target * weights.reshape(-1, 1)
+                add(name, 2, target.T @ target_weighted)
 
         return hook
 
@@ -317,7 +331,7 @@ def _collect_dense_moments(
             model.set_submodule(name, dense_modules[name])
             handles.append(dense_modules[name].register_forward_hook(make_hook(name)))
         for index, (args, kwargs, mask) in enumerate(cached):
-            current[0] = mask
+            current[0], batch_index[0] = mask, index
             if dense_states is not None:
                 capturing[0] = True
                 next_dense.append(_block_output(block(dense_states[index], *args[1:], **kwargs)))
@@ -330,6 +344,27 @@ def _collect_dense_moments(
         for name, module in low_rank.items():
             model.set_submodule(name, module)
     return {name: tuple(entry) for name, entry in sums.items()}, next_dense
+
+
+def _batch_weights(
+    token_weights: Mapping[str, Sequence[torch.Tensor]], name: str, index: int, rows: torch.Tensor
+) -> torch.Tensor:
+    """The float64 weights of batch `index` for module `name`, checked against its input `rows`."""
+    if name not in token_weights:
+        raise ValueError(f"`token_weights` has no weights for `{name}`; collect them for every compressed module.")
+    per_batch = token_weights[name]
+    if index >= len(per_batch):
+        raise ValueError(
+            f"`token_weights[{name!r}]` has {len(per_batch)} batches, the calibration data more; pass the batches "
+            "the weights were collected on."
+        )
+    weights = per_batch[index].to(device=rows.device, dtype=torch.float64)
+    if tuple(weights.shape) != tuple(rows.shape[:-1]):
+        raise ValueError(
+            f"`token_weights[{name!r}]` batch {index} has shape {tuple(weights.shape)}, the module's input "
+            f"{tuple(rows.shape[:-1])} tokens; pass the batches the weights were collected on."
+        )
+    return weights
 
 
 def _update_one(
