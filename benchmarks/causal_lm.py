@@ -252,12 +252,14 @@ def benchmark_texts(tokenizer, genres: bool = True) -> dict:
     }
     if genres:
         data["extra"] = shakespeare_plays()[EXTRA_PLAY]
-        data.update(mix_texts(tokenizer, calibration, train_large, chapters))
+        data.update(mix_texts(tokenizer, data["calibration_large"], train_large, chapters))
     return data
 
 
 def mix_texts(tokenizer, sotu_calibration: list[dict], sotu_train: list[dict], chapters: dict[int, str]) -> dict:
-    """The ``+mix`` chunks: ``mix_calibration`` (32), ``mix_train`` (32), ``mix_train_large`` (128),
+    """The ``+mix`` chunks: ``mix_calibration`` (32), ``mix_calibration_large`` (128, ``+mix+f128``: its first 32
+    are ``mix_calibration``; its Moby Dick and news chunks overlap the fine-tune chunks, so it is for settings without
+    a recovery), ``mix_train`` (32), ``mix_train_large`` (128),
     ``mix_train_xl`` (256, ``+lora128``), ``mix_train_xxl`` (512, ``+lora256``) and ``mix_train_xxxl`` (1,024,
     ``+lora512``), each an interleaved equal-share mix
     of three genre pools (see the module doc): addresses (the 1990s fine-tune chunks, then the 1960-1979 addresses),
@@ -280,6 +282,7 @@ def mix_texts(tokenizer, sotu_calibration: list[dict], sotu_train: list[dict], c
     continued = [sotu_train + speeches, moby_train, news_train + oanc]
     return {
         "mix_calibration": genre_mix([sotu_calibration, moby, news], CALIB_CHUNKS),
+        "mix_calibration_large": genre_mix([sotu_calibration, moby, news], len(LARGE_CALIB_EXTRA) + CALIB_CHUNKS),
         "mix_train": genre_mix(pools, CALIB_CHUNKS),
         "mix_train_large": genre_mix(pools, LARGE_TRAIN_EXTRA.stop // 2),
         "mix_train_xl": genre_mix(pools, XL_TRAIN_CHUNKS),
@@ -320,7 +323,9 @@ def setting_data(spec: dict, data: dict) -> dict:
         return data
     # every LoRA flag's chunks have a ``mix_`` twin (`mix_texts`)
     mixed = {chunks: data[f"mix_{chunks}"] for chunks in LORA_FLAGS.values()}
-    return {**data, "calibration": data["mix_calibration"], **mixed}
+    return {
+        **data, "calibration": data["mix_calibration"], "calibration_large": data["mix_calibration_large"], **mixed
+    }  # fmt: skip
 
 
 def parse_setting(setting: str) -> dict:
@@ -356,11 +361,12 @@ def parse_setting(setting: str) -> dict:
             raise ValueError(
                 f"{setting!r}: `+{flag}` needs {chunks} fine-tune chunks, which only `+mix` has; add `+mix`."
             )
-    for flag in ("c128", "f128"):
-        if spec["mix"] and spec[flag]:
-            raise ValueError(
-                f"{setting!r}: `+mix` replaces the 32 calibration chunks; it has no 128-chunk set (`+{flag}`)."
-            )
+    if spec["mix"] and spec["c128"]:
+        raise ValueError(f"{setting!r}: `+mix` replaces the 32 calibration chunks; it has no 128-chunk set (`+c128`).")
+    if spec["mix"] and spec["f128"] and lora_flag(spec):
+        raise ValueError(
+            f"{setting!r}: the 128 mix calibration chunks (`+mix+f128`) overlap the mix fine-tune chunks."
+        )
     if spec["c128"] and spec["f128"]:
         raise ValueError(f"{setting!r}: choose one of `+c128` and `+f128`.")
     if (spec["bytes"] or spec["int8bytes"]) and not allocated(spec):
@@ -541,7 +547,7 @@ def prefetch(store: StatisticsStore, settings: list[str], budgets: list[float], 
         spec = parse_setting(setting)
         chosen = setting_data(spec, data)
         estimator = fisher_estimator(spec)
-        small_set, large_set = ("mix" if spec["mix"] else "calibration"), "calibration_large"
+        small_set, large_set = ("mix", "mix_large") if spec["mix"] else ("calibration", "calibration_large")
         for budget in budgets:
             first, second = statistics_plan(spec, budget)
             needed.setdefault((small_set, estimator), (chosen["calibration"], []))[1].extend(first)

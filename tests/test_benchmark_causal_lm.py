@@ -70,8 +70,8 @@ def test_mix_chapters_never_reach_the_evaluation_chapters():
 
 def test_mix_setting_swaps_calibration_and_training_chunks_only():
     data = {name: [name] for name in ("calibration", "calibration_large", "train", "train_large", "mix_calibration",
-                                      "mix_train", "mix_train_large", "mix_train_xl", "mix_train_xxl",
-                                      "mix_train_xxxl", "dev")}  # fmt: skip
+                                      "mix_calibration_large", "mix_train", "mix_train_large", "mix_train_xl",
+                                      "mix_train_xxl", "mix_train_xxxl", "dev")}  # fmt: skip
     chosen = setting_data(parse_setting("fisher_whiten+alloc1+update+mix+lora"), data)
     assert chosen["calibration"] == ["mix_calibration"]
     assert chosen["train"] == ["mix_train"]
@@ -79,7 +79,7 @@ def test_mix_setting_swaps_calibration_and_training_chunks_only():
     assert chosen[LORA_FLAGS["lora128"]] == ["mix_train_xl"]
     assert chosen[LORA_FLAGS["lora256"]] == ["mix_train_xxl"]
     assert chosen[LORA_FLAGS["lora512"]] == ["mix_train_xxxl"]
-    assert chosen["dev"] == ["dev"] and chosen["calibration_large"] == ["calibration_large"]
+    assert chosen["dev"] == ["dev"] and chosen["calibration_large"] == ["mix_calibration_large"]
     assert setting_data(parse_setting("fisher_whiten+alloc1+update"), data) is data
 
 
@@ -97,8 +97,8 @@ def test_f128_collects_every_statistic_on_the_128_chunk_set():
     assert store.calls == [("L0", ("gradient_second_moment", "row_fisher"), "empirical")]
     with pytest.raises(ValueError, match=r"choose one of `\+c128` and `\+f128`"):
         parse_setting("whiten+c128+f128")
-    with pytest.raises(ValueError, match=r"it has no 128-chunk set \(`\+f128`\)"):
-        parse_setting("whiten+f128+mix")
+    with pytest.raises(ValueError, match=r"overlap the mix fine-tune chunks"):
+        parse_setting("whiten+f128+mix+lora")
 
 
 def test_mix_with_c128_is_refused():
@@ -219,7 +219,7 @@ def _fake_mix(monkeypatch, news_chunks: int = 120, oanc_chunks: int = 240, oanc_
     monkeypatch.setattr(assets, "news_lines", lambda: [_words("wsj", news_chunks)])
     monkeypatch.setattr(assets, "oanc_lines", lambda: [_words(oanc_prefix, oanc_chunks)])
     chapters = {chapter: _words(f"moby{chapter}", 4) for chapter in range(1, 136)}
-    calibration = chunk_ids(_words("calib1990s", 32).split())
+    calibration = chunk_ids(_words("calib1990s", 128).split())
     train = chunk_ids(_words("train1990s", 128).split())
     return mix_texts(_WordTokenizer(), calibration, train, chapters)
 
@@ -231,8 +231,12 @@ def _source(chunk: dict) -> str:
 def test_mix_pool_sizes_and_old_pools_are_a_prefix_of_the_512_chunk_pool(monkeypatch):
     data = _fake_mix(monkeypatch)
     sizes = {name: len(data[name]) for name in data}
-    assert sizes == {"mix_calibration": 32, "mix_train": 32, "mix_train_large": 128, "mix_train_xl": 256,
-                     "mix_train_xxl": 512, "mix_train_xxxl": 1024}  # fmt: skip
+    assert sizes == {"mix_calibration": 32, "mix_calibration_large": 128, "mix_train": 32, "mix_train_large": 128,
+                     "mix_train_xl": 256, "mix_train_xxl": 512, "mix_train_xxxl": 1024}  # fmt: skip
+    # +mix+f128: the 32-chunk mix first, then more of the same three pools in equal shares (43 / 43 / 42)
+    assert data["mix_calibration_large"][:32] == data["mix_calibration"]
+    large = [_source(chunk) for chunk in data["mix_calibration_large"]]
+    assert (large.count("calib1990s"), large.count("wsj"), sum(s.startswith("moby") for s in large)) == (43, 42, 43)
     for name in ("mix_train", "mix_train_large", "mix_train_xl"):
         assert data["mix_train_xxl"][: len(data[name])] == data[name], name
     # the added sources do not change any older set: other OANC text, or none at all beyond what +lora256 needs
