@@ -9,7 +9,8 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   ``+c128`` takes the forward statistics (the activation second moments) and the update's inputs from 128 chunks
   instead: those 32 plus chunks 64-159 of the same addresses (32K tokens). Backward statistics (the Fisher of the
   allocation, ``fisher_whiten``'s gradient-weighted moments) come from the first 32 chunks, except with ``+f128``,
-  which takes every statistic (backward ones included) and the update's inputs from the same 128 chunks.
+  which takes every statistic (backward ones included) and the update's inputs from the same 128 chunks, and
+  ``+mix+f512``, which does the same on 512 chunks of the genre mix (`mix_texts`).
 - Recovery fine-tune (``+lora``): the next 32 chunks of 256 tokens of the same 1990s addresses (chunks 32-63);
   ``+lora64`` uses those plus chunks 160-255 (128 chunks, 4x the steps), still never the evaluation texts.
 - ``+mix`` (issue #16, the genre question): the 32 calibration chunks AND the fine-tune chunks come from a fixed
@@ -35,7 +36,8 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the setting has one); ``calib_s`` (the shared statistics, once per run) is reported separately. ``peak_rss_mb`` is
   the process's peak resident memory sampled every 20 ms during that compression.
 
-Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense|+update_weighted][+c128|+f128|+mix]
+Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense|+update_weighted]
+[+c128|+f128|+mix|+mix+f128|+mix+f512]
 [+lora|+lora64|+lora128|+lora256|+lora512][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+seed<k>][+int8][+true]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
@@ -144,10 +146,11 @@ MIX_MOBY_CHAPTERS = range(1, 101)  # +mix: the Moby Dick chapters calibration / 
 EXTRA_SPEECH_YEARS = range(1960, 1980)
 # +lora128, +lora256, +lora512: mix fine-tune chunks
 XL_TRAIN_CHUNKS, XXL_TRAIN_CHUNKS, XXXL_TRAIN_CHUNKS = 256, 512, 1024
+XL_CALIB_CHUNKS = 512  # +mix+f512
 EXTRA_PLAY = "hamlet"  # ppl_extra: a genre in no calibration set
 FLAGS = (
     "alloc", "alloc1", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8",
-    "bytes", "int8bytes", "mix", "kd", "lora128", "ep4", "ep1", "lora256", "lora512", "true", "f128",
+    "bytes", "int8bytes", "mix", "kd", "lora128", "ep4", "ep1", "lora256", "lora512", "true", "f128", "f512",
     "update_weighted",
 )  # fmt: skip
 # update flag -> `sequential_update` options
@@ -259,7 +262,9 @@ def benchmark_texts(tokenizer, genres: bool = True) -> dict:
 def mix_texts(tokenizer, sotu_calibration: list[dict], sotu_train: list[dict], chapters: dict[int, str]) -> dict:
     """The ``+mix`` chunks: ``mix_calibration`` (32), ``mix_calibration_large`` (128, ``+mix+f128``: its first 32
     are ``mix_calibration``; its Moby Dick and news chunks overlap the fine-tune chunks, so it is for settings without
-    a recovery), ``mix_train`` (32), ``mix_train_large`` (128),
+    a recovery), ``mix_calibration_xl`` (512, ``+mix+f512``: its first 128 are ``mix_calibration_large``; the
+    addresses continue with the 1960-1979 ones, the news with OANC, as in the fine-tune pools), ``mix_train`` (32),
+    ``mix_train_large`` (128),
     ``mix_train_xl`` (256, ``+lora128``), ``mix_train_xxl`` (512, ``+lora256``) and ``mix_train_xxxl`` (1,024,
     ``+lora512``), each an interleaved equal-share mix
     of three genre pools (see the module doc): addresses (the 1990s fine-tune chunks, then the 1960-1979 addresses),
@@ -283,6 +288,7 @@ def mix_texts(tokenizer, sotu_calibration: list[dict], sotu_train: list[dict], c
     return {
         "mix_calibration": genre_mix([sotu_calibration, moby, news], CALIB_CHUNKS),
         "mix_calibration_large": genre_mix([sotu_calibration, moby, news], len(LARGE_CALIB_EXTRA) + CALIB_CHUNKS),
+        "mix_calibration_xl": genre_mix([sotu_calibration + speeches, moby, news + oanc], XL_CALIB_CHUNKS),
         "mix_train": genre_mix(pools, CALIB_CHUNKS),
         "mix_train_large": genre_mix(pools, LARGE_TRAIN_EXTRA.stop // 2),
         "mix_train_xl": genre_mix(pools, XL_TRAIN_CHUNKS),
@@ -323,9 +329,8 @@ def setting_data(spec: dict, data: dict) -> dict:
         return data
     # every LoRA flag's chunks have a ``mix_`` twin (`mix_texts`)
     mixed = {chunks: data[f"mix_{chunks}"] for chunks in LORA_FLAGS.values()}
-    return {
-        **data, "calibration": data["mix_calibration"], "calibration_large": data["mix_calibration_large"], **mixed
-    }  # fmt: skip
+    large = data["mix_calibration_xl" if spec["f512"] else "mix_calibration_large"]
+    return {**data, "calibration": data["mix_calibration"], "calibration_large": large, **mixed}
 
 
 def parse_setting(setting: str) -> dict:
@@ -363,6 +368,12 @@ def parse_setting(setting: str) -> dict:
             )
     if spec["mix"] and spec["c128"]:
         raise ValueError(f"{setting!r}: `+mix` replaces the 32 calibration chunks; it has no 128-chunk set (`+c128`).")
+    if spec["f512"]:
+        if not spec["mix"]:
+            raise ValueError(f"{setting!r}: `+f512` reads 512 chunks of the genre mix; add `+mix`.")
+        if spec["f128"]:
+            raise ValueError(f"{setting!r}: choose one of `+f128` and `+f512`.")
+        spec["f128"] = True  # the same plan on the larger set (`setting_data`)
     if spec["mix"] and spec["f128"] and lora_flag(spec):
         raise ValueError(
             f"{setting!r}: the 128 mix calibration chunks (`+mix+f128`) overlap the mix fine-tune chunks."
@@ -548,6 +559,7 @@ def prefetch(store: StatisticsStore, settings: list[str], budgets: list[float], 
         chosen = setting_data(spec, data)
         estimator = fisher_estimator(spec)
         small_set, large_set = ("mix", "mix_large") if spec["mix"] else ("calibration", "calibration_large")
+        large_set += "_f512" if spec["f512"] else ""
         for budget in budgets:
             first, second = statistics_plan(spec, budget)
             needed.setdefault((small_set, estimator), (chosen["calibration"], []))[1].extend(first)

@@ -99,6 +99,13 @@ def test_f128_collects_every_statistic_on_the_128_chunk_set():
         parse_setting("whiten+c128+f128")
     with pytest.raises(ValueError, match=r"overlap the mix fine-tune chunks"):
         parse_setting("whiten+f128+mix+lora")
+    with pytest.raises(ValueError, match=r"`\+f512` reads 512 chunks of the genre mix; add `\+mix`\.$"):
+        parse_setting("whiten+f512")
+    data = {"mix_calibration": ["m"], "mix_calibration_large": ["m128"], "mix_calibration_xl": ["m512"]}
+    data.update({f"mix_{chunks}": [] for chunks in LORA_FLAGS.values()})
+    assert setting_data(parse_setting("whiten+mix+f512"), data)["calibration_large"] == ["m512"]
+    assert setting_data(parse_setting("whiten+mix+f128"), data)["calibration_large"] == ["m128"]
+    assert parse_setting("whiten+mix+f512")["f128"]  # the +f128 plan on the larger set
 
 
 def test_mix_with_c128_is_refused():
@@ -231,26 +238,31 @@ def _source(chunk: dict) -> str:
 def test_mix_pool_sizes_and_old_pools_are_a_prefix_of_the_512_chunk_pool(monkeypatch):
     data = _fake_mix(monkeypatch)
     sizes = {name: len(data[name]) for name in data}
-    assert sizes == {"mix_calibration": 32, "mix_calibration_large": 128, "mix_train": 32, "mix_train_large": 128,
-                     "mix_train_xl": 256, "mix_train_xxl": 512, "mix_train_xxxl": 1024}  # fmt: skip
+    assert sizes == {"mix_calibration": 32, "mix_calibration_large": 128, "mix_calibration_xl": 512,
+                     "mix_train": 32, "mix_train_large": 128, "mix_train_xl": 256, "mix_train_xxl": 512,
+                     "mix_train_xxxl": 1024}  # fmt: skip
     # +mix+f128: the 32-chunk mix first, then more of the same three pools in equal shares (43 / 43 / 42)
     assert data["mix_calibration_large"][:32] == data["mix_calibration"]
     large = [_source(chunk) for chunk in data["mix_calibration_large"]]
     assert (large.count("calib1990s"), large.count("wsj"), sum(s.startswith("moby") for s in large)) == (43, 42, 43)
+    # +mix+f512: the 128 first, then the addresses continue with 1960-1979, the news with OANC (171 / 171 / 170)
+    assert data["mix_calibration_xl"][:128] == data["mix_calibration_large"]
+    xl = [_source(chunk) for chunk in data["mix_calibration_xl"]]
+    assert (xl.count("calib1990s"), sum(s.startswith("sotu") for s in xl)) == (128, 43)
+    assert (xl.count("wsj"), xl.count("oanc"), sum(s.startswith("moby") for s in xl)) == (120, 50, 171)
     for name in ("mix_train", "mix_train_large", "mix_train_xl"):
         assert data["mix_train_xxl"][: len(data[name])] == data[name], name
     # the added sources do not change any older set: other OANC text, or none at all beyond what +lora256 needs
     other = _fake_mix(monkeypatch, oanc_prefix="other")
-    assert all(other[name] == data[name] for name in data if name not in ("mix_train_xxl", "mix_train_xxxl"))
+    continued = ("mix_train_xxl", "mix_train_xxxl", "mix_calibration_xl")
+    assert all(other[name] == data[name] for name in data if name not in continued)
     sources = [_source(chunk) for chunk in data["mix_train_xxl"]]
     # equal shares 171 / 171 / 170: 128 1990s + 43 extra-speech chunks, 171 Moby, 110 WSJ + 60 OANC chunks
     assert sum(s == "train1990s" for s in sources) == 128
     assert sum(s.startswith("sotu") for s in sources) == 171 - 128
     assert sum(s.startswith("moby") for s in sources) == 171
     assert (sources.count("wsj"), sources.count("oanc")) == (110, 60)
-    assert "oanc" not in {
-        _source(chunk) for name in data if name not in ("mix_train_xxl", "mix_train_xxxl") for chunk in data[name]
-    }
+    assert "oanc" not in {_source(chunk) for name in data if name not in continued for chunk in data[name]}
 
 
 def test_the_1024_chunk_pool_continues_the_512_chunk_pool(monkeypatch):
