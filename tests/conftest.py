@@ -121,6 +121,27 @@ def gpt2_equal_length_setup(batch_size: int = 2) -> tuple:
     return model, examples, names, build_calibration_loader(examples, model=model, batch_size=batch_size)
 
 
+def compressed_with_loader(build, method: str) -> tuple:
+    """A seeded tiny model from `build`, a rank-2 copy compressed with `method`, its targets and a loader of 8 random
+    sequences of 16 tokens (batches of 4): the setting of the sequential-update tests."""
+    import copy
+
+    from hf_fwsvd import FWSVDConfig, compress
+    from hf_fwsvd.calibration import build_calibration_loader
+    from hf_fwsvd.targets import find_target_modules
+
+    torch.manual_seed(0)
+    dense = build().eval()
+    data = [{"input_ids": torch.randint(3, 64, (16,)).tolist()} for _ in range(8)]
+    extra = {} if method == "svd" else {"calibration_dataset": data, "batch_size": 4, "max_length": 16}
+    config = FWSVDConfig(method=method, rank=2, **extra)
+    model = copy.deepcopy(dense)
+    compress(model, config, show_progress=False)
+    targets = find_target_modules(dense, config)
+    loader = build_calibration_loader(data, None, dense, batch_size=4, max_length=16, num_samples=None)
+    return dense, model, targets, loader
+
+
 @pytest.fixture
 def sample_input() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)

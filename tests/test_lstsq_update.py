@@ -7,10 +7,9 @@ import logging
 
 import pytest
 import torch
-from conftest import calibration_data, tiny_gpt2, tiny_llama
+from conftest import calibration_data, compressed_with_loader, tiny_gpt2, tiny_llama
 
 from hf_fwsvd import FWSVDConfig, compress
-from hf_fwsvd.calibration import build_calibration_loader
 from hf_fwsvd.factorize import factorize
 from hf_fwsvd.layers import LowRankLinear, dense_weight
 from hf_fwsvd.lstsq_update import DENSE_TARGET_WARNING, output_error, sequential_update, update_up_factor
@@ -57,24 +56,10 @@ def test_update_is_a_no_op_on_the_whitening_statistics():
     torch.testing.assert_close(up, factors.up, atol=2e-4, rtol=1e-3)
 
 
-def _compressed_with_loader(build, method: str):
-    """A seeded tiny model, a rank-2 copy compressed with `method`, its targets and a loader of 8 random sequences."""
-    torch.manual_seed(0)
-    dense = build()
-    data = [{"input_ids": torch.randint(3, 64, (16,)).tolist()} for _ in range(8)]
-    extra = {} if method == "svd" else {"calibration_dataset": data, "batch_size": 4, "max_length": 16}
-    config = FWSVDConfig(method=method, rank=2, **extra)
-    model = copy.deepcopy(dense)
-    compress(model, config, show_progress=False)
-    targets = find_target_modules(dense, config)
-    loader = build_calibration_loader(data, None, dense, batch_size=4, max_length=16, num_samples=None)
-    return dense, model, targets, loader
-
-
 @pytest.mark.parametrize("as_weights", [False, True], ids=["modules", "weights"])
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_sequential_update_lowers_every_modules_error(build, as_weights):
-    dense, model, targets, loader = _compressed_with_loader(build, "svd")
+    dense, model, targets, loader = compressed_with_loader(build, "svd")
     before = {name: module.up.weight.detach().clone() for name, module in model.named_modules()
               if isinstance(module, LowRankLinear)}  # fmt: skip
     dense_modules = {name: dense_weight(module) for name, module in targets.items()} if as_weights else targets
@@ -140,7 +125,7 @@ def test_refitting_both_factors_is_at_least_as_good_as_refitting_up(seed):
 
 @pytest.mark.parametrize(("refit", "target"), [("up", "dense"), ("both", "compressed")])
 def test_sequential_update_variants_never_raise_a_modules_error(refit, target):
-    _, model, targets, loader = _compressed_with_loader(tiny_llama, "whiten")
+    _, model, targets, loader = compressed_with_loader(tiny_llama, "whiten")
     report = sequential_update(model, dict(targets), loader, refit=refit, target=target)
     assert set(report.errors) == set(targets)
     for name, (error_before, error_after) in report.errors.items():
@@ -150,7 +135,7 @@ def test_sequential_update_variants_never_raise_a_modules_error(refit, target):
 
 def test_dense_target_first_block_equals_svdllm_and_later_blocks_fit_the_dense_model():
     """Block 0 sees the dense model's inputs (X_d = X_c): both targets give the same factors there."""
-    _, compressed, targets, loader = _compressed_with_loader(tiny_llama, "svd")
+    _, compressed, targets, loader = compressed_with_loader(tiny_llama, "svd")
     results = {}
     for target in ("compressed", "dense"):
         model = copy.deepcopy(compressed)
@@ -167,7 +152,7 @@ def test_dense_target_first_block_equals_svdllm_and_later_blocks_fit_the_dense_m
 
 @pytest.mark.parametrize("target", ["compressed", "dense"])
 def test_only_the_dense_target_warns(target, caplog):
-    _, model, targets, loader = _compressed_with_loader(tiny_llama, "whiten")
+    _, model, targets, loader = compressed_with_loader(tiny_llama, "whiten")
     with caplog.at_level(logging.WARNING, logger="hf_fwsvd.lstsq_update"):
         sequential_update(model, dict(targets), loader, target=target)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]

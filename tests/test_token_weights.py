@@ -6,28 +6,15 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import compressed_with_loader, tiny_llama
 
-from hf_fwsvd import FWSVDConfig, compress
-from hf_fwsvd.calibration import build_calibration_loader
 from hf_fwsvd.lstsq_update import sequential_update
 from hf_fwsvd.statistics import collect
-from hf_fwsvd.targets import find_target_modules
 from hf_fwsvd.token_weights import output_gradient_token_weights
 
 
 def _setup(method: str = "svd"):
-    """A seeded tiny Llama, a rank-2 copy compressed with `method`, its targets and a loader of 8 sequences."""
-    torch.manual_seed(0)
-    dense = tiny_llama().eval()
-    data = [{"input_ids": torch.randint(3, 64, (16,)).tolist()} for _ in range(8)]
-    extra = {} if method == "svd" else {"calibration_dataset": data, "batch_size": 4, "max_length": 16}
-    config = FWSVDConfig(method=method, rank=2, **extra)
-    model = copy.deepcopy(dense)
-    compress(model, config, show_progress=False)
-    targets = find_target_modules(dense, config)
-    loader = build_calibration_loader(data, None, dense, batch_size=4, max_length=16, num_samples=None)
-    return dense, model, targets, loader
+    return compressed_with_loader(tiny_llama, method)
 
 
 def _module_inputs(model, name: str, loader) -> list[torch.Tensor]:
