@@ -200,9 +200,11 @@ def _compare_with_in_memory(tmp_path, size: dict, summary: dict, inputs: dict) -
 
 
 def test_compress_layerwise_fits_a_model_twice_the_memory_limit(tmp_path):
-    # 86 MiB of fp32 weights (4 MiB of them embeddings) in 4 MB shards, 40 MiB of anonymous memory allowed (about
-    # 20 MiB of it is taken by the allocator's own growth: heap fragmentation, arenas)
-    _compress_under_limit(tmp_path, {"hidden": 256, "intermediate": 768, "layers": 24, "vocab": 2048}, 40, "4MB")
+    # 136 MiB of fp32 weights (4 MiB of them embeddings) in 4 MB shards, 60 MiB of anonymous memory allowed (much of
+    # it taken by the allocator's own growth: heap fragmentation, arenas). The block-wise Fisher pass needed 45-50 MiB
+    # on an 82 MiB model on one 2-core VM (2026-12-06, also at the code of 8ae28fa) and under 40 on another, so the
+    # model is wider than it was (intermediate 1536) to keep the limit under half its size; 55 MiB passed.
+    _compress_under_limit(tmp_path, {"hidden": 256, "intermediate": 1536, "layers": 24, "vocab": 2048}, 60, "4MB")
 
 
 @pytest.mark.slow
