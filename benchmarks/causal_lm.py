@@ -563,13 +563,19 @@ def prefetch(store: StatisticsStore, settings: list[str], budgets: list[float], 
         for budget in budgets:
             first, second = statistics_plan(spec, budget)
             needed.setdefault((small_set, estimator), (chosen["calibration"], []))[1].extend(first)
-            large_estimator = estimator if spec["f128"] else "empirical"
-            needed.setdefault((large_set, large_estimator), (chosen["calibration_large"], []))[1].extend(second)
+            large_key = (large_set, large_set_estimator(spec))
+            needed.setdefault(large_key, (chosen["calibration_large"], []))[1].extend(second)
     return sum(
         store.get(chunks, list(dict.fromkeys(names)), estimator)[1]
         for (_, estimator), (chunks, names) in needed.items()
         if names
     )
+
+
+def large_set_estimator(spec: dict) -> str:
+    """The Fisher estimator of the statistics a setting reads from its 128-chunk (or larger) set: the setting's own
+    with ``+f128`` (backward statistics there too), else `"empirical"` (forward statistics only need none)."""
+    return fisher_estimator(spec) if spec["f128"] else "empirical"
 
 
 def fisher_estimator(spec: dict) -> str:
@@ -583,8 +589,7 @@ def setting_statistics(store: StatisticsStore, spec: dict, budget: float, data: 
     backward, forward = statistics_plan(spec, budget)
     if not forward:
         return store.get(data["calibration"], backward, fisher_estimator(spec))
-    large_estimator = fisher_estimator(spec) if spec["f128"] else "empirical"
-    large, seconds = store.get(data["calibration_large"], forward, large_estimator)
+    large, seconds = store.get(data["calibration_large"], forward, large_set_estimator(spec))
     if not backward:
         return large, seconds
     small, more = store.get(data["calibration"], backward, fisher_estimator(spec))

@@ -307,22 +307,26 @@ def _collect_dense_moments(
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            rows = args[0].detach().to(torch.float64)
-            weights = None if token_weights is None else _batch_weights(token_weights, name, batch_index[0], rows)
+            inputs = args[0].detach().to(torch.float64)
             mask = current[0]
-            if mask is not None and rows.ndim == 3 and tuple(mask.shape) == tuple(rows.shape[:2]):
-                rows = rows[mask.bool()]
-                weights = None if weights is None else weights[mask.bool()]
+            keep = None
+            if mask is not None and inputs.ndim == 3 and tuple(mask.shape) == tuple(inputs.shape[:2]):
+                keep = mask.bool()
+            rows = inputs if keep is None else inputs[keep]
             rows = rows.reshape(-1, rows.shape[-1])
             if capturing[0]:  # the dense model's pass: keep the rows until the compressed inputs of this batch arrive
                 dense_rows[name] = rows
                 return
-            weighted = rows if weights is None else rows * weights.reshape(-1, 1)
+            weights = None
+            if token_weights is not None:
+                weights = _batch_weights(token_weights, name, batch_index[0], inputs)
+                weights = (weights if keep is None else weights[keep]).reshape(-1, 1)
+            weighted = rows if weights is None else rows * weights
             add(name, 0, rows.T @ weighted)
             if name in dense_rows:
                 target = dense_rows.pop(name)
                 add(name, 1, target.T @ weighted)
-                target_weighted = target if weights is None else target * weights.reshape(-1, 1)
+                target_weighted = target if weights is None else target * weights
                 add(name, 2, target.T @ target_weighted)
 
         return hook
@@ -349,9 +353,9 @@ def _collect_dense_moments(
 
 
 def _batch_weights(
-    token_weights: Mapping[str, Sequence[torch.Tensor]], name: str, index: int, rows: torch.Tensor
+    token_weights: Mapping[str, Sequence[torch.Tensor]], name: str, index: int, inputs: torch.Tensor
 ) -> torch.Tensor:
-    """The float64 weights of batch `index` for module `name`, checked against its input `rows`."""
+    """The float64 weights of batch `index` for module `name`, checked against its `inputs` (before masking)."""
     if name not in token_weights:
         raise ValueError(f"`token_weights` has no weights for `{name}`; collect them for every compressed module.")
     per_batch = token_weights[name]
@@ -360,11 +364,11 @@ def _batch_weights(
             f"`token_weights[{name!r}]` has {len(per_batch)} batches, the calibration data more; pass the batches "
             "the weights were collected on."
         )
-    weights = per_batch[index].to(device=rows.device, dtype=torch.float64)
-    if tuple(weights.shape) != tuple(rows.shape[:-1]):
+    weights = per_batch[index].to(device=inputs.device, dtype=torch.float64)
+    if tuple(weights.shape) != tuple(inputs.shape[:-1]):
         raise ValueError(
             f"`token_weights[{name!r}]` batch {index} has shape {tuple(weights.shape)}, the module's input "
-            f"{tuple(rows.shape[:-1])} tokens; pass the batches the weights were collected on."
+            f"{tuple(inputs.shape[:-1])} tokens; pass the batches the weights were collected on."
         )
     return weights
 
