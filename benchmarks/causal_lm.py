@@ -10,7 +10,7 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   instead: those 32 plus chunks 64-159 of the same addresses (32K tokens). Backward statistics (the Fisher of the
   allocation, ``fisher_whiten``'s gradient-weighted moments) come from the first 32 chunks, except with ``+f128``,
   which takes every statistic (backward ones included) and the update's inputs from the same 128 chunks, and
-  ``+mix+f512``, which does the same on 512 chunks of the genre mix (`mix_texts`).
+  ``+mix+f512`` / ``+mix+f1024``, which do the same on 512 / 1,024 chunks of the genre mix (`mix_texts`).
 - Recovery fine-tune (``+lora``): the next 32 chunks of 256 tokens of the same 1990s addresses (chunks 32-63);
   ``+lora64`` uses those plus chunks 160-255 (128 chunks, 4x the steps), still never the evaluation texts.
 - ``+mix`` (issue #16, the genre question): the 32 calibration chunks AND the fine-tune chunks come from a fixed
@@ -37,7 +37,7 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the process's peak resident memory sampled every 20 ms during that compression.
 
 Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense|+update_weighted]
-[+c128|+f128|+mix|+mix+f128|+mix+f512]
+[+c128|+f128|+mix|+mix+f128|+mix+f512|+mix+f1024]
 [+lora|+lora64|+lora128|+lora256|+lora512][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+seed<k>][+int8][+true]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
@@ -146,12 +146,13 @@ MIX_MOBY_CHAPTERS = range(1, 101)  # +mix: the Moby Dick chapters calibration / 
 EXTRA_SPEECH_YEARS = range(1960, 1980)
 # +lora128, +lora256, +lora512: mix fine-tune chunks
 XL_TRAIN_CHUNKS, XXL_TRAIN_CHUNKS, XXXL_TRAIN_CHUNKS = 256, 512, 1024
-XL_CALIB_CHUNKS = 512  # +mix+f512
+# +mix+f512 / +mix+f1024: flag -> (its `mix_texts` set, chunks)
+LARGE_MIX_CALIBRATION = {"f512": ("mix_calibration_xl", 512), "f1024": ("mix_calibration_xxl", 1024)}
 EXTRA_PLAY = "hamlet"  # ppl_extra: a genre in no calibration set
 FLAGS = (
     "alloc", "alloc1", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8",
     "bytes", "int8bytes", "mix", "kd", "lora128", "ep4", "ep1", "lora256", "lora512", "true", "f128", "f512",
-    "update_weighted",
+    "update_weighted", "f1024",
 )  # fmt: skip
 # update flag -> `sequential_update` options
 # LoRA flag -> the fine-tune chunks it reads (2 epochs, batch 4: 16 / 64 / 128 / 256 / 512 steps)
@@ -263,7 +264,8 @@ def mix_texts(tokenizer, sotu_calibration: list[dict], sotu_train: list[dict], c
     """The ``+mix`` chunks: ``mix_calibration`` (32), ``mix_calibration_large`` (128, ``+mix+f128``: its first 32
     are ``mix_calibration``; its Moby Dick and news chunks overlap the fine-tune chunks, so it is for settings without
     a recovery), ``mix_calibration_xl`` (512, ``+mix+f512``: its first 128 are ``mix_calibration_large``; the
-    addresses continue with the 1960-1979 ones, the news with OANC, as in the fine-tune pools), ``mix_train`` (32),
+    addresses continue with the 1960-1979 ones, the news with OANC, as in the fine-tune pools),
+    ``mix_calibration_xxl`` (1,024, ``+mix+f1024``: its first 512 are ``mix_calibration_xl``), ``mix_train`` (32),
     ``mix_train_large`` (128),
     ``mix_train_xl`` (256, ``+lora128``), ``mix_train_xxl`` (512, ``+lora256``) and ``mix_train_xxxl`` (1,024,
     ``+lora512``), each an interleaved equal-share mix
@@ -288,7 +290,10 @@ def mix_texts(tokenizer, sotu_calibration: list[dict], sotu_train: list[dict], c
     return {
         "mix_calibration": genre_mix([sotu_calibration, moby, news], CALIB_CHUNKS),
         "mix_calibration_large": genre_mix([sotu_calibration, moby, news], len(LARGE_CALIB_EXTRA) + CALIB_CHUNKS),
-        "mix_calibration_xl": genre_mix([sotu_calibration + speeches, moby, news + oanc], XL_CALIB_CHUNKS),
+        **{
+            name: genre_mix([sotu_calibration + speeches, moby, news + oanc], chunks)
+            for name, chunks in LARGE_MIX_CALIBRATION.values()
+        },
         "mix_train": genre_mix(pools, CALIB_CHUNKS),
         "mix_train_large": genre_mix(pools, LARGE_TRAIN_EXTRA.stop // 2),
         "mix_train_xl": genre_mix(pools, XL_TRAIN_CHUNKS),
@@ -329,7 +334,8 @@ def setting_data(spec: dict, data: dict) -> dict:
         return data
     # every LoRA flag's chunks have a ``mix_`` twin (`mix_texts`)
     mixed = {chunks: data[f"mix_{chunks}"] for chunks in LORA_FLAGS.values()}
-    large = data["mix_calibration_xl" if spec["f512"] else "mix_calibration_large"]
+    larger = [name for flag, (name, _) in LARGE_MIX_CALIBRATION.items() if spec[flag]]
+    large = data[larger[0] if larger else "mix_calibration_large"]
     return {**data, "calibration": data["mix_calibration"], "calibration_large": large, **mixed}
 
 
@@ -368,11 +374,14 @@ def parse_setting(setting: str) -> dict:
             )
     if spec["mix"] and spec["c128"]:
         raise ValueError(f"{setting!r}: `+mix` replaces the 32 calibration chunks; it has no 128-chunk set (`+c128`).")
-    if spec["f512"]:
+    for flag, (_, chunks) in LARGE_MIX_CALIBRATION.items():
+        if not spec[flag]:
+            continue
         if not spec["mix"]:
-            raise ValueError(f"{setting!r}: `+f512` reads 512 chunks of the genre mix; add `+mix`.")
+            raise ValueError(f"{setting!r}: `+{flag}` reads {chunks} chunks of the genre mix; add `+mix`.")
         if spec["f128"]:
-            raise ValueError(f"{setting!r}: choose one of `+f128` and `+f512`.")
+            others = ", ".join(f"`+{other}`" for other in ["f128", *LARGE_MIX_CALIBRATION] if other != flag)
+            raise ValueError(f"{setting!r}: `+{flag}` excludes {others}; choose one calibration size.")
         spec["f128"] = True  # the same plan on the larger set (`setting_data`)
     if spec["mix"] and spec["f128"] and lora_flag(spec):
         raise ValueError(
@@ -559,7 +568,7 @@ def prefetch(store: StatisticsStore, settings: list[str], budgets: list[float], 
         chosen = setting_data(spec, data)
         estimator = fisher_estimator(spec)
         small_set, large_set = ("mix", "mix_large") if spec["mix"] else ("calibration", "calibration_large")
-        large_set += "_f512" if spec["f512"] else ""
+        large_set += "".join(f"_{flag}" for flag in LARGE_MIX_CALIBRATION if spec[flag])
         for budget in budgets:
             first, second = statistics_plan(spec, budget)
             needed.setdefault((small_set, estimator), (chosen["calibration"], []))[1].extend(first)

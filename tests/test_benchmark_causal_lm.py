@@ -101,9 +101,15 @@ def test_f128_collects_every_statistic_on_the_128_chunk_set():
         parse_setting("whiten+f128+mix+lora")
     with pytest.raises(ValueError, match=r"`\+f512` reads 512 chunks of the genre mix; add `\+mix`\.$"):
         parse_setting("whiten+f512")
+    with pytest.raises(ValueError, match=r"`\+f1024` reads 1024 chunks of the genre mix; add `\+mix`\.$"):
+        parse_setting("whiten+f1024")
+    with pytest.raises(ValueError, match=r"`\+f1024` excludes `\+f128`, `\+f512`; choose one calibration size\.$"):
+        parse_setting("whiten+mix+f512+f1024")
     data = {"mix_calibration": ["m"], "mix_calibration_large": ["m128"], "mix_calibration_xl": ["m512"]}
+    data.update({"mix_calibration_xxl": ["m1024"]})
     data.update({f"mix_{chunks}": [] for chunks in LORA_FLAGS.values()})
     assert setting_data(parse_setting("whiten+mix+f512"), data)["calibration_large"] == ["m512"]
+    assert setting_data(parse_setting("whiten+mix+f1024"), data)["calibration_large"] == ["m1024"]
     assert setting_data(parse_setting("whiten+mix+f128"), data)["calibration_large"] == ["m128"]
     assert parse_setting("whiten+mix+f512")["f128"]  # the +f128 plan on the larger set
 
@@ -239,6 +245,7 @@ def test_mix_pool_sizes_and_old_pools_are_a_prefix_of_the_512_chunk_pool(monkeyp
     data = _fake_mix(monkeypatch)
     sizes = {name: len(data[name]) for name in data}
     assert sizes == {"mix_calibration": 32, "mix_calibration_large": 128, "mix_calibration_xl": 512,
+                     "mix_calibration_xxl": 1024,
                      "mix_train": 32, "mix_train_large": 128, "mix_train_xl": 256, "mix_train_xxl": 512,
                      "mix_train_xxxl": 1024}  # fmt: skip
     # +mix+f128: the 32-chunk mix first, then more of the same three pools in equal shares (43 / 43 / 42)
@@ -254,7 +261,7 @@ def test_mix_pool_sizes_and_old_pools_are_a_prefix_of_the_512_chunk_pool(monkeyp
         assert data["mix_train_xxl"][: len(data[name])] == data[name], name
     # the added sources do not change any older set: other OANC text, or none at all beyond what +lora256 needs
     other = _fake_mix(monkeypatch, oanc_prefix="other")
-    continued = ("mix_train_xxl", "mix_train_xxxl", "mix_calibration_xl")
+    continued = ("mix_train_xxl", "mix_train_xxxl", "mix_calibration_xl", "mix_calibration_xxl")
     assert all(other[name] == data[name] for name in data if name not in continued)
     sources = [_source(chunk) for chunk in data["mix_train_xxl"]]
     # equal shares 171 / 171 / 170: 128 1990s + 43 extra-speech chunks, 171 Moby, 110 WSJ + 60 OANC chunks
@@ -267,6 +274,11 @@ def test_mix_pool_sizes_and_old_pools_are_a_prefix_of_the_512_chunk_pool(monkeyp
 
 def test_the_1024_chunk_pool_continues_the_512_chunk_pool(monkeypatch):
     data = _fake_mix(monkeypatch)
+    # +mix+f1024: the 512 first; equal shares 342 / 341 / 341 (128 1990s + 214 extra-speech, 120 WSJ + 221 OANC)
+    assert data["mix_calibration_xxl"][:512] == data["mix_calibration_xl"]
+    xxl = [_source(chunk) for chunk in data["mix_calibration_xxl"]]
+    assert (xxl.count("calib1990s"), sum(s.startswith("sotu") for s in xxl)) == (128, 214)
+    assert (xxl.count("wsj"), xxl.count("oanc"), sum(s.startswith("moby") for s in xxl)) == (120, 221, 341)
     assert data["mix_train_xxxl"][:512] == data["mix_train_xxl"]
     sources = [_source(chunk) for chunk in data["mix_train_xxxl"]]
     # equal shares 342 / 341 / 341: 128 1990s + 214 extra-speech chunks, 341 Moby, 110 WSJ + 231 OANC chunks
@@ -293,7 +305,8 @@ def test_mix_fine_tune_chunks_stay_off_calibration_dev_and_evaluation_text(monke
 
 
 def test_mix_names_the_short_pool_when_the_news_runs_out(monkeypatch):
-    with pytest.raises(ValueError, match=r"^Genre 2 has 169 chunks, the mix needs 170\.$"):
+    # the 1,024-chunk calibration mix is the first set short of news: 120 WSJ + 59 OANC chunks, 341 needed
+    with pytest.raises(ValueError, match=r"^Genre 2 has 179 chunks, the mix needs 341\.$"):
         _fake_mix(monkeypatch, oanc_chunks=59)
 
 
