@@ -50,6 +50,28 @@ def test_factorisation_reaches_the_brute_force_optimum(rank):
     assert reached < two_sided_loss(weight, one_sided, damped, input_moment) * (1 - 1e-3)
 
 
+def test_up_is_orthonormal_and_the_product_is_the_unscaled_optimum_under_weak_gradients():
+    # weak output directions make L^{-T} U_r large (columns of norm ~1e2 here); the factors must still come back in
+    # the convention of every other method (orthonormal `up`), else a fine-tune's steps wreck the small `down`
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(12, 10, generator=generator)
+    basis = torch.linalg.qr(torch.randn(12, 12, generator=generator, dtype=torch.float64))[0]
+    # one strong output direction, eleven with 1e-4 of its gradient energy (G is dominated by a few directions)
+    spectrum = torch.cat([torch.ones(1), torch.logspace(-4, -5, 11)]).double()
+    output_moment = (basis * spectrum) @ basis.T
+    input_moment = random_moment(10, 200, 8)
+    factors = kronecker_factorize(weight, 4, input_moment, output_moment.float())
+    assert torch.allclose(factors.up.T @ factors.up, torch.eye(4), atol=1e-5)
+    left = torch.linalg.cholesky(output_moment / output_moment.diagonal().max() + OUTPUT_DAMPING * torch.eye(12))
+    right = torch.linalg.cholesky(input_moment.double())
+    u, _, _ = torch.linalg.svd(left.T @ weight.double() @ right)
+    unscaled_up = torch.linalg.solve_triangular(left.T, u[:, :4], upper=True)
+    assert unscaled_up.norm(dim=0).max() > 50  # the case this test is about
+    expected = unscaled_up @ u[:, :4].T @ left.T @ weight.double()
+    # float32 rounding of the weighted matrix (8.3e-5 here, the same before the QR was added)
+    assert (factors.product().double() - expected).norm() / expected.norm() < 2e-4
+
+
 def test_identity_output_moment_gives_the_one_sided_factorisation():
     weight = torch.randn(8, 6, generator=torch.Generator().manual_seed(4))
     input_moment = random_moment(6, 100, 5)
