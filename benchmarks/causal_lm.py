@@ -328,14 +328,19 @@ def genre_mix(pools: list[list[dict]], total: int) -> list[dict]:
     return mixed
 
 
+def large_mix_flag(spec: dict) -> str | None:
+    """The setting's `LARGE_MIX_CALIBRATION` flag (``f512`` / ``f1024``; `parse_setting` allows one), else `None`."""
+    return next((flag for flag in LARGE_MIX_CALIBRATION if spec[flag]), None)
+
+
 def setting_data(spec: dict, data: dict) -> dict:
     """`benchmark_texts` with the calibration and fine-tune chunks the setting reads (``+mix``: the genre mix)."""
     if not spec["mix"]:
         return data
     # every LoRA flag's chunks have a ``mix_`` twin (`mix_texts`)
     mixed = {chunks: data[f"mix_{chunks}"] for chunks in LORA_FLAGS.values()}
-    larger = [name for flag, (name, _) in LARGE_MIX_CALIBRATION.items() if spec[flag]]
-    large = data[larger[0] if larger else "mix_calibration_large"]
+    flag = large_mix_flag(spec)
+    large = data[LARGE_MIX_CALIBRATION[flag][0] if flag else "mix_calibration_large"]
     return {**data, "calibration": data["mix_calibration"], "calibration_large": large, **mixed}
 
 
@@ -568,7 +573,7 @@ def prefetch(store: StatisticsStore, settings: list[str], budgets: list[float], 
         chosen = setting_data(spec, data)
         estimator = fisher_estimator(spec)
         small_set, large_set = ("mix", "mix_large") if spec["mix"] else ("calibration", "calibration_large")
-        large_set += "".join(f"_{flag}" for flag in LARGE_MIX_CALIBRATION if spec[flag])
+        large_set += f"_{flag}" if (flag := large_mix_flag(spec)) else ""
         for budget in budgets:
             first, second = statistics_plan(spec, budget)
             needed.setdefault((small_set, estimator), (chosen["calibration"], []))[1].extend(first)
