@@ -325,6 +325,9 @@ def finetune_table(rows: list[dict], tasks: list[str], methods: list[str]) -> No
                 print(f"| {task} | {dense} | {ratio} | {kept} | " + " | ".join(cells) + " |")
         finetune_tests(tasks, methods, stage)
         finetune_seed_tests(tasks, methods, stage)
+        if "kfac_whiten" in methods and "whiten" in methods:
+            for seed in ("0", "1", "2"):
+                method_pair_tests(tasks, "kfac_whiten", ["whiten"], seed, stage)
 
 
 class PairedTests:
@@ -396,15 +399,16 @@ def finetune_tests(tasks: list[str], methods: list[str], stage: str) -> None:
     table.print(f"\nPaired tests against SVD after `{stage}` (seed 0):\n", "method | diff (pt)")
 
 
-def method_pair_tests(tasks: list[str], method: str, others: list[str], seed: str = "0") -> None:
-    """Paired tests of `method` against each of `others` at the same calibration seed, no fine-tune, wherever both
-    were run: McNemar / paired bootstrap of Pearson r per task, `bootstrap_tasks` over the tasks."""
+def method_pair_tests(tasks: list[str], method: str, others: list[str], seed: str = "0", stage: str = "none") -> None:
+    """Paired tests of `method` against each of `others` at the same calibration seed and `stage` (``"none"``: no
+    fine-tune; a ``finetune_*`` stage: both after that fine-tune), wherever both were run: McNemar / paired bootstrap
+    of Pearson r per task, `bootstrap_tasks` over the tasks."""
     table = PairedTests()
     for task in tasks:
         predictions = load_predictions(task)
         regression = TASKS[task][0] == 1
         prefix = f"{task}|{method}|empirical|128|"
-        keys = sorted(k for k in predictions if k.startswith(prefix) and k.endswith(f"|{seed}|none|0"))
+        keys = sorted(k for k in predictions if k.startswith(prefix) and k.endswith(f"|{seed}|{stage}|0"))
         labels = test_labels(task, task_splits(task)["test"]).double() if keys else None
         for key in keys:
             ratio = key.split("|")[4]
@@ -416,7 +420,8 @@ def method_pair_tests(tasks: list[str], method: str, others: list[str], seed: st
                     continue
                 base = torch.tensor(predictions[other_key], dtype=torch.float64)
                 table.add(task, ratio, other, pred, base, y, regression)
-    title = f"\n## {method} against the other methods (no fine-tune, calibration seed {seed})\n"
+    when = "no fine-tune" if stage == "none" else f"both after `{stage}`"
+    title = f"\n## {method} against the other methods ({when}, calibration seed {seed})\n"
     table.print(title, f"against | {method} minus it (pt)")
 
 

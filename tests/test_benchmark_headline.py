@@ -222,3 +222,25 @@ def test_method_pair_tests_compare_tfwsvd_with_each_method_at_the_same_seed(monk
     assert f"| trec | 0.33 | fwsvd | +45.0 | McNemar 10/1 | {p:.3g} |" in out
     assert out.count("| trec | 0.33 | fwsvd |") == 1
     assert "| whiten |" not in out and "mean of" not in out
+
+
+def test_method_pair_tests_after_a_fine_tune_pair_only_that_stage(monkeypatch, capsys):
+    import benchmarks.headline_report as report
+
+    stage = "finetune_label_125_5e-05"
+    labels = torch.tensor([0, 1] * 10)
+    predictions = {
+        f"trec|kfac_whiten|empirical|128|0.33|1|{stage}|0": labels.tolist(),  # 20 of 20
+        f"trec|whiten|empirical|128|0.33|1|{stage}|0": labels.tolist()[:16] + [1, 0, 1, 0],  # 16 of 20
+        "trec|kfac_whiten|empirical|128|0.33|1|none|0": [0] * 20,  # not fine-tuned: ignored
+        "trec|whiten|empirical|128|0.33|1|none|0": labels.tolist(),
+    }
+    monkeypatch.setattr(report, "load_predictions", lambda task: predictions if task == "trec" else {})
+    monkeypatch.setattr(report, "task_splits", lambda task: {"test": [None] * 20})
+    monkeypatch.setattr(report, "test_labels", lambda task, test: labels)
+    report.method_pair_tests(["trec"], "kfac_whiten", ["whiten"], "1", stage)
+    out = capsys.readouterr().out
+    p = mcnemar([True] * 4, [False] * 4)[2]
+    assert f"## kfac_whiten against the other methods (both after `{stage}`, calibration seed 1)" in out
+    assert f"| trec | 0.33 | whiten | +20.0 | McNemar 4/0 | {p:.3g} |" in out
+    assert out.count("| trec |") == 1
