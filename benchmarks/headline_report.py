@@ -325,8 +325,8 @@ def finetune_table(rows: list[dict], tasks: list[str], methods: list[str]) -> No
                 print(f"| {task} | {dense} | {ratio} | {kept} | " + " | ".join(cells) + " |")
         finetune_tests(tasks, methods, stage)
         finetune_seed_tests(tasks, methods, stage)
-        if "kfac_whiten" in methods and "whiten" in methods:
-            for seed in ("0", "1", "2"):
+        if "whiten" in methods:
+            for seed in sorted({r["seed"] for r in rows if r["method"] == "kfac_whiten" and r["stage"] == stage}):
                 method_pair_tests(tasks, "kfac_whiten", ["whiten"], seed, stage)
 
 
