@@ -384,23 +384,33 @@ def test_stage(run: TaskRun, args: argparse.Namespace) -> dict:
 
 
 def paired_stage(run: TaskRun, args: argparse.Namespace) -> dict:
-    """McNemar tests (`benchmarks.headline_report.mcnemar`) of every recipe of the ``test`` stage's results against
-    each of ``--references``, from the stored test predictions; printed and returned as ``{(a, ref): (only a right,
-    only ref right, p)}``."""
-    from benchmarks.headline_report import mcnemar
+    """Paired tests of every recipe of the ``test`` stage's results against each of ``--references``, from the
+    stored test predictions: McNemar (`benchmarks.headline_report.mcnemar`) for a classification task, returned as
+    ``{(a, ref): (only a right, only ref right, p)}``; the paired bootstrap of the Pearson r
+    (`benchmarks.headline_report.bootstrap_pearson`) for a regression task, returned as ``{(a, ref): (r(a) - r(ref),
+    p)}``. Both printed."""
+    from benchmarks.headline_report import bootstrap_pearson, mcnemar
 
     key = f"{run.task}|{args.label}" if args.label else run.task
     rows = json.loads((RESULTS / "int8_recipes_test.json").read_text())[key]["models"]
-    right = {
-        name: [p == y for p, y in zip(row["pred"], run.labels.tolist(), strict=True)] for name, row in rows.items()
-    }
     tests = {}
     for reference in args.references:
         for name in rows:
-            if name != reference:
-                tests[(name, reference)] = mcnemar(right[name], right[reference])
-                only_a, only_b, p = tests[(name, reference)]
-                print(f"{run.task} {name:<40} vs {reference:<20} {only_a:3d} / {only_b:3d}  p = {p:.3g}")
+            if name == reference:
+                continue
+            if run.regression:
+                predictions = torch.tensor(rows[name]["pred"]), torch.tensor(rows[reference]["pred"])
+                tests[(name, reference)] = bootstrap_pearson(*predictions, run.labels.float())
+                difference, p = tests[(name, reference)]
+                print(f"{run.task} {name:<40} vs {reference:<20} r {difference * 100:+6.2f} x100  p = {p:.3g}")
+                continue
+            right = [
+                [p == y for p, y in zip(rows[model]["pred"], run.labels.tolist(), strict=True)]
+                for model in (name, reference)
+            ]
+            tests[(name, reference)] = mcnemar(*right)
+            only_a, only_b, p = tests[(name, reference)]
+            print(f"{run.task} {name:<40} vs {reference:<20} {only_a:3d} / {only_b:3d}  p = {p:.3g}")
     return tests
 
 

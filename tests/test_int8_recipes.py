@@ -240,3 +240,33 @@ def test_lib_variant_is_the_library_recipe_with_the_smoothing_folded(monkeypatch
         assert torch.allclose(found, unfolded(**batch).logits, atol=0.02)  # only down's int8 rounding differs
     with pytest.raises(ValueError, match="pass absmax=activation_absmax"):
         dynamic_int8(low_rank, "lib")
+
+
+def test_paired_stage_uses_mcnemar_for_labels_and_the_pearson_bootstrap_for_regression(tmp_path, monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    import benchmarks.int8_recipes as recipes
+
+    monkeypatch.setattr(recipes, "RESULTS", tmp_path)
+    labels = [0, 1] * 10
+    both_wrong_on_3 = [1 - y if i < 3 else y for i, y in enumerate(labels)]
+    rows = {"dense:int8": {"pred": labels}, "whiten0.5+ft:lib": {"pred": both_wrong_on_3}}
+    targets = torch.linspace(0, 1, 20)
+    noisy = (targets + torch.tensor([0.3, -0.3] * 10)).tolist()
+    results = {
+        "sms_spam|x": {"models": rows},
+        "rt_regression|x": {"models": {"dense:int8": {"pred": targets.tolist()}, "whiten0.5+ft:lib": {"pred": noisy}}},
+    }
+    (tmp_path / "int8_recipes_test.json").write_text(json.dumps(results))
+    args = SimpleNamespace(label="x", references=["dense:int8"])
+
+    classification = SimpleNamespace(task="sms_spam", regression=False, labels=torch.tensor(labels))
+    assert recipes.paired_stage(classification, args) == {("whiten0.5+ft:lib", "dense:int8"): (0, 3, 0.25)}
+
+    regression = SimpleNamespace(task="rt_regression", regression=True, labels=targets)
+    ((pair, (difference, p)),) = recipes.paired_stage(regression, args).items()
+    r_noisy = float(torch.corrcoef(torch.stack([torch.tensor(noisy), targets]))[0, 1])
+    assert pair == ("whiten0.5+ft:lib", "dense:int8")
+    assert difference == pytest.approx(r_noisy - 1.0, abs=1e-6)
+    assert p < 0.01
