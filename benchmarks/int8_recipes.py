@@ -9,7 +9,8 @@ examples 2,000-2,299) and the test split read only by the final ``test`` stage. 
   the fraction ``f`` of every block module's weights (``param_ratio=f``, 128 calibration examples of the training
   split, seed 0, as `benchmarks/int8_compare.py`), optionally followed by the recovery fine-tune
   (`benchmarks.recovery.recovery_finetune` with `RECOVERY_ARGS`: labels, 125 steps of 16 on the first 2,000 training
-  examples, but at `BASE_FINETUNE_LR` = 2e-4, the rate these bases were built and measured with); without
+  examples, but at `BASE_FINETUNE_LR` = 2e-4, the rate these bases were built and measured with, unless the base
+  names another: ``whiten0.5+ft5e-5`` is fine-tuned at 5e-5, the recovery recipe's rate since 2026-12-05); without
   ``--fraction``, the dense model with the same fine-tune (the fair competitor);
 * ``dev``: per base model (dense and each low-rank model), dynamic int8 variants scored on the development split:
   every `nn.Linear` quantised, one module group only (`module_tags`), all groups but one, and SmoothQuant-style
@@ -74,27 +75,32 @@ GROUPS = ("qkv", "attn_out", "ffn_in", "ffn_out", "head")
 NUM_SAMPLES = 128
 
 
-def base_name(fraction: float | None, finetune: bool, seed: int = 0) -> str:
-    """``dense``, ``dense+ft``, ``whiten0.8``, ``whiten0.8+ft`` or, for another seed, ``whiten0.8+ft@1``: a base
-    model's name in recipes and cache files."""
-    name = ("dense" if fraction is None else f"whiten{fraction:g}") + ("+ft" if finetune else "")
+def base_name(fraction: float | None, finetune: bool, seed: int = 0, learning_rate: float = BASE_FINETUNE_LR) -> str:
+    """``dense``, ``dense+ft``, ``whiten0.8``, ``whiten0.8+ft``, for another seed ``whiten0.8+ft@1``, for a fine-tune
+    at another learning rate than `BASE_FINETUNE_LR` ``whiten0.8+ft5e-5``: a base model's name in recipes and cache
+    files."""
+    name = "dense" if fraction is None else f"whiten{fraction:g}"
+    if finetune:
+        name += "+ft" + ("" if learning_rate == BASE_FINETUNE_LR else f"{learning_rate:g}")
     return name + (f"@{seed}" if seed else "")
 
 
-def build_low_rank(run: TaskRun, fraction: float | None, finetune: bool, seed: int = 0) -> nn.Module:
+def build_low_rank(
+    run: TaskRun, fraction: float | None, finetune: bool, seed: int = 0, learning_rate: float = BASE_FINETUNE_LR
+) -> nn.Module:
     """The whitened low-rank model of `run.dense` keeping `fraction` of the block weights (``None``: the dense model
-    itself), optionally fine-tuned, loaded from the cache when built before (a whole pickled module). `seed` draws
-    the calibration sample (`calibration_sample`) and the fine-tune's batch order and dropout."""
+    itself), optionally fine-tuned at `learning_rate`, loaded from the cache when built before (a whole pickled
+    module). `seed` draws the calibration sample (`calibration_sample`) and the fine-tune's batch order and dropout."""
     if fraction is None and not finetune:
         return run.dense
-    path = CACHE / f"{run.task}_{base_name(fraction, finetune, seed)}.pt"
+    path = CACHE / f"{run.task}_{base_name(fraction, finetune, seed, learning_rate)}.pt"
     if path.is_file():
         return torch.load(path, weights_only=False)
     if finetune:
         model = copy.deepcopy(build_low_rank(run, fraction, False, seed))
         start = time.perf_counter()
         train = run.splits["train"][: RECOVERY_ARGS["train_size"]]
-        info = recovery_finetune(model, run.tokenizer, train, learning_rate=BASE_FINETUNE_LR, seed=seed)
+        info = recovery_finetune(model, run.tokenizer, train, learning_rate=learning_rate, seed=seed)
         logger.info("%s: fine-tuned %s in %.0f s: %s", run.task, path.name, time.perf_counter() - start, info)
     else:
         model = whitened(run, fraction, NUM_SAMPLES, seed)
@@ -256,16 +262,21 @@ def base_seed(name: str) -> int:
     return int(name.partition("@")[2] or 0)
 
 
+def parse_base(name: str) -> tuple[float | None, bool, int, float]:
+    """``(fraction, finetune, seed, learning_rate)`` of a base named as `base_name` writes it:
+    ``whiten0.5+ft5e-5@1`` -> ``(0.5, True, 1, 5e-5)``, ``dense`` -> ``(None, False, 0, BASE_FINETUNE_LR)``."""
+    kind, _, rate = name.partition("@")[0].partition("+ft")
+    finetune = "+ft" in name
+    if (kind != "dense" and not kind.startswith("whiten")) or (rate and not finetune):
+        raise ValueError(f"base {name!r}: use dense[+ft[<learning rate>]][@seed] or whiten<fraction>[+ft...][@seed].")
+    fraction = None if kind == "dense" else float(kind.removeprefix("whiten"))
+    return fraction, finetune, base_seed(name), float(rate) if rate else BASE_FINETUNE_LR
+
+
 def load_base(run: TaskRun, name: str) -> nn.Module:
-    """``dense[+ft][@seed]`` or ``whiten<fraction>[+ft][@seed]``, as `base_name` writes it, built or read by
-    `build_low_rank`."""
-    seed = base_seed(name)
-    kind = name.partition("@")[0]
-    finetune = kind.endswith("+ft")
-    kind = kind.removesuffix("+ft")
-    if kind != "dense" and not kind.startswith("whiten"):
-        raise ValueError(f"base {name!r}: use dense[+ft][@seed] or whiten<fraction>[+ft][@seed].")
-    return build_low_rank(run, None if kind == "dense" else float(kind.removeprefix("whiten")), finetune, seed)
+    """``dense[+ft[<learning rate>]][@seed]`` or ``whiten<fraction>[+ft[<learning rate>]][@seed]``, as `base_name`
+    writes it, built or read by `build_low_rank`."""
+    return build_low_rank(run, *parse_base(name))
 
 
 def dev_stage(run: TaskRun, args: argparse.Namespace) -> dict:
@@ -421,6 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fraction", type=float, help="build: fraction of block weights kept (none: dense)")
     parser.add_argument("--finetune", action="store_true", help="build: add the recovery fine-tune")
     parser.add_argument("--seed", type=int, default=0, help="build: calibration sample and fine-tune seed")
+    parser.add_argument("--finetune-lr", type=float, default=BASE_FINETUNE_LR, help="build: fine-tune learning rate")
     parser.add_argument("--bases", nargs="+", default=["dense"], help="dev: dense, whiten<f>, whiten<f>+ft")
     parser.add_argument("--variants", nargs="+", default=["fp32", "int8"], help="dev: variants to score")
     parser.add_argument("--recipes", nargs="+", default=["dense:fp32", "dense:int8"], help="test: base:variant")
@@ -436,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     run = TaskRun(args.task)
     if args.stage == "build":
-        build_low_rank(run, args.fraction, args.finetune, args.seed)
+        build_low_rank(run, args.fraction, args.finetune, args.seed, args.finetune_lr)
     elif args.stage == "dev":
         dev_stage(run, args)
     elif args.stage == "margins":

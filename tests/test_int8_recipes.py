@@ -20,6 +20,7 @@ from benchmarks.int8_recipes import (
     dynamic_int8,
     int8_sensitivity,
     module_tags,
+    parse_base,
     parse_variant,
     smoothing_scales,
 )
@@ -206,17 +207,25 @@ def test_int8_sensitivity_is_zero_for_the_model_itself_and_positive_for_int8():
 
 
 @pytest.mark.parametrize(
-    ("fraction", "finetune", "seed", "name"),
+    ("fraction", "finetune", "seed", "rate", "name"),
     [
-        (None, False, 0, "dense"),
-        (None, True, 1, "dense+ft@1"),
-        (0.5, True, 0, "whiten0.5+ft"),
-        (0.8, False, 2, "whiten0.8@2"),
+        (None, False, 0, 2e-4, "dense"),
+        (None, True, 1, 2e-4, "dense+ft@1"),
+        (0.5, True, 0, 2e-4, "whiten0.5+ft"),
+        (0.8, False, 2, 2e-4, "whiten0.8@2"),
+        (0.5, True, 1, 5e-5, "whiten0.5+ft5e-05@1"),
     ],
 )
-def test_base_names_round_trip_their_seed(fraction, finetune, seed, name):
-    assert base_name(fraction, finetune, seed) == name
+def test_base_names_round_trip(fraction, finetune, seed, rate, name):
+    assert base_name(fraction, finetune, seed, rate) == name
     assert base_seed(name) == seed
+    assert parse_base(name) == (fraction, finetune, seed, rate)
+
+
+def test_parse_base_reads_a_learning_rate_and_rejects_other_names():
+    assert parse_base("whiten0.5+ft5e-5@2") == (0.5, True, 2, 5e-5)
+    with pytest.raises(ValueError, match="base 'svd0.5': use dense"):
+        parse_base("svd0.5")
 
 
 def test_lib_variant_is_the_library_recipe_with_the_smoothing_folded(monkeypatch):
