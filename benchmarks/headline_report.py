@@ -97,7 +97,7 @@ def bootstrap_tasks(per_task: list[tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return observed / n, min(1.0, p)
 
 
-def _bootstrap_p(p: float) -> str:
+def format_bootstrap_p(p: float) -> str:
     """A bootstrap p-value as printed: ``< 1/DRAWS`` when no resample crossed zero."""
     return f"{p:.3g}" if p > 0 else f"< {1 / DRAWS:g}"
 
@@ -182,7 +182,7 @@ def main() -> None:
                     diff, p = bootstrap_pearson(preds.mean(0), svd, y)
                     print(
                         f"| {task} | {ratio} | {method} | {len(keys)} | {100 * diff:+.1f} (r) | bootstrap | "
-                        f"{_bootstrap_p(p)} |"
+                        f"{format_bootstrap_p(p)} |"
                     )
                     continue
                 d = (preds == y).double().mean(0) - (svd == y).double()
@@ -205,13 +205,13 @@ def main() -> None:
     for (ratio, method), per_task in sorted(pooled_all.items()):
         stat, p = bootstrap_tasks(per_task)
         names = ", ".join(pooled_names[(ratio, method)])
-        shown = _bootstrap_p(p)
+        shown = format_bootstrap_p(p)
         print(f"| {ratio} | {method} | {len(per_task)} ({names}) | {100 * stat:+.2f} | {shown} |")
         task_names = pooled_names[(ratio, method)]
         sentence = [t for t, name in zip(per_task, task_names, strict=True) if name not in TOKEN_TASKS]
         if 1 < len(sentence) < len(per_task):  # the same without the token task(s): the sentence-level tasks only
             stat, p = bootstrap_tasks(sentence)
-            shown = _bootstrap_p(p)
+            shown = format_bootstrap_p(p)
             names = ", ".join(n for n in task_names if n not in TOKEN_TASKS)
             print(f"| {ratio} | {method} | {len(sentence)} ({names}) | {100 * stat:+.2f} | {shown} |")
 
@@ -355,7 +355,7 @@ class PairedTests:
             diff, p = bootstrap_pearson(pred, base, y)
             self.pooled[(ratio, label)].append((pred, base, y, True))
             self.lines.append(
-                f"| {task} | {ratio} | {label} | {100 * diff:+.1f} (r) | bootstrap | {_bootstrap_p(p)} |"
+                f"| {task} | {ratio} | {label} | {100 * diff:+.1f} (r) | bootstrap | {format_bootstrap_p(p)} |"
             )
             return
         right, base_right = (pred == y).double(), (base == y).double()
@@ -433,7 +433,8 @@ def print_task_means(pooled: dict, names: dict, empty_cells: int = 0) -> None:
             stat, p = bootstrap_tasks(per_task)
             label = f"mean of {len(per_task)} ({', '.join(names[(ratio, method)])})"
             blanks = "| " * empty_cells
-            print(f"| {label} | {ratio} | {method} | {blanks}{100 * stat:+.2f} | bootstrap | {_bootstrap_p(p)} |")
+            shown = format_bootstrap_p(p)
+            print(f"| {label} | {ratio} | {method} | {blanks}{100 * stat:+.2f} | bootstrap | {shown} |")
 
 
 def finetune_seed_tests(tasks: list[str], methods: list[str], stage: str) -> None:
@@ -473,7 +474,7 @@ def finetune_seed_tests(tasks: list[str], methods: list[str], stage: str) -> Non
                     base = [float(torch.corrcoef(torch.stack([p, y]))[0, 1]) for p in theirs]
                     diff, p = bootstrap_pearson(ours.mean(0), theirs.mean(0), y)
                     pooled[(ratio, method)].append((ours.mean(0), theirs.mean(0), y, True))
-                    test, shown = "bootstrap", _bootstrap_p(p)
+                    test, shown = "bootstrap", format_bootstrap_p(p)
                 else:
                     right, svd_right = (ours == y).double(), (theirs == y).double()
                     score, base = right.mean(1).tolist(), svd_right.mean(1).tolist()

@@ -400,7 +400,7 @@ def paired_stage(run: TaskRun, args: argparse.Namespace) -> dict:
     ``{(a, ref): (only a right, only ref right, p)}``; the paired bootstrap of the Pearson r
     (`benchmarks.headline_report.bootstrap_pearson`) for a regression task, returned as ``{(a, ref): (r(a) - r(ref),
     p)}``. Both printed."""
-    from benchmarks.headline_report import bootstrap_pearson, mcnemar
+    from benchmarks.headline_report import bootstrap_pearson, format_bootstrap_p, mcnemar
 
     key = f"{run.task}|{args.label}" if args.label else run.task
     rows = json.loads((RESULTS / "int8_recipes_test.json").read_text())[key]["models"]
@@ -413,7 +413,8 @@ def paired_stage(run: TaskRun, args: argparse.Namespace) -> dict:
                 predictions = torch.tensor(rows[name]["pred"]), torch.tensor(rows[reference]["pred"])
                 tests[(name, reference)] = bootstrap_pearson(*predictions, run.labels.float())
                 difference, p = tests[(name, reference)]
-                print(f"{run.task} {name:<40} vs {reference:<20} r {difference * 100:+6.2f} x100  p = {p:.3g}")
+                shown = format_bootstrap_p(p)
+                print(f"{run.task} {name:<40} vs {reference:<20} r {difference * 100:+6.2f} x100  p = {shown}")
                 continue
             right = [
                 [p == y for p, y in zip(rows[model]["pred"], run.labels.tolist(), strict=True)]
