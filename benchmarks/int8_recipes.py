@@ -10,7 +10,7 @@ examples 2,000-2,299) and the test split read only by the final ``test`` stage. 
   split, seed 0, as `benchmarks/int8_compare.py`), optionally followed by the recovery fine-tune
   (`benchmarks.recovery.recovery_finetune` with `RECOVERY_ARGS`: labels, 125 steps of 16 on the first 2,000 training
   examples, but at `BASE_FINETUNE_LR` = 2e-4, the rate these bases were built and measured with, unless the base
-  names another: ``whiten0.5+ft5e-5`` is fine-tuned at 5e-5, the recovery recipe's rate since 2026-12-05); without
+  names another: ``whiten0.5+ft5e-05`` is fine-tuned at 5e-5, the recovery recipe's rate since 2026-12-05); without
   ``--fraction``, the dense model with the same fine-tune (the fair competitor);
 * ``dev``: per base model (dense and each low-rank model), dynamic int8 variants scored on the development split:
   every `nn.Linear` quantised, one module group only (`module_tags`), all groups but one, and SmoothQuant-style
@@ -77,7 +77,7 @@ NUM_SAMPLES = 128
 
 def base_name(fraction: float | None, finetune: bool, seed: int = 0, learning_rate: float = BASE_FINETUNE_LR) -> str:
     """``dense``, ``dense+ft``, ``whiten0.8``, ``whiten0.8+ft``, for another seed ``whiten0.8+ft@1``, for a fine-tune
-    at another learning rate than `BASE_FINETUNE_LR` ``whiten0.8+ft5e-5``: a base model's name in recipes and cache
+    at another learning rate than `BASE_FINETUNE_LR` ``whiten0.8+ft5e-05``: a base model's name in recipes and cache
     files."""
     name = "dense" if fraction is None else f"whiten{fraction:g}"
     if finetune:
@@ -265,12 +265,11 @@ def base_seed(name: str) -> int:
 def parse_base(name: str) -> tuple[float | None, bool, int, float]:
     """``(fraction, finetune, seed, learning_rate)`` of a base named as `base_name` writes it:
     ``whiten0.5+ft5e-5@1`` -> ``(0.5, True, 1, 5e-5)``, ``dense`` -> ``(None, False, 0, BASE_FINETUNE_LR)``."""
-    kind, _, rate = name.partition("@")[0].partition("+ft")
-    finetune = "+ft" in name
-    if (kind != "dense" and not kind.startswith("whiten")) or (rate and not finetune):
+    kind, finetune_marker, rate = name.partition("@")[0].partition("+ft")
+    if kind != "dense" and not kind.startswith("whiten"):
         raise ValueError(f"base {name!r}: use dense[+ft[<learning rate>]][@seed] or whiten<fraction>[+ft...][@seed].")
     fraction = None if kind == "dense" else float(kind.removeprefix("whiten"))
-    return fraction, finetune, base_seed(name), float(rate) if rate else BASE_FINETUNE_LR
+    return fraction, bool(finetune_marker), base_seed(name), float(rate) if rate else BASE_FINETUNE_LR
 
 
 def load_base(run: TaskRun, name: str) -> nn.Module:
@@ -404,6 +403,10 @@ def paired_stage(run: TaskRun, args: argparse.Namespace) -> dict:
 
     key = f"{run.task}|{args.label}" if args.label else run.task
     rows = json.loads((RESULTS / "int8_recipes_test.json").read_text())[key]["models"]
+    if not run.regression:
+        right = {
+            name: [p == y for p, y in zip(row["pred"], run.labels.tolist(), strict=True)] for name, row in rows.items()
+        }
     tests = {}
     for reference in args.references:
         for name in rows:
@@ -416,11 +419,7 @@ def paired_stage(run: TaskRun, args: argparse.Namespace) -> dict:
                 shown = format_bootstrap_p(p)
                 print(f"{run.task} {name:<40} vs {reference:<20} r {difference * 100:+6.2f} x100  p = {shown}")
                 continue
-            right = [
-                [p == y for p, y in zip(rows[model]["pred"], run.labels.tolist(), strict=True)]
-                for model in (name, reference)
-            ]
-            tests[(name, reference)] = mcnemar(*right)
+            tests[(name, reference)] = mcnemar(right[name], right[reference])
             only_a, only_b, p = tests[(name, reference)]
             print(f"{run.task} {name:<40} vs {reference:<20} {only_a:3d} / {only_b:3d}  p = {p:.3g}")
     return tests
