@@ -36,14 +36,15 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the setting has one); ``calib_s`` (the shared statistics, once per run) is reported separately. ``peak_rss_mb`` is
   the process's peak resident memory sampled every 20 ms during that compression.
 
-Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense|+update_weighted]
-[+c128|+f128|+mix|+mix+f128|+mix+f512|+mix+f1024]
+Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense|+update_weighted|+update_bias]
+[+c128|+f128|+mix|+mix+f128|+mix+f512|+mix+f1024][+ctx512]
 [+lora|+lora64|+lora128|+lora256|+lora512][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+seed<k>][+int8][+true]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
 update of the `up` factors (`hf_fwsvd.lstsq_update`; ``+update_weighted`` weighs each calibration token by the dense
 model's ``|g_t|^2`` at the module output, as `fisher_whiten` / `kfac_whiten`'s truncation does
-(`hf_fwsvd.token_weights`), ``+update_both`` refits both factors, ``+update_dense`` fits the
+(`hf_fwsvd.token_weights`), ``+update_bias`` also fits a bias of each `up` factor (``intercept=True``: bias
+compensation), ``+update_both`` refits both factors, ``+update_dense`` fits the
 dense model's outputs, see `sequential_update`), ``+lora`` a LoRA recovery fine-tune (``finetune(..., lora=True)``:
 rank 8 on every factor, 2 epochs over the 32 fine-tune chunks at lr 2e-4, batch 4) merged back into the factors,
 ``+kd`` makes that recovery's loss the distillation from the dense model (``finetune(..., teacher=dense)``:
@@ -76,6 +77,8 @@ weight-only int8 on `down` / `up` after a ``sqrt(S)`` split), saved with ``save_
 (the causal-LM default) runs.
 ``whiten_v2`` is ``whiten``'s objective truncated by SVD-LLM V2's two SVDs instead of a Cholesky factor
 (`hf_fwsvd.two_svd`); ``whiten_v2+alloc1+update`` is the side-by-side of ``whiten+alloc1+update``.
+``+ctx512`` (speech calibration only) joins the calibration chunks in consecutive pairs: the same tokens as half as
+many contiguous 512-token passages, the length of the evaluation windows.
 ``+true`` collects the backward statistics (the allocation's row Fisher, the gradient-weighted moments) with the true
 Fisher (``fisher_estimator="true"``: each next token drawn from the model's own prediction, seeded) instead of the
 calibration text's next tokens. ``kfac_whiten`` weighs the output side too (`hf_fwsvd.kronecker`; its damping is
@@ -152,7 +155,7 @@ EXTRA_PLAY = "hamlet"  # ppl_extra: a genre in no calibration set
 FLAGS = (
     "alloc", "alloc1", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8",
     "bytes", "int8bytes", "mix", "kd", "lora128", "ep4", "ep1", "lora256", "lora512", "true", "f128", "f512",
-    "update_weighted", "f1024",
+    "update_weighted", "f1024", "update_bias", "ctx512",
 )  # fmt: skip
 # update flag -> `sequential_update` options
 # LoRA flag -> the fine-tune chunks it reads (2 epochs, batch 4: 16 / 64 / 128 / 256 / 512 steps)
@@ -164,7 +167,7 @@ MIX_ONLY_LORA_FLAGS = {"lora128": XL_TRAIN_CHUNKS, "lora256": XXL_TRAIN_CHUNKS, 
 LORA_CHOICES = ", ".join(f"`+{flag}`" for flag in list(LORA_FLAGS)[:-1]) + f" or `+{list(LORA_FLAGS)[-1]}`"
 UPDATES = {
     "update": {}, "update_both": {"refit": "both"}, "update_dense": {"target": "dense"},
-    "update_weighted": {"weighted": True},
+    "update_weighted": {"weighted": True}, "update_bias": {"intercept": True},
 }  # fmt: skip
 # LoRA recovery (rank 8 on every factor, see `hf_fwsvd.lora`): 2 epochs over the 32 fine-tune chunks, batch 4.
 LORA_EPOCHS, LORA_LEARNING_RATE = 2.0, 2e-4
@@ -328,13 +331,30 @@ def genre_mix(pools: list[list[dict]], total: int) -> list[dict]:
     return mixed
 
 
+def joined_pairs(chunks: list[dict]) -> list[dict]:
+    """``+ctx512``: chunks ``2i`` and ``2i + 1`` joined into one of twice the length (the same tokens, in half as many
+    chunks; consecutive chunks of one text are contiguous, so each joined chunk is a contiguous passage)."""
+    if len(chunks) % 2:
+        raise ValueError(f"`+ctx512` joins chunks in pairs; {len(chunks)} is odd.")
+    return [{"input_ids": chunks[i]["input_ids"] + chunks[i + 1]["input_ids"]} for i in range(0, len(chunks), 2)]
+
+
+def chunk_length(chunks: list[dict]) -> int:
+    """The `max_length` the chunks need (`CHUNK_TOKENS` unless ``+ctx512`` joined them)."""
+    return max(len(chunk["input_ids"]) for chunk in chunks)
+
+
 def large_mix_flag(spec: dict) -> str | None:
     """The setting's `LARGE_MIX_CALIBRATION` flag (``f512`` / ``f1024``; `parse_setting` allows one), else `None`."""
     return next((flag for flag in LARGE_MIX_CALIBRATION if spec[flag]), None)
 
 
 def setting_data(spec: dict, data: dict) -> dict:
-    """`benchmark_texts` with the calibration and fine-tune chunks the setting reads (``+mix``: the genre mix)."""
+    """`benchmark_texts` with the calibration and fine-tune chunks the setting reads (``+mix``: the genre mix;
+    ``+ctx512``: the speech chunks joined in pairs)."""
+    if spec["ctx512"]:
+        return {**data, "calibration": joined_pairs(data["calibration"]),
+                "calibration_large": joined_pairs(data["calibration_large"])}  # fmt: skip
     if not spec["mix"]:
         return data
     # every LoRA flag's chunks have a ``mix_`` twin (`mix_texts`)
@@ -396,6 +416,10 @@ def parse_setting(setting: str) -> dict:
         raise ValueError(f"{setting!r}: choose one of `+c128` and `+f128`.")
     if (spec["bytes"] or spec["int8bytes"]) and not allocated(spec):
         raise ValueError(f"{setting!r}: byte budgets need the global allocation (`+alloc` or `+alloc1`).")
+    if spec["ctx512"] and (spec["mix"] or lora_flag(spec)):
+        raise ValueError(
+            f"{setting!r}: `+ctx512` joins consecutive speech chunks; it takes neither `+mix` nor a LoRA flag."
+        )
     return spec
 
 
@@ -507,7 +531,7 @@ class StatisticsStore:
 
     def key(self, chunks: list[dict], estimator: str = "empirical") -> str:
         material = json.dumps({"model": self.model_name, "chunks": [c["input_ids"] for c in chunks], "batch_size": 4,
-                               "max_length": CHUNK_TOKENS, "fisher_estimator": estimator})  # fmt: skip
+                               "max_length": chunk_length(chunks), "fisher_estimator": estimator})  # fmt: skip
         return hashlib.sha256(material.encode()).hexdigest()[:16]
 
     def get(self, chunks: list[dict], names: list[str], estimator: str = "empirical") -> tuple[Statistics, float]:
@@ -534,7 +558,7 @@ class StatisticsStore:
         if missing:
             started = time.perf_counter()
             loader = build_calibration_loader(chunks, self.tokenizer, self.dense, batch_size=4,
-                                              max_length=CHUNK_TOKENS, num_samples=None)  # fmt: skip
+                                              max_length=chunk_length(chunks), num_samples=None)  # fmt: skip
             fresh = collect(self.dense, loader, self.targets, missing, show_progress=False, fisher_estimator=estimator)
             seconds = time.perf_counter() - started
             logger.info("statistics %s (%d chunks) collected in %.0f s", missing, len(chunks), seconds)
@@ -741,7 +765,7 @@ def run(args: argparse.Namespace) -> None:
         stats, more = setting_statistics(store, spec, budget, chosen)
         calib_s += more
         base = {"calibration_dataset": chunks, "tokenizer": tokenizer, "batch_size": 4,
-                "max_length": CHUNK_TOKENS, "num_samples": None}  # fmt: skip
+                "max_length": chunk_length(chunks), "num_samples": None}  # fmt: skip
         model = copy.deepcopy(dense)
         started = time.perf_counter()
         with PeakRSS() as rss:
@@ -750,7 +774,7 @@ def run(args: argparse.Namespace) -> None:
             update = next((UPDATES[flag] for flag in UPDATES if spec[flag]), None)
             if update is not None:
                 loader = build_calibration_loader(chunks, tokenizer, dense, batch_size=4,
-                                                  max_length=CHUNK_TOKENS, num_samples=None)  # fmt: skip
+                                                  max_length=chunk_length(chunks), num_samples=None)  # fmt: skip
                 compressed = {row.name: targets[row.name] for row in model.fwsvd_report.modules}
                 options = dict(update)
                 if options.pop("weighted", False):

@@ -18,11 +18,14 @@ from benchmarks.causal_lm import (
     MIX_MOBY_CHAPTERS,
     MOBY_CHAPTERS,
     SHORT_LORA_EPOCHS,
+    UPDATES,
     StatisticsStore,
     _cells,
     chunk_ids,
+    chunk_length,
     genre_mix,
     genre_shares,
+    joined_pairs,
     lora_flag,
     lora_recover,
     mix_texts,
@@ -334,3 +337,29 @@ def test_true_flag_collects_the_backward_statistics_with_the_true_fisher_only():
     keys = StatisticsStore.__new__(StatisticsStore)
     keys.model_name = "m"
     assert keys.key(_pool("c", 2), "true") != keys.key(_pool("c", 2)) == keys.key(_pool("c", 2), "empirical")
+
+
+def test_ctx512_joins_consecutive_speech_chunks_into_contiguous_passages():
+    ids = list(range(256 * 4))
+    chunks = chunk_ids(ids)
+    data = {"calibration": chunks[:2], "calibration_large": chunks, "train": ["t"]}
+    chosen = setting_data(parse_setting("kfac_whiten+alloc1+update+ctx512"), data)
+    assert chosen["calibration"] == [{"input_ids": ids[:512]}]
+    assert chosen["calibration_large"] == [{"input_ids": ids[:512]}, {"input_ids": ids[512:]}]
+    assert chosen["train"] == ["t"]
+    assert chunk_length(chosen["calibration"]) == 512 and chunk_length(chunks) == CHUNK_TOKENS
+    with pytest.raises(ValueError, match="`\\+ctx512` joins chunks in pairs; 3 is odd."):
+        joined_pairs(chunks[:3])
+
+
+@pytest.mark.parametrize("setting", ["kfac_whiten+alloc1+ctx512+mix", "kfac_whiten+alloc1+update+ctx512+lora"])
+def test_ctx512_refuses_the_mix_and_a_recovery(setting):
+    with pytest.raises(ValueError, match="`\\+ctx512` joins consecutive speech chunks; it takes neither"):
+        parse_setting(setting)
+
+
+def test_update_bias_runs_the_update_with_an_intercept():
+    spec = parse_setting("kfac_whiten+alloc1+update_bias")
+    assert spec["update_bias"] and UPDATES["update_bias"] == {"intercept": True}
+    with pytest.raises(ValueError, match="Choose one update flag"):
+        parse_setting("kfac_whiten+alloc1+update+update_bias")

@@ -210,3 +210,71 @@ def test_update_methods_keep_their_truncations_down_factors_and_never_raise_the_
         n for n, m in low_rank.items() if not torch.equal(m.up.weight, models[truncation].get_submodule(n).up.weight)
     ]
     assert len(changed) >= len(low_rank) - len(report.rejected)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_intercept_update_fits_up_and_bias_by_least_squares(build):
+    """In the first block every module sees the dense model's inputs, so brute force: ``[A, b]`` is the least-squares
+    solution of ``[X B^T, 1] [A, b]^T = X W^T + b_0`` (gpt2 has biases to refit, llama gains them)."""
+    dense, model, targets, loader = compressed_with_loader(build, "svd")
+    first_block = [name for name in targets if ".0." in name]
+    downs = {name: model.get_submodule(name).down.weight.detach().double().clone() for name in first_block}
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in first_block}
+    handles = [
+        dict(dense.named_modules())[name].register_forward_hook(
+            lambda module, args, output, name=name: inputs[name].append(
+                args[0].detach().reshape(-1, args[0].shape[-1])
+            )
+        )
+        for name in first_block
+    ]
+    with torch.no_grad():
+        for batch in loader:
+            dense(**{k: v for k, v in batch.items() if k != "labels"})
+    for handle in handles:
+        handle.remove()
+    report = sequential_update(model, dict(targets), loader, intercept=True)
+    assert not report.rejected
+    for name in first_block:
+        rows = torch.cat(inputs[name]).double()
+        weight = dense_weight(targets[name]).double()
+        bias = getattr(targets[name], "bias", None)
+        outputs = rows @ weight.T + (0 if bias is None else bias.detach().double())
+        design = torch.cat([rows @ downs[name].T, torch.ones(rows.shape[0], 1, dtype=torch.float64)], dim=1)
+        solution = torch.linalg.lstsq(design, outputs).solution.T  # out x (rank + 1)
+        module = model.get_submodule(name)
+        assert torch.equal(module.down.weight.double(), downs[name])
+        torch.testing.assert_close(module.up.weight.double(), solution[:, :-1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(module.up.bias.double(), solution[:, -1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_intercept_update_never_raises_an_error_and_fits_better_than_up_alone(build):
+    dense, model, targets, loader = compressed_with_loader(build, "svd")
+    plain, with_bias = copy.deepcopy(model), copy.deepcopy(model)
+    plain_report = sequential_update(plain, dict(targets), loader)
+    report = sequential_update(with_bias, dict(targets), loader, intercept=True)
+    for name, (before, after) in report.errors.items():
+        assert after <= before, name
+    assert sum(after for _, after in report.errors.values()) < sum(a for _, a in plain_report.errors.values())
+    assert all(with_bias.get_submodule(name).up.bias is not None for name in targets)
+
+
+def test_intercept_update_needs_the_up_refit():
+    with pytest.raises(ValueError) as error:
+        sequential_update(tiny_llama(), {}, [], refit="both", intercept=True)
+    assert str(error.value) == "intercept=True fits the `up` factor and its bias; use refit='up'."
+
+
+def test_a_model_with_a_bias_its_architecture_lacks_is_not_saved(tmp_path):
+    dense, model, targets, loader = compressed_with_loader(tiny_llama, "svd")
+    sequential_update(model, dict(targets), loader, intercept=True)
+    with pytest.raises(ValueError) as error:
+        model.save_pretrained(tmp_path / "saved")
+    assert str(error.value) == (
+        "Cannot save: `model.layers.0.self_attn.q_proj`, `model.layers.0.self_attn.k_proj`, "
+        "`model.layers.0.self_attn.v_proj` (and 11 more) carry a bias fitted by `sequential_update(intercept=True)` "
+        "that LlamaForCausalLM has no place for, so the checkpoint could not load it. Run the update without "
+        "`intercept` to save the model."
+    )
+    assert not (tmp_path / "saved").exists()

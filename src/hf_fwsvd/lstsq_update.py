@@ -195,6 +195,7 @@ def sequential_update(
     refit: str = "up",
     target: str = "compressed",
     token_weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
+    intercept: bool = False,
 ) -> UpdateReport:
     """Refit the `up` factor of every compressed module in `dense_modules`, block by block (see the module docstring).
 
@@ -218,6 +219,11 @@ def sequential_update(
             fit weighs the tokens as `fisher_whiten` / `kfac_whiten`'s truncation does. Unweighted when `None`.
             Measured worse than unweighted after `kfac_whiten` on SmolLM2-135M at 80% kept (development perplexity
             40.24 against 39.66, benchmarks/README.md), so no method uses it.
+        intercept (`bool`, *optional*, defaults to `False`): Also fit a bias of `up` (bias compensation): the least
+            squares of ``[A, b]`` on the inputs with a constant 1 appended, which absorbs the mean of the output
+            error. A module without a bias gains one (``out`` parameters), which the FWSVD checkpoint cannot store
+            (`save_pretrained` refuses such a model). `refit="up"` only. Measured on SmolLM2-135M in
+            benchmarks/README.md ("Bias compensation").
 
     Returns:
         [`UpdateReport`]
@@ -230,6 +236,8 @@ def sequential_update(
         raise ValueError(f"Unknown refit {refit!r}; choose one of {', '.join(map(repr, REFITS))}.")
     if target not in TARGETS:
         raise ValueError(f"Unknown target {target!r}; choose one of {', '.join(map(repr, TARGETS))}.")
+    if intercept and refit != "up":
+        raise ValueError("intercept=True fits the `up` factor and its bias; use refit='up'.")
     if refit == "both" and target == "dense":
         raise ValueError("refit='both' fits the compressed model's own outputs only; use target='compressed'.")
     if target == "dense":
@@ -263,10 +271,11 @@ def sequential_update(
             block = model.get_submodule(block_name)
             names = by_block.get(block_name, [])
             moments, next_dense = _collect_dense_moments(
-                model, block, names, dense_modules, cached, dense_states, token_weights
+                model, block, names, dense_modules, cached, dense_states, token_weights, intercept
             )
             for name in names:
-                _update_one(model.get_submodule(name), dense_modules[name], moments[name], name, report, refit)
+                update = _update_with_intercept if intercept else _update_one
+                update(model.get_submodule(name), dense_modules[name], moments[name], name, report, refit)
             dense_states = next_dense
             cached = [
                 ((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs, mask)
@@ -288,11 +297,13 @@ def _collect_dense_moments(
     cached: list[tuple[tuple, dict, torch.Tensor | None]],
     dense_states: list[torch.Tensor] | None = None,
     token_weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
+    intercept: bool = False,
 ) -> tuple[dict[str, Moments], list[torch.Tensor] | None]:
     """The float64 moments of each dense module's inputs while the dense version of `block` runs on `cached`:
     ``X_c^T X_c``, and with `dense_states` (the dense model's hidden states entering the block, one per batch) also
     ``X_d^T X_c`` and ``X_d^T X_d``, where ``X_d`` are the inputs in the dense model; then also the dense model's
-    hidden states leaving the block. With `token_weights`, each moment is ``X^T diag(w) X``."""
+    hidden states leaving the block. With `token_weights`, each moment is ``X^T diag(w) X``; with `intercept`, every
+    row gets a trailing 1 (the moments are ``(in + 1) x (in + 1)``)."""
     low_rank = {name: model.get_submodule(name) for name in names}
     sums: dict[str, list[torch.Tensor]] = {}
     current: list[torch.Tensor | None] = [None]
@@ -314,6 +325,8 @@ def _collect_dense_moments(
                 keep = mask.bool()
             rows = inputs if keep is None else inputs[keep]
             rows = rows.reshape(-1, rows.shape[-1])
+            if intercept:
+                rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
             if capturing[0]:  # the dense model's pass: keep the rows until the compressed inputs of this batch arrive
                 dense_rows[name] = rows
                 return
@@ -395,3 +408,52 @@ def _update_one(
         after = before
     report.errors[name] = (before, after)
     logger.debug("update `%s`: output error %.4f -> %.4f", name, before, after)
+
+
+def _update_with_intercept(
+    module: LowRankLinear, dense: nn.Module, moments: Moments, name: str, report: UpdateReport, refit: str = "up"
+) -> None:
+    """`_update_one` for `up` and its bias. The moments are of the inputs with a trailing 1, so they hold the sums and
+    the token count: ``A`` is solved on the centred moments (well conditioned, unlike the raw ones with a column of
+    ones beside small features), ``b = W mu_d + b_0 - A B mu_c``, and the errors are measured exactly on the extended
+    system ``[W, b_0] [x; 1]`` against ``[A, b] diag(B, 1) [x; 1]``."""
+    weight = dense_weight(dense).detach().to(torch.float64)
+    dense_bias = getattr(dense, "bias", None)
+    dense_bias = torch.zeros(weight.shape[0], dtype=torch.float64) if dense_bias is None else dense_bias.detach()
+    dense_bias = dense_bias.to(torch.float64)
+    down = module.down.weight.detach().to(torch.float64)
+    rank = down.shape[0]
+    extended_down = torch.zeros(rank + 1, down.shape[1] + 1, dtype=torch.float64)
+    extended_down[:rank, :-1] = down
+    extended_down[rank, -1] = 1.0
+    extended_weight = torch.cat([weight, dense_bias.reshape(-1, 1)], dim=1)
+    bias = module.up.bias
+    current_bias = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.detach()
+    extended_up = torch.cat([module.up.weight.detach().to(torch.float64), current_bias.reshape(-1, 1)], dim=1)
+    moment, cross, target = moments
+    count = moment[-1, -1]
+    compressed_mean = moment[:-1, -1] / count
+    centred = moment[:-1, :-1] - count * torch.outer(compressed_mean, compressed_mean)
+    if cross is None:
+        dense_mean, centred_cross = compressed_mean, None
+    else:
+        dense_mean = cross[:-1, -1] / count
+        centred_cross = cross[:-1, :-1] - count * torch.outer(dense_mean, compressed_mean)
+    up = update_up_factor(weight, down, centred, centred_cross).to(torch.float64)
+    candidate = torch.cat([up, (weight @ dense_mean + dense_bias - up @ (down @ compressed_mean)).reshape(-1, 1)], 1)
+    before = output_error(extended_weight, extended_up, extended_down, moment, cross, target)
+    after = output_error(extended_weight, candidate, extended_down, moment, cross, target)
+    if after > before:
+        report.rejected.append(name)
+        report.errors[name] = (before, before)
+        return
+    parameter = module.up.weight
+    parameter.data.copy_(up.to(dtype=parameter.dtype, device=parameter.device))
+    new_bias = candidate[:, rank].to(dtype=parameter.dtype, device=parameter.device)
+    if bias is None:
+        module.up.bias = nn.Parameter(new_bias, requires_grad=parameter.requires_grad)
+        module.bias_added = True  # `save_pretrained` refuses it: the architecture has no bias to load it into
+    else:
+        bias.data.copy_(new_bias)
+    report.errors[name] = (before, after)
+    logger.debug("update `%s` with a bias: output error %.4f -> %.4f", name, before, after)

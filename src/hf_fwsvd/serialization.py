@@ -152,6 +152,19 @@ def _check_writable(directory: str, save_directory: str) -> None:
         )
 
 
+def _check_no_added_bias(model: Any) -> None:
+    """Refuse a model whose factors gained a bias its architecture lacks (`sequential_update(intercept=True)`): the
+    checkpoint rebuilds each module from the architecture, so the bias would not load."""
+    added = [name for name, module in model.named_modules() if getattr(module, "bias_added", False)]
+    if added:
+        more = f" (and {len(added) - 3} more)" if len(added) > 3 else ""
+        raise ValueError(
+            f"Cannot save: `{'`, `'.join(added[:3])}`{more} carry a bias fitted by "
+            f"`sequential_update(intercept=True)` that {type(model).__name__} has no place for, so the checkpoint "
+            "could not load it. Run the update without `intercept` to save the model."
+        )
+
+
 def _check_not_cwd(save_directory: str) -> None:
     try:
         cwd = os.path.realpath(os.getcwd())
@@ -193,6 +206,7 @@ def save_atomically(
         )
     if os.path.exists(save_directory) and not os.path.isdir(save_directory):
         raise ValueError(f"`save_directory` {save_directory!r} is a file, not a directory.")
+    _check_no_added_bias(model)
     _check_not_source(model, save_directory)
     _check_not_cwd(save_directory)
     parent = os.path.dirname(save_directory)
