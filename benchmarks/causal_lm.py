@@ -77,8 +77,10 @@ weight-only int8 on `down` / `up` after a ``sqrt(S)`` split), saved with ``save_
 (the causal-LM default) runs.
 ``whiten_v2`` is ``whiten``'s objective truncated by SVD-LLM V2's two SVDs instead of a Cholesky factor
 (`hf_fwsvd.two_svd`); ``whiten_v2+alloc1+update`` is the side-by-side of ``whiten+alloc1+update``.
-``+ctx512`` (speech calibration only) joins the calibration chunks in consecutive pairs: the same tokens as half as
-many contiguous 512-token passages, the length of the evaluation windows.
+``+ctx512`` joins the calibration chunks in consecutive pairs: the same tokens as half as many contiguous 512-token
+passages, the length of the evaluation windows. With ``+mix+f512`` the pairs are joined inside each source before the
+genres are interleaved (256 passages, 86 / 85 / 85, i.e. 172 / 170 / 170 of the 256-token chunks instead of 171 /
+171 / 170); no other mix set has a joined twin, and no recovery takes it.
 ``+true`` collects the backward statistics (the allocation's row Fisher, the gradient-weighted moments) with the true
 Fisher (``fisher_estimator="true"``: each next token drawn from the model's own prediction, seeded) instead of the
 calibration text's next tokens. ``kfac_whiten`` weighs the output side too (`hf_fwsvd.kronecker`; its damping is
@@ -290,7 +292,14 @@ def mix_texts(tokenizer, sotu_calibration: list[dict], sotu_train: list[dict], c
     moby_train, news_train = moby[calibration_shares[1] :], news[calibration_shares[2] :]
     pools = [sotu_train, moby_train, news_train]
     continued = [sotu_train + speeches, moby_train, news_train + oanc]
+    passages = [  # +ctx512: each source's chunks joined in pairs (an odd last chunk dropped), then the same pools
+        joined_pairs(sotu_calibration) + joined_pairs(even_prefix(speeches)),
+        joined_pairs(even_prefix(moby)),
+        joined_pairs(even_prefix(news)) + joined_pairs(even_prefix(oanc)),
+    ]
     return {
+        "mix_calibration_ctx512": genre_mix(passages, CALIB_CHUNKS // 2),
+        "mix_calibration_xl_ctx512": genre_mix(passages, LARGE_MIX_CALIBRATION["f512"][1] // 2),
         "mix_calibration": genre_mix([sotu_calibration, moby, news], CALIB_CHUNKS),
         "mix_calibration_large": genre_mix([sotu_calibration, moby, news], len(LARGE_CALIB_EXTRA) + CALIB_CHUNKS),
         **{
@@ -339,6 +348,11 @@ def joined_pairs(chunks: list[dict]) -> list[dict]:
     return [{"input_ids": chunks[i]["input_ids"] + chunks[i + 1]["input_ids"]} for i in range(0, len(chunks), 2)]
 
 
+def even_prefix(chunks: list[dict]) -> list[dict]:
+    """`chunks` without an odd last one (so they join in pairs)."""
+    return chunks[: len(chunks) - len(chunks) % 2]
+
+
 def chunk_length(chunks: list[dict]) -> int:
     """The `max_length` the chunks need (`CHUNK_TOKENS` unless ``+ctx512`` joined them)."""
     return max(len(chunk["input_ids"]) for chunk in chunks)
@@ -352,7 +366,7 @@ def large_mix_flag(spec: dict) -> str | None:
 def setting_data(spec: dict, data: dict) -> dict:
     """`benchmark_texts` with the calibration and fine-tune chunks the setting reads (``+mix``: the genre mix;
     ``+ctx512``: the speech chunks joined in pairs)."""
-    if spec["ctx512"]:
+    if spec["ctx512"] and not spec["mix"]:
         return {**data, "calibration": joined_pairs(data["calibration"]),
                 "calibration_large": joined_pairs(data["calibration_large"])}  # fmt: skip
     if not spec["mix"]:
@@ -361,6 +375,9 @@ def setting_data(spec: dict, data: dict) -> dict:
     mixed = {chunks: data[f"mix_{chunks}"] for chunks in LORA_FLAGS.values()}
     flag = large_mix_flag(spec)
     large = data[LARGE_MIX_CALIBRATION[flag][0] if flag else "mix_calibration_large"]
+    if spec["ctx512"]:  # `parse_setting` allows it with `+f512` only
+        return {**data, "calibration": data["mix_calibration_ctx512"],
+                "calibration_large": data["mix_calibration_xl_ctx512"], **mixed}  # fmt: skip
     return {**data, "calibration": data["mix_calibration"], "calibration_large": large, **mixed}
 
 
@@ -416,9 +433,10 @@ def parse_setting(setting: str) -> dict:
         raise ValueError(f"{setting!r}: choose one of `+c128` and `+f128`.")
     if (spec["bytes"] or spec["int8bytes"]) and not allocated(spec):
         raise ValueError(f"{setting!r}: byte budgets need the global allocation (`+alloc` or `+alloc1`).")
-    if spec["ctx512"] and (spec["mix"] or lora_flag(spec)):
+    if spec["ctx512"] and (lora_flag(spec) or (spec["mix"] and not spec["f512"])):
         raise ValueError(
-            f"{setting!r}: `+ctx512` joins consecutive speech chunks; it takes neither `+mix` nor a LoRA flag."
+            f"{setting!r}: `+ctx512` joins the calibration chunks in pairs for the speech sets and `+mix+f512` only, "
+            "without a LoRA flag."
         )
     return spec
 

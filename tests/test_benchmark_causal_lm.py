@@ -248,7 +248,7 @@ def test_mix_pool_sizes_and_old_pools_are_a_prefix_of_the_512_chunk_pool(monkeyp
     data = _fake_mix(monkeypatch)
     sizes = {name: len(data[name]) for name in data}
     assert sizes == {"mix_calibration": 32, "mix_calibration_large": 128, "mix_calibration_xl": 512,
-                     "mix_calibration_xxl": 1024,
+                     "mix_calibration_xxl": 1024, "mix_calibration_ctx512": 16, "mix_calibration_xl_ctx512": 256,
                      "mix_train": 32, "mix_train_large": 128, "mix_train_xl": 256, "mix_train_xxl": 512,
                      "mix_train_xxxl": 1024}  # fmt: skip
     # +mix+f128: the 32-chunk mix first, then more of the same three pools in equal shares (43 / 43 / 42)
@@ -264,7 +264,8 @@ def test_mix_pool_sizes_and_old_pools_are_a_prefix_of_the_512_chunk_pool(monkeyp
         assert data["mix_train_xxl"][: len(data[name])] == data[name], name
     # the added sources do not change any older set: other OANC text, or none at all beyond what +lora256 needs
     other = _fake_mix(monkeypatch, oanc_prefix="other")
-    continued = ("mix_train_xxl", "mix_train_xxxl", "mix_calibration_xl", "mix_calibration_xxl")
+    continued = ("mix_train_xxl", "mix_train_xxxl", "mix_calibration_xl", "mix_calibration_xxl",
+                 "mix_calibration_xl_ctx512")  # fmt: skip
     assert all(other[name] == data[name] for name in data if name not in continued)
     sources = [_source(chunk) for chunk in data["mix_train_xxl"]]
     # equal shares 171 / 171 / 170: 128 1990s + 43 extra-speech chunks, 171 Moby, 110 WSJ + 60 OANC chunks
@@ -352,9 +353,12 @@ def test_ctx512_joins_consecutive_speech_chunks_into_contiguous_passages():
         joined_pairs(chunks[:3])
 
 
-@pytest.mark.parametrize("setting", ["kfac_whiten+alloc1+ctx512+mix", "kfac_whiten+alloc1+update+ctx512+lora"])
-def test_ctx512_refuses_the_mix_and_a_recovery(setting):
-    with pytest.raises(ValueError, match="`\\+ctx512` joins consecutive speech chunks; it takes neither"):
+@pytest.mark.parametrize(
+    "setting",
+    ["kfac_whiten+alloc1+ctx512+mix", "kfac_whiten+alloc1+ctx512+mix+f1024", "kfac_whiten+alloc1+update+ctx512+lora"],
+)
+def test_ctx512_refuses_other_mix_sets_and_a_recovery(setting):
+    with pytest.raises(ValueError, match="`\\+ctx512` joins the calibration chunks in pairs for the speech sets and"):
         parse_setting(setting)
 
 
@@ -363,3 +367,24 @@ def test_update_bias_runs_the_update_with_an_intercept():
     assert spec["update_bias"] and UPDATES["update_bias"] == {"intercept": True}
     with pytest.raises(ValueError, match="Choose one update flag"):
         parse_setting("kfac_whiten+alloc1+update+update_bias")
+
+
+def test_mix_f512_ctx512_joins_consecutive_chunks_of_one_source(monkeypatch):
+    data = _fake_mix(monkeypatch)
+    passages = data["mix_calibration_xl_ctx512"]
+    chunks = {tuple(chunk["input_ids"]) for chunk in data["mix_calibration_xxl"]}
+    for passage in passages:  # two consecutive 256-token chunks of one source, each also a chunk of the mix pools
+        ids = passage["input_ids"]
+        assert len(ids) == 2 * CHUNK_TOKENS
+        first, second = ids[:CHUNK_TOKENS], ids[CHUNK_TOKENS:]
+        family = {token.split(".")[0].rstrip("0123456789") for token in ids}  # years and chapters run on
+        assert len(family) == 1 and int(second[0].split(".")[1]) in (int(first[-1].split(".")[1]) + 1, 0)
+        assert tuple(first) in chunks and tuple(second) in chunks
+    sources = [_source(passage) for passage in passages]
+    # 86 / 85 / 85 passages: 172 / 170 / 170 of the 256-token chunks (+mix+f512: 171 / 171 / 170)
+    assert (sources.count("calib1990s"), sum(s.startswith("sotu") for s in sources)) == (64, 22)
+    assert sum(s.startswith("moby") for s in sources) == 85
+    assert (sources.count("wsj"), sources.count("oanc")) == (60, 25)
+    assert data["mix_calibration_ctx512"] == passages[:16]
+    chosen = setting_data(parse_setting("kfac_whiten+alloc1+update+mix+f512+ctx512"), data)
+    assert chosen["calibration_large"] is passages and chosen["calibration"] == passages[:16]
