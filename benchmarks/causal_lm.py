@@ -37,7 +37,7 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the process's peak resident memory sampled every 20 ms during that compression.
 
 Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense|+update_weighted|+update_bias]
-[+c128|+f128|+mix|+mix+f128|+mix+f512|+mix+f1024][+ctx512]
+[+c128|+f128|+mix|+mix+f128|+mix+f512|+mix+f1024][+ctx512|+ctx128]
 [+lora|+lora64|+lora128|+lora256|+lora512][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+seed<k>][+int8][+true]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
@@ -80,7 +80,9 @@ weight-only int8 on `down` / `up` after a ``sqrt(S)`` split), saved with ``save_
 ``+ctx512`` joins the calibration chunks in consecutive pairs: the same tokens as half as many contiguous 512-token
 passages, the length of the evaluation windows. With ``+mix+f512`` the pairs are joined inside each source before the
 genres are interleaved (256 passages, 86 / 85 / 85, i.e. 172 / 170 / 170 of the 256-token chunks instead of 171 /
-171 / 170); no other mix set has a joined twin, and no recovery takes it.
+171 / 170); no other mix set has a joined twin, and no recovery takes it. ``+ctx128`` (speech sets only) cuts each
+chunk in two halves instead: the same tokens as twice as many 128-token passages, the length of `FWSVDConfig`'s
+default `max_length`.
 ``+true`` collects the backward statistics (the allocation's row Fisher, the gradient-weighted moments) with the true
 Fisher (``fisher_estimator="true"``: each next token drawn from the model's own prediction, seeded) instead of the
 calibration text's next tokens. ``kfac_whiten`` weighs the output side too (`hf_fwsvd.kronecker`; its damping is
@@ -157,7 +159,7 @@ EXTRA_PLAY = "hamlet"  # ppl_extra: a genre in no calibration set
 FLAGS = (
     "alloc", "alloc1", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8",
     "bytes", "int8bytes", "mix", "kd", "lora128", "ep4", "ep1", "lora256", "lora512", "true", "f128", "f512",
-    "update_weighted", "f1024", "update_bias", "ctx512",
+    "update_weighted", "f1024", "update_bias", "ctx512", "ctx128",
 )  # fmt: skip
 # update flag -> `sequential_update` options
 # LoRA flag -> the fine-tune chunks it reads (2 epochs, batch 4: 16 / 64 / 128 / 256 / 512 steps)
@@ -348,6 +350,12 @@ def joined_pairs(chunks: list[dict]) -> list[dict]:
     return [{"input_ids": chunks[i]["input_ids"] + chunks[i + 1]["input_ids"]} for i in range(0, len(chunks), 2)]
 
 
+def split_halves(chunks: list[dict]) -> list[dict]:
+    """``+ctx128``: each chunk cut into its two halves (the same tokens, in twice as many chunks)."""
+    half = CHUNK_TOKENS // 2
+    return [{"input_ids": chunk["input_ids"][start : start + half]} for chunk in chunks for start in (0, half)]
+
+
 def even_prefix(chunks: list[dict]) -> list[dict]:
     """`chunks` without an odd last one (so they join in pairs)."""
     return chunks[: len(chunks) - len(chunks) % 2]
@@ -366,6 +374,9 @@ def large_mix_flag(spec: dict) -> str | None:
 def setting_data(spec: dict, data: dict) -> dict:
     """`benchmark_texts` with the calibration and fine-tune chunks the setting reads (``+mix``: the genre mix;
     ``+ctx512``: the speech chunks joined in pairs)."""
+    if spec["ctx128"]:
+        return {**data, "calibration": split_halves(data["calibration"]),
+                "calibration_large": split_halves(data["calibration_large"])}  # fmt: skip
     if spec["ctx512"] and not spec["mix"]:
         return {**data, "calibration": joined_pairs(data["calibration"]),
                 "calibration_large": joined_pairs(data["calibration_large"])}  # fmt: skip
@@ -438,6 +449,9 @@ def parse_setting(setting: str) -> dict:
             f"{setting!r}: `+ctx512` joins the calibration chunks in pairs for the speech sets and `+mix+f512` only, "
             "without a LoRA flag."
         )
+    if spec["ctx128"] and (spec["ctx512"] or spec["mix"] or lora_flag(spec)):
+        raise ValueError(f"{setting!r}: `+ctx128` halves the speech calibration chunks; it takes neither `+ctx512`, "
+                         "`+mix` nor a LoRA flag.")  # fmt: skip
     return spec
 
 

@@ -33,6 +33,7 @@ from benchmarks.causal_lm import (
     prefetch,
     setting_data,
     setting_statistics,
+    split_halves,
 )
 
 
@@ -388,3 +389,17 @@ def test_mix_f512_ctx512_joins_consecutive_chunks_of_one_source(monkeypatch):
     assert data["mix_calibration_ctx512"] == passages[:16]
     chosen = setting_data(parse_setting("kfac_whiten+alloc1+update+mix+f512+ctx512"), data)
     assert chosen["calibration_large"] is passages and chosen["calibration"] == passages[:16]
+
+
+def test_ctx128_halves_each_speech_chunk():
+    chunks = chunk_ids(list(range(256 * 2)))
+    chosen = setting_data(
+        parse_setting("kfac_whiten+alloc1+update+f128+ctx128"),
+        {"calibration": chunks[:1], "calibration_large": chunks},
+    )
+    assert chosen["calibration"] == [{"input_ids": list(range(128))}, {"input_ids": list(range(128, 256))}]
+    assert [c["input_ids"][0] for c in chosen["calibration_large"]] == [0, 128, 256, 384]
+    assert chunk_length(chosen["calibration_large"]) == 128 and split_halves([]) == []
+    for setting in ("kfac_whiten+alloc1+ctx128+ctx512", "kfac_whiten+alloc1+ctx128+mix", "kfac_whiten+ctx128+lora"):
+        with pytest.raises(ValueError, match="`\\+ctx128` halves the speech calibration chunks; it takes neither"):
+            parse_setting(setting)
