@@ -24,6 +24,7 @@ from .common import (
     load_tokenizer,
     pack_causal_calibration,
     read_examples,
+    resolve_calibration_size,
 )
 
 __all__ = ["add_parser", "run"]
@@ -64,13 +65,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     data = parser.add_argument_group("calibration data (needed by methods that read data and by --allocation fisher)")
     add_data_arguments(data, required=False)
     data.add_argument(
-        "--num-samples", type=int, default=256, metavar="N",
-        help="Examples to use (default 256; causal LM: blocks of --max-length tokens).",
+        "--num-samples", type=int, default=None, metavar="N",
+        help="Examples to use (default 256; causal LM: blocks of --max-length tokens, default 32,768 tokens' worth).",
     )  # fmt: skip
     data.add_argument("--batch-size", type=int, default=8, metavar="N", help="Batch size (default 8).")
     data.add_argument(
-        "--max-length", type=int, default=128, metavar="N",
-        help="Truncation length (default 128; causal LM: the text file, lines joined, is cut into blocks this long).",
+        "--max-length", type=int, default=None, metavar="N",
+        help="Truncation length (default 128; causal LM: the text file, lines joined, is cut into blocks this long, "
+        "default 256).",
     )  # fmt: skip
     how = parser.add_argument_group("how much to compress (one of; default --rank-ratio 0.33)")
     ranks = how.add_mutually_exclusive_group()
@@ -265,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
     from ..model_card import record_evaluation
 
     _check_arguments(args)
+    resolve_calibration_size(args)
     model = load_model(args.model, args.task, args.num_labels)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     examples = read_examples(args, model) if args.data else None

@@ -23,6 +23,7 @@ from .common import (
     main_metric,
     pack_causal_calibration,
     read_examples,
+    resolve_calibration_size,
 )
 from .compress import add_method_arguments, methods_epilog
 
@@ -73,12 +74,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_method_arguments(parser, default=None)
     parser.add_argument(
-        "--num-samples", type=int, metavar="N", default=256, help="Calibration examples (default 256)."
-    )
+        "--num-samples", type=int, metavar="N", default=None,
+        help="Calibration examples (default 256; causal LM: blocks of --max-length tokens, 32,768 tokens' worth).",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, metavar="N", default=8, help="Calibration batch size (default 8).")
     parser.add_argument(
-        "--max-length", type=int, metavar="N", default=128, help="Token truncation length (default 128)."
-    )
+        "--max-length", type=int, metavar="N", default=None,
+        help="Token truncation length (default 128; causal LM: calibration blocks of this many tokens, default 256).",
+    )  # fmt: skip
     parser.add_argument("--eval-limit", type=int, metavar="N", help="Evaluate on the first N examples only.")
     parser.add_argument("--max-tokens", type=int, metavar="N", help="Causal LM: score only the first N tokens.")
     parser.add_argument(
@@ -160,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
     from ..targets import find_target_modules
 
     ratios, methods = _check(args)
+    resolve_calibration_size(args)
     try:
         import matplotlib  # noqa: F401
     except ImportError as error:
