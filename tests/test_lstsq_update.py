@@ -248,12 +248,14 @@ def test_intercept_update_fits_up_and_bias_by_least_squares(build):
         torch.testing.assert_close(module.up.bias.double(), solution[:, -1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("target", ["compressed", "dense"])
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
-def test_intercept_update_never_raises_an_error_and_fits_better_than_up_alone(build):
+def test_intercept_update_never_raises_an_error_and_fits_better_than_up_alone(build, target):
     dense, model, targets, loader = compressed_with_loader(build, "svd")
     plain, with_bias = copy.deepcopy(model), copy.deepcopy(model)
-    plain_report = sequential_update(plain, dict(targets), loader)
-    report = sequential_update(with_bias, dict(targets), loader, intercept=True)
+    plain_report = sequential_update(plain, dict(targets), loader, target=target)
+    report = sequential_update(with_bias, dict(targets), loader, intercept=True, target=target)
     for name, (before, after) in report.errors.items():
         assert after <= before, name
     assert sum(after for _, after in report.errors.values()) < sum(a for _, a in plain_report.errors.values())

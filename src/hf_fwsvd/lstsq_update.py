@@ -20,7 +20,7 @@ Two facts make the update safe and explain its effect (both tested):
   a no-op: ``B = U_r^T W`` gives ``W C B^T = U_r S_r^2`` and ``B C B^T = S_r^2``, so ``A* = U_r``. The gain comes only
   from the shift of the inputs that the compressed earlier blocks cause.
 
-Two variants (options of [`sequential_update`], same guarantee):
+Three variants (options of [`sequential_update`], same guarantee):
 
 - ``refit="both"`` refits both factors: the best rank-``r`` ``A B`` for the same objective, i.e. the whitened
   truncation of ``W`` redone with the compressed model's ``C`` (`hf_fwsvd.factorize.factorize`). It never does worse
@@ -32,6 +32,8 @@ Two variants (options of [`sequential_update`], same guarantee):
   ``A* = W C_dc B^T (B C_cc B^T)^{-1}`` with ``C_dc = X_d^T X_c``, ``C_cc = X_c^T X_c``. One more block pass per
   block. Only with ``refit="up"`` (refitting both factors to the dense outputs needs ``C_cc^{-1}``, which amplifies
   the directions the calibration barely reached).
+- ``intercept=True`` also fits a bias of `up` (bias compensation): the least squares of ``[A, b]`` on the inputs
+  with a trailing 1, i.e. ``A`` on the centred moments and ``b`` from the means. Measured worse on SmolLM2-135M.
 """
 
 from __future__ import annotations
@@ -222,8 +224,9 @@ def sequential_update(
         intercept (`bool`, *optional*, defaults to `False`): Also fit a bias of `up` (bias compensation): the least
             squares of ``[A, b]`` on the inputs with a constant 1 appended, which absorbs the mean of the output
             error. A module without a bias gains one (``out`` parameters), which the FWSVD checkpoint cannot store
-            (`save_pretrained` refuses such a model). `refit="up"` only. Measured on SmolLM2-135M in
-            benchmarks/README.md ("Bias compensation").
+            (`save_pretrained` refuses such a model). `refit="up"` only. Measured worse on SmolLM2-135M at 80% kept
+            (development perplexity 44.84 against 39.66, benchmarks/README.md, "Bias compensation and the
+            calibration context length"), so no method uses it.
 
     Returns:
         [`UpdateReport`]
@@ -419,17 +422,16 @@ def _update_with_intercept(
     system ``[W, b_0] [x; 1]`` against ``[A, b] diag(B, 1) [x; 1]``."""
     weight = dense_weight(dense).detach().to(torch.float64)
     dense_bias = getattr(dense, "bias", None)
-    dense_bias = torch.zeros(weight.shape[0], dtype=torch.float64) if dense_bias is None else dense_bias.detach()
-    dense_bias = dense_bias.to(torch.float64)
+    dense_bias = weight.new_zeros(weight.shape[0]) if dense_bias is None else dense_bias.detach().to(weight)
     down = module.down.weight.detach().to(torch.float64)
     rank = down.shape[0]
-    extended_down = torch.zeros(rank + 1, down.shape[1] + 1, dtype=torch.float64)
+    extended_down = down.new_zeros(rank + 1, down.shape[1] + 1)
     extended_down[:rank, :-1] = down
     extended_down[rank, -1] = 1.0
     extended_weight = torch.cat([weight, dense_bias.reshape(-1, 1)], dim=1)
     bias = module.up.bias
-    current_bias = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.detach()
-    extended_up = torch.cat([module.up.weight.detach().to(torch.float64), current_bias.reshape(-1, 1)], dim=1)
+    current_bias = weight.new_zeros(weight.shape[0]) if bias is None else bias.detach().to(weight)
+    extended_up = torch.cat([module.up.weight.detach().to(weight), current_bias.reshape(-1, 1)], dim=1)
     moment, cross, target = moments
     count = moment[-1, -1]
     compressed_mean = moment[:-1, -1] / count
