@@ -362,7 +362,7 @@ def even_prefix(chunks: list[dict]) -> list[dict]:
 
 
 def chunk_length(chunks: list[dict]) -> int:
-    """The `max_length` the chunks need (`CHUNK_TOKENS` unless ``+ctx512`` joined them)."""
+    """The `max_length` the chunks need (`CHUNK_TOKENS` unless ``+ctx512`` joined or ``+ctx128`` halved them)."""
     return max(len(chunk["input_ids"]) for chunk in chunks)
 
 
@@ -373,7 +373,7 @@ def large_mix_flag(spec: dict) -> str | None:
 
 def setting_data(spec: dict, data: dict) -> dict:
     """`benchmark_texts` with the calibration and fine-tune chunks the setting reads (``+mix``: the genre mix;
-    ``+ctx512``: the speech chunks joined in pairs)."""
+    ``+ctx512``: the chunks joined in pairs, the mix's inside each source; ``+ctx128``: the speech chunks halved)."""
     if spec["ctx128"]:
         return {**data, "calibration": split_halves(data["calibration"]),
                 "calibration_large": split_halves(data["calibration_large"])}  # fmt: skip

@@ -277,8 +277,11 @@ def sequential_update(
                 model, block, names, dense_modules, cached, dense_states, token_weights, intercept
             )
             for name in names:
-                update = _update_with_intercept if intercept else _update_one
-                update(model.get_submodule(name), dense_modules[name], moments[name], name, report, refit)
+                module = model.get_submodule(name)
+                if intercept:
+                    _update_with_intercept(module, dense_modules[name], moments[name], name, report)
+                else:
+                    _update_one(module, dense_modules[name], moments[name], name, report, refit)
             dense_states = next_dense
             cached = [
                 ((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs, mask)
@@ -414,7 +417,7 @@ def _update_one(
 
 
 def _update_with_intercept(
-    module: LowRankLinear, dense: nn.Module, moments: Moments, name: str, report: UpdateReport, refit: str = "up"
+    module: LowRankLinear, dense: nn.Module, moments: Moments, name: str, report: UpdateReport
 ) -> None:
     """`_update_one` for `up` and its bias. The moments are of the inputs with a trailing 1, so they hold the sums and
     the token count: ``A`` is solved on the centred moments (well conditioned, unlike the raw ones with a column of
