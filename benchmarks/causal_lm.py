@@ -80,9 +80,10 @@ weight-only int8 on `down` / `up` after a ``sqrt(S)`` split), saved with ``save_
 ``+ctx512`` joins the calibration chunks in consecutive pairs: the same tokens as half as many contiguous 512-token
 passages, the length of the evaluation windows. With ``+mix+f512`` the pairs are joined inside each source before the
 genres are interleaved (256 passages, 86 / 85 / 85, i.e. 172 / 170 / 170 of the 256-token chunks instead of 171 /
-171 / 170); no other mix set has a joined twin, and no recovery takes it. ``+ctx128`` (speech sets only) cuts each
-chunk in two halves instead: the same tokens as twice as many 128-token passages, the length of `FWSVDConfig`'s
-default `max_length`.
+171 / 170); ``+mix+f1024+ctx512`` likewise takes 512 passages (171 / 171 / 170), whose first 256 are those of
+``+mix+f512+ctx512``; no other mix set has a joined twin, and no recovery takes it. ``+ctx128`` (speech sets only)
+cuts each chunk in two halves instead: the same tokens as twice as many 128-token passages, the length of
+`FWSVDConfig`'s default `max_length`.
 ``+true`` collects the backward statistics (the allocation's row Fisher, the gradient-weighted moments) with the true
 Fisher (``fisher_estimator="true"``: each next token drawn from the model's own prediction, seeded) instead of the
 calibration text's next tokens. ``kfac_whiten`` weighs the output side too (`hf_fwsvd.kronecker`; its damping is
@@ -300,14 +301,14 @@ def mix_texts(tokenizer, sotu_calibration: list[dict], sotu_train: list[dict], c
         joined_pairs(even_prefix(news)) + joined_pairs(even_prefix(oanc)),
     ]
     return {
-        "mix_calibration_ctx512": genre_mix(passages, CALIB_CHUNKS // 2),
-        "mix_calibration_xl_ctx512": genre_mix(passages, LARGE_MIX_CALIBRATION["f512"][1] // 2),
         "mix_calibration": genre_mix([sotu_calibration, moby, news], CALIB_CHUNKS),
         "mix_calibration_large": genre_mix([sotu_calibration, moby, news], len(LARGE_CALIB_EXTRA) + CALIB_CHUNKS),
         **{
             name: genre_mix([sotu_calibration + speeches, moby, news + oanc], chunks)
             for name, chunks in LARGE_MIX_CALIBRATION.values()
         },
+        "mix_calibration_ctx512": genre_mix(passages, CALIB_CHUNKS // 2),
+        **{f"{name}_ctx512": genre_mix(passages, chunks // 2) for name, chunks in LARGE_MIX_CALIBRATION.values()},
         "mix_train": genre_mix(pools, CALIB_CHUNKS),
         "mix_train_large": genre_mix(pools, LARGE_TRAIN_EXTRA.stop // 2),
         "mix_train_xl": genre_mix(pools, XL_TRAIN_CHUNKS),
@@ -386,9 +387,9 @@ def setting_data(spec: dict, data: dict) -> dict:
     mixed = {chunks: data[f"mix_{chunks}"] for chunks in LORA_FLAGS.values()}
     flag = large_mix_flag(spec)
     large = data[LARGE_MIX_CALIBRATION[flag][0] if flag else "mix_calibration_large"]
-    if spec["ctx512"]:  # `parse_setting` allows it with `+f512` only
+    if spec["ctx512"]:  # `parse_setting` allows it with `+f512` / `+f1024` only
         return {**data, "calibration": data["mix_calibration_ctx512"],
-                "calibration_large": data["mix_calibration_xl_ctx512"], **mixed}  # fmt: skip
+                "calibration_large": data[f"{LARGE_MIX_CALIBRATION[flag][0]}_ctx512"], **mixed}  # fmt: skip
     return {**data, "calibration": data["mix_calibration"], "calibration_large": large, **mixed}
 
 
@@ -444,10 +445,10 @@ def parse_setting(setting: str) -> dict:
         raise ValueError(f"{setting!r}: choose one of `+c128` and `+f128`.")
     if (spec["bytes"] or spec["int8bytes"]) and not allocated(spec):
         raise ValueError(f"{setting!r}: byte budgets need the global allocation (`+alloc` or `+alloc1`).")
-    if spec["ctx512"] and (lora_flag(spec) or (spec["mix"] and not spec["f512"])):
+    if spec["ctx512"] and (lora_flag(spec) or (spec["mix"] and not large_mix_flag(spec))):
         raise ValueError(
-            f"{setting!r}: `+ctx512` joins the calibration chunks in pairs for the speech sets and `+mix+f512` only, "
-            "without a LoRA flag."
+            f"{setting!r}: `+ctx512` joins the calibration chunks in pairs for the speech sets and `+mix+f512` / "
+            "`+mix+f1024` only, without a LoRA flag."
         )
     if spec["ctx128"] and (spec["ctx512"] or spec["mix"] or lora_flag(spec)):
         raise ValueError(f"{setting!r}: `+ctx128` halves the speech calibration chunks; it takes neither `+ctx512`, "

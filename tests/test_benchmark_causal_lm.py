@@ -250,6 +250,7 @@ def test_mix_pool_sizes_and_old_pools_are_a_prefix_of_the_512_chunk_pool(monkeyp
     sizes = {name: len(data[name]) for name in data}
     assert sizes == {"mix_calibration": 32, "mix_calibration_large": 128, "mix_calibration_xl": 512,
                      "mix_calibration_xxl": 1024, "mix_calibration_ctx512": 16, "mix_calibration_xl_ctx512": 256,
+                     "mix_calibration_xxl_ctx512": 512,
                      "mix_train": 32, "mix_train_large": 128, "mix_train_xl": 256, "mix_train_xxl": 512,
                      "mix_train_xxxl": 1024}  # fmt: skip
     # +mix+f128: the 32-chunk mix first, then more of the same three pools in equal shares (43 / 43 / 42)
@@ -266,7 +267,7 @@ def test_mix_pool_sizes_and_old_pools_are_a_prefix_of_the_512_chunk_pool(monkeyp
     # the added sources do not change any older set: other OANC text, or none at all beyond what +lora256 needs
     other = _fake_mix(monkeypatch, oanc_prefix="other")
     continued = ("mix_train_xxl", "mix_train_xxxl", "mix_calibration_xl", "mix_calibration_xxl",
-                 "mix_calibration_xl_ctx512")  # fmt: skip
+                 "mix_calibration_xl_ctx512", "mix_calibration_xxl_ctx512")  # fmt: skip
     assert all(other[name] == data[name] for name in data if name not in continued)
     sources = [_source(chunk) for chunk in data["mix_train_xxl"]]
     # equal shares 171 / 171 / 170: 128 1990s + 43 extra-speech chunks, 171 Moby, 110 WSJ + 60 OANC chunks
@@ -356,7 +357,7 @@ def test_ctx512_joins_consecutive_speech_chunks_into_contiguous_passages():
 
 @pytest.mark.parametrize(
     "setting",
-    ["kfac_whiten+alloc1+ctx512+mix", "kfac_whiten+alloc1+ctx512+mix+f1024", "kfac_whiten+alloc1+update+ctx512+lora"],
+    ["kfac_whiten+alloc1+ctx512+mix", "kfac_whiten+alloc1+ctx512+mix+f128", "kfac_whiten+alloc1+update+ctx512+lora"],
 )
 def test_ctx512_refuses_other_mix_sets_and_a_recovery(setting):
     with pytest.raises(ValueError, match="`\\+ctx512` joins the calibration chunks in pairs for the speech sets and"):
@@ -388,6 +389,20 @@ def test_mix_f512_ctx512_joins_consecutive_chunks_of_one_source(monkeypatch):
     assert (sources.count("wsj"), sources.count("oanc")) == (60, 25)
     assert data["mix_calibration_ctx512"] == passages[:16]
     chosen = setting_data(parse_setting("kfac_whiten+alloc1+update+mix+f512+ctx512"), data)
+    assert chosen["calibration_large"] is passages and chosen["calibration"] == passages[:16]
+
+
+def test_mix_f1024_ctx512_continues_the_f512_passages(monkeypatch):
+    data = _fake_mix(monkeypatch)
+    passages = data["mix_calibration_xxl_ctx512"]
+    assert passages[:256] == data["mix_calibration_xl_ctx512"]
+    assert all(len(passage["input_ids"]) == 2 * CHUNK_TOKENS for passage in passages)
+    sources = [_source(passage) for passage in passages]
+    # 171 / 171 / 170 passages: 342 / 342 / 340 of the 256-token chunks (+mix+f1024: 342 / 341 / 341)
+    assert sources.count("calib1990s") + sum(s.startswith("sotu") for s in sources) == 171
+    assert sum(s.startswith("moby") for s in sources) == 171
+    assert sources.count("wsj") + sources.count("oanc") == 170
+    chosen = setting_data(parse_setting("kfac_whiten+alloc1+update+mix+f1024+ctx512"), data)
     assert chosen["calibration_large"] is passages and chosen["calibration"] == passages[:16]
 
 
