@@ -36,15 +36,16 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the setting has one); ``calib_s`` (the shared statistics, once per run) is reported separately. ``peak_rss_mb`` is
   the process's peak resident memory sampled every 20 ms during that compression.
 
-Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense|+update_weighted|+update_bias]
-[+c128|+f128|+mix|+mix+f128|+mix+f512|+mix+f1024][+ctx512|+ctx128]
+Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense|+update_weighted|+update_bias
+|+update_nosink|+update_bias_nosink][+c128|+f128|+mix|+mix+f128|+mix+f512|+mix+f1024][+ctx512|+ctx128]
 [+lora|+lora64|+lora128|+lora256|+lora512][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+seed<k>][+int8][+true]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
 update of the `up` factors (`hf_fwsvd.lstsq_update`; ``+update_weighted`` weighs each calibration token by the dense
 model's ``|g_t|^2`` at the module output, as `fisher_whiten` / `kfac_whiten`'s truncation does
 (`hf_fwsvd.token_weights`), ``+update_bias`` also fits a bias of each `up` factor (``intercept=True``: bias
-compensation), ``+update_both`` refits both factors, ``+update_dense`` fits the
+compensation; ``+update_nosink`` / ``+update_bias_nosink`` give each passage's first token weight 0 in the
+update, `first_token_excluded`), ``+update_both`` refits both factors, ``+update_dense`` fits the
 dense model's outputs, see `sequential_update`), ``+lora`` a LoRA recovery fine-tune (``finetune(..., lora=True)``:
 rank 8 on every factor, 2 epochs over the 32 fine-tune chunks at lr 2e-4, batch 4) merged back into the factors,
 ``+kd`` makes that recovery's loss the distillation from the dense model (``finetune(..., teacher=dense)``:
@@ -160,7 +161,7 @@ EXTRA_PLAY = "hamlet"  # ppl_extra: a genre in no calibration set
 FLAGS = (
     "alloc", "alloc1", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8",
     "bytes", "int8bytes", "mix", "kd", "lora128", "ep4", "ep1", "lora256", "lora512", "true", "f128", "f512",
-    "update_weighted", "f1024", "update_bias", "ctx512", "ctx128",
+    "update_weighted", "f1024", "update_bias", "ctx512", "ctx128", "update_nosink", "update_bias_nosink",
 )  # fmt: skip
 # update flag -> `sequential_update` options
 # LoRA flag -> the fine-tune chunks it reads (2 epochs, batch 4: 16 / 64 / 128 / 256 / 512 steps)
@@ -173,6 +174,7 @@ LORA_CHOICES = ", ".join(f"`+{flag}`" for flag in list(LORA_FLAGS)[:-1]) + f" or
 UPDATES = {
     "update": {}, "update_both": {"refit": "both"}, "update_dense": {"target": "dense"},
     "update_weighted": {"weighted": True}, "update_bias": {"intercept": True},
+    "update_nosink": {"nosink": True}, "update_bias_nosink": {"intercept": True, "nosink": True},
 }  # fmt: skip
 # LoRA recovery (rank 8 on every factor, see `hf_fwsvd.lora`): 2 epochs over the 32 fine-tune chunks, batch 4.
 LORA_EPOCHS, LORA_LEARNING_RATE = 2.0, 2e-4
@@ -315,6 +317,17 @@ def mix_texts(tokenizer, sotu_calibration: list[dict], sotu_train: list[dict], c
         "mix_train_xxl": genre_mix(continued, XXL_TRAIN_CHUNKS),
         "mix_train_xxxl": genre_mix(continued, XXXL_TRAIN_CHUNKS),
     }
+
+
+def first_token_excluded(names, loader) -> dict[str, list[torch.Tensor]]:
+    """``+update_nosink`` / ``+update_bias_nosink``: token weights of the update, 1 everywhere but 0 on each passage's
+    first token, which carries most of some `down_proj` outputs (``benchmarks/first_token_energy.py``)."""
+    per_batch = []
+    for batch in loader:
+        weights = torch.ones(batch["input_ids"].shape, dtype=torch.float32)
+        weights[:, 0] = 0.0
+        per_batch.append(weights)
+    return {name: per_batch for name in names}
 
 
 def chunk_ids(ids: list[int]) -> list[dict]:
@@ -813,6 +826,8 @@ def run(args: argparse.Namespace) -> None:
                 if options.pop("weighted", False):
                     loss = resolve_loss(None, fisher_estimator(spec))
                     options["token_weights"] = output_gradient_token_weights(dense, compressed, loader, loss)
+                if options.pop("nosink", False):
+                    options["token_weights"] = first_token_excluded(compressed, loader)
                 report = sequential_update(model, compressed, loader, **options)
                 logger.info("update rejected for %d modules", len(report.rejected))
             if lora_flag(spec):

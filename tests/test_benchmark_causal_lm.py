@@ -5,6 +5,7 @@ from __future__ import annotations
 import types
 
 import pytest
+import torch
 
 import benchmarks.assets as assets
 from benchmarks.assets import SOTU_CALIBRATION_YEARS, SOTU_EVAL_YEARS, _detokenize
@@ -23,6 +24,7 @@ from benchmarks.causal_lm import (
     _cells,
     chunk_ids,
     chunk_length,
+    first_token_excluded,
     genre_mix,
     genre_shares,
     joined_pairs,
@@ -418,3 +420,13 @@ def test_ctx128_halves_each_speech_chunk():
     for setting in ("kfac_whiten+alloc1+ctx128+ctx512", "kfac_whiten+alloc1+ctx128+mix", "kfac_whiten+ctx128+lora"):
         with pytest.raises(ValueError, match="`\\+ctx128` halves the speech calibration chunks; it takes neither"):
             parse_setting(setting)
+
+
+def test_update_nosink_weighs_out_each_passages_first_token():
+    loader = [{"input_ids": torch.zeros(2, 5, dtype=torch.long)}, {"input_ids": torch.zeros(1, 5, dtype=torch.long)}]
+    weights = first_token_excluded(["a", "b"], loader)
+    assert set(weights) == {"a", "b"} and len(weights["a"]) == 2
+    assert torch.equal(weights["a"][0], torch.tensor([[0.0, 1, 1, 1, 1]] * 2))
+    assert torch.equal(weights["b"][1], torch.tensor([[0.0, 1, 1, 1, 1]]))
+    assert UPDATES["update_bias_nosink"] == {"intercept": True, "nosink": True}
+    assert parse_setting("kfac_whiten+alloc1+update_nosink")["update_nosink"]
