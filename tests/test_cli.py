@@ -168,7 +168,7 @@ def test_causal_lm_calibrates_on_every_token_of_a_long_line_file(tmp_path):
     assert main(args + ["--output", str(out), "-q", "--report-json", str(tmp_path / "r.json")]) == 0
     joined = len(tokenizer()("\n\n".join(" ".join(line) for line in lines))["input_ids"])
     assert joined == 300  # the tiny word-level tokenizer drops the blank line
-    # the model's context (n_positions 64) caps the 256-token default block: 300 // 64 = 4 full blocks, not 2 lines
+    # the model's context (n_positions 64) caps the 512-token default block: 300 // 64 = 4 full blocks, not 2 lines
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["calibration_data"] == "corpus.txt (4 blocks of 64 tokens)"
     assert "corpus.txt (4 blocks of 64 tokens)" in ModelCard.load(out / "README.md").text
@@ -191,7 +191,7 @@ def test_causal_lm_sweep_calibrates_on_the_same_blocks_as_compress(tmp_path, mon
     monkeypatch.setattr(methods, "collect_statistics", recording_collect)
     args = ["sweep", str(model_dir), "--task", "causal-lm", "--data", str(corpus), "--eval-data", str(corpus)]
     assert main(args + ["--methods", "fwsvd", "--ratios", "0.5", "--output", str(tmp_path / "sweep"), "-q"]) == 0
-    # 300 tokens joined, 64-token blocks (the model's context caps the 256 default): 4 full blocks, as compress uses
+    # 300 tokens joined, 64-token blocks (the model's context caps the 512 default): 4 full blocks, as compress uses
     assert [len(example["input_ids"]) for example in seen[0]] == [64, 64, 64, 64]
 
 
@@ -345,15 +345,15 @@ def test_help_and_version(capsys):
 @pytest.mark.parametrize(
     ("task", "given", "expected"),
     [
-        ("causal-lm", {}, (256, 128)),
+        ("causal-lm", {}, (512, 64)),
         ("causal-lm", {"max_length": 64}, (64, 512)),
-        ("causal-lm", {"num_samples": 10}, (256, 10)),
+        ("causal-lm", {"num_samples": 10}, (512, 10)),
         ("causal-lm", {"max_length": 100000}, (100000, 1)),
         ("sequence-classification", {}, (128, 256)),
         ("token-classification", {"max_length": 64}, (64, 256)),
     ],
 )
-def test_calibration_size_defaults_to_256_token_blocks_for_causal_lms(task, given, expected):
+def test_calibration_size_defaults_to_512_token_blocks_for_causal_lms(task, given, expected):
     from hf_fwsvd.commands.common import resolve_calibration_size
 
     args = argparse.Namespace(task=task, max_length=given.get("max_length"), num_samples=given.get("num_samples"))

@@ -189,11 +189,11 @@ def read_examples(args: argparse.Namespace, model: Any, prefix: str = "", limit:
 
 
 # A causal LM's calibration text is cut into blocks of this many tokens, and this many tokens are read in all, unless
-# --max-length / --num-samples say otherwise (128 blocks of 256). On SmolLM2-135M (`kfac_svdllm`, the same calibration
-# tokens cut into 128-, 256- and 512-token passages) 128-token blocks, the old default, were 2.1-2.5% worse on the
-# development text at 80% kept and 3.6-8.5% worse at 60%; 512 was better than 256 at 80% and 2.7% worse at 60%
-# (benchmarks/README.md, "Bias compensation and the calibration context length").
-CAUSAL_CALIBRATION_BLOCK = 256
+# --max-length / --num-samples say otherwise (64 blocks of 512). On SmolLM2-135M (`kfac_svdllm`, the same calibration
+# tokens cut into 128-, 256- and 512-token passages), with the CLI's 32,768 tokens, the development perplexity was
+# 38.55 / 37.61 / 37.06 at 80% kept and 90.23 / 87.13 / 84.09 at 60%; 512 also won at both budgets on a 131,072-token
+# genre mix and lost only with 8,192 tokens at 60% (benchmarks/README.md, "Passage starts, and the largest mix").
+CAUSAL_CALIBRATION_BLOCK = 512
 CAUSAL_CALIBRATION_TOKENS = 32_768
 
 

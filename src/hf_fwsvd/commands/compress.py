@@ -72,7 +72,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     data.add_argument(
         "--max-length", type=int, default=None, metavar="N",
         help="Truncation length (default 128; causal LM: the text file, lines joined, is cut into blocks this long, "
-        "default 256).",
+        "default 512).",
     )  # fmt: skip
     how = parser.add_argument_group("how much to compress (one of; default --rank-ratio 0.33)")
     ranks = how.add_mutually_exclusive_group()

@@ -80,7 +80,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, metavar="N", default=8, help="Calibration batch size (default 8).")
     parser.add_argument(
         "--max-length", type=int, metavar="N", default=None,
-        help="Token truncation length (default 128; causal LM: calibration blocks of this many tokens, default 256).",
+        help="Token truncation length (default 128; causal LM: calibration blocks of this many tokens, default 512).",
     )  # fmt: skip
     parser.add_argument("--eval-limit", type=int, metavar="N", help="Evaluate on the first N examples only.")
     parser.add_argument("--max-tokens", type=int, metavar="N", help="Causal LM: score only the first N tokens.")
