@@ -114,7 +114,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -319,7 +319,7 @@ def mix_texts(tokenizer, sotu_calibration: list[dict], sotu_train: list[dict], c
     }
 
 
-def first_token_excluded(names, loader) -> dict[str, list[torch.Tensor]]:
+def first_token_excluded(names: Iterable[str], loader: Iterable[dict]) -> dict[str, list[torch.Tensor]]:
     """``+update_nosink`` / ``+update_bias_nosink``: token weights of the update, 1 everywhere but 0 on each passage's
     first token, which carries most of some `down_proj` outputs (``benchmarks/first_token_energy.py``)."""
     per_batch = []
