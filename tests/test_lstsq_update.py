@@ -248,7 +248,6 @@ def test_intercept_update_fits_up_and_bias_by_least_squares(build):
         torch.testing.assert_close(module.up.bias.double(), solution[:, -1], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("target", ["compressed", "dense"])
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_intercept_update_never_raises_an_error_and_fits_better_than_up_alone(build, target):
