@@ -37,7 +37,7 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the process's peak resident memory sampled every 20 ms during that compression.
 
 Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense|+update_weighted|+update_bias
-|+update_nosink|+update_bias_nosink][+c128|+f128|+mix|+mix+f128|+mix+f512|+mix+f1024][+ctx512|+ctx128]
+|+update_nosink|+update_bias_nosink|+update_bias_rest][+c128|+f128|+mix|+mix+f128|+mix+f512|+mix+f1024][+ctx512|+ctx128]
 [+lora|+lora64|+lora128|+lora256|+lora512][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+seed<k>][+int8][+true]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
@@ -45,7 +45,8 @@ update of the `up` factors (`hf_fwsvd.lstsq_update`; ``+update_weighted`` weighs
 model's ``|g_t|^2`` at the module output, as `fisher_whiten` / `kfac_whiten`'s truncation does
 (`hf_fwsvd.token_weights`), ``+update_bias`` also fits a bias of each `up` factor (``intercept=True``: bias
 compensation; ``+update_nosink`` / ``+update_bias_nosink`` give each passage's first token weight 0 in the
-update, `first_token_excluded`), ``+update_both`` refits both factors, ``+update_dense`` fits the
+update, `first_token_excluded`; ``+update_bias_rest`` fits `A` on every token and the bias on all but the
+first, ``bias_token_weights``), ``+update_both`` refits both factors, ``+update_dense`` fits the
 dense model's outputs, see `sequential_update`), ``+lora`` a LoRA recovery fine-tune (``finetune(..., lora=True)``:
 rank 8 on every factor, 2 epochs over the 32 fine-tune chunks at lr 2e-4, batch 4) merged back into the factors,
 ``+kd`` makes that recovery's loss the distillation from the dense model (``finetune(..., teacher=dense)``:
@@ -162,6 +163,7 @@ FLAGS = (
     "alloc", "alloc1", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8",
     "bytes", "int8bytes", "mix", "kd", "lora128", "ep4", "ep1", "lora256", "lora512", "true", "f128", "f512",
     "update_weighted", "f1024", "update_bias", "ctx512", "ctx128", "update_nosink", "update_bias_nosink",
+    "update_bias_rest",
 )  # fmt: skip
 # update flag -> `sequential_update` options
 # LoRA flag -> the fine-tune chunks it reads (2 epochs, batch 4: 16 / 64 / 128 / 256 / 512 steps)
@@ -175,6 +177,7 @@ UPDATES = {
     "update": {}, "update_both": {"refit": "both"}, "update_dense": {"target": "dense"},
     "update_weighted": {"weighted": True}, "update_bias": {"intercept": True},
     "update_nosink": {"nosink": True}, "update_bias_nosink": {"intercept": True, "nosink": True},
+    "update_bias_rest": {"intercept": True, "bias_nosink": True},
 }  # fmt: skip
 # LoRA recovery (rank 8 on every factor, see `hf_fwsvd.lora`): 2 epochs over the 32 fine-tune chunks, batch 4.
 LORA_EPOCHS, LORA_LEARNING_RATE = 2.0, 2e-4
@@ -828,6 +831,8 @@ def run(args: argparse.Namespace) -> None:
                     options["token_weights"] = output_gradient_token_weights(dense, compressed, loader, loss)
                 if options.pop("nosink", False):
                     options["token_weights"] = first_token_excluded(compressed, loader)
+                if options.pop("bias_nosink", False):
+                    options["bias_token_weights"] = first_token_excluded(compressed, loader)
                 report = sequential_update(model, compressed, loader, **options)
                 logger.info("update rejected for %d modules", len(report.rejected))
             if lora_flag(spec):

@@ -430,3 +430,5 @@ def test_update_nosink_weighs_out_each_passages_first_token():
     assert torch.equal(weights["b"][1], torch.tensor([[0.0, 1, 1, 1, 1]]))
     assert UPDATES["update_bias_nosink"] == {"intercept": True, "nosink": True}
     assert parse_setting("kfac_whiten+alloc1+update_nosink")["update_nosink"]
+    assert UPDATES["update_bias_rest"] == {"intercept": True, "bias_nosink": True}
+    assert parse_setting("kfac_whiten+alloc1+update_bias_rest+ctx512")["update_bias_rest"]

@@ -248,6 +248,77 @@ def test_intercept_update_fits_up_and_bias_by_least_squares(build):
         torch.testing.assert_close(module.up.bias.double(), solution[:, -1], atol=1e-4, rtol=1e-4)
 
 
+def _first_token_excluded(loader) -> list[torch.Tensor]:
+    weights = []
+    for batch in loader:
+        one_batch = torch.ones(batch["input_ids"].shape)
+        one_batch[:, 0] = 0.0
+        weights.append(one_batch)
+    return weights
+
+
+@pytest.mark.parametrize("target", ["compressed", "dense"])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_bias_on_weighted_tokens_keeps_the_plain_update_and_removes_their_mean_error(build, target):
+    """With `bias_token_weights`, `A` is the plain update's and, brute force in the first block (dense and compressed
+    inputs agree there), the bias is the mean output error of the tokens of weight 1 (each passage but its first)."""
+    dense, model, targets, loader = compressed_with_loader(build, "svd")
+    first_block = [name for name in targets if ".0." in name]
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in first_block}
+    handles = [
+        dict(dense.named_modules())[name].register_forward_hook(
+            lambda module, args, output, name=name: inputs[name].append(args[0].detach())
+        )
+        for name in first_block
+    ]
+    with torch.no_grad():
+        for batch in loader:
+            dense(**{k: v for k, v in batch.items() if k != "labels"})
+    for handle in handles:
+        handle.remove()
+    plain = copy.deepcopy(model)
+    plain_report = sequential_update(plain, dict(targets), loader, target=target)
+    weights = {name: _first_token_excluded(loader) for name in targets}
+    report = sequential_update(model, dict(targets), loader, intercept=True, bias_token_weights=weights, target=target)
+    assert set(report.errors) == set(plain_report.errors)
+    for name in first_block:
+        module, reference = model.get_submodule(name), plain.get_submodule(name)
+        assert report.errors[name] == plain_report.errors[name]  # the A step is the plain update's
+        assert torch.equal(module.up.weight, reference.up.weight), name
+        rows = torch.cat([batch.flatten(0, 1) for batch in inputs[name]]).double()
+        kept = torch.cat([torch.ones(batch.shape[:2]).index_fill(1, torch.tensor([0]), 0) for batch in inputs[name]])
+        bias = getattr(targets[name], "bias", None)
+        outputs = rows @ dense_weight(targets[name]).double().T + (0 if bias is None else bias.detach().double())
+        errors = outputs - rows @ module.down.weight.double().T @ module.up.weight.double().T
+        expected = errors[kept.flatten() > 0].mean(0)
+        torch.testing.assert_close(module.up.bias.double(), expected, atol=1e-6, rtol=1e-4)
+        assert not torch.allclose(expected, errors.mean(0), atol=1e-6, rtol=1e-4)  # the first tokens are left out
+
+
+def test_bias_token_weights_need_the_intercept():
+    dense, model, targets, loader = compressed_with_loader(tiny_llama, "svd")
+    weights = {name: _first_token_excluded(loader) for name in targets}
+    with pytest.raises(ValueError) as error:
+        sequential_update(model, dict(targets), loader, bias_token_weights=weights)
+    assert str(error.value) == (
+        "`bias_token_weights` choose the tokens a bias is fitted on; pass intercept=True with them."
+    )
+
+
+def test_bias_token_weights_of_zero_everywhere_are_refused():
+    dense, model, targets, loader = compressed_with_loader(tiny_llama, "svd")
+    zeros = [torch.zeros(batch["input_ids"].shape) for batch in loader]
+    first = next(iter(targets))
+    with pytest.raises(ValueError) as error:
+        sequential_update(
+            model, dict(targets), loader, intercept=True, bias_token_weights=dict.fromkeys(targets, zeros)
+        )
+    assert str(error.value) == (
+        f"`bias_token_weights` give `{first}` no weight on any calibration token, so its bias is undefined; give "
+        "some tokens a positive weight."
+    )
+
+
 @pytest.mark.parametrize("target", ["compressed", "dense"])
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_intercept_update_never_raises_an_error_and_fits_better_than_up_alone(build, target):

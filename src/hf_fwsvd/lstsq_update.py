@@ -34,6 +34,9 @@ Three variants (options of [`sequential_update`], same guarantee):
   the directions the calibration barely reached).
 - ``intercept=True`` also fits a bias of `up` (bias compensation): the least squares of ``[A, b]`` on the inputs
   with a trailing 1, i.e. ``A`` on the centred moments and ``b`` from the means. Measured worse on SmolLM2-135M.
+  With ``bias_token_weights``, ``A`` is fitted as without a bias (every token, uncentred moments) and ``b`` is the
+  weighted mean of the output error ``A`` leaves, so tokens of weight 0 (e.g. the first token of each passage, whose
+  attention-sink activations dominate some modules' outputs) do not set it.
 """
 
 from __future__ import annotations
@@ -198,6 +201,7 @@ def sequential_update(
     target: str = "compressed",
     token_weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
     intercept: bool = False,
+    bias_token_weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
 ) -> UpdateReport:
     """Refit the `up` factor of every compressed module in `dense_modules`, block by block (see the module docstring).
 
@@ -227,6 +231,11 @@ def sequential_update(
             (`save_pretrained` refuses such a model). `refit="up"` only. Measured worse on SmolLM2-135M at 80% kept
             (development perplexity 44.84 against 39.66, benchmarks/README.md, "Bias compensation and the
             calibration context length"), so no method uses it.
+        bias_token_weights (`Mapping[str, Sequence[torch.Tensor]]`, *optional*): With `intercept`, the tokens the
+            bias is fitted on (shaped like `token_weights`): `A` is then fitted as without `intercept` (the
+            uncentred moments of every token, weighted by `token_weights` if given) and the bias is the
+            `bias_token_weights`-weighted mean of the output error that `A` leaves, the bias that minimises the
+            error of those tokens given `A`. The report's errors are those of the `A` step.
 
     Returns:
         [`UpdateReport`]
@@ -241,6 +250,8 @@ def sequential_update(
         raise ValueError(f"Unknown target {target!r}; choose one of {', '.join(map(repr, TARGETS))}.")
     if intercept and refit != "up":
         raise ValueError("intercept=True fits the `up` factor and its bias; use refit='up'.")
+    if bias_token_weights is not None and not intercept:
+        raise ValueError("`bias_token_weights` choose the tokens a bias is fitted on; pass intercept=True with them.")
     if refit == "both" and target == "dense":
         raise ValueError("refit='both' fits the compressed model's own outputs only; use target='compressed'.")
     if target == "dense":
@@ -274,11 +285,13 @@ def sequential_update(
             block = model.get_submodule(block_name)
             names = by_block.get(block_name, [])
             moments, next_dense = _collect_dense_moments(
-                model, block, names, dense_modules, cached, dense_states, token_weights, intercept
+                model, block, names, dense_modules, cached, dense_states, token_weights, intercept, bias_token_weights
             )
             for name in names:
                 module = model.get_submodule(name)
-                if intercept:
+                if bias_token_weights is not None:
+                    _update_with_weighted_bias(module, dense_modules[name], moments[name], name, report)
+                elif intercept:
                     _update_with_intercept(module, dense_modules[name], moments[name], name, report)
                 else:
                     _update_one(module, dense_modules[name], moments[name], name, report, refit)
@@ -292,7 +305,9 @@ def sequential_update(
     return report
 
 
-Moments = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # C_cc, and C_dc, C_dd for target="dense"
+# C_cc, and C_dc, C_dd for target="dense"; then, with `bias_token_weights`, the weighted sums of the compressed and
+# (target="dense") dense inputs with their trailing 1
+Moments = tuple[torch.Tensor | None, ...]
 
 
 def _collect_dense_moments(
@@ -304,12 +319,14 @@ def _collect_dense_moments(
     dense_states: list[torch.Tensor] | None = None,
     token_weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
     intercept: bool = False,
+    bias_token_weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
 ) -> tuple[dict[str, Moments], list[torch.Tensor] | None]:
     """The float64 moments of each dense module's inputs while the dense version of `block` runs on `cached`:
     ``X_c^T X_c``, and with `dense_states` (the dense model's hidden states entering the block, one per batch) also
     ``X_d^T X_c`` and ``X_d^T X_d``, where ``X_d`` are the inputs in the dense model; then also the dense model's
     hidden states leaving the block. With `token_weights`, each moment is ``X^T diag(w) X``; with `intercept`, every
-    row gets a trailing 1 (the moments are ``(in + 1) x (in + 1)``)."""
+    row gets a trailing 1 (the moments are ``(in + 1) x (in + 1)``); with `bias_token_weights` (and `intercept`), the
+    moments are followed by ``sum_t w_t [x_c,t; 1]`` and, with `dense_states`, ``sum_t w_t [x_d,t; 1]``."""
     low_rank = {name: model.get_submodule(name) for name in names}
     sums: dict[str, list[torch.Tensor]] = {}
     current: list[torch.Tensor | None] = [None]
@@ -319,7 +336,7 @@ def _collect_dense_moments(
     handles = []
 
     def add(name: str, index: int, moment: torch.Tensor) -> None:
-        entry = sums.setdefault(name, [None, None, None])
+        entry = sums.setdefault(name, [None] * 5)
         entry[index] = moment if entry[index] is None else entry[index] + moment
 
     def make_hook(name: str):
@@ -342,11 +359,17 @@ def _collect_dense_moments(
                 weights = (weights if keep is None else weights[keep]).reshape(-1, 1)
             weighted = rows if weights is None else rows * weights
             add(name, 0, rows.T @ weighted)
-            if name in dense_rows:
-                target = dense_rows.pop(name)
+            target = dense_rows.pop(name, None)
+            if target is not None:
                 add(name, 1, target.T @ weighted)
                 target_weighted = target if weights is None else target * weights
                 add(name, 2, target.T @ target_weighted)
+            if bias_token_weights is not None:
+                bias_weights = _batch_weights(bias_token_weights, name, batch_index[0], inputs)
+                bias_weights = (bias_weights if keep is None else bias_weights[keep]).reshape(-1, 1)
+                add(name, 3, (rows * bias_weights).sum(0))
+                if target is not None:
+                    add(name, 4, (target * bias_weights).sum(0))
 
         return hook
 
@@ -397,7 +420,7 @@ def _update_one(
 ) -> None:
     weight = dense_weight(dense)
     up, down = module.up.weight, module.down.weight
-    moment, cross, target = moments
+    moment, cross, target = moments[:3]
     before = output_error(weight, up, down, moment, cross, target)
     if refit == "both":
         factors = factorize(weight.detach().float(), down.shape[0], moment.float(), name=name)
@@ -435,7 +458,7 @@ def _update_with_intercept(
     bias = module.up.bias
     current_bias = weight.new_zeros(weight.shape[0]) if bias is None else bias.detach().to(weight)
     extended_up = torch.cat([module.up.weight.detach().to(weight), current_bias.reshape(-1, 1)], dim=1)
-    moment, cross, target = moments
+    moment, cross, target = moments[:3]
     count = moment[-1, -1]
     compressed_mean = moment[:-1, -1] / count
     centred = moment[:-1, :-1] - count * torch.outer(compressed_mean, compressed_mean)
@@ -462,3 +485,35 @@ def _update_with_intercept(
         bias.data.copy_(new_bias)
     report.errors[name] = (before, after)
     logger.debug("update `%s` with a bias: output error %.4f -> %.4f", name, before, after)
+
+
+def _update_with_weighted_bias(
+    module: LowRankLinear, dense: nn.Module, moments: Moments, name: str, report: UpdateReport
+) -> None:
+    """`intercept` with `bias_token_weights`: `_update_one` on the moments without their trailing 1, then
+    ``b = (W s_d + b_0 sum_t w_t - A B s_c) / sum_t w_t`` with ``s = sum_t w_t x_t`` (``s_d = s_c`` unless
+    ``target="dense"``): the mean output error of the weighted tokens, which it removes."""
+    moment, cross, target, compressed_sums, dense_sums = moments
+    inner = [None if m is None else m[:-1, :-1] for m in (moment, cross, target)]
+    _update_one(module, dense, tuple(inner), name, report)
+    total = float(compressed_sums[-1])
+    if not total > 0:
+        raise ValueError(
+            f"`bias_token_weights` give `{name}` no weight on any calibration token, so its bias is undefined; give "
+            "some tokens a positive weight."
+        )
+    dense_sums = compressed_sums if dense_sums is None else dense_sums
+    weight = dense_weight(dense).detach().to(torch.float64)
+    dense_bias = getattr(dense, "bias", None)
+    dense_bias = weight.new_zeros(weight.shape[0]) if dense_bias is None else dense_bias.detach().to(weight)
+    up = module.up.weight.detach().to(torch.float64)
+    down = module.down.weight.detach().to(torch.float64)
+    error_sum = weight @ dense_sums[:-1] + dense_bias * dense_sums[-1] - up @ (down @ compressed_sums[:-1])
+    parameter = module.up.weight
+    new_bias = (error_sum / total).to(dtype=parameter.dtype, device=parameter.device)
+    if module.up.bias is None:
+        module.up.bias = nn.Parameter(new_bias, requires_grad=parameter.requires_grad)
+        module.bias_added = True  # `save_pretrained` refuses it: the architecture has no bias to load it into
+    else:
+        module.up.bias.data.copy_(new_bias)
+    logger.debug("update `%s`: bias fitted on the weighted tokens, norm %.4g", name, float(new_bias.norm()))
