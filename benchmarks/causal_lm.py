@@ -37,7 +37,7 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the process's peak resident memory sampled every 20 ms during that compression.
 
 Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense|+update_weighted|+update_bias
-|+update_nosink|+update_bias_nosink|+update_bias_rest][+c128|+f128|+mix|+mix+f128|+mix+f512|+mix+f1024][+ctx512|+ctx128]
+|+update_nosink|+update_bias_nosink|+update_bias_rest][+sinkdense][+c128|+f128|+mix|+mix+f128|+mix+f512|+mix+f1024][+ctx512|+ctx128]
 [+lora|+lora64|+lora128|+lora256|+lora512][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+seed<k>][+int8][+true]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
@@ -46,7 +46,9 @@ model's ``|g_t|^2`` at the module output, as `fisher_whiten` / `kfac_whiten`'s t
 (`hf_fwsvd.token_weights`), ``+update_bias`` also fits a bias of each `up` factor (``intercept=True``: bias
 compensation; ``+update_nosink`` / ``+update_bias_nosink`` give each passage's first token weight 0 in the
 update, `first_token_excluded`; ``+update_bias_rest`` fits `A` on every token and the bias on all but the
-first, ``bias_token_weights``), ``+update_both`` refits both factors, ``+update_dense`` fits the
+first, ``bias_token_weights``; ``+sinkdense`` keeps the `down_proj` of layers `SINK_DOWN_PROJ_LAYERS`
+dense and gives the other modules the budget that keeps the same share of all block weights), ``+update_both``
+refits both factors, ``+update_dense`` fits the
 dense model's outputs, see `sequential_update`), ``+lora`` a LoRA recovery fine-tune (``finetune(..., lora=True)``:
 rank 8 on every factor, 2 epochs over the 32 fine-tune chunks at lr 2e-4, batch 4) merged back into the factors,
 ``+kd`` makes that recovery's loss the distillation from the dense model (``finetune(..., teacher=dense)``:
@@ -134,7 +136,7 @@ from hf_fwsvd.methods import required_statistics
 from hf_fwsvd.pipeline import weighted_matrix
 from hf_fwsvd.statistics import Statistics, collect
 from hf_fwsvd.statistics.collector import resolve_loss
-from hf_fwsvd.targets import find_target_modules
+from hf_fwsvd.targets import DEFAULT_MODULES_TO_NOT_CONVERT, find_target_modules
 from hf_fwsvd.token_weights import output_gradient_token_weights
 from hf_fwsvd.truncation_loss import heterogeneous_ranks
 
@@ -159,11 +161,14 @@ XL_TRAIN_CHUNKS, XXL_TRAIN_CHUNKS, XXXL_TRAIN_CHUNKS = 256, 512, 1024
 # +mix+f512 / +mix+f1024: flag -> (its `mix_texts` set, chunks)
 LARGE_MIX_CALIBRATION = {"f512": ("mix_calibration_xl", 512), "f1024": ("mix_calibration_xxl", 1024)}
 EXTRA_PLAY = "hamlet"  # ppl_extra: a genre in no calibration set
+# +sinkdense: the `down_proj` layers whose first token carries over 0.2 of the output energy on the calibration
+# passages (results/first_token_energy.txt), kept dense
+SINK_DOWN_PROJ_LAYERS = (1, 2, 9, 11, 28, 29)
 FLAGS = (
     "alloc", "alloc1", "v2", "update", "update_both", "update_dense", "c128", "lora", "lora64", "int8",
     "bytes", "int8bytes", "mix", "kd", "lora128", "ep4", "ep1", "lora256", "lora512", "true", "f128", "f512",
     "update_weighted", "f1024", "update_bias", "ctx512", "ctx128", "update_nosink", "update_bias_nosink",
-    "update_bias_rest",
+    "update_bias_rest", "sinkdense",
 )  # fmt: skip
 # update flag -> `sequential_update` options
 # LoRA flag -> the fine-tune chunks it reads (2 epochs, batch 4: 16 / 64 / 128 / 256 / 512 steps)
@@ -521,6 +526,8 @@ def allocated(spec: dict) -> bool:
 def setting_config(spec: dict, budget: float, stats: Statistics, dense, targets, base: dict) -> FWSVDConfig:
     if spec["int8"]:
         base = {**base, "factor_dtype": "int8"}
+    if spec["sinkdense"]:
+        base, budget = sink_modules_dense(targets, budget, base)
     if allocated(spec):
         power = 1.0 if spec["alloc1"] else 0.5
         unit = "bytes" if spec["bytes"] or spec["int8bytes"] else "params"
@@ -543,6 +550,21 @@ def setting_config(spec: dict, budget: float, stats: Statistics, dense, targets,
     return FWSVDConfig(method=spec["method"], param_ratio=budget, **base)
 
 
+def sink_modules_dense(targets: dict, budget: float, base: dict) -> tuple[dict, float]:
+    """``+sinkdense``: the config's extra arguments with the sink `down_proj` modules never converted, and the budget
+    of the other modules that keeps `budget` of all targets' weights (the kept dense ones count in full)."""
+    sinks = [
+        name for name in targets if any(name.endswith(f"layers.{i}.mlp.down_proj") for i in SINK_DOWN_PROJ_LAYERS)
+    ]
+    if len(sinks) != len(SINK_DOWN_PROJ_LAYERS):
+        raise ValueError(f"`+sinkdense` expects {len(SINK_DOWN_PROJ_LAYERS)} sink `down_proj` modules, found {sinks}.")
+    total = sum(module.weight.numel() for module in targets.values())
+    kept = sum(targets[name].weight.numel() for name in sinks)
+    rest_budget = (budget * total - kept) / (total - kept)
+    excluded = [*DEFAULT_MODULES_TO_NOT_CONVERT, *sinks]
+    return {**base, "modules_to_not_convert": excluded}, rest_budget
+
+
 def _scale(stats: Statistics, name: str) -> float:
     """`weighted_matrix` normalises ``C`` by its largest diagonal entry; undo it so the losses are on one scale."""
     return float(stats["activation_second_moment"][name].diagonal().max().sqrt())
@@ -551,8 +573,11 @@ def _scale(stats: Statistics, name: str) -> float:
 def kept_fraction(model, targets) -> float:
     report = model.fwsvd_report
     before = sum(targets[name].weight.numel() for name in targets)
+    converted = {row.name for row in report.modules} | set(report.dense_modules)
     after = sum(row.params_after for row in report.modules) + sum(
-        targets[name].weight.numel() for name in report.dense_modules
+        module.weight.numel()
+        for name, module in targets.items()
+        if name not in converted or name in report.dense_modules
     )
     return after / before
 

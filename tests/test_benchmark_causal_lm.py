@@ -19,6 +19,7 @@ from benchmarks.causal_lm import (
     MIX_MOBY_CHAPTERS,
     MOBY_CHAPTERS,
     SHORT_LORA_EPOCHS,
+    SINK_DOWN_PROJ_LAYERS,
     UPDATES,
     StatisticsStore,
     _cells,
@@ -35,6 +36,7 @@ from benchmarks.causal_lm import (
     prefetch,
     setting_data,
     setting_statistics,
+    sink_modules_dense,
     split_halves,
 )
 
@@ -432,3 +434,19 @@ def test_update_nosink_weighs_out_each_passages_first_token():
     assert parse_setting("kfac_whiten+alloc1+update_nosink")["update_nosink"]
     assert UPDATES["update_bias_rest"] == {"intercept": True, "bias_nosink": True}
     assert parse_setting("kfac_whiten+alloc1+update_bias_rest+ctx512")["update_bias_rest"]
+
+
+def test_sinkdense_keeps_the_sink_down_projs_and_the_share_of_all_block_weights():
+    targets = {}
+    for layer in range(30):
+        targets[f"model.layers.{layer}.self_attn.q_proj"] = torch.nn.Linear(8, 8, bias=False)
+        targets[f"model.layers.{layer}.mlp.down_proj"] = torch.nn.Linear(16, 8, bias=False)
+    base, rest_budget = sink_modules_dense(targets, 0.8, {"batch_size": 4})
+    sinks = [f"model.layers.{layer}.mlp.down_proj" for layer in SINK_DOWN_PROJ_LAYERS]
+    assert base["batch_size"] == 4 and base["modules_to_not_convert"][-6:] == sinks
+    assert "lm_head" in base["modules_to_not_convert"]
+    total = 30 * (64 + 128)
+    assert rest_budget * (total - 6 * 128) + 6 * 128 == pytest.approx(0.8 * total)
+    del targets["model.layers.11.mlp.down_proj"]
+    with pytest.raises(ValueError, match="`\\+sinkdense` expects 6 sink `down_proj` modules, found"):
+        sink_modules_dense(targets, 0.8, {})
