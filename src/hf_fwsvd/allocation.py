@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -92,6 +93,7 @@ def allocate_ranks(
     scores: dict[str, torch.Tensor],
     param_budget: float,
     costs: dict[str, ModuleCost] | None = None,
+    keep_dense: Iterable[str] = (),
 ) -> Allocation:
     """Choose every module's rank within `param_budget` of the modules' total weights (see the module docstring).
 
@@ -103,6 +105,8 @@ def allocate_ranks(
             [`ModuleCost`]); the budget is then that fraction of the summed dense costs. Default: weights
             (``in + out`` per direction, ``in out`` dense). A module whose next step would reach its full rank turns
             dense instead (a full-rank factorisation compresses nothing that the exact dense weight does not).
+        keep_dense (`Iterable[str]`, *optional*): Modules that stay dense whatever their scores (e.g. attention-sink
+            modules, `hf_fwsvd.sinks`); they count in full against the budget.
 
     Raises:
         `ValueError`: When the budget cannot hold rank 1 for every module, or scores are missing or mis-shaped.
@@ -125,16 +129,22 @@ def allocate_ranks(
     ranks = {name: 1 for name in shapes}
     step_cost = {name: costs[name].direction for name in shapes}
     held = {name: costs[name].fixed + step_cost[name] for name in shapes}
+    forced = set(keep_dense)
+    unknown = sorted(forced - set(shapes))
+    if unknown:
+        raise ValueError(f"`keep_dense` names module(s) the allocation does not target: {', '.join(unknown)}.")
     dense: set[str] = set()
     for name in shapes:
-        if held[name] >= dense_cost[name]:  # even rank 1 does not pay off
+        if name in forced or held[name] >= dense_cost[name]:  # kept dense, or even rank 1 does not pay off
             dense.add(name)
             held[name] = dense_cost[name]
     used = sum(held.values())
     if used > budget_params:
+        kept = f" (with {len(forced)} kept dense)" if forced else ""
         raise ValueError(
             f"`param_budget={param_budget}` allows {budget_params:,} weights, but rank 1 in every one of the "
-            f"{len(shapes)} targeted modules already needs {used:,}. Raise `param_budget` or target fewer modules."
+            f"{len(shapes)} targeted modules{kept} already needs {used:,}. Raise `param_budget` or target fewer "
+            "modules."
         )
     order = []
     for name in shapes:

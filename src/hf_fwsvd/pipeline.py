@@ -31,6 +31,7 @@ from .provenance import source_name
 from .ranks import rank_for_param_ratio, resolve_ranks, round_rank
 from .replace import shape_of
 from .report import CompressionReport, ModuleReport
+from .sinks import sink_modules
 from .statistics import Statistics
 from .targets import find_target_modules
 
@@ -93,9 +94,10 @@ def budget_ranks(
         weights (`Iterable[tuple[str, torch.Tensor]]`): ``(name, dense weight)`` of every target, read lazily (only
             the Fisher allocation reads them).
         shapes (`dict[str, tuple[int, int]]`): Module name -> ``(out_features, in_features)``.
-        config ([`FWSVDConfig`]): `param_budget`, `allocation`, `allocation_power`, `method`, `importance_floor`,
-            `budget_unit`, `factor_dtype`.
-        stats ([`Statistics`]): Holds `row_fisher` for the Fisher allocation and the method's statistics.
+        config ([`FWSVDConfig`]): `param_budget`, `allocation`, `allocation_power`, `sink_threshold`, `method`,
+            `importance_floor`, `budget_unit`, `factor_dtype`.
+        stats ([`Statistics`]): Holds `row_fisher` for the Fisher allocation and the method's statistics (and
+            `first_token_output_energy` for `config.sink_threshold`).
         dtypes (`dict[str, torch.dtype]`, *optional*): Module name -> weight dtype (needed for `budget_unit="bytes"`).
 
     Returns:
@@ -114,7 +116,9 @@ def budget_ranks(
     for name, weight in weights:
         mass = fisher_mass(weight, stats["row_fisher"][name]) ** config.allocation_power
         scores[name] = direction_scores(method.weighted_matrix(name, weight, stats, config), mass)
-    allocation = allocate_ranks(shapes, scores, config.param_budget, budget_costs(shapes, config, dtypes))
+    keep_dense = sink_modules(stats, config.sink_threshold) if config.sink_threshold is not None else []
+    costs = budget_costs(shapes, config, dtypes)
+    allocation = allocate_ranks(shapes, scores, config.param_budget, costs, keep_dense=keep_dense)
     return {name: round_rank(rank, config.rank_multiple) for name, rank in allocation.ranks.items()}, allocation.dense
 
 

@@ -15,6 +15,7 @@ from ..calibration import calibration_loader_from_config
 from ..distributed import is_main_process
 from ..importances import check_importances, load_importances
 from ..replace import shape_of
+from ..sinks import FIRST_TOKEN_OUTPUT_ENERGY
 from ..statistics import Statistics, collect, get_statistic
 from ..statistics.cache import cache_fisher_estimator, load_statistics_cache, save_statistics_cache
 from .registry import get_method
@@ -27,10 +28,14 @@ ROW_FISHER = "row_fisher"
 
 
 def required_statistics(config: Any) -> tuple[str, ...]:
-    """The statistics `config` needs: its method's, plus the row Fisher for the Fisher rank allocation."""
+    """The statistics `config` needs: its method's, plus the row Fisher for the Fisher rank allocation (and the
+    first-token output energy for its `sink_threshold`)."""
     needed = list(get_method(config.method).statistics)
-    if config.param_budget is not None and config.allocation == "fisher" and ROW_FISHER not in needed:
+    allocated = config.param_budget is not None and config.allocation == "fisher"
+    if allocated and ROW_FISHER not in needed:
         needed.append(ROW_FISHER)
+    if allocated and getattr(config, "sink_threshold", None) is not None:
+        needed.append(FIRST_TOKEN_OUTPUT_ENERGY)
     return tuple(needed)
 
 

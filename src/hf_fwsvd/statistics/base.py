@@ -26,6 +26,8 @@ class Observation:
         grads (`torch.Tensor`, *optional*): The gradient of the batch-mean loss at the layer output (float32,
             ``batch x ... x out``); `None` in a forward-only observation.
         mask (`torch.Tensor`, *optional*): The batch's ``attention_mask`` (``batch x tokens``), when it has one.
+        outputs (`torch.Tensor`, *optional*): The layer output, float32, ``batch x ... x out``, in a forward
+            observation.
         requested (`frozenset[str]`): Every statistic collected in this run (to share intermediates).
         estimator (`str`): The Fisher estimator of the run (see `hf_fwsvd.statistics.collector`): backward
             statistics square per-example gradients unless it is ``"batch"``, where they square the batch gradient.
@@ -34,6 +36,7 @@ class Observation:
     inputs: torch.Tensor
     grads: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    outputs: torch.Tensor | None = None
     requested: frozenset[str] = frozenset()
     estimator: str = "empirical"
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)

@@ -18,7 +18,9 @@ Forward statistics need no labels; they are divided by the number ``n`` of real 
 layer, padding being dropped with the batch's `attention_mask`:
 
 - ``activation_second_moment``: ``1/n sum x x^T`` (``in x in``, SVD-LLM whitening);
-- ``activation_abs_mean``: ``1/n sum |x|`` (length ``in``, ASVD scaling).
+- ``activation_abs_mean``: ``1/n sum |x|`` (length ``in``, ASVD scaling);
+- ``first_token_output_energy``: ``1/n [sum_n |y_n1|^2, sum_nt |y_nt|^2]`` (length 2): the output energy of each
+  sequence's first real token and of all real tokens, whose ratio finds attention-sink modules (`hf_fwsvd.sinks`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "ActivationAbsMean",
     "ActivationSecondMoment",
     "ElementwiseFisher",
+    "FirstTokenOutputEnergy",
     "GradientSecondMoment",
     "OutputGradientSecondMoment",
     "RowFisher",
@@ -157,3 +160,31 @@ class ActivationAbsMean(Statistic):
 
     def accumulate(self, observation: Observation) -> torch.Tensor:
         return observation.real_rows().abs().sum(0)
+
+
+@register_statistic
+class FirstTokenOutputEnergy(Statistic):
+    name = "first_token_output_energy"
+    summary = "output energy of each sequence's first real token and of all real tokens (attention sinks)"
+    per = "token"
+
+    def shape(self, out_features: int, in_features: int) -> tuple[int, ...]:
+        return (2,)
+
+    def accumulate(self, observation: Observation) -> torch.Tensor:
+        outputs = observation.outputs
+        if outputs is None or outputs.ndim != 3:
+            raise ValueError(
+                "`first_token_output_energy` needs the layer's output as batch x tokens x features; this layer's "
+                f"output has shape {None if outputs is None else tuple(outputs.shape)}. It applies to sequence models."
+            )
+        energy = outputs.square().sum(-1)  # batch x tokens
+        mask = observation.mask
+        if mask is not None and tuple(mask.shape) == tuple(energy.shape):
+            real = mask.to(energy.device).bool()
+            first = real.float().argmax(dim=1)  # the first real token of each row (left or right padding)
+            first_energy = energy.gather(1, first.unsqueeze(1)).sum()
+            total = energy[real].sum()
+        else:
+            first_energy, total = energy[:, 0].sum(), energy.sum()
+        return torch.stack([first_energy, total])

@@ -220,7 +220,8 @@ class _Hooks:
                 return
             if self.forward_stats:
                 with torch.no_grad():
-                    observation = Observation(hidden.detach().to(torch.float32), mask=self.mask)
+                    outputs = output.detach().to(torch.float32) if torch.is_tensor(output) else None
+                    observation = Observation(hidden.detach().to(torch.float32), mask=self.mask, outputs=outputs)
                     for key, stat in self.forward_stats.items():
                         _add(self.sums[key], name, stat.accumulate(observation))
                     self.tokens[name] = self.tokens.get(name, 0) + observation.real_rows().shape[0]
