@@ -5,9 +5,16 @@ dominated by whichever tokens carry most of the squared output, and a fitted bia
 error. Prints, per module kind and layer, the mean over passages of the first token's share of ``sum_t ||y_t||^2``
 and of ``||sum_t y_t||`` (one passage has `--length` tokens; a uniform share would be ``1 / length``).
 
+With ``--ratios`` it prints instead the library's sink criterion (`hf_fwsvd.sinks`, statistic
+`first_token_output_energy`) for every block linear: the first token's mean output energy over a later token's,
+largest first, and the modules above `--threshold` that `FWSVDConfig(sink_threshold=...)` would keep dense;
+``--text FILE`` reads the passages from a text file (e.g. the CLI's calibration corpus) instead of the addresses.
+
 Usage (repository root, ``PYTHONPATH=src:.``)::
 
     python benchmarks/first_token_energy.py --passages 16 --length 256
+    python benchmarks/first_token_energy.py --ratios --passages 32 --length 256
+    python benchmarks/first_token_energy.py --ratios --passages 64 --length 512 --text corpus.txt
 """
 
 from __future__ import annotations
@@ -32,6 +39,28 @@ def calibration_passages(tokenizer, passages: int, length: int) -> list[torch.Te
     if len(ids) < passages * length:
         raise ValueError(f"The calibration addresses hold {len(ids)} tokens; {passages} x {length} asked for.")
     return [ids[i * length : (i + 1) * length] for i in range(passages)]
+
+
+def text_passages(tokenizer, path: str, passages: int, length: int) -> list[torch.Tensor]:
+    """The first `passages` consecutive `length`-token passages of the text file at `path`."""
+    with open(path, encoding="utf-8") as handle:
+        ids = tokenizer(handle.read(), return_tensors="pt", verbose=False).input_ids[0]
+    if len(ids) < passages * length:
+        raise ValueError(f"{path} holds {len(ids)} tokens; {passages} x {length} asked for.")
+    return [ids[i * length : (i + 1) * length] for i in range(passages)]
+
+
+def sink_ratios(model, passages: list[torch.Tensor]) -> dict[str, float]:
+    """The library's first-token energy ratio of every block linear on `passages` (batches of 4)."""
+    from hf_fwsvd import FWSVDConfig
+    from hf_fwsvd.sinks import first_token_energy_ratios
+    from hf_fwsvd.statistics import collect
+    from hf_fwsvd.targets import find_target_modules
+
+    targets = find_target_modules(model, FWSVDConfig(rank=1))
+    stacked = torch.stack(passages)
+    batches = [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in stacked.split(4)]
+    return first_token_energy_ratios(collect(model, batches, targets, ["first_token_output_energy"]))
 
 
 def first_token_shares(model, passages: list[torch.Tensor]) -> dict[str, tuple[float, float]]:
@@ -72,6 +101,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--passages", type=int, default=16)
     parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--ratios", action="store_true", help="the library's sink criterion instead of the shares")
+    parser.add_argument("--threshold", type=float, default=50.0, help="sink_threshold to report with --ratios")
+    parser.add_argument("--text", help="read the passages from this text file instead of the 1990s addresses")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -81,7 +113,21 @@ def main() -> None:
     directory = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    shares = first_token_shares(model, calibration_passages(tokenizer, args.passages, args.length))
+    if args.text:
+        passages = text_passages(tokenizer, args.text, args.passages, args.length)
+    else:
+        passages = calibration_passages(tokenizer, args.passages, args.length)
+    if args.ratios:
+        ratios = sink_ratios(model, passages)
+        source = args.text or "the 1990-1999 addresses"
+        print(f"first token's mean output energy / a later token's, {args.passages} passages of {args.length} tokens "
+              f"from {source}; largest 12 of {len(ratios)} block linears")  # fmt: skip
+        for name, ratio in sorted(ratios.items(), key=lambda item: -item[1])[:12]:
+            print(f"{name:40s} {ratio:10.1f}")
+        above = [name for name, ratio in ratios.items() if ratio > args.threshold]
+        print(f"above {args.threshold:g}: {len(above)}: {', '.join(above)}")
+        return
+    shares = first_token_shares(model, passages)
     layers = len(model.model.layers)
     print(f"first token's share of sum_t ||y_t||^2 (uniform: {1 / args.length:.4f}), {args.passages} passages")
     print("| layer | " + " | ".join(MODULE_KINDS) + " |")

@@ -10,13 +10,13 @@ from hf_fwsvd import FWSVDConfig, compress
 from hf_fwsvd.allocation import allocate_ranks
 from hf_fwsvd.calibration import build_calibration_loader
 from hf_fwsvd.methods import required_statistics
-from hf_fwsvd.sinks import first_token_shares, sink_modules
+from hf_fwsvd.sinks import first_token_energy_ratios, sink_modules
 from hf_fwsvd.statistics import Statistics, collect
 from hf_fwsvd.targets import find_target_modules
 
 
-def _brute_force_energies(model, targets, batches) -> dict[str, tuple[float, float, int]]:
-    """Per module: the summed |y|^2 of each row's first real token, of all real tokens, and the real token count."""
+def _brute_force_energies(model, targets, batches) -> dict[str, tuple[float, float, int, int]]:
+    """Per module: the summed |y|^2 of each row's first real token and of its other real tokens, and their counts."""
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
     handles = [
         model.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: outputs[name].append(o.detach()))
@@ -29,15 +29,16 @@ def _brute_force_energies(model, targets, batches) -> dict[str, tuple[float, flo
         handle.remove()
     energies = {}
     for name, per_batch in outputs.items():
-        first = total = 0.0
-        count = 0
+        first = other = 0.0
+        sequences = others = 0
         for output, batch in zip(per_batch, batches, strict=True):
             for row, mask in zip(output.double(), batch["attention_mask"], strict=True):
                 real = row[mask.bool()].square().sum(-1)
                 first += float(real[0])
-                total += float(real.sum())
-                count += int(mask.sum())
-        energies[name] = (first, total, count)
+                other += float(real[1:].sum())
+                sequences += 1
+                others += len(real) - 1
+        energies[name] = (first, other, sequences, others)
     return energies
 
 
@@ -60,24 +61,41 @@ def test_first_token_output_energy_matches_brute_force_with_padding(side):
         batches.append({"input_ids": ids, "attention_mask": mask})
     stats = collect(model, batches, targets, ["first_token_output_energy"])
     expected = _brute_force_energies(model, targets, batches)
-    shares = first_token_shares(stats)
-    for name, (first, total, count) in expected.items():
+    ratios = first_token_energy_ratios(stats)
+    for name, (first, other, sequences, others) in expected.items():
         collected = stats["first_token_output_energy"][name].double()
-        torch.testing.assert_close(
-            collected, torch.tensor([first, total], dtype=torch.float64) / count, rtol=1e-5, atol=0
-        )
-        assert shares[name] == pytest.approx(first / total, rel=1e-5)
-    assert len(set(round(share, 6) for share in shares.values())) > 1  # the shares really differ between modules
+        tokens = sequences + others
+        reference = torch.tensor([first, other, sequences, others], dtype=torch.float64) / tokens
+        torch.testing.assert_close(collected, reference, rtol=1e-5, atol=0)
+        assert ratios[name] == pytest.approx((first / sequences) / (other / others), rel=1e-5)
+    assert len({round(ratio, 4) for ratio in ratios.values()}) > 1  # the ratios really differ between modules
 
 
 def test_sink_modules_are_those_above_the_threshold_in_model_order():
-    stats = Statistics(
-        {"first_token_output_energy": {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([1.0, 10.0]),
-                                       "c": torch.tensor([3.0, 4.0]), "d": torch.tensor([0.0, 0.0])}}
-    )  # fmt: skip
-    assert first_token_shares(stats) == {"a": 0.5, "b": 0.1, "c": 0.75, "d": 0.0}
-    assert sink_modules(stats, 0.2) == ["a", "c"]
-    assert sink_modules(stats, 0.5) == ["c"]
+    energies = {
+        "a": torch.tensor([8.0, 2.0, 1.0, 10.0]),
+        "b": torch.tensor([1.0, 10.0, 1.0, 10.0]),
+        "c": torch.tensor([2.0, 0.0, 1.0, 10.0]),
+        "d": torch.tensor([0.0, 0.0, 1.0, 0.0]),
+    }
+    stats = Statistics({"first_token_output_energy": energies})
+    assert first_token_energy_ratios(stats) == {"a": 40.0, "b": 1.0, "c": float("inf"), "d": 0.0}
+    assert sink_modules(stats, 30) == ["a", "c"]
+    assert sink_modules(stats, 50) == ["c"]
+
+
+def test_the_ratio_does_not_depend_on_the_sequence_length():
+    """A sink token of energy 100 among later tokens of energy 1: ratio 100 in sequences of 4 and of 16 tokens."""
+    from hf_fwsvd.statistics import Observation
+    from hf_fwsvd.statistics.builtin import FirstTokenOutputEnergy
+
+    ratios = []
+    for length in (4, 16):
+        outputs = torch.ones(3, length, 1)
+        outputs[:, 0] = 10.0
+        values = FirstTokenOutputEnergy().accumulate(Observation(torch.zeros(3, length, 2), outputs=outputs))
+        ratios.append(first_token_energy_ratios(Statistics({"first_token_output_energy": {"m": values}}))["m"])
+    assert ratios == [100.0, 100.0]
 
 
 def test_allocation_keeps_the_named_modules_dense_within_the_budget():
@@ -104,10 +122,11 @@ def test_compress_keeps_the_sink_modules_dense_and_reloads(tmp_path):
     probe = FWSVDConfig(method="kfac_whiten", param_budget=0.7)
     targets = find_target_modules(model, probe)
     loader = build_calibration_loader(data, None, model, batch_size=8, max_length=128, num_samples=None)
-    shares = first_token_shares(collect(model, loader, targets, ["first_token_output_energy"]))
-    ordered = sorted(shares.values(), reverse=True)
+    ratios = first_token_energy_ratios(collect(model, loader, targets, ["first_token_output_energy"]))
+    ordered = sorted(ratios.values(), reverse=True)
     threshold = (ordered[1] + ordered[2]) / 2  # exactly two modules above it
-    expected = [name for name, share in shares.items() if share > threshold]
+    assert threshold > 1
+    expected = [name for name, ratio in ratios.items() if ratio > threshold]
     config = FWSVDConfig(method="kfac_whiten", param_budget=0.7, sink_threshold=threshold, calibration_dataset=data)
     assert "first_token_output_energy" in required_statistics(config)
     compress(model, config, show_progress=False)
@@ -127,15 +146,18 @@ def test_compress_keeps_the_sink_modules_dense_and_reloads(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(param_budget=0.5, sink_threshold=1.0), "`sink_threshold` must be in (0, 1), got 1.0."),
-        (dict(param_budget=0.5, sink_threshold=True), "`sink_threshold` must be a float in (0, 1), got True."),
         (
-            dict(rank_ratio=0.5, sink_threshold=0.2),
+            dict(param_budget=0.5, sink_threshold=1.0),
+            "`sink_threshold` must be above 1 (a ratio of mean token energies), got 1.0.",
+        ),
+        (dict(param_budget=0.5, sink_threshold=True), "`sink_threshold` must be a number above 1, got True."),
+        (
+            dict(rank_ratio=0.5, sink_threshold=50.0),
             "`sink_threshold` keeps modules dense inside the global allocation; pass `param_budget=` with "
             'allocation="fisher" (the default there).',
         ),
         (
-            dict(param_budget=0.5, allocation="uniform", sink_threshold=0.2),
+            dict(param_budget=0.5, allocation="uniform", sink_threshold=50.0),
             "`sink_threshold` keeps modules dense inside the global allocation; pass `param_budget=` with "
             'allocation="fisher" (the default there).',
         ),

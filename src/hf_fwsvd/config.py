@@ -52,11 +52,11 @@ class FWSVDConfig(QuantizationConfigMixin):
             to each module (only its spectrum's shape counts). 1 starved the last layers of a real classifier at
             strong compression (see `docs/methods.md`); 0.5 is the measured default.
         sink_threshold (`float`, *optional*): With `param_budget` and the `"fisher"` allocation: a module stays
-            dense (and counts in full against the budget) when each calibration sequence's first token carries more
-            than this share of its output energy. Those are the attention-sink activations of causal LMs; a
-            second-order loss estimate undervalues them, and keeping the six such `down_proj` modules of
-            SmolLM2-135M dense lowered perplexity 3% at the same budget (`hf_fwsvd.sinks`). Default: `None` (off);
-            causal LMs without a `method` get 0.2 (`hf_fwsvd.defaults`).
+            dense (and counts in full against the budget) when the output energy of each calibration sequence's
+            first token is on average more than this many times that of a later token. Those are the attention-sink
+            activations of causal LMs, which a second-order loss estimate undervalues; keeping the six such
+            `down_proj` modules of SmolLM2-135M dense lowered perplexity at the same budget (`hf_fwsvd.sinks`).
+            Default: `None` (off).
         budget_unit (`str`, *optional*, defaults to `"params"`): What `param_budget` counts. `"params"`: weights.
             `"bytes"`: bytes on disk and in memory of the targeted modules' weights, as stored: a factor element costs
             1 byte with `factor_dtype="int8"` (plus one scale and zero point per row), else the model dtype's size; a
@@ -213,9 +213,11 @@ class FWSVDConfig(QuantizationConfigMixin):
             raise ValueError(f"`allocation_power` must be in [0, 1], got {self.allocation_power}.")
         if self.sink_threshold is not None:
             if isinstance(self.sink_threshold, bool) or not isinstance(self.sink_threshold, (int, float)):
-                raise ValueError(f"`sink_threshold` must be a float in (0, 1), got {self.sink_threshold!r}.")
-            if not 0 < self.sink_threshold < 1:
-                raise ValueError(f"`sink_threshold` must be in (0, 1), got {self.sink_threshold}.")
+                raise ValueError(f"`sink_threshold` must be a number above 1, got {self.sink_threshold!r}.")
+            if not self.sink_threshold > 1:
+                raise ValueError(
+                    f"`sink_threshold` must be above 1 (a ratio of mean token energies), got {self.sink_threshold}."
+                )
             if self.ranks is None and (self.param_budget is None or self.allocation != "fisher"):
                 raise ValueError(
                     "`sink_threshold` keeps modules dense inside the global allocation; pass `param_budget=` with "

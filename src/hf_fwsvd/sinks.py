@@ -1,12 +1,13 @@
-"""Attention-sink modules: where each sequence's first token carries most of a layer's output energy.
+"""Attention-sink modules: where each sequence's first token carries far more output energy than the others.
 
 Causal LMs put massive activations on the first position, which later tokens attend to as a sink. In a few layers'
-`down_proj` almost all of the output energy on calibration text is that one token's (SmolLM2-135M: 0.25-1.0 of it in
-six of 30 layers, against 0.004 for a uniform share; `benchmarks/first_token_energy.py`). A second-order loss estimate
-(the Fisher scores of the global allocation) undervalues these modules: they got some of the lowest ranks, and
-keeping the six dense at the same budget lowered SmolLM2's perplexity 3% on every evaluation text
+`down_proj` the first token's output energy on calibration text is 80 to thousands of times a later token's
+(SmolLM2-135M: six of 30 layers; under 35 times everywhere else; `benchmarks/first_token_energy.py`). A second-order
+loss estimate (the Fisher scores of the global allocation) undervalues these modules: they got some of the lowest
+ranks, and keeping the six dense at the same budget lowered SmolLM2's perplexity on every evaluation text
 (benchmarks/README.md, "Attention-sink modules kept dense"). `FWSVDConfig(sink_threshold=...)` keeps every module
-whose first-token share exceeds the threshold dense inside the allocation.
+whose first-token energy ratio exceeds the threshold dense inside the allocation. The ratio compares mean energies
+per token, so it does not depend on the calibration sequences' length.
 """
 
 from __future__ import annotations
@@ -15,43 +16,50 @@ import logging
 
 from .statistics import Statistics
 
-__all__ = ["FIRST_TOKEN_OUTPUT_ENERGY", "first_token_shares", "sink_modules"]
+__all__ = ["FIRST_TOKEN_OUTPUT_ENERGY", "first_token_energy_ratios", "sink_modules"]
 
 logger = logging.getLogger(__name__)
 
 FIRST_TOKEN_OUTPUT_ENERGY = "first_token_output_energy"
 
 
-def first_token_shares(stats: Statistics) -> dict[str, float]:
-    """Each module's share of output energy on the first real token of the calibration sequences.
+def first_token_energy_ratios(stats: Statistics) -> dict[str, float]:
+    """Each module's mean output energy on the first real token of a calibration sequence, over that of a later token.
 
     Args:
         stats ([`Statistics`]): Holds `first_token_output_energy` for the modules.
 
     Returns:
-        `dict[str, float]`: Module name -> ``sum_n |y_n1|^2 / sum_nt |y_nt|^2`` (0 for a module with no output).
+        `dict[str, float]`: Module name -> ``(E_first / N_first) / (E_other / N_other)``; `inf` when the later tokens
+        have no output energy (or there are none) and the first token has some, 0 when neither has any.
     """
-    shares = {}
-    for name, energy in stats[FIRST_TOKEN_OUTPUT_ENERGY].items():
-        first, total = (float(value) for value in energy)
-        shares[name] = first / total if total > 0 else 0.0
-    return shares
+    ratios = {}
+    for name, values in stats[FIRST_TOKEN_OUTPUT_ENERGY].items():
+        first, other, sequences, others = (float(value) for value in values)
+        first_mean = first / sequences if sequences > 0 else 0.0
+        other_mean = other / others if others > 0 else 0.0
+        if other_mean > 0:
+            ratios[name] = first_mean / other_mean
+        else:
+            ratios[name] = float("inf") if first_mean > 0 else 0.0
+    return ratios
 
 
 def sink_modules(stats: Statistics, threshold: float) -> list[str]:
-    """The modules whose first-token share of output energy exceeds `threshold`, in order.
+    """The modules whose first-token energy ratio exceeds `threshold`, in order.
 
     Args:
         stats ([`Statistics`]): Holds `first_token_output_energy`.
-        threshold (`float`): Share in (0, 1) above which a module is a sink module.
+        threshold (`float`): Ratio (above 1) beyond which a module is a sink module.
     """
-    shares = first_token_shares(stats)
-    sinks = [name for name, share in shares.items() if share > threshold]
+    ratios = first_token_energy_ratios(stats)
+    sinks = [name for name, ratio in ratios.items() if ratio > threshold]
     if sinks:
         logger.info(
-            "Keeping %d attention-sink module(s) dense (first-token share of output energy above %s): %s.",
+            "Keeping %d attention-sink module(s) dense (first token's output energy over %s times a later token's): "
+            "%s.",
             len(sinks),
             threshold,
-            ", ".join(f"{name} ({shares[name]:.2f})" for name in sinks),
+            ", ".join(f"{name} ({ratios[name]:.0f}x)" for name in sinks),
         )
     return sinks

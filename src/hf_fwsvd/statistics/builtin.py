@@ -19,8 +19,9 @@ layer, padding being dropped with the batch's `attention_mask`:
 
 - ``activation_second_moment``: ``1/n sum x x^T`` (``in x in``, SVD-LLM whitening);
 - ``activation_abs_mean``: ``1/n sum |x|`` (length ``in``, ASVD scaling);
-- ``first_token_output_energy``: ``1/n [sum_n |y_n1|^2, sum_nt |y_nt|^2]`` (length 2): the output energy of each
-  sequence's first real token and of all real tokens, whose ratio finds attention-sink modules (`hf_fwsvd.sinks`).
+- ``first_token_output_energy``: ``1/n [sum_n |y_n1|^2, sum_n sum_{t>1} |y_nt|^2, N_first, N_other]`` (length 4):
+  the output energy of each sequence's first real token and of its other real tokens, with their counts, so that
+  ``(E_first / N_first) / (E_other / N_other)`` finds attention-sink modules (`hf_fwsvd.sinks`).
 """
 
 from __future__ import annotations
@@ -165,11 +166,13 @@ class ActivationAbsMean(Statistic):
 @register_statistic
 class FirstTokenOutputEnergy(Statistic):
     name = "first_token_output_energy"
-    summary = "output energy of each sequence's first real token and of all real tokens (attention sinks)"
+    summary = (
+        "output energy of each sequence's first real token and of its other tokens, with counts (attention sinks)"
+    )
     per = "token"
 
     def shape(self, out_features: int, in_features: int) -> tuple[int, ...]:
-        return (2,)
+        return (4,)
 
     def accumulate(self, observation: Observation) -> torch.Tensor:
         outputs = observation.outputs
@@ -182,9 +185,12 @@ class FirstTokenOutputEnergy(Statistic):
         mask = observation.mask
         if mask is not None and tuple(mask.shape) == tuple(energy.shape):
             real = mask.to(energy.device).bool()
-            first = real.float().argmax(dim=1)  # the first real token of each row (left or right padding)
-            first_energy = energy.gather(1, first.unsqueeze(1)).sum()
-            total = energy[real].sum()
         else:
-            first_energy, total = energy[:, 0].sum(), energy.sum()
-        return torch.stack([first_energy, total])
+            real = torch.ones_like(energy, dtype=torch.bool)
+        has_tokens = real.any(dim=1)
+        first = real.float().argmax(dim=1)  # the first real token of each row (left or right padding)
+        first_energy = (energy.gather(1, first.unsqueeze(1)).squeeze(1) * has_tokens).sum()
+        total = energy[real].sum()
+        sequences = has_tokens.sum().to(energy.dtype)
+        others = real.sum().to(energy.dtype) - sequences
+        return torch.stack([first_energy, total - first_energy, sequences, others])
