@@ -14,6 +14,10 @@ from transformers import AutoModelForCausalLM
 
 import hf_fwsvd.layerwise
 from hf_fwsvd import FWSVDConfig, compress, compress_layerwise, compute_importances
+from hf_fwsvd.calibration import build_calibration_loader
+from hf_fwsvd.sinks import first_token_energy_ratios
+from hf_fwsvd.statistics import collect
+from hf_fwsvd.targets import find_target_modules
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 # Offload everything but the embeddings: blocks and final norm go to disk, accelerate hooks load them per forward.
@@ -177,6 +181,33 @@ def test_layerwise_kfac_whiten_equals_compress(tmp_path):
     model.save_pretrained(saved)
     out = str(tmp_path / "layerwise")
     compress_layerwise(dense, out, _config("llama", method="kfac_whiten"), show_progress=False)
+    expected, tensors = _tensors(saved), _tensors(out)
+    assert sorted(tensors) == sorted(expected)
+    assert all(torch.equal(tensors[key], value) for key, value in expected.items())
+
+
+def test_layerwise_keeps_the_same_sink_modules_dense_as_compress(tmp_path):
+    """The first-token output energy is collected block by block exactly as in memory, so the same modules stay
+    dense and the checkpoints are equal."""
+    dense = _dense(tmp_path, "llama")
+    model = AutoModelForCausalLM.from_pretrained(dense)
+    probe = _config("llama", method="kfac_whiten")
+    loader = build_calibration_loader(probe.calibration_dataset, None, model, batch_size=4, max_length=128,
+                                      num_samples=None)  # fmt: skip
+    ratios = first_token_energy_ratios(
+        collect(model, loader, find_target_modules(model, probe), ["first_token_output_energy"])
+    )
+    ordered = sorted(ratios.values(), reverse=True)
+    config = FWSVDConfig(method="kfac_whiten", param_budget=0.7, sink_threshold=(ordered[1] + ordered[2]) / 2,
+                         calibration_dataset=probe.calibration_dataset, batch_size=4)  # fmt: skip
+    compress(model, config, show_progress=False)
+    saved = str(tmp_path / "in-memory")
+    model.save_pretrained(saved)
+    out = str(tmp_path / "layerwise")
+    report = compress_layerwise(dense, out, config, show_progress=False)
+    sinks = [name for name, ratio in ratios.items() if ratio > config.sink_threshold]
+    assert len(sinks) == 2 and set(sinks) <= set(report.dense_modules)
+    assert report.dense_modules == model.fwsvd_report.dense_modules
     expected, tensors = _tensors(saved), _tensors(out)
     assert sorted(tensors) == sorted(expected)
     assert all(torch.equal(tensors[key], value) for key, value in expected.items())

@@ -175,6 +175,13 @@ def add_method_arguments(group: Any, default: str | None = "fwsvd") -> None:
         metavar="A",
         help="Exponent on each module's Fisher mass in the 'fisher' allocation, in [0, 1] (default 0.5).",
     )
+    group.add_argument(
+        "--sink-threshold",
+        type=float,
+        metavar="X",
+        help="With the 'fisher' allocation: keep a module dense when the first token's mean output energy is over X "
+        "times a later token's (attention sinks). Default: 50 for a causal LM without --method, else off.",
+    )
 
 
 def needs_data(method: str, budget: float | None, allocation: str | None) -> str | None:
@@ -239,6 +246,7 @@ def _config(args: argparse.Namespace, examples: list[dict] | None, tokenizer: An
         "param_budget": args.param_budget,
         "allocation": args.allocation,
         "allocation_power": args.allocation_power,
+        "sink_threshold": args.sink_threshold,
     }
     targets = [name.strip() for name in args.target_modules.split(",")] if args.target_modules else None
     try:
