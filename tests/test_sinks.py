@@ -132,12 +132,18 @@ def test_compress_keeps_the_sink_modules_dense_and_reloads(tmp_path):
     compress(model, config, show_progress=False)
     report = model.fwsvd_report
     assert len(expected) == 2 and set(expected) <= set(report.dense_modules)
+    assert report.sink_modules == expected
+    table = report.format_table()
+    for name in report.dense_modules:
+        reason = "attention sink" if name in expected else "low rank would not pay off"
+        assert f"{name:<48} {f'(left dense: {reason})':>42}" in table.splitlines()
     assert not set(expected) & {row.name for row in report.modules}
     low_rank = sum(row.params_after for row in report.modules)
     dense = sum(targets[name].weight.numel() for name in report.dense_modules)
     assert low_rank + dense <= int(0.7 * sum(module.weight.numel() for module in targets.values()))
     model.save_pretrained(tmp_path / "saved")
     reloaded = type(model).from_pretrained(tmp_path / "saved").eval()
+    assert reloaded.fwsvd_report.sink_modules == expected
     ids = torch.tensor([[5, 9, 11, 3, 7]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)

@@ -363,7 +363,7 @@ def compress_layerwise(
         ranks, dense_modules = budget_ranks(_target_weights(targets, files), shapes, run_config, stats)
 
     params_before = sum(param.numel() for param in skeleton.parameters())
-    report = new_report(run_config, params_before, dense_modules)
+    report = new_report(run_config, params_before, dense_modules, stats)
     os.makedirs(os.path.dirname(os.path.abspath(save_directory)) or ".", exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save_directory))}.tmp-",
                                dir=os.path.dirname(os.path.abspath(save_directory)))  # fmt: skip

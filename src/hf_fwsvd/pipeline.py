@@ -31,7 +31,7 @@ from .provenance import source_name
 from .ranks import rank_for_param_ratio, resolve_ranks, round_rank
 from .replace import shape_of
 from .report import CompressionReport, ModuleReport
-from .sinks import sink_modules
+from .sinks import log_sink_modules, sink_modules
 from .statistics import Statistics
 from .targets import find_target_modules
 
@@ -116,7 +116,8 @@ def budget_ranks(
     for name, weight in weights:
         mass = fisher_mass(weight, stats["row_fisher"][name]) ** config.allocation_power
         scores[name] = direction_scores(method.weighted_matrix(name, weight, stats, config), mass)
-    keep_dense = sink_modules(stats, config.sink_threshold) if config.sink_threshold is not None else []
+    keep_dense = sink_modules(stats, config.sink_threshold)
+    log_sink_modules(stats, keep_dense, config.sink_threshold)
     costs = budget_costs(shapes, config, dtypes)
     allocation = allocate_ranks(shapes, scores, config.param_budget, costs, keep_dense=keep_dense)
     return {name: round_rank(rank, config.rank_multiple) for name, rank in allocation.ranks.items()}, allocation.dense
@@ -157,10 +158,15 @@ def calibration_size(config: Any) -> int | None:
     return size if config.num_samples is None else min(size, config.num_samples)
 
 
-def new_report(config: Any, params_before: int, dense_modules: list[str]) -> CompressionReport:
-    """An empty report for a run of `config` (calibration size recorded for methods that read data)."""
+def new_report(
+    config: Any, params_before: int, dense_modules: list[str], stats: Statistics | None = None
+) -> CompressionReport:
+    """An empty report for a run of `config` (calibration size recorded for methods that read data; with `stats`,
+    the dense modules kept as attention sinks under `config.sink_threshold`)."""
     report = CompressionReport(method=config.method, model_params_before=params_before)
     report.dense_modules = list(dense_modules)
+    if stats is not None and dense_modules:
+        report.sink_modules = [name for name in sink_modules(stats, config.sink_threshold) if name in dense_modules]
     if get_method(config.method).needs_data and config.importances is None:
         report.calibration_samples = calibration_size(config)
     return report
@@ -225,7 +231,7 @@ def compress_model(
         weights = ((name, dense_weight(module)) for name, module in targets.items())
         dtypes = {name: dense_weight(module).dtype for name, module in targets.items()}
         ranks, dense_modules = budget_ranks(weights, shapes, run_config, stats, dtypes)
-    report = new_report(run_config, _count_params(model), dense_modules)
+    report = new_report(run_config, _count_params(model), dense_modules, stats)
     swapped: list[str] = []
     importances: dict[str, torch.Tensor | None] = {}
     jobs = [(name, module) for name, module in targets.items() if name in ranks]

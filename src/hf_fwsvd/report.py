@@ -84,6 +84,7 @@ class CompressionReport:
     model_params_after: int = 0
     calibration_samples: int | None = None
     dense_modules: list[str] = field(default_factory=list)
+    sink_modules: list[str] = field(default_factory=list)  # those of `dense_modules` kept dense as attention sinks
     base_model: str | None = None
     calibration_data: str | None = None  # a description for the model card, e.g. "train.csv (3,200 examples)"
     warnings: list[str] = field(default_factory=list)
@@ -150,7 +151,8 @@ class CompressionReport:
         before = sum(row.params_before for row in self.modules)
         after = sum(row.params_after for row in self.modules)
         for name in self.dense_modules:
-            lines.append(f"{name:<48} {'(left dense: low rank would not pay off)':>42}")
+            reason = "attention sink" if name in self.sink_modules else "low rank would not pay off"
+            lines.append(f"{name:<48} {f'(left dense: {reason})':>42}")
         lines.append("-" * len(header))
         lines.append(f"{'compressed modules':<48} {'':>11} {'':>5} {before:>10,} {after:>10,}")
         lines.append(

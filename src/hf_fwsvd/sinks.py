@@ -16,7 +16,7 @@ import logging
 
 from .statistics import Statistics
 
-__all__ = ["FIRST_TOKEN_OUTPUT_ENERGY", "first_token_energy_ratios", "sink_modules"]
+__all__ = ["FIRST_TOKEN_OUTPUT_ENERGY", "first_token_energy_ratios", "log_sink_modules", "sink_modules"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,21 +45,26 @@ def first_token_energy_ratios(stats: Statistics) -> dict[str, float]:
     return ratios
 
 
-def sink_modules(stats: Statistics, threshold: float) -> list[str]:
-    """The modules whose first-token energy ratio exceeds `threshold`, in order.
+def sink_modules(stats: Statistics, threshold: float | None) -> list[str]:
+    """The modules whose first-token energy ratio exceeds `threshold`, in order (none when `threshold` is `None`).
 
     Args:
-        stats ([`Statistics`]): Holds `first_token_output_energy`.
-        threshold (`float`): Ratio (above 1) beyond which a module is a sink module.
+        stats ([`Statistics`]): Holds `first_token_output_energy` (unless `threshold` is `None`).
+        threshold (`float`, *optional*): Ratio (above 1) beyond which a module is a sink module.
     """
+    if threshold is None:
+        return []
+    return [name for name, ratio in first_token_energy_ratios(stats).items() if ratio > threshold]
+
+
+def log_sink_modules(stats: Statistics, sinks: list[str], threshold: float) -> None:
+    """Log which modules stay dense as attention sinks, with their ratios."""
+    if not sinks:
+        return
     ratios = first_token_energy_ratios(stats)
-    sinks = [name for name, ratio in ratios.items() if ratio > threshold]
-    if sinks:
-        logger.info(
-            "Keeping %d attention-sink module(s) dense (first token's output energy over %s times a later token's): "
-            "%s.",
-            len(sinks),
-            threshold,
-            ", ".join(f"{name} ({ratios[name]:.0f}x)" for name in sinks),
-        )
-    return sinks
+    logger.info(
+        "Keeping %d attention-sink module(s) dense (first token's output energy over %s times a later token's): %s.",
+        len(sinks),
+        threshold,
+        ", ".join(f"{name} ({ratios[name]:.0f}x)" for name in sinks),
+    )
