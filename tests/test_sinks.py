@@ -144,6 +144,12 @@ def test_compress_keeps_the_sink_modules_dense_and_reloads(tmp_path):
     model.save_pretrained(tmp_path / "saved")
     reloaded = type(model).from_pretrained(tmp_path / "saved").eval()
     assert reloaded.fwsvd_report.sink_modules == expected
+    card = (tmp_path / "saved" / "README.md").read_text()
+    rank_setting = (
+        "| Rank setting | `param_budget=0.7` (70% of the targeted modules' weights kept in total, allocation `fisher`); "
+        f"`sink_threshold={threshold:g}`: 2 attention-sink modules kept dense |"
+    )
+    assert rank_setting in card
     ids = torch.tensor([[5, 9, 11, 3, 7]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)

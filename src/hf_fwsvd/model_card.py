@@ -123,7 +123,7 @@ def record_evaluation(
     return record
 
 
-def _rank_setting(config: Any) -> str:
+def _rank_setting(config: Any, sink_modules: list[str] | None = None) -> str:
     if getattr(config, "rank", None) is not None:
         text = f"`rank={config.rank}` (the same rank for every module)"
     elif getattr(config, "param_ratio", None) is not None:
@@ -134,6 +134,12 @@ def _rank_setting(config: Any) -> str:
             f"`param_budget={config.param_budget}` ({config.param_budget:.0%} of the targeted modules' {unit} kept in "
             f"total, allocation `{config.allocation}`)"
         )
+        if getattr(config, "sink_threshold", None) is not None:
+            count = len(sink_modules or [])
+            text += (
+                f"; `sink_threshold={config.sink_threshold:g}`: {count} attention-sink module{'s' * (count != 1)} "
+                "kept dense"
+            )
     elif getattr(config, "rank_ratio", None) is not None:
         text = f"`rank_ratio={config.rank_ratio}` (each module keeps {config.rank_ratio:.0%} of its full rank)"
     else:
@@ -288,7 +294,7 @@ def build_model_card(
         "method": report.method,
         "method_name": method.title,
         "method_references": method.references,
-        "rank_setting": _rank_setting(config),
+        "rank_setting": _rank_setting(config, report.sink_modules),
         "num_modules": len(report.modules),
         "params_before": report.model_params_before,
         "params_after": report.model_params_after,
