@@ -63,6 +63,13 @@ class Observation:
 
         return self.memo("real_rows", compute)
 
+    def real_token_count(self) -> int:
+        """How many real tokens (rows of `real_rows`) the batch has, without copying them."""
+        rows = self.inputs
+        if self.mask is not None and rows.ndim == 3 and tuple(self.mask.shape) == tuple(rows.shape[:2]):
+            return int(self.mask.bool().sum())
+        return rows.reshape(-1, rows.shape[-1]).shape[0]
+
 
 class Statistic:
     """Base class of a calibration statistic; subclass it and register it with

@@ -181,7 +181,7 @@ class FirstTokenOutputEnergy(Statistic):
                 "`first_token_output_energy` needs the layer's output as batch x tokens x features; this layer's "
                 f"output has shape {None if outputs is None else tuple(outputs.shape)}. It applies to sequence models."
             )
-        energy = outputs.square().sum(-1)  # batch x tokens
+        energy = (outputs.unsqueeze(-2) @ outputs.unsqueeze(-1)).reshape(outputs.shape[:2])  # batch x tokens
         mask = observation.mask
         if mask is not None and tuple(mask.shape) == tuple(energy.shape):
             real = mask.to(energy.device).bool()
@@ -190,7 +190,7 @@ class FirstTokenOutputEnergy(Statistic):
         has_tokens = real.any(dim=1)
         first = real.float().argmax(dim=1)  # the first real token of each row (left or right padding)
         first_energy = (energy.gather(1, first.unsqueeze(1)).squeeze(1) * has_tokens).sum()
-        total = energy[real].sum()
+        total = (energy * real).sum()
         sequences = has_tokens.sum().to(energy.dtype)
         others = real.sum().to(energy.dtype) - sequences
         return torch.stack([first_energy, total - first_energy, sequences, others])

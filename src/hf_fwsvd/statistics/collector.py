@@ -224,7 +224,7 @@ class _Hooks:
                     observation = Observation(hidden.detach().to(torch.float32), mask=self.mask, outputs=outputs)
                     for key, stat in self.forward_stats.items():
                         _add(self.sums[key], name, stat.accumulate(observation))
-                    self.tokens[name] = self.tokens.get(name, 0) + observation.real_rows().shape[0]
+                    self.tokens[name] = self.tokens.get(name, 0) + observation.real_token_count()
             if self.backward_stats and torch.is_tensor(output) and output.requires_grad:
                 self.uses[name] = self.uses.get(name, 0) + 1
                 # The layer input is held only until its gradient arrives, then released, so activations are freed
