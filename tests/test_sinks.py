@@ -146,8 +146,8 @@ def test_compress_keeps_the_sink_modules_dense_and_reloads(tmp_path):
     assert reloaded.fwsvd_report.sink_modules == expected
     card = (tmp_path / "saved" / "README.md").read_text()
     rank_setting = (
-        "| Rank setting | `param_budget=0.7` (70% of the targeted modules' weights kept in total, allocation `fisher`); "
-        f"`sink_threshold={threshold:g}`: 2 attention-sink modules kept dense |"
+        "| Rank setting | `param_budget=0.7` (70% of the targeted modules' weights kept in total, allocation "
+        f"`fisher`); `sink_threshold={threshold:g}`: 2 attention-sink modules kept dense |"
     )
     assert rank_setting in card
     ids = torch.tensor([[5, 9, 11, 3, 7]])
