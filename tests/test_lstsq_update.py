@@ -212,6 +212,22 @@ def test_update_methods_keep_their_truncations_down_factors_and_never_raise_the_
     assert len(changed) >= len(low_rank) - len(report.rejected)
 
 
+def _dense_inputs(dense, names: list[str], loader) -> dict[str, list[torch.Tensor]]:
+    """The inputs of each module of `names` in the dense model, one ``batch x tokens x in`` tensor per batch."""
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    modules = dict(dense.named_modules())
+    handles = [
+        modules[name].register_forward_hook(lambda m, args, o, name=name: inputs[name].append(args[0].detach()))
+        for name in names
+    ]
+    with torch.no_grad():
+        for batch in loader:
+            dense(**{k: v for k, v in batch.items() if k != "labels"})
+    for handle in handles:
+        handle.remove()
+    return inputs
+
+
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_intercept_update_fits_up_and_bias_by_least_squares(build):
     """In the first block every module sees the dense model's inputs, so brute force: ``[A, b]`` is the least-squares
@@ -219,20 +235,10 @@ def test_intercept_update_fits_up_and_bias_by_least_squares(build):
     dense, model, targets, loader = compressed_with_loader(build, "svd")
     first_block = [name for name in targets if ".0." in name]
     downs = {name: model.get_submodule(name).down.weight.detach().double().clone() for name in first_block}
-    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in first_block}
-    handles = [
-        dict(dense.named_modules())[name].register_forward_hook(
-            lambda module, args, output, name=name: inputs[name].append(
-                args[0].detach().reshape(-1, args[0].shape[-1])
-            )
-        )
-        for name in first_block
-    ]
-    with torch.no_grad():
-        for batch in loader:
-            dense(**{k: v for k, v in batch.items() if k != "labels"})
-    for handle in handles:
-        handle.remove()
+    inputs = {
+        name: [batch.reshape(-1, batch.shape[-1]) for batch in batches]
+        for name, batches in _dense_inputs(dense, first_block, loader).items()
+    }
     report = sequential_update(model, dict(targets), loader, intercept=True)
     assert not report.rejected
     for name in first_block:
@@ -264,18 +270,7 @@ def test_bias_on_weighted_tokens_keeps_the_plain_update_and_removes_their_mean_e
     inputs agree there), the bias is the mean output error of the tokens of weight 1 (each passage but its first)."""
     dense, model, targets, loader = compressed_with_loader(build, "svd")
     first_block = [name for name in targets if ".0." in name]
-    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in first_block}
-    handles = [
-        dict(dense.named_modules())[name].register_forward_hook(
-            lambda module, args, output, name=name: inputs[name].append(args[0].detach())
-        )
-        for name in first_block
-    ]
-    with torch.no_grad():
-        for batch in loader:
-            dense(**{k: v for k, v in batch.items() if k != "labels"})
-    for handle in handles:
-        handle.remove()
+    inputs = _dense_inputs(dense, first_block, loader)
     plain = copy.deepcopy(model)
     plain_report = sequential_update(plain, dict(targets), loader, target=target)
     weights = {name: _first_token_excluded(loader) for name in targets}
