@@ -12,10 +12,9 @@ from hf_fwsvd.cli import main
 from hf_fwsvd.collapse import check_collapse
 
 TRY_CAUSAL = (
-    'Try `method="kfac_svdllm"` with `param_budget=` (global allocation, `allocation_power=1.0`, '
-    "`sink_threshold=50`), which is the default for causal LMs when no method is given (CLI: `--method kfac_svdllm "
-    "--param-budget 0.8 --allocation-power 1 --sink-threshold 50`), keep more weights, or run a recovery fine-tune "
-    "(`hf_fwsvd.finetune(..., lora=True)`)."
+    'Try `method="kfac_svdllm"` with `param_budget=` (global allocation, `allocation_power=1.0`), which is the '
+    "default for causal LMs when no method is given (CLI: `--method kfac_svdllm --param-budget 0.8 "
+    "--allocation-power 1`), keep more weights, or run a recovery fine-tune (`hf_fwsvd.finetune(..., lora=True)`)."
 )
 
 

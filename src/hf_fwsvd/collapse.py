@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .defaults import CAUSAL_LM_METHOD, CAUSAL_LM_SINK_THRESHOLD
+from .defaults import CAUSAL_LM_METHOD
 
 __all__ = ["CHANCE_MARGIN", "PERPLEXITY_FACTOR", "check_collapse"]
 
@@ -28,11 +28,9 @@ PERPLEXITY_FACTOR = 3.0
 CHANCE_MARGIN = 0.05
 
 _TRY_CAUSAL = (
-    f'Try `method="{CAUSAL_LM_METHOD}"` with `param_budget=` (global allocation, `allocation_power=1.0`, '
-    f"`sink_threshold={CAUSAL_LM_SINK_THRESHOLD:g}`), which is the default for causal LMs when no method is given "
-    f"(CLI: `--method {CAUSAL_LM_METHOD} --param-budget 0.8 --allocation-power 1 --sink-threshold "
-    f"{CAUSAL_LM_SINK_THRESHOLD:g}`), keep more weights, or run a recovery fine-tune "
-    "(`hf_fwsvd.finetune(..., lora=True)`)."
+    f'Try `method="{CAUSAL_LM_METHOD}"` with `param_budget=` (global allocation, `allocation_power=1.0`), which is '
+    f"the default for causal LMs when no method is given (CLI: `--method {CAUSAL_LM_METHOD} --param-budget 0.8 "
+    "--allocation-power 1`), keep more weights, or run a recovery fine-tune (`hf_fwsvd.finetune(..., lora=True)`)."
 )
 # When the causal-LM default already ran, naming it again is no advice: left are the data, the budget, a fine-tune.
 _TRY_CAUSAL_DEFAULT = (

@@ -10,10 +10,7 @@
   `fisher_svdllm` (one-sided Fisher-weighted whitening + update) and 47.2 for `svdllm`; on the held-out texts 38.0 /
   167.0 (SOTU 2000-2021 / Moby Dick; dense 24.2 / 63.8; `fisher_svdllm` 41.9 / 183.7). It also won on the development
   text at 60% kept (90.3 vs 94.6); with the genre-mix calibration it won at 80% and tied at 60% (benchmarks/README.md,
-  "Kronecker-factored Fisher"). Under the allocation, attention-sink modules stay dense (`sink_threshold=50`,
-  `hf_fwsvd.sinks`): on SmolLM2-135M with the same calibration that lowered the development perplexity from 39.7 to
-  38.4 at 80% kept and from 90.3 to 89.7 at 60% (benchmarks/README.md, "Attention-sink modules kept dense"). When no
-  size was given
+  "Kronecker-factored Fisher"). When no size was given
   either, `param_budget=CAUSAL_LM_BUDGET` (80% of the targeted weights kept) replaces the paper's
   `rank_ratio=0.33`, which keeps far fewer weights in an LLM's wide layers; an explicit size is kept as given.
 - **Every other model** gets the paper's `method="fwsvd"` (unchanged from earlier versions).
@@ -35,7 +32,6 @@ __all__ = [
     "CAUSAL_LM_BUDGET",
     "CAUSAL_LM_LAYERWISE_METHOD",
     "CAUSAL_LM_METHOD",
-    "CAUSAL_LM_SINK_THRESHOLD",
     "UNIFORM_CAUSAL_WARNING",
     "resolve_defaults",
 ]
@@ -46,9 +42,6 @@ CAUSAL_LM_METHOD = "kfac_svdllm"
 # The same truncation without the model-level update, for block-by-block compression (which cannot run the update).
 CAUSAL_LM_LAYERWISE_METHOD = "kfac_whiten"
 CAUSAL_LM_BUDGET = 0.8
-# Attention-sink modules (first token's output energy over 50x a later token's) stay dense: on SmolLM2-135M the six
-# such `down_proj` modules measure 84 to 550,000 and every other block linear at most 34 (`hf_fwsvd.sinks`).
-CAUSAL_LM_SINK_THRESHOLD = 50.0
 UNIFORM_CAUSAL_WARNING = (
     "method={method!r} with the same rank rule in every module destroys causal LMs (measured on SmolLM2-135M at 80% "
     "of the weights: perplexity 13,384 for fwsvd and 3.9e7 for svd, dense 24.2). Leave `method` unset (the default "
@@ -83,15 +76,10 @@ def resolve_defaults(model: Any, config: FWSVDConfig, in_memory: bool = True) ->
             if config.param_budget is not None:
                 config.allocation = config.allocation or "fisher"
                 config.allocation_power = 1.0
-                if config.allocation == "fisher" and config.sink_threshold is None:
-                    config.sink_threshold = CAUSAL_LM_SINK_THRESHOLD
-            sinks = f", sink_threshold={config.sink_threshold}" if config.sink_threshold is not None else ""
             logger.info(
                 "No method given for a causal LM: using method=%r%s (the best measured setting).",
                 config.method,
-                f" with param_budget={config.param_budget}, allocation_power=1.0{sinks}"
-                if config.param_budget
-                else "",
+                f" with param_budget={config.param_budget} and allocation_power=1.0" if config.param_budget else "",
             )
         else:
             config.method = "fwsvd"
