@@ -449,8 +449,7 @@ def _update_with_intercept(
     ones beside small features), ``b = W mu_d + b_0 - A B mu_c``, and the errors are measured exactly on the extended
     system ``[W, b_0] [x; 1]`` against ``[A, b] diag(B, 1) [x; 1]``."""
     weight = dense_weight(dense).detach().to(torch.float64)
-    dense_bias = getattr(dense, "bias", None)
-    dense_bias = weight.new_zeros(weight.shape[0]) if dense_bias is None else dense_bias.detach().to(weight)
+    dense_bias = _dense_bias(dense, weight)
     down = module.down.weight.detach().to(torch.float64)
     rank = down.shape[0]
     extended_down = down.new_zeros(rank + 1, down.shape[1] + 1)
@@ -479,12 +478,7 @@ def _update_with_intercept(
         return
     parameter = module.up.weight
     parameter.data.copy_(up.to(dtype=parameter.dtype, device=parameter.device))
-    new_bias = candidate[:, rank].to(dtype=parameter.dtype, device=parameter.device)
-    if bias is None:
-        module.up.bias = nn.Parameter(new_bias, requires_grad=parameter.requires_grad)
-        module.bias_added = True  # `save_pretrained` refuses it: the architecture has no bias to load it into
-    else:
-        bias.data.copy_(new_bias)
+    _set_up_bias(module, candidate[:, rank])
     report.errors[name] = (before, after)
     logger.debug("update `%s` with a bias: output error %.4f -> %.4f", name, before, after)
 
@@ -506,16 +500,28 @@ def _update_with_weighted_bias(
         )
     dense_sums = compressed_sums if dense_sums is None else dense_sums
     weight = dense_weight(dense).detach().to(torch.float64)
-    dense_bias = getattr(dense, "bias", None)
-    dense_bias = weight.new_zeros(weight.shape[0]) if dense_bias is None else dense_bias.detach().to(weight)
     up = module.up.weight.detach().to(torch.float64)
     down = module.down.weight.detach().to(torch.float64)
-    error_sum = weight @ dense_sums[:-1] + dense_bias * dense_sums[-1] - up @ (down @ compressed_sums[:-1])
+    error_sum = (
+        weight @ dense_sums[:-1] + _dense_bias(dense, weight) * dense_sums[-1] - up @ (down @ compressed_sums[:-1])
+    )
+    new_bias = error_sum / total
+    _set_up_bias(module, new_bias)
+    logger.debug("update `%s`: bias fitted on the weighted tokens, norm %.4g", name, float(new_bias.norm()))
+
+
+def _dense_bias(dense: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The dense module's bias as `weight`'s dtype and device, zeros when it has none."""
+    bias = getattr(dense, "bias", None)
+    return weight.new_zeros(weight.shape[0]) if bias is None else bias.detach().to(weight)
+
+
+def _set_up_bias(module: LowRankLinear, bias: torch.Tensor) -> None:
+    """Write `bias` into the `up` factor, adding the parameter (and marking the module) when it has none."""
     parameter = module.up.weight
-    new_bias = (error_sum / total).to(dtype=parameter.dtype, device=parameter.device)
+    new_bias = bias.to(dtype=parameter.dtype, device=parameter.device)
     if module.up.bias is None:
         module.up.bias = nn.Parameter(new_bias, requires_grad=parameter.requires_grad)
         module.bias_added = True  # `save_pretrained` refuses it: the architecture has no bias to load it into
     else:
         module.up.bias.data.copy_(new_bias)
-    logger.debug("update `%s`: bias fitted on the weighted tokens, norm %.4g", name, float(new_bias.norm()))
