@@ -26,8 +26,8 @@ class Observation:
         grads (`torch.Tensor`, *optional*): The gradient of the batch-mean loss at the layer output (float32,
             ``batch x ... x out``); `None` in a forward-only observation.
         mask (`torch.Tensor`, *optional*): The batch's ``attention_mask`` (``batch x tokens``), when it has one.
-        outputs (`torch.Tensor`, *optional*): The layer output, float32, ``batch x ... x out``, in a forward
-            observation.
+        outputs (`torch.Tensor`, *optional*): The layer output as the layer computed it (its own dtype, not copied),
+            ``batch x ... x out``, in a forward observation.
         requested (`frozenset[str]`): Every statistic collected in this run (to share intermediates).
         estimator (`str`): The Fisher estimator of the run (see `hf_fwsvd.statistics.collector`): backward
             statistics square per-example gradients unless it is ``"batch"``, where they square the batch gradient.
@@ -52,23 +52,28 @@ class Observation:
             self._memo[key] = compute()
         return self._memo[key]
 
+    def real_mask(self) -> torch.Tensor | None:
+        """The boolean ``batch x tokens`` mask of real tokens, or `None` when the batch has no mask that matches its
+        input (then every row is real)."""
+        rows = self.inputs
+        if self.mask is not None and rows.ndim == 3 and tuple(self.mask.shape) == tuple(rows.shape[:2]):
+            return self.mask.to(rows.device).bool()
+        return None
+
     def real_rows(self) -> torch.Tensor:
         """The input rows of real tokens (``n x in``): padding dropped when the mask matches ``batch x tokens``."""
 
         def compute() -> torch.Tensor:
-            rows = self.inputs
-            if self.mask is not None and rows.ndim == 3 and tuple(self.mask.shape) == tuple(rows.shape[:2]):
-                rows = rows[self.mask.to(rows.device).bool()]
+            rows, real = self.inputs, self.real_mask()
+            rows = rows if real is None else rows[real]
             return rows.reshape(-1, rows.shape[-1])
 
         return self.memo("real_rows", compute)
 
     def real_token_count(self) -> int:
         """How many real tokens (rows of `real_rows`) the batch has, without copying them."""
-        rows = self.inputs
-        if self.mask is not None and rows.ndim == 3 and tuple(self.mask.shape) == tuple(rows.shape[:2]):
-            return int(self.mask.bool().sum())
-        return rows.reshape(-1, rows.shape[-1]).shape[0]
+        real = self.real_mask()
+        return int(real.sum()) if real is not None else self.inputs.reshape(-1, self.inputs.shape[-1]).shape[0]
 
 
 class Statistic:

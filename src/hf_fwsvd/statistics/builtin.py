@@ -181,11 +181,10 @@ class FirstTokenOutputEnergy(Statistic):
                 "`first_token_output_energy` needs the layer's output as batch x tokens x features; this layer's "
                 f"output has shape {None if outputs is None else tuple(outputs.shape)}. It applies to sequence models."
             )
+        outputs = outputs.to(torch.float32)
         energy = (outputs.unsqueeze(-2) @ outputs.unsqueeze(-1)).reshape(outputs.shape[:2])  # batch x tokens
-        mask = observation.mask
-        if mask is not None and tuple(mask.shape) == tuple(energy.shape):
-            real = mask.to(energy.device).bool()
-        else:
+        real = observation.real_mask()
+        if real is None:
             real = torch.ones_like(energy, dtype=torch.bool)
         has_tokens = real.any(dim=1)
         first = real.float().argmax(dim=1)  # the first real token of each row (left or right padding)

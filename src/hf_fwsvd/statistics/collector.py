@@ -220,7 +220,7 @@ class _Hooks:
                 return
             if self.forward_stats:
                 with torch.no_grad():
-                    outputs = output.detach().to(torch.float32) if torch.is_tensor(output) else None
+                    outputs = output.detach() if torch.is_tensor(output) else None  # a statistic converts it
                     observation = Observation(hidden.detach().to(torch.float32), mask=self.mask, outputs=outputs)
                     for key, stat in self.forward_stats.items():
                         _add(self.sums[key], name, stat.accumulate(observation))
