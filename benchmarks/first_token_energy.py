@@ -50,17 +50,16 @@ def text_passages(tokenizer, path: str, passages: int, length: int) -> list[torc
     return [ids[i * length : (i + 1) * length] for i in range(passages)]
 
 
-def sink_ratios(model, passages: list[torch.Tensor]) -> dict[str, float]:
-    """The library's first-token energy ratio of every block linear on `passages` (batches of 4)."""
+def sink_statistics(model, passages: list[torch.Tensor]):
+    """The library's `first_token_output_energy` of every block linear on `passages` (batches of 4)."""
     from hf_fwsvd import FWSVDConfig
-    from hf_fwsvd.sinks import first_token_energy_ratios
     from hf_fwsvd.statistics import collect
     from hf_fwsvd.targets import find_target_modules
 
     targets = find_target_modules(model, FWSVDConfig(rank=1))
     stacked = torch.stack(passages)
     batches = [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in stacked.split(4)]
-    return first_token_energy_ratios(collect(model, batches, targets, ["first_token_output_energy"]))
+    return collect(model, batches, targets, ["first_token_output_energy"])
 
 
 def first_token_shares(model, passages: list[torch.Tensor]) -> dict[str, tuple[float, float]]:
@@ -118,13 +117,16 @@ def main() -> None:
     else:
         passages = calibration_passages(tokenizer, args.passages, args.length)
     if args.ratios:
-        ratios = sink_ratios(model, passages)
+        from hf_fwsvd.sinks import first_token_energy_ratios, sink_modules
+
+        stats = sink_statistics(model, passages)
+        ratios = first_token_energy_ratios(stats)
         source = args.text or "the 1990-1999 addresses"
         print(f"first token's mean output energy / a later token's, {args.passages} passages of {args.length} tokens "
               f"from {source}; largest 12 of {len(ratios)} block linears")  # fmt: skip
         for name, ratio in sorted(ratios.items(), key=lambda item: -item[1])[:12]:
             print(f"{name:40s} {ratio:10.1f}")
-        above = [name for name, ratio in ratios.items() if ratio > args.threshold]
+        above = sink_modules(stats, args.threshold)
         print(f"above {args.threshold:g}: {len(above)}: {', '.join(above)}")
         return
     shares = first_token_shares(model, passages)
