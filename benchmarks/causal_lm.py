@@ -756,6 +756,17 @@ def read_done() -> set[tuple[str, str]]:
     return {(row["setting"], row["budget"]) for row in csv.DictReader(CSV_PATH.open()) if row.get("ppl_dev")}
 
 
+def write_ranks(path: Path, setting: str, budget: float, report) -> None:
+    """Append one run's per-module ranks to `path` (``--ranks-csv``): rank 0 marks a module left dense."""
+    rows = [(row.name, row.rank) for row in report.modules] + [(name, 0) for name in report.dense_modules]
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.writer(handle)
+        if new:
+            writer.writerow(["setting", "budget", "module", "rank"])
+        writer.writerows([setting, budget, name, rank] for name, rank in rows)
+
+
 def write_row(row: dict) -> None:
     new = not CSV_PATH.exists()
     if not new:
@@ -875,6 +886,8 @@ def run(args: argparse.Namespace) -> None:
                     seed=spec["seed"],
                 )
         compress_s = time.perf_counter() - started
+        if args.ranks_csv is not None:
+            write_ranks(args.ranks_csv, setting, budget, model.fwsvd_report)
         kept = kept_fraction(model, targets)
         if spec["int8"]:
             model = save_and_reload(model, tokenizer)
@@ -990,6 +1003,12 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         default=None,
         help="folder caching the collected statistics across runs (keyed by calibration tokens)",
+    )
+    parser.add_argument(
+        "--ranks-csv",
+        type=Path,
+        default=None,
+        help="also append each run's per-module ranks (setting, budget, module, rank; 0 = left dense) to this CSV",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table", action="store_true", help="print the markdown table of the CSV and exit")

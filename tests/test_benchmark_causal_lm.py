@@ -38,7 +38,9 @@ from benchmarks.causal_lm import (
     setting_statistics,
     sink_modules_dense,
     split_halves,
+    write_ranks,
 )
+from hf_fwsvd.report import CompressionReport, ModuleReport
 
 
 def _pool(genre: str, count: int) -> list[dict]:
@@ -130,6 +132,24 @@ def test_mix_with_c128_is_refused():
 def test_detokenize_joins_penn_tokens_back():
     words = "Mr. Vinken , 61 , said -LRB- it 's $ 5 -RRB- : `` no '' ; he does n't .".split()
     assert _detokenize(words) == "Mr. Vinken, 61, said (it's $5): \" no \"; he doesn't."
+
+
+def test_write_ranks_appends_each_runs_ranks_with_dense_modules_as_zero(tmp_path):
+    report = CompressionReport(
+        method="kfac_whiten",
+        modules=[ModuleReport("layers.0.q_proj", 4, 6, 2, 24, 20, 0.1, 0.1)],
+        dense_modules=["layers.1.mlp.down_proj"],
+    )
+    path = tmp_path / "ranks.csv"
+    write_ranks(path, "kfac_whiten+alloc1", 0.8, report)
+    write_ranks(path, "kfac_whiten+alloc1", 0.6, report)
+    assert path.read_text().splitlines() == [
+        "setting,budget,module,rank",
+        "kfac_whiten+alloc1,0.8,layers.0.q_proj,2",
+        "kfac_whiten+alloc1,0.8,layers.1.mlp.down_proj,0",
+        "kfac_whiten+alloc1,0.6,layers.0.q_proj,2",
+        "kfac_whiten+alloc1,0.6,layers.1.mlp.down_proj,0",
+    ]
 
 
 def test_table_cells_leave_a_missing_column_empty():
