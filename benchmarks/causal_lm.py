@@ -664,24 +664,27 @@ def statistics_plan(spec: dict, budget: float) -> tuple[list[str], list[str]]:
 
 def prefetch(store: StatisticsStore, settings: list[str], budgets: list[float], data: dict) -> float:
     """Collect every statistic the runs need up front, one pass per calibration set; the seconds spent."""
-    # (calibration set, Fisher estimator) -> (its chunks, statistic names)
+    # (calibration tokens, Fisher estimator) -> (the chunks, statistic names); keyed by the tokens, as the settings'
+    # sets differ by more than their names (``+ctx512`` joins the same chunks into longer passages)
     needed: dict[tuple[str, str], tuple[list[dict], list[str]]] = {}
     for setting in settings:
         spec = parse_setting(setting)
         chosen = setting_data(spec, data)
-        estimator = fisher_estimator(spec)
-        small_set, large_set = ("mix", "mix_large") if spec["mix"] else ("calibration", "calibration_large")
-        large_set += f"_{flag}" if (flag := large_mix_flag(spec)) else ""
+        small, large = chosen["calibration"], chosen["calibration_large"]
         for budget in budgets:
             first, second = statistics_plan(spec, budget)
-            needed.setdefault((small_set, estimator), (chosen["calibration"], []))[1].extend(first)
-            large_key = (large_set, large_set_estimator(spec))
-            needed.setdefault(large_key, (chosen["calibration_large"], []))[1].extend(second)
+            needed.setdefault((_chunks_key(small), fisher_estimator(spec)), (small, []))[1].extend(first)
+            needed.setdefault((_chunks_key(large), large_set_estimator(spec)), (large, []))[1].extend(second)
     return sum(
         store.get(chunks, list(dict.fromkeys(names)), estimator)[1]
         for (_, estimator), (chunks, names) in needed.items()
         if names
     )
+
+
+def _chunks_key(chunks: list[dict]) -> str:
+    """A hash of the chunks' token ids: two settings share a calibration set exactly when their keys match."""
+    return hashlib.sha256(json.dumps([chunk["input_ids"] for chunk in chunks]).encode()).hexdigest()
 
 
 def large_set_estimator(spec: dict) -> str:

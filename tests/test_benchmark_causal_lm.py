@@ -379,6 +379,23 @@ def test_ctx512_joins_consecutive_speech_chunks_into_contiguous_passages():
         joined_pairs(chunks[:3])
 
 
+class FirstTokenStore(RecordingStore):
+    """A `RecordingStore` that records each call's first token id and passage length."""
+
+    def get(self, chunks, names, estimator="empirical"):
+        self.calls.append((chunks[0]["input_ids"][0], len(chunks[0]["input_ids"]), tuple(names), estimator))
+        return {}, 1.0
+
+
+def test_prefetch_collects_each_setting_on_its_own_passages_when_ctx512_reuses_a_set_name():
+    ids = list(range(256 * 4))
+    data = {"calibration": chunk_ids(ids)[:2], "calibration_large": chunk_ids(ids), "train": ["t"]}
+    store = FirstTokenStore()
+    prefetch(store, ["kfac_whiten+alloc1", "kfac_whiten+alloc1+f128+ctx512"], [0.8], data)
+    names = ("gradient_second_moment", "output_gradient_second_moment", "row_fisher")
+    assert store.calls == [(0, 256, names, "empirical"), (0, 512, names, "empirical")]
+
+
 @pytest.mark.parametrize(
     "setting",
     ["kfac_whiten+alloc1+ctx512+mix", "kfac_whiten+alloc1+ctx512+mix+f128", "kfac_whiten+alloc1+update+ctx512+lora"],
