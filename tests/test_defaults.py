@@ -73,6 +73,43 @@ def test_compress_saves_the_resolved_default(tmp_path):
     assert reloaded.config.quantization_config.method == "kfac_svdllm"
 
 
+def test_a_large_calibration_set_drops_the_update_from_the_causal_default(monkeypatch, caplog):
+    import hf_fwsvd.defaults as defaults
+    from hf_fwsvd.pipeline import calibration_token_count
+
+    model = tiny_llama()
+    data = calibration_data("llama", 8)
+    config = FWSVDConfig(calibration_dataset=data, batch_size=4)
+    tokens = calibration_token_count(config, model)
+    assert tokens == sum(len(example["input_ids"]) for example in data) == 45  # padding not counted
+    monkeypatch.setattr(defaults, "LARGE_CALIBRATION_TOKENS", tokens)
+    with caplog.at_level(logging.INFO, logger="hf_fwsvd.defaults"):
+        compress(model, config, show_progress=False)
+    assert model.fwsvd_report.method == "kfac_whiten"
+    assert model.config.quantization_config.method == "kfac_whiten"
+    assert caplog.records[-1].getMessage() == (
+        f"{tokens} calibration tokens (at least {tokens}): using method='kfac_whiten', without SVD-LLM's update, "
+        "which lost to it with large calibration sets."
+    )
+
+
+def test_the_update_stays_below_the_threshold_and_for_an_explicit_method(monkeypatch):
+    import hf_fwsvd.defaults as defaults
+    from hf_fwsvd.pipeline import calibration_token_count
+
+    data = calibration_data("llama", 8)
+    tokens = calibration_token_count(FWSVDConfig(calibration_dataset=data, batch_size=4), tiny_llama())
+    monkeypatch.setattr(defaults, "LARGE_CALIBRATION_TOKENS", tokens + 1)
+    model = tiny_llama()
+    compress(model, FWSVDConfig(calibration_dataset=data, batch_size=4), show_progress=False)
+    assert model.fwsvd_report.method == "kfac_svdllm"
+    monkeypatch.setattr(defaults, "LARGE_CALIBRATION_TOKENS", 1)
+    model = tiny_llama()
+    explicit = FWSVDConfig(method="kfac_svdllm", param_budget=0.8, calibration_dataset=data, batch_size=4)
+    compress(model, explicit, show_progress=False)
+    assert model.fwsvd_report.method == "kfac_svdllm"
+
+
 def test_block_by_block_causal_default_is_kfac_whiten():
     config = resolve_defaults(type(tiny_llama()), FWSVDConfig().copy_for_run(), in_memory=False)
     assert (config.method, config.param_budget, config.allocation_power) == ("kfac_whiten", 0.8, 1.0)

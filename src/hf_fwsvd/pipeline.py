@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .allocation import ModuleCost, allocate_ranks, direction_scores
 from .calibration import calibration_loader_from_config
-from .defaults import resolve_defaults
+from .defaults import drop_update_for_large_calibration, resolve_defaults
 from .factor_storage import INT8_STORAGE, factor_element_bytes, quantize_factors, storage_bytes
 from .factorize import LowRankFactors, low_rank_params, relative_errors, weighted_matrix
 from .layers import LowRankLinear, dense_weight
@@ -192,6 +192,15 @@ def _count_params(model: nn.Module) -> int:
     return sum(param.numel() for param in model.parameters())
 
 
+def calibration_token_count(config: Any, model: nn.Module) -> int:
+    """The real tokens of `config`'s calibration batches: `attention_mask` ones, or every input id without a mask."""
+    total = 0
+    for batch in calibration_loader_from_config(config, model):
+        mask = batch.get("attention_mask")
+        total += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    return total
+
+
 def compress_model(
     model: nn.Module,
     config: Any,
@@ -226,6 +235,9 @@ def compress_model(
     else:
         check_statistics(run_config, statistics, targets)
         stats = statistics
+    if config.method is None and run_config.calibration_dataset is not None:
+        drop_update_for_large_calibration(run_config, lambda: calibration_token_count(run_config, model))
+        method = get_method(run_config.method)
     dense_modules: list[str] = []
     if ranks is None:
         weights = ((name, dense_weight(module)) for name, module in targets.items())
