@@ -7,7 +7,9 @@ import logging
 import pytest
 from conftest import calibration_data, tiny_bert, tiny_llama
 
+import hf_fwsvd.defaults as defaults
 from hf_fwsvd import FWSVDConfig, compress
+from hf_fwsvd.calibration import calibration_token_count
 from hf_fwsvd.defaults import UNIFORM_CAUSAL_WARNING, resolve_defaults
 
 
@@ -74,9 +76,6 @@ def test_compress_saves_the_resolved_default(tmp_path):
 
 
 def test_a_large_calibration_set_drops_the_update_from_the_causal_default(monkeypatch, caplog):
-    import hf_fwsvd.defaults as defaults
-    from hf_fwsvd.pipeline import calibration_token_count
-
     model = tiny_llama()
     data = calibration_data("llama", 8)
     config = FWSVDConfig(calibration_dataset=data, batch_size=4)
@@ -94,9 +93,6 @@ def test_a_large_calibration_set_drops_the_update_from_the_causal_default(monkey
 
 
 def test_the_update_stays_below_the_threshold_and_for_an_explicit_method(monkeypatch):
-    import hf_fwsvd.defaults as defaults
-    from hf_fwsvd.pipeline import calibration_token_count
-
     data = calibration_data("llama", 8)
     tokens = calibration_token_count(FWSVDConfig(calibration_dataset=data, batch_size=4), tiny_llama())
     monkeypatch.setattr(defaults, "LARGE_CALIBRATION_TOKENS", tokens + 1)

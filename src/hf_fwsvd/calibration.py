@@ -14,6 +14,7 @@ __all__ = [
     "LimitedLoader",
     "build_calibration_loader",
     "calibration_loader_from_config",
+    "calibration_token_count",
     "infer_task",
     "tokenize_examples",
 ]
@@ -531,3 +532,12 @@ def calibration_loader_from_config(config: Any, model: Any) -> DataLoader | Iter
         batch_size=config.batch_size,
         max_length=config.max_length,
     )
+
+
+def calibration_token_count(config: Any, model: Any) -> int:
+    """The real tokens of `config`'s calibration batches: `attention_mask` ones, or every input id without a mask."""
+    total = 0
+    for batch in calibration_loader_from_config(config, model):
+        mask = batch.get("attention_mask")
+        total += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    return total

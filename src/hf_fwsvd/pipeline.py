@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import ModuleCost, allocate_ranks, direction_scores
-from .calibration import calibration_loader_from_config
+from .calibration import calibration_loader_from_config, calibration_token_count
 from .defaults import drop_update_for_large_calibration, resolve_defaults
 from .factor_storage import INT8_STORAGE, factor_element_bytes, quantize_factors, storage_bytes
 from .factorize import LowRankFactors, low_rank_params, relative_errors, weighted_matrix
@@ -190,15 +190,6 @@ def _check_materialised(targets: dict[str, nn.Module]) -> None:
 
 def _count_params(model: nn.Module) -> int:
     return sum(param.numel() for param in model.parameters())
-
-
-def calibration_token_count(config: Any, model: nn.Module) -> int:
-    """The real tokens of `config`'s calibration batches: `attention_mask` ones, or every input id without a mask."""
-    total = 0
-    for batch in calibration_loader_from_config(config, model):
-        mask = batch.get("attention_mask")
-        total += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-    return total
 
 
 def compress_model(
