@@ -13,6 +13,7 @@ from hf_fwsvd import FWSVDConfig, compress
 from hf_fwsvd.factorize import factorize
 from hf_fwsvd.layers import LowRankLinear, dense_weight
 from hf_fwsvd.lstsq_update import DENSE_TARGET_WARNING, output_error, sequential_update, update_up_factor
+from hf_fwsvd.progress import progress_bars, progress_enabled
 from hf_fwsvd.targets import find_target_modules
 
 
@@ -345,3 +346,23 @@ def test_a_model_with_a_bias_its_architecture_lacks_is_not_saved(tmp_path):
         "`intercept` to save the model."
     )
     assert not (tmp_path / "saved").exists()
+
+
+@pytest.mark.parametrize("show_progress", [True, False])
+def test_the_update_shows_a_progress_bar_over_blocks_unless_compress_hides_bars(capsys, show_progress):
+    config = FWSVDConfig(method="svdllm", rank=2, calibration_dataset=calibration_data("llama", 4), batch_size=4)
+    model = compress(tiny_llama(), config, show_progress=show_progress)
+    blocks = len(model.model.layers)
+    bars = capsys.readouterr().err
+    assert ("Least-squares update: 100%" in bars and f"{blocks}/{blocks}" in bars) is show_progress
+    assert ("Factorising" in bars) is show_progress  # the same switch as the pipeline's own bars
+    assert progress_enabled()  # restored after compress
+
+
+def test_a_direct_call_follows_its_own_show_progress(capsys):
+    _, model, targets, loader = compressed_with_loader(tiny_llama, "svd")
+    with progress_bars(False):
+        sequential_update(model, targets, loader, show_progress=True)
+    assert "Least-squares update: 100%" in capsys.readouterr().err
+    sequential_update(model, targets, loader, show_progress=False)
+    assert "Least-squares update" not in capsys.readouterr().err

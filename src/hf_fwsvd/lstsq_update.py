@@ -48,9 +48,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .factorize import factorize
 from .layers import LowRankLinear, dense_weight
+from .progress import progress_enabled
 
 __all__ = ["REFITS", "TARGETS", "UpdateReport", "output_error", "sequential_update", "update_up_factor"]
 
@@ -202,6 +204,7 @@ def sequential_update(
     token_weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
     intercept: bool = False,
     bias_token_weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
+    show_progress: bool | None = None,
 ) -> UpdateReport:
     """Refit the `up` factor of every compressed module in `dense_modules`, block by block (see the module docstring).
 
@@ -238,6 +241,9 @@ def sequential_update(
             error of those tokens given `A`. The report's errors are those of the `A` step. With every token but
             each passage's first, measured neutral on SmolLM2-135M at 80% kept (development perplexity 39.66 with
             and without it, benchmarks/README.md, "Attention-sink modules kept dense"), so no method uses it.
+        show_progress (`bool`, *optional*): A progress bar over the blocks. Defaults to
+            [`~hf_fwsvd.progress.progress_enabled`]: shown, unless `compress(..., show_progress=False)` runs the
+            update.
 
     Returns:
         [`UpdateReport`]
@@ -283,7 +289,11 @@ def sequential_update(
         if not cached:
             raise ValueError("The calibration data produced no batches: the update needs at least one.")
         dense_states = [args[0] for args, _, _ in cached] if target == "dense" else None
-        for block_name in blocks[first : last + 1]:
+        if show_progress is None:
+            show_progress = progress_enabled()
+        for block_name in tqdm(
+            blocks[first : last + 1], desc="Least-squares update", unit="block", disable=not show_progress
+        ):
             block = model.get_submodule(block_name)
             names = by_block.get(block_name, [])
             moments, next_dense = _collect_dense_moments(

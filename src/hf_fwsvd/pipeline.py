@@ -27,6 +27,7 @@ from .factorize import LowRankFactors, low_rank_params, relative_errors, weighte
 from .layers import LowRankLinear, dense_weight
 from .methods import CompressionMethod, check_statistics, collect_statistics, get_method
 from .payoff import low_rank_pays_off
+from .progress import progress_bars
 from .provenance import source_name
 from .ranks import rank_for_param_ratio, resolve_ranks, round_rank
 from .replace import shape_of
@@ -263,7 +264,8 @@ def compress_model(
             batches = None
             if run_config.calibration_dataset is not None:
                 batches = calibration_loader_from_config(run_config, model)
-            method.refine_model(model, list(swapped), batches, run_config)
+            with progress_bars(show_progress):
+                method.refine_model(model, list(swapped), batches, run_config)
         if run_config.factor_dtype is not None:
             quantize_factors(model, swapped)
     except BaseException:
