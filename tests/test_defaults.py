@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
+import torch
 from conftest import calibration_data, tiny_bert, tiny_llama
 
 import hf_fwsvd.defaults as defaults
@@ -77,6 +79,7 @@ def test_compress_saves_the_resolved_default(tmp_path):
 
 def test_a_large_calibration_set_drops_the_update_from_the_causal_default(monkeypatch, caplog):
     model = tiny_llama()
+    reference = copy.deepcopy(model)
     data = calibration_data("llama", 8)
     config = FWSVDConfig(calibration_dataset=data, batch_size=4)
     tokens = calibration_token_count(config, model)
@@ -85,10 +88,32 @@ def test_a_large_calibration_set_drops_the_update_from_the_causal_default(monkey
     with caplog.at_level(logging.INFO, logger="hf_fwsvd.defaults"):
         compress(model, config, show_progress=False)
     assert model.fwsvd_report.method == "kfac_whiten"
-    assert model.config.quantization_config.method == "kfac_whiten"
+    saved = model.config.quantization_config
+    assert (saved.method, saved.param_budget, saved.allocation_power) == ("kfac_whiten", 0.8, 0.75)
     assert caplog.records[-1].getMessage() == (
-        f"{tokens} calibration tokens (at least {tokens}): using method='kfac_whiten', without SVD-LLM's update, "
-        "which lost to it with large calibration sets."
+        f"{tokens} calibration tokens (at least {tokens}): using method='kfac_whiten' (without SVD-LLM's update) "
+        "and allocation_power=0.75, which won with large calibration sets."
+    )
+    explicit = FWSVDConfig(
+        method="kfac_whiten", param_budget=0.8, allocation_power=0.75, calibration_dataset=data, batch_size=4
+    )
+    compress(reference, explicit, show_progress=False)
+    assert saved.ranks == reference.config.quantization_config.ranks
+    expected = reference.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())  # that config exactly
+
+
+def test_a_large_calibration_set_with_an_explicit_rank_keeps_it(monkeypatch, caplog):
+    model = tiny_llama()
+    config = FWSVDConfig(calibration_dataset=calibration_data("llama", 8), batch_size=4, rank=2)
+    monkeypatch.setattr(defaults, "LARGE_CALIBRATION_TOKENS", 1)
+    with caplog.at_level(logging.INFO, logger="hf_fwsvd.defaults"):
+        compress(model, config, show_progress=False)
+    assert model.config.quantization_config.method == "kfac_whiten"
+    assert set(model.config.quantization_config.ranks.values()) == {2}
+    assert caplog.records[-1].getMessage() == (
+        "45 calibration tokens (at least 1): using method='kfac_whiten' (without SVD-LLM's update), which won with "
+        "large calibration sets."
     )
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .allocation import ModuleCost, allocate_ranks, direction_scores
 from .calibration import calibration_loader_from_config, calibration_token_count
-from .defaults import drop_update_for_large_calibration, resolve_defaults
+from .defaults import apply_large_calibration_defaults, resolve_defaults
 from .factor_storage import INT8_STORAGE, factor_element_bytes, quantize_factors, storage_bytes
 from .factorize import LowRankFactors, low_rank_params, relative_errors, weighted_matrix
 from .layers import LowRankLinear, dense_weight
@@ -228,7 +228,7 @@ def compress_model(
         check_statistics(run_config, statistics, targets)
         stats = statistics
     if config.method is None and run_config.calibration_dataset is not None:
-        drop_update_for_large_calibration(run_config, lambda: calibration_token_count(run_config, model))
+        apply_large_calibration_defaults(run_config, lambda: calibration_token_count(run_config, model))
         method = get_method(run_config.method)
     dense_modules: list[str] = []
     if ranks is None:

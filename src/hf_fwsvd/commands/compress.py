@@ -94,7 +94,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="METHOD",
         help=f"One of: {', '.join(_method_choices())} (see 'methods:' below). Default: kfac_svdllm with "
         "--param-budget 0.8 and the global allocation (power 1) for a causal LM (kfac_whiten, without the update, "
-        "from 131,072 calibration tokens on), fwsvd (the paper) otherwise.",
+        "and power 0.75 from 131,072 calibration tokens on), fwsvd (the paper) otherwise.",
     )
     add_method_arguments(how, default=None)
     how.add_argument(
