@@ -135,3 +135,31 @@ def test_block_by_block_causal_default_is_kfac_whiten():
     config = resolve_defaults(type(tiny_llama()), FWSVDConfig().copy_for_run(), in_memory=False)
     assert (config.method, config.param_budget, config.allocation_power) == ("kfac_whiten", 0.8, 1.0)
     assert config.sink_threshold is None
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["8 examples", "large calibration"])
+def test_an_explicit_allocation_power_is_kept_by_the_causal_default(monkeypatch, caplog, large):
+    if large:
+        monkeypatch.setattr(defaults, "LARGE_CALIBRATION_TOKENS", 1)
+    model = tiny_llama()
+    config = FWSVDConfig(allocation_power=0.9, calibration_dataset=calibration_data("llama", 8), batch_size=4)
+    with caplog.at_level(logging.INFO, logger="hf_fwsvd.defaults"):
+        compress(model, config, show_progress=False)
+    saved = model.config.quantization_config
+    expected = "kfac_whiten" if large else "kfac_svdllm"
+    assert (saved.method, saved.param_budget, saved.allocation_power) == (expected, 0.8, 0.9)
+    assert caplog.records[0].getMessage() == (
+        "No method given for a causal LM: using method='kfac_svdllm' with param_budget=0.8 and allocation_power=0.9 "
+        "(the best measured setting)."
+    )
+    if large:
+        assert caplog.records[-1].getMessage().endswith(
+            "using method='kfac_whiten' (without SVD-LLM's update), which won with large calibration sets."
+        )
+
+
+def test_the_allocation_power_default_is_not_a_given_value():
+    assert FWSVDConfig().allocation_power == 0.5 and FWSVDConfig().allocation_power_defaulted
+    assert not FWSVDConfig(allocation_power=0.5).allocation_power_defaulted
+    reloaded = FWSVDConfig.from_dict(FWSVDConfig(param_budget=0.8).to_dict())
+    assert reloaded.allocation_power == 0.5 and not reloaded.allocation_power_defaulted  # as saved, explicit

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 # Mirrors `statistics.FISHER_ESTIMATORS` (the config does not import the estimation code).
 FISHER_ESTIMATORS = ("empirical", "true", "batch")
 ALLOCATIONS = ("fisher", "uniform")
+DEFAULT_ALLOCATION_POWER = 0.5
 BUDGET_UNITS = ("params", "bytes")
 # Mirrors `factor_storage.FACTOR_DTYPES` (the config does not import torch-level storage code).
 FACTOR_DTYPES = ("int8",)
@@ -50,7 +51,9 @@ class FWSVDConfig(QuantizationConfigMixin):
         allocation_power (`float`, *optional*, defaults to 0.5): Exponent on each module's Fisher mass in the
             `"fisher"` allocation: 1 trusts the second-order loss estimate fully, 0 ignores how sensitive the loss is
             to each module (only its spectrum's shape counts). 1 starved the last layers of a real classifier at
-            strong compression (see `docs/methods.md`); 0.5 is the measured default.
+            strong compression (see `docs/methods.md`); 0.5 is the measured default. A causal LM with no `method`
+            gets the power measured for it (1.0, or 0.75 with a large calibration set, `hf_fwsvd.defaults`) unless
+            this is given.
         sink_threshold (`float`, *optional*): With `param_budget` and the `"fisher"` allocation: a module stays
             dense (and counts in full against the budget) when the output energy of each calibration sequence's
             first token is on average more than this many times that of a later token. Those are the attention-sink
@@ -133,7 +136,7 @@ class FWSVDConfig(QuantizationConfigMixin):
     param_ratio: float | None = None
     param_budget: float | None = None
     allocation: str | None = None
-    allocation_power: float = 0.5
+    allocation_power: float | None = None
     sink_threshold: float | None = None
     budget_unit: str = "params"
     factor_dtype: str | None = None
@@ -173,6 +176,10 @@ class FWSVDConfig(QuantizationConfigMixin):
         self.size_defaulted = not given and self.ranks is None
         if self.size_defaulted:
             self.rank_ratio = 0.33
+        # likewise for the allocation power: a causal LM with no method gets the measured one unless it was given
+        self.allocation_power_defaulted = self.allocation_power is None
+        if self.allocation_power_defaulted:
+            self.allocation_power = DEFAULT_ALLOCATION_POWER
         if self.rank is not None:
             _check_rank(self.rank, "rank")
         if self.rank_ratio is not None:

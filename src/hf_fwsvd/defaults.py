@@ -26,7 +26,8 @@
   token-weighted update, and the allocation power").
 - **Every other model** gets the paper's `method="fwsvd"` (unchanged from earlier versions).
 
-An explicit `method=` is never changed. Choosing plain `fwsvd` or `svd` with per-module (uniform) ranks for a causal
+An explicit `method=` is never changed, nor an explicit `allocation_power=` (with no method, the rest of the default
+still applies). Choosing plain `fwsvd` or `svd` with per-module (uniform) ranks for a causal
 LM logs [`UNIFORM_CAUSAL_WARNING`]: on SmolLM2-135M at 80% of the weights those settings gave perplexity 13,384 and
 3.9e7 (dense 24.2).
 """
@@ -41,6 +42,7 @@ from .calibration import infer_task
 from .config import FWSVDConfig
 
 __all__ = [
+    "CAUSAL_LM_ALLOCATION_POWER",
     "CAUSAL_LM_BUDGET",
     "CAUSAL_LM_LARGE_CALIBRATION_METHOD",
     "CAUSAL_LM_LAYERWISE_METHOD",
@@ -58,6 +60,7 @@ CAUSAL_LM_METHOD = "kfac_svdllm"
 # The same truncation without the model-level update, for block-by-block compression (which cannot run the update).
 CAUSAL_LM_LAYERWISE_METHOD = "kfac_whiten"
 CAUSAL_LM_BUDGET = 0.8
+CAUSAL_LM_ALLOCATION_POWER = 1.0
 # From this many real calibration tokens on, a defaulted causal-LM method skips the update (see the module docstring).
 LARGE_CALIBRATION_TOKENS = 131_072
 CAUSAL_LM_LARGE_CALIBRATION_METHOD = "kfac_whiten"
@@ -95,11 +98,14 @@ def resolve_defaults(model: Any, config: FWSVDConfig, in_memory: bool = True) ->
                 config.param_budget = CAUSAL_LM_BUDGET
             if config.param_budget is not None:
                 config.allocation = config.allocation or "fisher"
-                config.allocation_power = 1.0
+                if config.allocation_power_defaulted:
+                    config.allocation_power = CAUSAL_LM_ALLOCATION_POWER
             logger.info(
                 "No method given for a causal LM: using method=%r%s (the best measured setting).",
                 config.method,
-                f" with param_budget={config.param_budget} and allocation_power=1.0" if config.param_budget else "",
+                f" with param_budget={config.param_budget} and allocation_power={config.allocation_power}"
+                if config.param_budget
+                else "",
             )
         else:
             config.method = "fwsvd"
@@ -124,7 +130,7 @@ def apply_large_calibration_defaults(config: FWSVDConfig, count_tokens: Callable
     if tokens >= LARGE_CALIBRATION_TOKENS:
         config.method = CAUSAL_LM_LARGE_CALIBRATION_METHOD
         choice = f"method={config.method!r} (without SVD-LLM's update)"
-        if config.param_budget is not None and config.allocation == "fisher":
+        if config.param_budget is not None and config.allocation == "fisher" and config.allocation_power_defaulted:
             config.allocation_power = LARGE_CALIBRATION_ALLOCATION_POWER
             choice += f" and allocation_power={config.allocation_power}"
         logger.info(
