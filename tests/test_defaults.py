@@ -153,8 +153,10 @@ def test_an_explicit_allocation_power_is_kept_by_the_causal_default(monkeypatch,
         "(the best measured setting)."
     )
     if large:
-        assert caplog.records[-1].getMessage().endswith(
-            "using method='kfac_whiten' (without SVD-LLM's update), which won with large calibration sets."
+        assert (
+            caplog.records[-1]
+            .getMessage()
+            .endswith("using method='kfac_whiten' (without SVD-LLM's update), which won with large calibration sets.")
         )
 
 
