@@ -227,8 +227,9 @@ def sequential_update(
             [`~hf_fwsvd.token_weights.output_gradient_token_weights`]: every moment becomes ``X^T diag(w) X``, so the
             fit weighs the tokens as `fisher_whiten` / `kfac_whiten`'s truncation does. Unweighted when `None`.
             Measured worse than unweighted after `kfac_whiten` on SmolLM2-135M at 80% kept with 8,192 calibration
-            tokens (development perplexity 40.24 against 39.66, benchmarks/README.md), better with 131,072 (36.83
-            against 36.97) but still worse than no update there (36.53), so no method uses it.
+            tokens (development perplexity 40.24 against 39.66, benchmarks/README.md); with 131,072 better at 80%
+            kept (36.83 against 36.97) and worse at 60% (101.6 against 99.1), and behind no update at both (36.53,
+            92.1), so no method uses it.
         intercept (`bool`, *optional*, defaults to `False`): Also fit a bias of `up` (bias compensation): the least
             squares of ``[A, b]`` on the inputs with a constant 1 appended, which absorbs the mean of the output
             error. A module without a bias gains one (``out`` parameters), which the FWSVD checkpoint cannot store
