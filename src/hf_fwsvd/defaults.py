@@ -18,12 +18,14 @@
   512-token passages the update raised the development perplexity at both budgets (80% kept: 36.97 vs 36.53 and
   36.49 vs 35.99; 60%: 99.1 vs 92.1 and 94.2 vs 88.8) and took 8-45x the compression time; with 8,192 tokens it
   lowered it (39.7 vs 40.3), and with 32,768 it lowered it at 60% only (84.1 vs 91.3; 80%: 37.1 vs 36.6), so below
-  the threshold the update stays (benchmarks/README.md, "The update and the calibration size"). From the same
-  threshold the allocation uses `allocation_power=LARGE_CALIBRATION_ALLOCATION_POWER` (0.75): with the genre mix it
-  lowered the development perplexity at both sizes and budgets (80% kept: 35.60 vs 36.53 and 35.28 vs 35.99; 60%:
-  87.0 vs 92.1 and 85.6 vs 88.8; power 0.5: 38.2), but with 8,192 speech tokens it raised it (41.4 vs 39.7), so
-  below the threshold the power stays 1 for now (32,768 speech tokens also preferred 0.75: 36.60 vs 37.06 with the
-  update; benchmarks/README.md, "The token-weighted update, and the allocation power").
+  the threshold the update stays (benchmarks/README.md, "The update and the calibration size").
+  From `ALLOCATION_POWER_TOKENS` (32,768) real tokens on, the allocation uses
+  `allocation_power=LARGE_CALIBRATION_ALLOCATION_POWER` (0.75), with or without the update: it lowered the
+  development perplexity in every cell measured from 32,768 tokens on (genre mix, no update, 80% kept: 35.60 vs 36.53
+  at 131,072 tokens and 35.28 vs 35.99 at 262,144; 60%: 87.0 vs 92.1 and 85.6 vs 88.8; 32,768 speech tokens with the
+  update: 36.60 vs 37.06 at 80% and 78.0 vs 84.1 at 60%; without it 36.56 vs 36.62 (a tie) and 81.9 vs 91.3; power 0.5:
+  38.2), but with 8,192 speech tokens it raised it (41.4 vs 39.7), so below the threshold the power stays 1
+  (benchmarks/README.md, "The token-weighted update, and the allocation power").
 - **Every other model** gets the paper's `method="fwsvd"` (unchanged from earlier versions).
 
 An explicit `method=` is never changed, nor an explicit `allocation_power=` (with no method, the rest of the default
@@ -49,6 +51,7 @@ __all__ = [
     "CAUSAL_LM_METHOD",
     "LARGE_CALIBRATION_ALLOCATION_POWER",
     "LARGE_CALIBRATION_TOKENS",
+    "ALLOCATION_POWER_TOKENS",
     "UNIFORM_CAUSAL_WARNING",
     "apply_large_calibration_defaults",
     "resolve_defaults",
@@ -64,6 +67,8 @@ CAUSAL_LM_ALLOCATION_POWER = 1.0
 # From this many real calibration tokens on, a defaulted causal-LM method skips the update (see the module docstring).
 LARGE_CALIBRATION_TOKENS = 131_072
 CAUSAL_LM_LARGE_CALIBRATION_METHOD = "kfac_whiten"
+# From this many real calibration tokens on, a defaulted causal-LM allocation power becomes the one below.
+ALLOCATION_POWER_TOKENS = 32_768
 LARGE_CALIBRATION_ALLOCATION_POWER = 0.75
 UNIFORM_CAUSAL_WARNING = (
     "method={method!r} with the same rank rule in every module destroys causal LMs (measured on SmolLM2-135M at 80% "
@@ -115,9 +120,9 @@ def resolve_defaults(model: Any, config: FWSVDConfig, in_memory: bool = True) ->
 
 
 def apply_large_calibration_defaults(config: FWSVDConfig, count_tokens: Callable[[], int]) -> None:
-    """Switch a defaulted causal-LM method to `CAUSAL_LM_LARGE_CALIBRATION_METHOD`, and its allocation to
-    `LARGE_CALIBRATION_ALLOCATION_POWER`, when the calibration set has at least `LARGE_CALIBRATION_TOKENS` real tokens
-    (see the module docstring), in place.
+    """Adapt a defaulted causal-LM setting to the calibration set's size, in place: from `ALLOCATION_POWER_TOKENS`
+    real tokens a defaulted allocation power becomes `LARGE_CALIBRATION_ALLOCATION_POWER`, and from
+    `LARGE_CALIBRATION_TOKENS` the method becomes `CAUSAL_LM_LARGE_CALIBRATION_METHOD` (see the module docstring).
 
     Args:
         config ([`FWSVDConfig`]): The run config after `resolve_defaults`; call this only when the user gave no method.
@@ -127,15 +132,15 @@ def apply_large_calibration_defaults(config: FWSVDConfig, count_tokens: Callable
     if config.method != CAUSAL_LM_METHOD:
         return
     tokens = count_tokens()
+    choices = []
     if tokens >= LARGE_CALIBRATION_TOKENS:
         config.method = CAUSAL_LM_LARGE_CALIBRATION_METHOD
-        choice = f"method={config.method!r} (without SVD-LLM's update)"
-        if config.param_budget is not None and config.allocation == "fisher" and config.allocation_power_defaulted:
-            config.allocation_power = LARGE_CALIBRATION_ALLOCATION_POWER
-            choice += f" and allocation_power={config.allocation_power}"
+        choices.append(f"method={config.method!r} (without SVD-LLM's update; from {LARGE_CALIBRATION_TOKENS} tokens)")
+    tempered = config.param_budget is not None and config.allocation == "fisher" and config.allocation_power_defaulted
+    if tokens >= ALLOCATION_POWER_TOKENS and tempered:
+        config.allocation_power = LARGE_CALIBRATION_ALLOCATION_POWER
+        choices.append(f"allocation_power={config.allocation_power} (from {ALLOCATION_POWER_TOKENS} tokens)")
+    if choices:
         logger.info(
-            "%d calibration tokens (at least %d): using %s, which won with large calibration sets.",
-            tokens,
-            LARGE_CALIBRATION_TOKENS,
-            choice,
+            "%d calibration tokens: using %s, which won with large calibration sets.", tokens, " and ".join(choices)
         )
