@@ -37,7 +37,7 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the process's peak resident memory sampled every 20 ms during that compression.
 
 Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense|+update_weighted|+update_bias
-|+update_nosink|+update_bias_nosink|+update_bias_rest][+sinkdense][+c128|+f128|+mix|+mix+f128|+mix+f512|+mix+f1024][+ctx512|+ctx128]
+|+update_nosink|+update_bias_nosink|+update_bias_rest][+sinkdense][+c128|+f128|+mix|+mix+f128|+mix+f512|+mix+f1024][+ctx512|+ctx128][+draw<k>]
 [+lora|+lora64|+lora128|+lora256|+lora512][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+seed<k>][+int8][+true]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
@@ -85,7 +85,10 @@ weight-only int8 on `down` / `up` after a ``sqrt(S)`` split), saved with ``save_
 passages, the length of the evaluation windows. With ``+mix+f512`` the pairs are joined inside each source before the
 genres are interleaved (256 passages, 86 / 85 / 85, i.e. 172 / 170 / 170 of the 256-token chunks instead of 171 /
 171 / 170); ``+mix+f1024+ctx512`` likewise takes 512 passages (171 / 171 / 170), whose first 256 are those of
-``+mix+f512+ctx512``; no other mix set has a joined twin, and no recovery takes it. ``+ctx128`` (speech sets only)
+``+mix+f512+ctx512``; no other mix set has a joined twin, and no recovery takes it. ``+draw<k>`` (``k >= 1``, only
+with ``+mix+f512+ctx512`` / ``+mix+f1024+ctx512``) takes the same number of passages from the same three pools, but
+from each pool shuffled with seed ``k`` (`drawn_passages`) instead of its first ones: another draw of the same size
+from the same text, to measure how much the results move with the calibration draw. ``+ctx128`` (speech sets only)
 cuts each chunk in two halves instead: the same tokens as twice as many 128-token passages, the length of
 `FWSVDConfig`'s default `max_length`.
 ``+true`` collects the backward statistics (the allocation's row Fisher, the gradient-weighted moments) with the true
@@ -113,6 +116,7 @@ import json
 import logging
 import math
 import platform
+import random
 import re
 import sys
 import threading
@@ -191,6 +195,8 @@ SHORT_LORA_EPOCHS = 1.0  # +ep1: one pass, half the steps (each chunk seen once)
 # +r<rank>, +lr<rate>, +full: the recovery's capacity and learning rate (issue #16, 2026-12-05)
 RECOVERY_FLAG = re.compile(r"r(\d+)|lr(\d+(?:\.\d+)?e-\d+)|(full)|seed(\d+)")
 RECOVERY_DEFAULTS = {"lora_rank": 8, "learning_rate": LORA_LEARNING_RATE, "full": False, "seed": 0}
+# +draw<k>: the large mix passages drawn from each pool shuffled with seed k (issue #16, 2026-12-07)
+DRAW_FLAG = re.compile(r"draw([1-9]\d*)")
 DEFAULT_SETTINGS = [
     "fisher_whiten+alloc1+update", "fisher_whiten+alloc1+update+c128", "whiten+alloc1+update+c128",
     "whiten+alloc1+update", "whiten+alloc1", "whiten+update", "whiten", "whiten+v2", "whiten+v2+update",
@@ -317,6 +323,7 @@ def mix_texts(tokenizer, sotu_calibration: list[dict], sotu_train: list[dict], c
             name: genre_mix([sotu_calibration + speeches, moby, news + oanc], chunks)
             for name, chunks in LARGE_MIX_CALIBRATION.values()
         },
+        "mix_passage_pools": passages,
         "mix_calibration_ctx512": genre_mix(passages, CALIB_CHUNKS // 2),
         **{f"{name}_ctx512": genre_mix(passages, chunks // 2) for name, chunks in LARGE_MIX_CALIBRATION.values()},
         "mix_train": genre_mix(pools, CALIB_CHUNKS),
@@ -364,6 +371,12 @@ def genre_mix(pools: list[list[dict]], total: int) -> list[dict]:
     return mixed
 
 
+def drawn_passages(pools: list[list[dict]], total: int, draw: int) -> list[dict]:
+    """``+draw<k>``: `genre_mix` of `total` passages from `pools`, each pool shuffled with seed `draw` first (the
+    same shares, other passages of the same text)."""
+    return genre_mix([random.Random(draw).sample(pool, len(pool)) for pool in pools], total)
+
+
 def joined_pairs(chunks: list[dict]) -> list[dict]:
     """``+ctx512``: chunks ``2i`` and ``2i + 1`` joined into one of twice the length (the same tokens, in half as many
     chunks; consecutive chunks of one text are contiguous, so each joined chunk is a contiguous passage)."""
@@ -408,6 +421,9 @@ def setting_data(spec: dict, data: dict) -> dict:
     mixed = {chunks: data[f"mix_{chunks}"] for chunks in LORA_FLAGS.values()}
     flag = large_mix_flag(spec)
     large = data[LARGE_MIX_CALIBRATION[flag][0] if flag else "mix_calibration_large"]
+    if spec["draw"]:  # `parse_setting` allows it with `+ctx512` and `+f512` / `+f1024` only
+        drawn = drawn_passages(data["mix_passage_pools"], LARGE_MIX_CALIBRATION[flag][1] // 2, spec["draw"])
+        return {**data, "calibration": drawn[: CALIB_CHUNKS // 2], "calibration_large": drawn, **mixed}
     if spec["ctx512"]:  # `parse_setting` allows it with `+f512` / `+f1024` only
         return {**data, "calibration": data["mix_calibration_ctx512"],
                 "calibration_large": data[f"{LARGE_MIX_CALIBRATION[flag][0]}_ctx512"], **mixed}  # fmt: skip
@@ -417,7 +433,8 @@ def setting_data(spec: dict, data: dict) -> dict:
 def parse_setting(setting: str) -> dict:
     method, *flags = setting.split("+")
     recovery = recovery_options(flags, setting)
-    flags = [flag for flag in flags if not RECOVERY_FLAG.fullmatch(flag)]
+    draws = [int(match.group(1)) for flag in flags if (match := DRAW_FLAG.fullmatch(flag))]
+    flags = [flag for flag in flags if not RECOVERY_FLAG.fullmatch(flag) and not DRAW_FLAG.fullmatch(flag)]
     unknown = set(flags) - set(FLAGS)
     if unknown:
         raise ValueError(f"Unknown setting flag(s) {sorted(unknown)} in {setting!r}.")
@@ -425,7 +442,11 @@ def parse_setting(setting: str) -> dict:
         raise ValueError(f"Choose one of {', '.join('+' + flag for flag in LORA_FLAGS)} in {setting!r}.")
     if len(set(flags) & set(UPDATES)) > 1:
         raise ValueError(f"Choose one update flag ({', '.join(UPDATES)}) in {setting!r}.")
-    spec = {"method": method, **{flag: flag in flags for flag in FLAGS}, **recovery}
+    spec = {"method": method, **{flag: flag in flags for flag in FLAGS}, **recovery, "draw": draws[0] if draws else 0}
+    if len(draws) > 1 or (draws and not (spec["ctx512"] and large_mix_flag(spec) and spec["mix"])):
+        raise ValueError(
+            f"{setting!r}: one `+draw<k>` (k >= 1) draws the passages of `+mix+f512+ctx512` or `+mix+f1024+ctx512`."
+        )
     if recovery != RECOVERY_DEFAULTS and not lora_flag(spec):
         raise ValueError(
             f"{setting!r}: `+r<rank>`, `+lr<rate>`, `+full` and `+seed<k>` change the recovery; add {LORA_CHOICES}."

@@ -13,6 +13,7 @@ from benchmarks.causal_lm import (
     CHUNK_TOKENS,
     DEV_YEARS,
     EXTRA_SPEECH_YEARS,
+    LARGE_MIX_CALIBRATION,
     LONG_LORA_EPOCHS,
     LORA_EPOCHS,
     LORA_FLAGS,
@@ -274,7 +275,7 @@ def test_mix_pool_sizes_and_old_pools_are_a_prefix_of_the_512_chunk_pool(monkeyp
     sizes = {name: len(data[name]) for name in data}
     assert sizes == {"mix_calibration": 32, "mix_calibration_large": 128, "mix_calibration_xl": 512,
                      "mix_calibration_xxl": 1024, "mix_calibration_ctx512": 16, "mix_calibration_xl_ctx512": 256,
-                     "mix_calibration_xxl_ctx512": 512,
+                     "mix_calibration_xxl_ctx512": 512, "mix_passage_pools": 3,
                      "mix_train": 32, "mix_train_large": 128, "mix_train_xl": 256, "mix_train_xxl": 512,
                      "mix_train_xxxl": 1024}  # fmt: skip
     # +mix+f128: the 32-chunk mix first, then more of the same three pools in equal shares (43 / 43 / 42)
@@ -291,7 +292,7 @@ def test_mix_pool_sizes_and_old_pools_are_a_prefix_of_the_512_chunk_pool(monkeyp
     # the added sources do not change any older set: other OANC text, or none at all beyond what +lora256 needs
     other = _fake_mix(monkeypatch, oanc_prefix="other")
     continued = ("mix_train_xxl", "mix_train_xxxl", "mix_calibration_xl", "mix_calibration_xxl",
-                 "mix_calibration_xl_ctx512", "mix_calibration_xxl_ctx512")  # fmt: skip
+                 "mix_calibration_xl_ctx512", "mix_calibration_xxl_ctx512", "mix_passage_pools")  # fmt: skip
     assert all(other[name] == data[name] for name in data if name not in continued)
     sources = [_source(chunk) for chunk in data["mix_train_xxl"]]
     # equal shares 171 / 171 / 170: 128 1990s + 43 extra-speech chunks, 171 Moby, 110 WSJ + 60 OANC chunks
@@ -445,6 +446,38 @@ def test_mix_f1024_ctx512_continues_the_f512_passages(monkeypatch):
     assert sources.count("wsj") + sources.count("oanc") == 170
     chosen = setting_data(parse_setting("kfac_whiten+alloc1+update+mix+f1024+ctx512"), data)
     assert chosen["calibration_large"] is passages and chosen["calibration"] == passages[:16]
+
+
+@pytest.mark.parametrize("flag, passages", [("f512", 256), ("f1024", 512)])
+def test_draw_takes_the_same_shares_of_other_passages_of_the_same_pools(monkeypatch, flag, passages):
+    data = _fake_mix(monkeypatch)
+    first = data[f"{LARGE_MIX_CALIBRATION[flag][0]}_ctx512"]
+    drawn = setting_data(parse_setting(f"kfac_whiten+alloc1+mix+{flag}+ctx512+draw1"), data)["calibration_large"]
+    again = setting_data(parse_setting(f"kfac_whiten+alloc1+update+mix+{flag}+ctx512+draw1"), data)
+    other = setting_data(parse_setting(f"kfac_whiten+alloc1+mix+{flag}+ctx512+draw2"), data)["calibration_large"]
+    assert len(drawn) == passages and again["calibration_large"] == drawn and again["calibration"] == drawn[:16]
+    assert drawn != first and other != drawn  # seeded: the same draw twice, another seed another draw
+
+    def genre(passage: dict) -> int:
+        source = _source(passage)
+        return 0 if source.startswith(("calib1990s", "sotu")) else 1 if source.startswith("moby") else 2
+
+    assert [genre(p) for p in drawn] == [genre(p) for p in first]  # the same shares, interleaved the same way
+    pools = [{tuple(p["input_ids"]) for p in pool} for pool in data["mix_passage_pools"]]
+    assert all(tuple(p["input_ids"]) in pools[genre(p)] for p in drawn)
+    assert len({tuple(p["input_ids"]) for p in drawn}) == passages
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["kfac_whiten+alloc1+mix+f512+draw1", "kfac_whiten+alloc1+mix+ctx512+draw1", "kfac_whiten+alloc1+f128+draw1",
+     "kfac_whiten+alloc1+mix+f512+ctx512+draw1+draw2"],
+)  # fmt: skip
+def test_draw_needs_the_large_mix_passages(setting):
+    with pytest.raises(ValueError, match=r"one `\+draw<k>` \(k >= 1\) draws the passages of `\+mix\+f512\+ctx512`"):
+        parse_setting(setting)
+    with pytest.raises(ValueError, match=r"Unknown setting flag\(s\) \['draw0'\]"):
+        parse_setting("kfac_whiten+alloc1+mix+f512+ctx512+draw0")
 
 
 def test_ctx128_halves_each_speech_chunk():

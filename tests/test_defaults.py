@@ -85,14 +85,15 @@ def test_a_large_calibration_set_drops_the_update_from_the_causal_default(monkey
     tokens = calibration_token_count(config, model)
     assert tokens == sum(len(example["input_ids"]) for example in data) == 45  # padding not counted
     monkeypatch.setattr(defaults, "LARGE_CALIBRATION_TOKENS", tokens)
+    monkeypatch.setattr(defaults, "ALLOCATION_POWER_TOKENS", tokens)
     with caplog.at_level(logging.INFO, logger="hf_fwsvd.defaults"):
         compress(model, config, show_progress=False)
     assert model.fwsvd_report.method == "kfac_whiten"
     saved = model.config.quantization_config
     assert (saved.method, saved.param_budget, saved.allocation_power) == ("kfac_whiten", 0.8, 0.75)
     assert caplog.records[-1].getMessage() == (
-        f"{tokens} calibration tokens (at least {tokens}): using method='kfac_whiten' (without SVD-LLM's update) "
-        "and allocation_power=0.75, which won with large calibration sets."
+        f"{tokens} calibration tokens: using method='kfac_whiten' (without SVD-LLM's update; from {tokens} tokens) "
+        f"and allocation_power=0.75 (from {tokens} tokens), which won with large calibration sets."
     )
     explicit = FWSVDConfig(
         method="kfac_whiten", param_budget=0.8, allocation_power=0.75, calibration_dataset=data, batch_size=4
@@ -103,32 +104,67 @@ def test_a_large_calibration_set_drops_the_update_from_the_causal_default(monkey
     assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())  # that config exactly
 
 
+def test_a_mid_sized_calibration_set_tempers_the_allocation_and_keeps_the_update(monkeypatch, caplog):
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    data = calibration_data("llama", 8)
+    monkeypatch.setattr(defaults, "LARGE_CALIBRATION_TOKENS", 46)
+    monkeypatch.setattr(defaults, "ALLOCATION_POWER_TOKENS", 45)
+    with caplog.at_level(logging.INFO, logger="hf_fwsvd.defaults"):
+        compress(model, FWSVDConfig(calibration_dataset=data, batch_size=4), show_progress=False)
+    saved = model.config.quantization_config
+    assert (saved.method, saved.param_budget, saved.allocation_power) == ("kfac_svdllm", 0.8, 0.75)
+    messages = [record.getMessage() for record in caplog.records if record.name == "hf_fwsvd.defaults"]
+    assert messages[-1] == (
+        "45 calibration tokens: using allocation_power=0.75 (from 45 tokens), which won with large calibration sets."
+    )
+    explicit = FWSVDConfig(
+        method="kfac_svdllm", param_budget=0.8, allocation_power=0.75, calibration_dataset=data, batch_size=4
+    )
+    compress(reference, explicit, show_progress=False)
+    assert saved.ranks == reference.config.quantization_config.ranks
+    expected = reference.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
+
+
+def test_the_default_thresholds_are_the_measured_ones():
+    assert (defaults.ALLOCATION_POWER_TOKENS, defaults.LARGE_CALIBRATION_TOKENS) == (32_768, 131_072)
+    assert (defaults.CAUSAL_LM_ALLOCATION_POWER, defaults.LARGE_CALIBRATION_ALLOCATION_POWER) == (1.0, 0.75)
+
+
 def test_a_large_calibration_set_with_an_explicit_rank_keeps_it(monkeypatch, caplog):
     model = tiny_llama()
     config = FWSVDConfig(calibration_dataset=calibration_data("llama", 8), batch_size=4, rank=2)
     monkeypatch.setattr(defaults, "LARGE_CALIBRATION_TOKENS", 1)
+    monkeypatch.setattr(defaults, "ALLOCATION_POWER_TOKENS", 1)
     with caplog.at_level(logging.INFO, logger="hf_fwsvd.defaults"):
         compress(model, config, show_progress=False)
     assert model.config.quantization_config.method == "kfac_whiten"
     assert set(model.config.quantization_config.ranks.values()) == {2}
     assert caplog.records[-1].getMessage() == (
-        "45 calibration tokens (at least 1): using method='kfac_whiten' (without SVD-LLM's update), which won with "
+        "45 calibration tokens: using method='kfac_whiten' (without SVD-LLM's update; from 1 tokens), which won with "
         "large calibration sets."
     )
 
 
-def test_the_update_stays_below_the_threshold_and_for_an_explicit_method(monkeypatch):
+def test_the_update_and_power_stay_below_the_thresholds_and_for_an_explicit_method(monkeypatch, caplog):
     data = calibration_data("llama", 8)
     tokens = calibration_token_count(FWSVDConfig(calibration_dataset=data, batch_size=4), tiny_llama())
     monkeypatch.setattr(defaults, "LARGE_CALIBRATION_TOKENS", tokens + 1)
+    monkeypatch.setattr(defaults, "ALLOCATION_POWER_TOKENS", tokens + 1)
     model = tiny_llama()
-    compress(model, FWSVDConfig(calibration_dataset=data, batch_size=4), show_progress=False)
-    assert model.fwsvd_report.method == "kfac_svdllm"
+    with caplog.at_level(logging.INFO, logger="hf_fwsvd.defaults"):
+        compress(model, FWSVDConfig(calibration_dataset=data, batch_size=4), show_progress=False)
+    saved = model.config.quantization_config
+    assert (saved.method, saved.allocation_power) == ("kfac_svdllm", 1.0)
+    assert not any("calibration tokens" in record.getMessage() for record in caplog.records)
     monkeypatch.setattr(defaults, "LARGE_CALIBRATION_TOKENS", 1)
+    monkeypatch.setattr(defaults, "ALLOCATION_POWER_TOKENS", 1)
     model = tiny_llama()
     explicit = FWSVDConfig(method="kfac_svdllm", param_budget=0.8, calibration_dataset=data, batch_size=4)
     compress(model, explicit, show_progress=False)
-    assert model.fwsvd_report.method == "kfac_svdllm"
+    saved = model.config.quantization_config
+    assert (saved.method, saved.allocation_power) == ("kfac_svdllm", 0.5)
 
 
 def test_block_by_block_causal_default_is_kfac_whiten():
@@ -141,6 +177,7 @@ def test_block_by_block_causal_default_is_kfac_whiten():
 def test_an_explicit_allocation_power_is_kept_by_the_causal_default(monkeypatch, caplog, large):
     if large:
         monkeypatch.setattr(defaults, "LARGE_CALIBRATION_TOKENS", 1)
+        monkeypatch.setattr(defaults, "ALLOCATION_POWER_TOKENS", 1)
     model = tiny_llama()
     config = FWSVDConfig(allocation_power=0.9, calibration_dataset=calibration_data("llama", 8), batch_size=4)
     with caplog.at_level(logging.INFO, logger="hf_fwsvd.defaults"):
@@ -156,7 +193,10 @@ def test_an_explicit_allocation_power_is_kept_by_the_causal_default(monkeypatch,
         assert (
             caplog.records[-1]
             .getMessage()
-            .endswith("using method='kfac_whiten' (without SVD-LLM's update), which won with large calibration sets.")
+            .endswith(
+                "using method='kfac_whiten' (without SVD-LLM's update; from 1 tokens), which won with large "
+                "calibration sets."
+            )
         )
 
 
