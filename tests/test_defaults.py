@@ -128,7 +128,7 @@ def test_a_mid_sized_calibration_set_tempers_the_allocation_and_keeps_the_update
 
 
 def test_the_default_thresholds_are_the_measured_ones():
-    assert (defaults.ALLOCATION_POWER_TOKENS, defaults.LARGE_CALIBRATION_TOKENS) == (32_768, 131_072)
+    assert (defaults.ALLOCATION_POWER_TOKENS, defaults.LARGE_CALIBRATION_TOKENS) == (131_072, 131_072)
     assert (defaults.CAUSAL_LM_ALLOCATION_POWER, defaults.LARGE_CALIBRATION_ALLOCATION_POWER) == (1.0, 0.75)
 
 
