@@ -78,6 +78,7 @@ def test_compress_table_has_one_row_per_module_and_totals(tmp_path, work, capsys
     )  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0
+    assert out.splitlines()[0] == "settings: method=svd, rank=3"
     rows = [line for line in out.splitlines() if line.startswith("bert.encoder.layer.")]
     assert len(rows) == 12 and all(re.search(r"\s3\s", row) for row in rows)
     assert re.search(r"whole model\s+6,194\s+3,\d{3}\s+\(\d+\.\d% kept\)", out), out
@@ -172,6 +173,28 @@ def test_causal_lm_calibrates_on_every_token_of_a_long_line_file(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["calibration_data"] == "corpus.txt (4 blocks of 64 tokens)"
     assert "corpus.txt (4 blocks of 64 tokens)" in ModelCard.load(out / "README.md").text
+
+
+def test_causal_lm_defaults_are_named_on_the_terminal_and_in_the_card(tmp_path, capsys):
+    model_dir = save_causal_lm(tmp_path / "gpt2")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(row["text"] for row in sentences(40, seed=4)) + "\n")
+    out = tmp_path / "gpt2-fwsvd"
+    assert main(["compress", str(model_dir), "--task", "causal-lm", "--data", str(corpus), "--output", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "settings: method=kfac_svdllm (the default for this model), param_budget=0.8, allocation=fisher, "
+        "allocation_power=1"
+    )
+    assert (
+        "| Rank setting | `param_budget=0.8` (80% of the targeted modules' weights kept in total, allocation `fisher` "
+        "with `allocation_power=1`) |"
+    ) in ModelCard.load(out / "README.md").text
+    args = ["--method", "kfac_whiten", "--param-budget", "0.7", "--allocation-power", "0.75", "--sink-threshold", "50"]
+    assert main(["compress", str(model_dir), "--task", "causal-lm", "--data", str(corpus), "-q", *args,
+                 "--output", str(tmp_path / "explicit")]) == 0  # fmt: skip
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "settings: method=kfac_whiten, param_budget=0.7, allocation=fisher, allocation_power=0.75, sink_threshold=50"
+    )
 
 
 def test_causal_lm_sweep_calibrates_on_the_same_blocks_as_compress(tmp_path, monkeypatch):

@@ -147,7 +147,7 @@ def test_compress_keeps_the_sink_modules_dense_and_reloads(tmp_path):
     card = (tmp_path / "saved" / "README.md").read_text()
     rank_setting = (
         "| Rank setting | `param_budget=0.7` (70% of the targeted modules' weights kept in total, allocation "
-        f"`fisher`); `sink_threshold={threshold:g}`: 2 attention-sink modules kept dense |"
+        f"`fisher` with `allocation_power=0.5`); `sink_threshold={threshold:g}`: 2 attention-sink modules kept dense |"
     )
     assert rank_setting in card
     ids = torch.tensor([[5, 9, 11, 3, 7]])

@@ -132,7 +132,8 @@ def _rank_setting(config: Any, sink_modules: list[str] | None = None) -> str:
         unit = "weight bytes" if getattr(config, "budget_unit", "params") == "bytes" else "weights"
         text = (
             f"`param_budget={config.param_budget}` ({config.param_budget:.0%} of the targeted modules' {unit} kept in "
-            f"total, allocation `{config.allocation}`)"
+            f"total, allocation `{config.allocation}`"
+            + (f" with `allocation_power={config.allocation_power:g}`)" if config.allocation == "fisher" else ")")
         )
         if getattr(config, "sink_threshold", None) is not None:
             count = len(sink_modules or [])

@@ -271,6 +271,28 @@ def _config(args: argparse.Namespace, examples: list[dict] | None, tokenizer: An
         raise CommandError(str(error), EXIT_USAGE) from error
 
 
+def settings_line(config: Any, method_given: bool) -> str:
+    """The settings `compress` used, resolved defaults included (the causal-LM default's method and power depend on
+    the model and the calibration size), as one line for the terminal.
+
+    Args:
+        config ([`FWSVDConfig`]): The saved config (`model.config.quantization_config`) after compression.
+        method_given (`bool`): Whether the user chose the method (`--method`).
+    """
+    parts = [f"method={config.method}" + ("" if method_given else " (the default for this model)")]
+    size = next((name for name in ("rank", "param_ratio", "param_budget", "rank_ratio") if getattr(config, name, None)
+                 is not None), None)  # fmt: skip
+    if size is not None:
+        parts.append(f"{size}={getattr(config, size)}")
+    if size == "param_budget":
+        parts.append(f"allocation={config.allocation}")
+        if config.allocation == "fisher":
+            parts.append(f"allocation_power={config.allocation_power:g}")
+        if config.sink_threshold is not None:
+            parts.append(f"sink_threshold={config.sink_threshold:g}")
+    return "settings: " + ", ".join(parts)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..api import compress
     from ..data_files import describe_source
@@ -300,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
         report.calibration_data = describe_source(args.data, used, f"blocks of {block} tokens")
     elif examples is not None:
         report.calibration_data = describe_source(args.data, len(examples))
+    print(settings_line(model.config.quantization_config, method_given=args.method is not None))
     print(report.format_table())
     if eval_examples:
         after = evaluate_task(model, tokenizer, args.task, eval_examples, **evaluation_kwargs)
