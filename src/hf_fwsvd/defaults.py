@@ -46,6 +46,7 @@ from .calibration import infer_task
 from .config import FWSVDConfig
 
 __all__ = [
+    "ALLOCATION_POWER_TOKENS",
     "CAUSAL_LM_ALLOCATION_POWER",
     "CAUSAL_LM_BUDGET",
     "CAUSAL_LM_LARGE_CALIBRATION_METHOD",
@@ -53,7 +54,6 @@ __all__ = [
     "CAUSAL_LM_METHOD",
     "LARGE_CALIBRATION_ALLOCATION_POWER",
     "LARGE_CALIBRATION_TOKENS",
-    "ALLOCATION_POWER_TOKENS",
     "UNIFORM_CAUSAL_WARNING",
     "apply_large_calibration_defaults",
     "resolve_defaults",
