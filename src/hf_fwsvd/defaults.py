@@ -23,7 +23,7 @@
   `allocation_power=LARGE_CALIBRATION_ALLOCATION_POWER` (0.75): with the genre mix it lowered the development
   perplexity at both sizes and budgets (80% kept: 35.60 vs 36.53 at 131,072 tokens and 35.28 vs 35.99 at 262,144;
   60%: 87.0 vs 92.1 and 85.6 vs 88.8; power 0.5: 38.2), and in each of three more random draws of 131,072 tokens from
-  the same text (80%: -1.9% to -3.1%; 60%: -7.3% and -7.8%). At 32,768 tokens the evidence is split, so the power
+  the same text (80%: -1.9% to -3.1%; 60%: -4.7% to -7.8%). At 32,768 tokens the evidence is split, so the power
   stays 1 there: on the benchmark's speech set 0.75 won (with the update 36.60 vs 37.06 at 80% kept and 78.0 vs 84.1
   at 60%), but on the CLI's default calibration (the first 32,768 tokens of the same addresses, 512-token blocks) it
   lost at 80% (39.22 vs 37.98); with 8,192 speech tokens it lost too (41.4 vs 39.7) (benchmarks/README.md, "The
