@@ -160,7 +160,14 @@ def _compress_under_limit(tmp_path, size: dict, budget_mib: float, shard_size: s
     }
     save_importances(importances, tmp_path / "importances.safetensors")
     worker = Path(__file__).with_name("memory_limit_worker.py")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TRANSFORMERS_VERBOSITY": "error"}
+    # One malloc arena: glibc opens a new arena (more anonymous memory, counted by the limit) whenever threads contend
+    # for one, so without it the worker's footprint depends on the machine's load (it failed that way, 2026-12-07).
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        "TRANSFORMERS_VERBOSITY": "error",
+        "MALLOC_ARENA_MAX": "1",
+    }
     importances_file = tmp_path / "importances.safetensors"
     args = [tmp_path / "dense", tmp_path / "warmup", tmp_path / "out", budget_mib, importances_file]
     result = subprocess.run(
@@ -200,11 +207,12 @@ def _compare_with_in_memory(tmp_path, size: dict, summary: dict, inputs: dict) -
 
 
 def test_compress_layerwise_fits_a_model_twice_the_memory_limit(tmp_path):
-    # 136 MiB of fp32 weights (4 MiB of them embeddings) in 4 MB shards, 60 MiB of anonymous memory allowed (much of
-    # it taken by the allocator's own growth: heap fragmentation, arenas). The block-wise Fisher pass needed 45-50 MiB
-    # on an 82 MiB model on one 2-core VM (2026-12-06, also at the code of 8ae28fa) and under 40 on another, so the
-    # model is wider than it was (intermediate 1536) to keep the limit under half its size; 55 MiB passed.
-    _compress_under_limit(tmp_path, {"hidden": 256, "intermediate": 1536, "layers": 24, "vocab": 2048}, 60, "4MB")
+    # 136 MiB of fp32 weights (4 MiB of them embeddings) in 4 MB shards, 66 MiB of anonymous memory allowed (much of
+    # it taken by the allocator's own growth: heap fragmentation, arenas): the model is over twice the limit. The
+    # block-wise Fisher pass needed 45-50 MiB on an 82 MiB model on one 2-core VM (2026-12-06) and under 40 on
+    # another. On a fresh VM (2026-12-07) a limit of 60 MiB failed once in two full-suite runs (on the last shard)
+    # while passing alone six times, so the limit is 66 MiB for margin.
+    _compress_under_limit(tmp_path, {"hidden": 256, "intermediate": 1536, "layers": 24, "vocab": 2048}, 66, "4MB")
 
 
 @pytest.mark.slow
