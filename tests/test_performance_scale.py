@@ -160,8 +160,9 @@ def _compress_under_limit(tmp_path, size: dict, budget_mib: float, shard_size: s
     }
     save_importances(importances, tmp_path / "importances.safetensors")
     worker = Path(__file__).with_name("memory_limit_worker.py")
-    # One malloc arena: glibc opens a new arena (more anonymous memory, counted by the limit) whenever threads contend
-    # for one, so without it the worker's footprint depends on the machine's load (it failed that way, 2026-12-07).
+    # One malloc arena: glibc opens another arena (more anonymous memory, counted by the limit) when threads contend
+    # for one, a source of run-to-run variation in the worker's footprint. (Alone it did not stop two concurrent runs
+    # from failing at 60 MiB on 2026-12-07.)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(sys.path),
