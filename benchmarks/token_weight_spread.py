@@ -20,8 +20,6 @@ from collections import defaultdict
 
 import torch
 
-logger = logging.getLogger("token_weight_spread")
-
 
 def effective_fraction(weights: torch.Tensor) -> float:
     """Kish's effective sample size of nonnegative `weights`, as a fraction of their count.
@@ -74,10 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     tokens = sum(w.numel() for w in next(iter(weights.values())))
     rows: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     for name, per_batch in weights.items():
-        every = torch.cat([w.flatten() for w in per_batch])
-        later = torch.cat([w[:, 1:].flatten() for w in per_batch])
-        first_share = float(sum(w[:, 0].sum() for w in per_batch) / every.sum().clamp_min(1e-30))
-        rows[module_kind(name)].append((effective_fraction(every), effective_fraction(later), first_share))
+        all_tokens = torch.cat([w.flatten() for w in per_batch])
+        later_tokens = torch.cat([w[:, 1:].flatten() for w in per_batch])
+        first_share = float(sum(w[:, 0].sum() for w in per_batch) / all_tokens.sum().clamp_min(1e-30))
+        rows[module_kind(name)].append((effective_fraction(all_tokens), effective_fraction(later_tokens), first_share))
     print(f"\n{'mix' if args.mix else 'speech'} calibration, {tokens} tokens ({len(chunks)} chunks)\n")
     print(
         "| module kind | input width | effective tokens: median fraction (min-max) | median effective tokens "
