@@ -37,7 +37,7 @@ Setup (fixed; nothing is tuned on the evaluation texts):
   the process's peak resident memory sampled every 20 ms during that compression.
 
 Settings are ``method[+alloc|+alloc1|+v2][+update|+update_both|+update_dense|+update_weighted|+update_bias
-|+update_nosink|+update_bias_nosink|+update_bias_rest][+sinkdense][+c128|+f128|+mix|+mix+f128|+mix+f512|+mix+f1024][+ctx512|+ctx128][+draw<k>]
+|+update_nosink|+update_bias_nosink|+update_bias_rest][+sinkdense][+c128|+f128|+mix|+mix+f128|+mix+f512|+mix+f1024][+ctx512|+ctx128][+draw<k>][+firstin<alpha>|+firstboth<alpha>]
 [+lora|+lora64|+lora128|+lora256|+lora512][+ep1|+ep4][+kd][+r<rank>][+lr<rate>][+full][+seed<k>][+int8][+true]``:
 ``+alloc`` / ``+alloc1`` is our global Fisher allocation at ``allocation_power`` 0.5 / 1, ``+v2``
 SVD-LLM V2's loss-based per-matrix ratios (`hf_fwsvd.truncation_loss`), ``+update`` SVD-LLM's sequential least-squares
@@ -91,6 +91,11 @@ from each pool shuffled with seed ``k`` (`drawn_passages`) instead of its first 
 from the same text, to measure how much the results move with the calibration draw. ``+ctx128`` (speech sets only)
 cuts each chunk in two halves instead: the same tokens as twice as many 128-token passages, the length of
 `FWSVDConfig`'s default `max_length`.
+``+firstin<alpha>`` (e.g. ``+firstin0.1``) weighs each calibration passage's first token (where attention sinks
+form) ``alpha`` instead of 1 in the gradient-weighted input moment ``C`` (which the truncation and the allocation's
+spectra read), ``+firstboth<alpha>`` also in `kfac_whiten`'s output-gradient moment ``G``
+(`benchmarks/first_token_weight.py`: the first-token parts are collected as statistics of their own, then
+subtracted).
 ``+true`` collects the backward statistics (the allocation's row Fisher, the gradient-weighted moments) with the true
 Fisher (``fisher_estimator="true"``: each next token drawn from the model's own prediction, seeded) instead of the
 calibration text's next tokens. ``kfac_whiten`` weighs the output side too (`hf_fwsvd.kronecker`; its damping is
@@ -132,6 +137,7 @@ if __package__ in (None, ""):
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_fwsvd  # noqa: F401  (registers the quantization method)
+from benchmarks.first_token_weight import FIRST_TOKEN_INPUT, FIRST_TOKEN_OUTPUT, first_token_scaled
 from hf_fwsvd import FWSVDConfig, compress
 from hf_fwsvd.calibration import build_calibration_loader
 from hf_fwsvd.evaluation import evaluate_perplexity
@@ -197,6 +203,10 @@ RECOVERY_FLAG = re.compile(r"r(\d+)|lr(\d+(?:\.\d+)?e-\d+)|(full)|seed(\d+)")
 RECOVERY_DEFAULTS = {"lora_rank": 8, "learning_rate": LORA_LEARNING_RATE, "full": False, "seed": 0}
 # +draw<k>: the large mix passages drawn from each pool shuffled with seed k (issue #16, 2026-12-07)
 DRAW_FLAG = re.compile(r"draw([1-9]\d*)")
+# +firstin<alpha> / +firstboth<alpha>: each passage's first token weighted alpha in the gradient-weighted input moment
+# (and in the output-gradient moment), `benchmarks/first_token_weight.py` (issue #16, 2026-12-07)
+FIRST_WEIGHT_FLAG = re.compile(r"first(in|both)(0(?:\.\d+)?|1(?:\.0+)?)")
+FIRST_WEIGHT_PARTS = {"in": (FIRST_TOKEN_INPUT,), "both": (FIRST_TOKEN_INPUT, FIRST_TOKEN_OUTPUT)}
 DEFAULT_SETTINGS = [
     "fisher_whiten+alloc1+update", "fisher_whiten+alloc1+update+c128", "whiten+alloc1+update+c128",
     "whiten+alloc1+update", "whiten+alloc1", "whiten+update", "whiten", "whiten+v2", "whiten+v2+update",
@@ -434,7 +444,12 @@ def parse_setting(setting: str) -> dict:
     method, *flags = setting.split("+")
     recovery = recovery_options(flags, setting)
     draws = [int(match.group(1)) for flag in flags if (match := DRAW_FLAG.fullmatch(flag))]
-    flags = [flag for flag in flags if not RECOVERY_FLAG.fullmatch(flag) and not DRAW_FLAG.fullmatch(flag)]
+    first = [match.groups() for flag in flags if (match := FIRST_WEIGHT_FLAG.fullmatch(flag))]
+    flags = [
+        flag
+        for flag in flags
+        if not any(pattern.fullmatch(flag) for pattern in (RECOVERY_FLAG, DRAW_FLAG, FIRST_WEIGHT_FLAG))
+    ]
     unknown = set(flags) - set(FLAGS)
     if unknown:
         raise ValueError(f"Unknown setting flag(s) {sorted(unknown)} in {setting!r}.")
@@ -443,6 +458,20 @@ def parse_setting(setting: str) -> dict:
     if len(set(flags) & set(UPDATES)) > 1:
         raise ValueError(f"Choose one update flag ({', '.join(UPDATES)}) in {setting!r}.")
     spec = {"method": method, **{flag: flag in flags for flag in FLAGS}, **recovery, "draw": draws[0] if draws else 0}
+    parts, alpha = (FIRST_WEIGHT_PARTS[first[0][0]], float(first[0][1])) if first else ((), 1.0)
+    spec["first_parts"], spec["first_alpha"] = parts, alpha
+    if len(first) > 1:
+        raise ValueError(f"{setting!r}: choose one `+firstin<alpha>` / `+firstboth<alpha>` flag.")
+    if first:
+        from hf_fwsvd.methods import get_method
+
+        own = get_method(method).statistics
+        wanted = ["gradient_second_moment"] + (["output_gradient_second_moment"] if first[0][0] == "both" else [])
+        if any(name not in own for name in wanted):
+            raise ValueError(
+                f"{setting!r}: `+first{first[0][0]}<alpha>` reweighs {' and '.join(wanted)}, which `{method}` does "
+                "not read; use kfac_whiten (or fisher_whiten with `+firstin`)."
+            )
     if len(draws) > 1 or (draws and not (spec["ctx512"] and large_mix_flag(spec) and spec["mix"])):
         raise ValueError(
             f"{setting!r}: one `+draw<k>` (k >= 1) draws the passages of `+mix+f512+ctx512` or `+mix+f1024+ctx512`."
@@ -607,7 +636,7 @@ def needed_statistics(spec: dict, budget: float) -> list[str]:
     """The statistics a setting reads (its method's, plus the row Fisher of the allocation)."""
     config = FWSVDConfig(method=spec["method"], param_budget=budget if allocated(spec) else None,
                          param_ratio=None if allocated(spec) else budget)  # fmt: skip
-    return list(required_statistics(config))
+    return [*required_statistics(config), *spec["first_parts"]]
 
 
 class StatisticsStore:
@@ -873,6 +902,8 @@ def run(args: argparse.Namespace) -> None:
         chunks = chosen["calibration_large" if spec["c128"] or spec["f128"] else "calibration"]
         stats, more = setting_statistics(store, spec, budget, chosen)
         calib_s += more
+        if spec["first_parts"]:
+            stats = first_token_scaled(stats, spec["first_alpha"], spec["first_parts"])
         base = {"calibration_dataset": chunks, "tokenizer": tokenizer, "batch_size": 4,
                 "max_length": chunk_length(chunks), "num_samples": None}  # fmt: skip
         model = copy.deepcopy(dense)

@@ -33,6 +33,7 @@ from benchmarks.causal_lm import (
     lora_flag,
     lora_recover,
     mix_texts,
+    needed_statistics,
     parse_setting,
     prefetch,
     setting_data,
@@ -41,6 +42,7 @@ from benchmarks.causal_lm import (
     split_halves,
     write_ranks,
 )
+from benchmarks.first_token_weight import FIRST_TOKEN_INPUT, FIRST_TOKEN_OUTPUT
 from hf_fwsvd.report import CompressionReport, ModuleReport
 
 
@@ -520,3 +522,22 @@ def test_sinkdense_keeps_the_sink_down_projs_and_the_share_of_all_block_weights(
     del targets["model.layers.11.mlp.down_proj"]
     with pytest.raises(ValueError, match="`\\+sinkdense` expects 6 sink `down_proj` modules, found"):
         sink_modules_dense(targets, 0.8, {})
+
+
+def test_first_token_weight_flags_add_their_parts_to_the_statistics():
+    spec = parse_setting("kfac_whiten+alloc1+firstboth0.1")
+    assert spec["first_alpha"] == 0.1 and spec["first_parts"] == (FIRST_TOKEN_INPUT, FIRST_TOKEN_OUTPUT)
+    assert needed_statistics(spec, 0.8)[-2:] == [FIRST_TOKEN_INPUT, FIRST_TOKEN_OUTPUT]
+    spec = parse_setting("fisher_whiten+alloc1+firstin0")
+    assert spec["first_alpha"] == 0.0 and spec["first_parts"] == (FIRST_TOKEN_INPUT,)
+    plain = parse_setting("kfac_whiten+alloc1")
+    assert plain["first_parts"] == () and FIRST_TOKEN_INPUT not in needed_statistics(plain, 0.8)
+
+
+def test_first_token_weight_flags_are_checked():
+    with pytest.raises(ValueError, match=r"reweighs gradient_second_moment and output_gradient_second_moment, which"):
+        parse_setting("fisher_whiten+alloc1+firstboth0")
+    with pytest.raises(ValueError, match=r"choose one `\+firstin<alpha>` / `\+firstboth<alpha>` flag"):
+        parse_setting("kfac_whiten+alloc1+firstin0+firstboth0")
+    with pytest.raises(ValueError, match=r"Unknown setting flag\(s\) \['firstin2'\]"):
+        parse_setting("kfac_whiten+alloc1+firstin2")

@@ -245,6 +245,7 @@ class _Hooks:
             observation = Observation(
                 hidden.detach().to(torch.float32),
                 grad.detach().to(torch.float32),
+                mask=self.mask,
                 requested=self.requested,
                 estimator=self.estimator,
             )
