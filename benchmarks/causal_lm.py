@@ -94,8 +94,8 @@ cuts each chunk in two halves instead: the same tokens as twice as many 128-toke
 ``+firstin<alpha>`` (e.g. ``+firstin0.1``) weighs each calibration passage's first token (where attention sinks
 form) ``alpha`` instead of 1 in the gradient-weighted input moment ``C`` (which the truncation and the allocation's
 spectra read), ``+firstboth<alpha>`` also in `kfac_whiten`'s output-gradient moment ``G``
-(`benchmarks/first_token_weight.py`: the first-token parts are collected as statistics of their own, then
-subtracted).
+(`hf_fwsvd.first_token_weight`, what ``FWSVDConfig(first_token_weight=alpha)`` does with both: the first-token parts
+are collected as statistics of their own, then subtracted).
 ``+true`` collects the backward statistics (the allocation's row Fisher, the gradient-weighted moments) with the true
 Fisher (``fisher_estimator="true"``: each next token drawn from the model's own prediction, seeded) instead of the
 calibration text's next tokens. ``kfac_whiten`` weighs the output side too (`hf_fwsvd.kronecker`; its damping is
@@ -137,10 +137,10 @@ if __package__ in (None, ""):
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_fwsvd  # noqa: F401  (registers the quantization method)
-from benchmarks.first_token_weight import FIRST_TOKEN_INPUT, FIRST_TOKEN_OUTPUT, first_token_scaled
 from hf_fwsvd import FWSVDConfig, compress
 from hf_fwsvd.calibration import build_calibration_loader
 from hf_fwsvd.evaluation import evaluate_perplexity
+from hf_fwsvd.first_token_weight import FIRST_TOKEN_PARTS, reweigh_first_token
 from hf_fwsvd.lstsq_update import sequential_update
 from hf_fwsvd.methods import required_statistics
 from hf_fwsvd.pipeline import weighted_matrix
@@ -204,8 +204,10 @@ RECOVERY_DEFAULTS = {"lora_rank": 8, "learning_rate": LORA_LEARNING_RATE, "full"
 # +draw<k>: the large mix passages drawn from each pool shuffled with seed k (issue #16, 2026-12-07)
 DRAW_FLAG = re.compile(r"draw([1-9]\d*)")
 # +firstin<alpha> / +firstboth<alpha>: each passage's first token weighted alpha in the gradient-weighted input moment
-# (and in the output-gradient moment), `benchmarks/first_token_weight.py` (issue #16, 2026-12-07)
+# (and in the output-gradient moment), `hf_fwsvd.first_token_weight` (issue #16, 2026-12-07)
 FIRST_WEIGHT_FLAG = re.compile(r"first(in|both)(0(?:\.\d+)?|1(?:\.0+)?)")
+FIRST_TOKEN_INPUT = FIRST_TOKEN_PARTS["gradient_second_moment"]
+FIRST_TOKEN_OUTPUT = FIRST_TOKEN_PARTS["output_gradient_second_moment"]
 FIRST_WEIGHT_PARTS = {"in": (FIRST_TOKEN_INPUT,), "both": (FIRST_TOKEN_INPUT, FIRST_TOKEN_OUTPUT)}
 DEFAULT_SETTINGS = [
     "fisher_whiten+alloc1+update", "fisher_whiten+alloc1+update+c128", "whiten+alloc1+update+c128",
@@ -615,6 +617,23 @@ def sink_modules_dense(targets: dict, budget: float, base: dict) -> tuple[dict, 
     return {**base, "modules_to_not_convert": excluded}, rest_budget
 
 
+def first_token_reweighed(stats: Statistics, spec: dict) -> Statistics:
+    """``+firstboth<alpha>``: `stats` as ``FWSVDConfig(first_token_weight=alpha)`` reweighs them
+    (`hf_fwsvd.first_token_weight`); ``+firstin<alpha>``: only the input moment ``C``, ``G`` as collected."""
+    if not spec["first_parts"]:
+        return stats
+    aside = {  # +firstin: `G` is left out of the reweighing (its first-token part was not collected)
+        whole: stats[whole]
+        for whole, part in FIRST_TOKEN_PARTS.items()
+        if whole in stats and part not in spec["first_parts"]
+    }
+    chosen = Statistics({key: value for key, value in stats.items() if key not in aside})
+    chosen.samples, chosen.tokens = stats.samples, stats.tokens
+    reweighed = reweigh_first_token(chosen, spec["first_alpha"])
+    reweighed.update(aside)
+    return reweighed
+
+
 def _scale(stats: Statistics, name: str) -> float:
     """`weighted_matrix` normalises ``C`` by its largest diagonal entry; undo it so the losses are on one scale."""
     return float(stats["activation_second_moment"][name].diagonal().max().sqrt())
@@ -902,8 +921,7 @@ def run(args: argparse.Namespace) -> None:
         chunks = chosen["calibration_large" if spec["c128"] or spec["f128"] else "calibration"]
         stats, more = setting_statistics(store, spec, budget, chosen)
         calib_s += more
-        if spec["first_parts"]:
-            stats = first_token_scaled(stats, spec["first_alpha"], spec["first_parts"])
+        stats = first_token_reweighed(stats, spec)
         base = {"calibration_dataset": chunks, "tokenizer": tokenizer, "batch_size": 4,
                 "max_length": chunk_length(chunks), "num_samples": None}  # fmt: skip
         model = copy.deepcopy(dense)

@@ -13,6 +13,8 @@ from benchmarks.causal_lm import (
     CHUNK_TOKENS,
     DEV_YEARS,
     EXTRA_SPEECH_YEARS,
+    FIRST_TOKEN_INPUT,
+    FIRST_TOKEN_OUTPUT,
     LARGE_MIX_CALIBRATION,
     LONG_LORA_EPOCHS,
     LORA_EPOCHS,
@@ -27,6 +29,7 @@ from benchmarks.causal_lm import (
     chunk_ids,
     chunk_length,
     first_token_excluded,
+    first_token_reweighed,
     genre_mix,
     genre_shares,
     joined_pairs,
@@ -42,8 +45,8 @@ from benchmarks.causal_lm import (
     split_halves,
     write_ranks,
 )
-from benchmarks.first_token_weight import FIRST_TOKEN_INPUT, FIRST_TOKEN_OUTPUT
 from hf_fwsvd.report import CompressionReport, ModuleReport
+from hf_fwsvd.statistics import Statistics
 
 
 def _pool(genre: str, count: int) -> list[dict]:
@@ -541,3 +544,17 @@ def test_first_token_weight_flags_are_checked():
         parse_setting("kfac_whiten+alloc1+firstin0+firstboth0")
     with pytest.raises(ValueError, match=r"Unknown setting flag\(s\) \['firstin2'\]"):
         parse_setting("kfac_whiten+alloc1+firstin2")
+
+
+def test_firstin_reweighs_only_the_input_moment_and_firstboth_both():
+    eye = {"m": torch.eye(2)}
+    stats = Statistics({"gradient_second_moment": eye, "output_gradient_second_moment": eye,
+                        FIRST_TOKEN_INPUT: {"m": torch.eye(2) / 2}, "row_fisher": {"m": torch.ones(2)}})  # fmt: skip
+    only_input = first_token_reweighed(stats, parse_setting("kfac_whiten+alloc1+firstin0"))
+    assert torch.equal(only_input["gradient_second_moment"]["m"], torch.eye(2) / 2)
+    assert only_input["output_gradient_second_moment"] is eye and "row_fisher" in only_input
+    assert FIRST_TOKEN_INPUT not in only_input
+    stats[FIRST_TOKEN_OUTPUT] = {"m": torch.eye(2) / 4}
+    both = first_token_reweighed(stats, parse_setting("kfac_whiten+alloc1+firstboth0.5"))
+    assert torch.equal(both["output_gradient_second_moment"]["m"], torch.eye(2) * 7 / 8)
+    assert first_token_reweighed(stats, parse_setting("kfac_whiten+alloc1")) is stats

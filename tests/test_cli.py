@@ -197,6 +197,30 @@ def test_causal_lm_defaults_are_named_on_the_terminal_and_in_the_card(tmp_path, 
     )
 
 
+def test_first_token_weight_is_named_on_the_terminal_and_in_the_card(tmp_path, capsys):
+    model_dir = save_causal_lm(tmp_path / "gpt2")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(row["text"] for row in sentences(40, seed=4)) + "\n")
+    out = tmp_path / "weighted"
+    args = ["--method", "kfac_whiten", "--param-budget", "0.7", "--first-token-weight", "0.1"]
+    assert main(["compress", str(model_dir), "--task", "causal-lm", "--data", str(corpus), "-q", *args,
+                 "--output", str(out)]) == 0  # fmt: skip
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "settings: method=kfac_whiten, param_budget=0.7, allocation=fisher, allocation_power=0.5, "
+        "first_token_weight=0.1"
+    )
+    assert (
+        '| Method | Kronecker-factored Fisher whitening (two-sided) (`method="kfac_whiten"`); '
+        "`first_token_weight=0.1`: each calibration sequence's first token weighted 0.1 in the gradient-weighted "
+        "moments |"
+    ) in ModelCard.load(out / "README.md").text
+    bad = ["--method", "whiten", "--param-budget", "0.7", "--first-token-weight", "0.1"]
+    code = main(["compress", str(model_dir), "--task", "causal-lm", "--data", str(corpus), "-q", *bad,
+                 "--output", str(tmp_path / "bad")])  # fmt: skip
+    assert code != 0 and not (tmp_path / "bad").exists()
+    assert "method='whiten' reads neither" in capsys.readouterr().err
+
+
 def test_causal_lm_sweep_calibrates_on_the_same_blocks_as_compress(tmp_path, monkeypatch):
     import hf_fwsvd.methods as methods
 

@@ -172,15 +172,18 @@ def test_layerwise_errors(tmp_path, reference):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def test_layerwise_kfac_whiten_equals_compress(tmp_path):
-    """The two-sided method's output-gradient statistic is collected block by block exactly as in memory."""
+@pytest.mark.parametrize("first_token_weight", [None, 0.1])
+def test_layerwise_kfac_whiten_equals_compress(tmp_path, first_token_weight):
+    """The two-sided method's output-gradient statistic (and, with `first_token_weight`, the first-token parts of
+    both moments, padded batches included) is collected block by block exactly as in memory."""
     dense = _dense(tmp_path, "llama")
     model = AutoModelForCausalLM.from_pretrained(dense)
-    compress(model, _config("llama", method="kfac_whiten"), show_progress=False)
+    config = _config("llama", method="kfac_whiten", first_token_weight=first_token_weight)
+    compress(model, config, show_progress=False)
     saved = str(tmp_path / "in-memory")
     model.save_pretrained(saved)
     out = str(tmp_path / "layerwise")
-    compress_layerwise(dense, out, _config("llama", method="kfac_whiten"), show_progress=False)
+    compress_layerwise(dense, out, config, show_progress=False)
     expected, tensors = _tensors(saved), _tensors(out)
     assert sorted(tensors) == sorted(expected)
     assert all(torch.equal(tensors[key], value) for key, value in expected.items())

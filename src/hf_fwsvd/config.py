@@ -62,6 +62,12 @@ class FWSVDConfig(QuantizationConfigMixin):
             (-3.2% / -1.6% with 8K / 32K tokens) but not with 131K-262K tokens of a genre mix (+0.4% / +0.2%), and
             at 60% kept with 32K tokens it raised it 3.6% (`hf_fwsvd.sinks`). Default: `None` (off); not part of the
             causal-LM default.
+        first_token_weight (`float`, *optional*): The weight, in [0, 1], of each calibration sequence's first real
+            token in the gradient-weighted moments of `fisher_whiten`, `kfac_whiten`, `fisher_svdllm` and
+            `kfac_svdllm` (every other token keeps weight 1); `None` or 1 keeps the moments as collected. In a causal
+            LM the first token is the attention sink, and in `v_proj` it carries most of the gradient weight, so the
+            moment (and the module's share of a global budget) rests on one token per sequence
+            (`hf_fwsvd.first_token_weight`). Needs one more pair of statistics from the same calibration pass.
         budget_unit (`str`, *optional*, defaults to `"params"`): What `param_budget` counts. `"params"`: weights.
             `"bytes"`: bytes on disk and in memory of the targeted modules' weights, as stored: a factor element costs
             1 byte with `factor_dtype="int8"` (plus one scale and zero point per row), else the model dtype's size; a
@@ -138,6 +144,7 @@ class FWSVDConfig(QuantizationConfigMixin):
     allocation: str | None = None
     allocation_power: float | None = None
     sink_threshold: float | None = None
+    first_token_weight: float | None = None
     budget_unit: str = "params"
     factor_dtype: str | None = None
     rank_multiple: int | None = None
@@ -232,6 +239,10 @@ class FWSVDConfig(QuantizationConfigMixin):
                     "`sink_threshold` keeps modules dense inside the global allocation; pass `param_budget=` with "
                     'allocation="fisher" (the default there).'
                 )
+        if self.first_token_weight is not None:
+            weight = self.first_token_weight
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+                raise ValueError(f"`first_token_weight` must be a number in [0, 1], got {weight!r}.")
         for key, value in self.rank_pattern.items():
             if isinstance(value, float):
                 _check_fraction(value, f"rank_pattern[{key!r}]", inclusive=False)

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from .config import FWSVDConfig
 from .defaults import resolve_defaults
 from .distributed import is_main_process, process_info
+from .first_token_weight import reweigh_first_token
 from .layerwise_statistics import blockwise_statistics
 from .methods import CompressionMethod, collect_statistics, get_method, known_statistics, required_statistics
 from .pipeline import budget_ranks, factorize_weight, module_report, new_report, overrides_refine_model
@@ -356,6 +357,7 @@ def compress_layerwise(
         model_dir, model_cls, model_config, run_config, targets, loss_fn, load_kwargs,
         {"files": files, "groups": groups, "blocks": blocks}, show_progress,
     )  # fmt: skip
+    stats = reweigh_first_token(stats, run_config.first_token_weight)
     if not is_main_process():
         return None
     dense_modules: list[str] = []

@@ -231,6 +231,17 @@ def _finetune_row(record: FinetuneRecord) -> str:
     return text + (f" ({', '.join(settings)})." if settings else ".")
 
 
+def _method_options(config: Any) -> str:
+    """What the card's method row adds to the method's name: the options that change its statistics."""
+    weight = getattr(config, "first_token_weight", None)
+    if weight is None or weight == 1:
+        return ""
+    return (
+        f"; `first_token_weight={weight:g}`: each calibration sequence's first token weighted {weight:g} in the "
+        "gradient-weighted moments"
+    )
+
+
 def _calibration_text(method: Any, report: CompressionReport) -> str:
     """The card's calibration row, from the method's registry entry: what its data was used for."""
     if not method.needs_data:
@@ -295,6 +306,7 @@ def build_model_card(
         "method": report.method,
         "method_name": method.title,
         "method_references": method.references,
+        "method_options": _method_options(config),
         "rank_setting": _rank_setting(config, report.sink_modules),
         "num_modules": len(report.modules),
         "params_before": report.model_params_before,

@@ -24,6 +24,7 @@ from .calibration import calibration_loader_from_config, calibration_token_count
 from .defaults import apply_large_calibration_defaults, resolve_defaults
 from .factor_storage import INT8_STORAGE, factor_element_bytes, quantize_factors, storage_bytes
 from .factorize import LowRankFactors, low_rank_params, relative_errors, weighted_matrix
+from .first_token_weight import reweigh_first_token
 from .layers import LowRankLinear, dense_weight
 from .methods import CompressionMethod, check_statistics, collect_statistics, get_method
 from .payoff import low_rank_pays_off
@@ -227,6 +228,7 @@ def compress_model(
     else:
         check_statistics(run_config, statistics, targets)
         stats = statistics
+    stats = reweigh_first_token(stats, run_config.first_token_weight)
     if config.method is None and run_config.calibration_dataset is not None:
         apply_large_calibration_defaults(run_config, lambda: calibration_token_count(run_config, model))
         method = get_method(run_config.method)

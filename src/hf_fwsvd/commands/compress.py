@@ -184,6 +184,13 @@ def add_method_arguments(group: Any, default: str | None = "fwsvd") -> None:
         help="With the 'fisher' allocation: keep a module dense when the first token's mean output energy is over X "
         "times a later token's (attention sinks; 50 picks SmolLM2's six). Default: off.",
     )
+    group.add_argument(
+        "--first-token-weight",
+        type=float,
+        metavar="W",
+        help="Weight in [0, 1] of each calibration sequence's first token in the gradient-weighted moments of "
+        "fisher_whiten / kfac_whiten / fisher_svdllm / kfac_svdllm (1 keeps them as collected).",
+    )
 
 
 def needs_data(method: str, budget: float | None, allocation: str | None) -> str | None:
@@ -249,6 +256,7 @@ def _config(args: argparse.Namespace, examples: list[dict] | None, tokenizer: An
         "allocation": args.allocation,
         "allocation_power": args.allocation_power,
         "sink_threshold": args.sink_threshold,
+        "first_token_weight": args.first_token_weight,
     }
     targets = [name.strip() for name in args.target_modules.split(",")] if args.target_modules else None
     try:
@@ -290,6 +298,8 @@ def settings_line(config: Any, method_given: bool) -> str:
             parts.append(f"allocation_power={config.allocation_power:g}")
         if config.sink_threshold is not None:
             parts.append(f"sink_threshold={config.sink_threshold:g}")
+    if getattr(config, "first_token_weight", None) is not None:
+        parts.append(f"first_token_weight={config.first_token_weight:g}")
     return "settings: " + ", ".join(parts)
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..calibration import calibration_loader_from_config
 from ..distributed import is_main_process
+from ..first_token_weight import first_token_parts
 from ..importances import check_importances, load_importances
 from ..replace import shape_of
 from ..sinks import FIRST_TOKEN_OUTPUT_ENERGY
@@ -29,8 +30,11 @@ ROW_FISHER = "row_fisher"
 
 def required_statistics(config: Any) -> tuple[str, ...]:
     """The statistics `config` needs: its method's, plus the row Fisher for the Fisher rank allocation (and the
-    first-token output energy for its `sink_threshold`)."""
-    needed = list(get_method(config.method).statistics)
+    first-token output energy for its `sink_threshold`, the first-token parts of its moments for its
+    `first_token_weight`)."""
+    method = get_method(config.method)
+    needed = list(method.statistics)
+    needed += first_token_parts(method.name, method.statistics, getattr(config, "first_token_weight", None))
     allocated = config.param_budget is not None and config.allocation == "fisher"
     if allocated and ROW_FISHER not in needed:
         needed.append(ROW_FISHER)

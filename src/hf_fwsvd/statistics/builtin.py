@@ -8,7 +8,10 @@ a mean over tokens), and each is divided by the number of calibration examples `
 - ``elementwise_fisher``: ``I_oi = 1/N sum_n (dL_n/dW_oi)^2`` (``out x in``: a second copy of the weight);
 - ``gradient_second_moment``: ``C = 1/N sum_n sum_t |g_nt|^2 x_nt x_nt^T`` (``in x in``);
 - ``output_gradient_second_moment``: ``G = 1/N sum_n sum_t g_nt g_nt^T`` (``out x out``, the output factor of a
-  Kronecker-factored Fisher).
+  Kronecker-factored Fisher);
+- ``first_token_gradient_second_moment`` / ``first_token_output_gradient_second_moment``: the same two sums over each
+  sequence's first real token only (its part of ``C`` and ``G``, where causal LMs' attention sinks form), so that
+  `hf_fwsvd.first_token_weight` can weigh that token differently without another calibration pass.
 
 With the ``"batch"`` Fisher estimator the two Fisher statistics square the gradient of the batch-mean loss instead,
 ``B_b (dL_b/dW)^2`` per batch (divided by ``N``: the mean over batches of equal size), as common FWSVD code does; the
@@ -36,7 +39,9 @@ __all__ = [
     "ActivationAbsMean",
     "ActivationSecondMoment",
     "ElementwiseFisher",
+    "FirstTokenGradientSecondMoment",
     "FirstTokenOutputEnergy",
+    "FirstTokenOutputGradientSecondMoment",
     "GradientSecondMoment",
     "OutputGradientSecondMoment",
     "RowFisher",
@@ -193,3 +198,49 @@ class FirstTokenOutputEnergy(Statistic):
         sequences = has_tokens.sum().to(energy.dtype)
         others = real.sum().to(energy.dtype) - sequences
         return torch.stack([first_energy, total - first_energy, sequences, others])
+
+
+def _first_token_rows(observation: Observation, tensor: torch.Tensor, statistic: str) -> torch.Tensor:
+    """The rows of `tensor` (``batch x tokens x features``) at each sequence's first real token (``batch x
+    features``; zero for a row without real tokens)."""
+    if tensor.ndim != 3:
+        raise ValueError(
+            f"`{statistic}` needs the layer's input and output gradient as batch x tokens x features; this layer's "
+            f"have shape {tuple(tensor.shape)}. It applies to sequence models."
+        )
+    real = observation.real_mask()
+    if real is None:
+        return tensor[:, 0]
+    first = real.float().argmax(dim=1)  # the first real token of each row (left or right padding)
+    rows = tensor[torch.arange(tensor.shape[0], device=tensor.device), first]
+    return rows * real.any(dim=1, keepdim=True).to(rows.dtype)
+
+
+@register_statistic
+class FirstTokenGradientSecondMoment(Statistic):
+    name = "first_token_gradient_second_moment"
+    summary = "the first token's part of gradient_second_moment: |g_1|^2 x_1 x_1^T per sequence, in x in"
+    needs_backward = True
+
+    def shape(self, out_features: int, in_features: int) -> tuple[int, ...]:
+        return (in_features, in_features)
+
+    def accumulate(self, observation: Observation) -> torch.Tensor:
+        inputs = _first_token_rows(observation, observation.inputs, self.name)
+        grads = _first_token_rows(observation, observation.grads, self.name)
+        weighted = inputs * grads.norm(dim=-1, keepdim=True)
+        return weighted.T @ weighted * (observation.batch * observation.batch)
+
+
+@register_statistic
+class FirstTokenOutputGradientSecondMoment(Statistic):
+    name = "first_token_output_gradient_second_moment"
+    summary = "the first token's part of output_gradient_second_moment: g_1 g_1^T per sequence, out x out"
+    needs_backward = True
+
+    def shape(self, out_features: int, in_features: int) -> tuple[int, ...]:
+        return (out_features, out_features)
+
+    def accumulate(self, observation: Observation) -> torch.Tensor:
+        grads = _first_token_rows(observation, observation.grads, self.name)
+        return grads.T @ grads * (observation.batch * observation.batch)
