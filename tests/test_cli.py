@@ -183,12 +183,17 @@ def test_causal_lm_defaults_are_named_on_the_terminal_and_in_the_card(tmp_path, 
     assert main(["compress", str(model_dir), "--task", "causal-lm", "--data", str(corpus), "--output", str(out)]) == 0
     assert capsys.readouterr().out.splitlines()[0] == (
         "settings: method=kfac_svdllm (the default for this model), param_budget=0.8, allocation=fisher, "
-        "allocation_power=1"
+        "allocation_power=1, first_token_weight=0.1"
     )
+    card = ModelCard.load(out / "README.md").text
     assert (
         "| Rank setting | `param_budget=0.8` (80% of the targeted modules' weights kept in total, allocation `fisher` "
         "with `allocation_power=1`) |"
-    ) in ModelCard.load(out / "README.md").text
+    ) in card
+    assert (
+        "(`method=\"kfac_svdllm\"`); `first_token_weight=0.1`: each calibration sequence's first token weighted 0.1 "
+        "in the gradient-weighted moments |"
+    ) in card
     args = ["--method", "kfac_whiten", "--param-budget", "0.7", "--allocation-power", "0.75", "--sink-threshold", "50"]
     assert main(["compress", str(model_dir), "--task", "causal-lm", "--data", str(corpus), "-q", *args,
                  "--output", str(tmp_path / "explicit")]) == 0  # fmt: skip

@@ -19,6 +19,15 @@ def test_causal_lm_without_method_or_size_gets_kfac_svdllm_with_the_allocation()
     config = resolve_defaults(tiny_llama(), FWSVDConfig().copy_for_run())
     assert (config.method, config.rank_ratio, config.param_budget) == ("kfac_svdllm", None, 0.8)
     assert (config.allocation, config.allocation_power, config.sink_threshold) == ("fisher", 1.0, None)
+    assert config.first_token_weight == 0.1
+
+
+def test_the_causal_default_keeps_an_explicit_first_token_weight():
+    config = resolve_defaults(tiny_llama(), FWSVDConfig(first_token_weight=1.0).copy_for_run())
+    assert (config.method, config.first_token_weight) == ("kfac_svdllm", 1.0)
+    explicit = FWSVDConfig(method="kfac_svdllm", param_budget=0.7).copy_for_run()
+    assert resolve_defaults(tiny_llama(), explicit).first_token_weight is None  # an explicit method: as collected
+    assert resolve_defaults(tiny_bert(), FWSVDConfig().copy_for_run()).first_token_weight is None
 
 
 def test_causal_lm_without_method_keeps_an_explicit_size():
@@ -96,7 +105,12 @@ def test_a_large_calibration_set_drops_the_update_from_the_causal_default(monkey
         f"and allocation_power=0.75 (from {tokens} tokens), which won with large calibration sets."
     )
     explicit = FWSVDConfig(
-        method="kfac_whiten", param_budget=0.8, allocation_power=0.75, calibration_dataset=data, batch_size=4
+        method="kfac_whiten",
+        param_budget=0.8,
+        allocation_power=0.75,
+        first_token_weight=0.1,
+        calibration_dataset=data,
+        batch_size=4,
     )
     compress(reference, explicit, show_progress=False)
     assert saved.ranks == reference.config.quantization_config.ranks
@@ -119,7 +133,12 @@ def test_a_mid_sized_calibration_set_tempers_the_allocation_and_keeps_the_update
         "45 calibration tokens: using allocation_power=0.75 (from 45 tokens), which won with large calibration sets."
     )
     explicit = FWSVDConfig(
-        method="kfac_svdllm", param_budget=0.8, allocation_power=0.75, calibration_dataset=data, batch_size=4
+        method="kfac_svdllm",
+        param_budget=0.8,
+        allocation_power=0.75,
+        first_token_weight=0.1,
+        calibration_dataset=data,
+        batch_size=4,
     )
     compress(reference, explicit, show_progress=False)
     assert saved.ranks == reference.config.quantization_config.ranks
@@ -130,6 +149,7 @@ def test_a_mid_sized_calibration_set_tempers_the_allocation_and_keeps_the_update
 def test_the_default_thresholds_are_the_measured_ones():
     assert (defaults.ALLOCATION_POWER_TOKENS, defaults.LARGE_CALIBRATION_TOKENS) == (131_072, 131_072)
     assert (defaults.CAUSAL_LM_ALLOCATION_POWER, defaults.LARGE_CALIBRATION_ALLOCATION_POWER) == (1.0, 0.75)
+    assert defaults.CAUSAL_LM_FIRST_TOKEN_WEIGHT == 0.1
 
 
 def test_a_large_calibration_set_with_an_explicit_rank_keeps_it(monkeypatch, caplog):
@@ -170,7 +190,7 @@ def test_the_update_and_power_stay_below_the_thresholds_and_for_an_explicit_meth
 def test_block_by_block_causal_default_is_kfac_whiten():
     config = resolve_defaults(type(tiny_llama()), FWSVDConfig().copy_for_run(), in_memory=False)
     assert (config.method, config.param_budget, config.allocation_power) == ("kfac_whiten", 0.8, 1.0)
-    assert config.sink_threshold is None
+    assert (config.sink_threshold, config.first_token_weight) == (None, 0.1)
 
 
 @pytest.mark.parametrize("large", [False, True], ids=["8 examples", "large calibration"])
@@ -186,8 +206,8 @@ def test_an_explicit_allocation_power_is_kept_by_the_causal_default(monkeypatch,
     expected = "kfac_whiten" if large else "kfac_svdllm"
     assert (saved.method, saved.param_budget, saved.allocation_power) == (expected, 0.8, 0.9)
     assert caplog.records[0].getMessage() == (
-        "No method given for a causal LM: using method='kfac_svdllm' with param_budget=0.8 and allocation_power=0.9 "
-        "(the best measured setting)."
+        "No method given for a causal LM: using method='kfac_svdllm' with param_budget=0.8, allocation_power=0.9 "
+        "and first_token_weight=0.1 (the best measured setting)."
     )
     if large:
         assert (

@@ -49,6 +49,7 @@ __all__ = [
     "ALLOCATION_POWER_TOKENS",
     "CAUSAL_LM_ALLOCATION_POWER",
     "CAUSAL_LM_BUDGET",
+    "CAUSAL_LM_FIRST_TOKEN_WEIGHT",
     "CAUSAL_LM_LARGE_CALIBRATION_METHOD",
     "CAUSAL_LM_LAYERWISE_METHOD",
     "CAUSAL_LM_METHOD",
@@ -66,6 +67,8 @@ CAUSAL_LM_METHOD = "kfac_svdllm"
 CAUSAL_LM_LAYERWISE_METHOD = "kfac_whiten"
 CAUSAL_LM_BUDGET = 0.8
 CAUSAL_LM_ALLOCATION_POWER = 1.0
+# Each calibration sequence's first token (the attention sink) weighted this much in the gradient-weighted moments.
+CAUSAL_LM_FIRST_TOKEN_WEIGHT = 0.1
 # From this many real calibration tokens on, a defaulted causal-LM method skips the update (see the module docstring).
 LARGE_CALIBRATION_TOKENS = 131_072
 CAUSAL_LM_LARGE_CALIBRATION_METHOD = "kfac_whiten"
@@ -108,12 +111,16 @@ def resolve_defaults(model: Any, config: FWSVDConfig, in_memory: bool = True) ->
                 config.allocation = config.allocation or "fisher"
                 if config.allocation_power_defaulted:
                     config.allocation_power = CAUSAL_LM_ALLOCATION_POWER
+            if config.first_token_weight is None:
+                config.first_token_weight = CAUSAL_LM_FIRST_TOKEN_WEIGHT
             logger.info(
-                "No method given for a causal LM: using method=%r%s (the best measured setting).",
+                "No method given for a causal LM: using method=%r%s and first_token_weight=%g (the best measured "
+                "setting).",
                 config.method,
-                f" with param_budget={config.param_budget} and allocation_power={config.allocation_power}"
+                f" with param_budget={config.param_budget}, allocation_power={config.allocation_power}"
                 if config.param_budget
                 else "",
+                config.first_token_weight,
             )
         else:
             config.method = "fwsvd"
