@@ -67,7 +67,8 @@ class FWSVDConfig(QuantizationConfigMixin):
             `kfac_svdllm` (every other token keeps weight 1); `None` or 1 keeps the moments as collected. In a causal
             LM the first token is the attention sink, and in `v_proj` it carries most of the gradient weight, so the
             moment (and the module's share of a global budget) rests on one token per sequence
-            (`hf_fwsvd.first_token_weight`). Needs one more pair of statistics from the same calibration pass.
+            (`hf_fwsvd.first_token_weight`). Needs one more pair of statistics from the same calibration pass. A
+            causal LM with no `method` gets 0.1 unless this is given (`hf_fwsvd.defaults`).
         budget_unit (`str`, *optional*, defaults to `"params"`): What `param_budget` counts. `"params"`: weights.
             `"bytes"`: bytes on disk and in memory of the targeted modules' weights, as stored: a factor element costs
             1 byte with `factor_dtype="int8"` (plus one scale and zero point per row), else the model dtype's size; a
