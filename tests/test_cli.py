@@ -191,7 +191,7 @@ def test_causal_lm_defaults_are_named_on_the_terminal_and_in_the_card(tmp_path, 
         "with `allocation_power=1`) |"
     ) in card
     assert (
-        "(`method=\"kfac_svdllm\"`); `first_token_weight=0.1`: each calibration sequence's first token weighted 0.1 "
+        '(`method="kfac_svdllm"`); `first_token_weight=0.1`: each calibration sequence\'s first token weighted 0.1 '
         "in the gradient-weighted moments |"
     ) in card
     args = ["--method", "kfac_whiten", "--param-budget", "0.7", "--allocation-power", "0.75", "--sink-threshold", "50"]
