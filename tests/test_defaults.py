@@ -86,6 +86,17 @@ def test_compress_saves_the_resolved_default(tmp_path):
     assert reloaded.config.quantization_config.method == "kfac_svdllm"
 
 
+def _assert_equals_explicit(model, reference, data, method: str) -> None:
+    """`model`, compressed by the causal-LM default on `data`, equals `reference` compressed with that default written
+    out (`method`, 80% kept, power 0.75, first-token weight 0.1)."""
+    explicit = FWSVDConfig(method=method, param_budget=0.8, allocation_power=0.75, first_token_weight=0.1,
+                           calibration_dataset=data, batch_size=4)  # fmt: skip
+    compress(reference, explicit, show_progress=False)
+    assert model.config.quantization_config.ranks == reference.config.quantization_config.ranks
+    expected = reference.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())  # that config exactly
+
+
 def test_a_large_calibration_set_drops_the_update_from_the_causal_default(monkeypatch, caplog):
     model = tiny_llama()
     reference = copy.deepcopy(model)
@@ -104,18 +115,7 @@ def test_a_large_calibration_set_drops_the_update_from_the_causal_default(monkey
         f"{tokens} calibration tokens: using method='kfac_whiten' (without SVD-LLM's update; from {tokens} tokens) "
         f"and allocation_power=0.75 (from {tokens} tokens), which won with large calibration sets."
     )
-    explicit = FWSVDConfig(
-        method="kfac_whiten",
-        param_budget=0.8,
-        allocation_power=0.75,
-        first_token_weight=0.1,
-        calibration_dataset=data,
-        batch_size=4,
-    )
-    compress(reference, explicit, show_progress=False)
-    assert saved.ranks == reference.config.quantization_config.ranks
-    expected = reference.state_dict()
-    assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())  # that config exactly
+    _assert_equals_explicit(model, reference, data, "kfac_whiten")
 
 
 def test_a_mid_sized_calibration_set_tempers_the_allocation_and_keeps_the_update(monkeypatch, caplog):
@@ -132,18 +132,7 @@ def test_a_mid_sized_calibration_set_tempers_the_allocation_and_keeps_the_update
     assert messages[-1] == (
         "45 calibration tokens: using allocation_power=0.75 (from 45 tokens), which won with large calibration sets."
     )
-    explicit = FWSVDConfig(
-        method="kfac_svdllm",
-        param_budget=0.8,
-        allocation_power=0.75,
-        first_token_weight=0.1,
-        calibration_dataset=data,
-        batch_size=4,
-    )
-    compress(reference, explicit, show_progress=False)
-    assert saved.ranks == reference.config.quantization_config.ranks
-    expected = reference.state_dict()
-    assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
+    _assert_equals_explicit(model, reference, data, "kfac_svdllm")
 
 
 def test_the_default_thresholds_are_the_measured_ones():
