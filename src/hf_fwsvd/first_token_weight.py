@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from .statistics import Statistics
 
-__all__ = ["FIRST_TOKEN_PARTS", "first_token_parts", "reweigh_first_token"]
+__all__ = ["FIRST_TOKEN_PARTS", "first_token_parts", "reweighs", "reweigh_first_token"]
 
 # the gradient-weighted moment -> its first-token part
 FIRST_TOKEN_PARTS = {
@@ -26,7 +26,8 @@ FIRST_TOKEN_PARTS = {
 }
 
 
-def _active(weight: float | None) -> bool:
+def reweighs(weight: float | None) -> bool:
+    """Whether `FWSVDConfig.first_token_weight` changes the moments (set, and not 1)."""
     return weight is not None and weight != 1
 
 
@@ -41,7 +42,7 @@ def first_token_parts(method: str, method_statistics: Iterable[str], weight: flo
     Raises:
         `ValueError`: When `weight` is set below 1 and the method reads no gradient-weighted moment.
     """
-    if not _active(weight):
+    if not reweighs(weight):
         return ()
     parts = tuple(FIRST_TOKEN_PARTS[name] for name in method_statistics if name in FIRST_TOKEN_PARTS)
     if not parts:
@@ -68,7 +69,7 @@ def reweigh_first_token(stats: Statistics, weight: float | None) -> Statistics:
     Raises:
         `ValueError`: When a moment's first-token part is missing.
     """
-    if not _active(weight):
+    if not reweighs(weight):
         return stats
     result = Statistics({key: value for key, value in stats.items() if key not in FIRST_TOKEN_PARTS.values()})
     for whole, part in FIRST_TOKEN_PARTS.items():

@@ -357,9 +357,9 @@ def compress_layerwise(
         model_dir, model_cls, model_config, run_config, targets, loss_fn, load_kwargs,
         {"files": files, "groups": groups, "blocks": blocks}, show_progress,
     )  # fmt: skip
-    stats = reweigh_first_token(stats, run_config.first_token_weight)
     if not is_main_process():
         return None
+    stats = reweigh_first_token(stats, run_config.first_token_weight)
     dense_modules: list[str] = []
     if ranks is None:
         ranks, dense_modules = budget_ranks(_target_weights(targets, files), shapes, run_config, stats)

@@ -24,6 +24,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .calibration import infer_task
 from .collapse import check_collapse
+from .first_token_weight import reweighs
 from .methods import get_method
 from .provenance import calibration_description, hub_base_model
 from .report import CompressionReport, FinetuneRecord, report_from_model
@@ -234,7 +235,7 @@ def _finetune_row(record: FinetuneRecord) -> str:
 def _method_options(config: Any) -> str:
     """What the card's method row adds to the method's name: the options that change its statistics."""
     weight = getattr(config, "first_token_weight", None)
-    if weight is None or weight == 1:
+    if not reweighs(weight):
         return ""
     return (
         f"; `first_token_weight={weight:g}`: each calibration sequence's first token weighted {weight:g} in the "

@@ -191,13 +191,27 @@ class FirstTokenOutputEnergy(Statistic):
         real = observation.real_mask()
         if real is None:
             real = torch.ones_like(energy, dtype=torch.bool)
-        has_tokens = real.any(dim=1)
-        first = real.float().argmax(dim=1)  # the first real token of each row (left or right padding)
+        first, has_tokens = _first_real_tokens(observation, energy)
         first_energy = (energy.gather(1, first.unsqueeze(1)).squeeze(1) * has_tokens).sum()
         total = (energy * real).sum()
         sequences = has_tokens.sum().to(energy.dtype)
         others = real.sum().to(energy.dtype) - sequences
         return torch.stack([first_energy, total - first_energy, sequences, others])
+
+
+def _first_real_tokens(observation: Observation, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's first real token (its index on the token axis of `tensor`, ``batch x tokens x ...``; left or
+    right padding) and whether the sequence has a real token at all; computed once per observation."""
+
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        real = observation.real_mask()
+        if real is None:  # every token is real
+            batch = tensor.shape[0]
+            return (torch.zeros(batch, dtype=torch.long, device=tensor.device),
+                    torch.ones(batch, dtype=torch.bool, device=tensor.device))  # fmt: skip
+        return real.float().argmax(dim=1), real.any(dim=1)
+
+    return observation.memo("first_real_tokens", compute)
 
 
 def _first_token_rows(observation: Observation, tensor: torch.Tensor, statistic: str) -> torch.Tensor:
@@ -208,12 +222,9 @@ def _first_token_rows(observation: Observation, tensor: torch.Tensor, statistic:
             f"`{statistic}` needs the layer's input and output gradient as batch x tokens x features; this layer's "
             f"have shape {tuple(tensor.shape)}. It applies to sequence models."
         )
-    real = observation.real_mask()
-    if real is None:
-        return tensor[:, 0]
-    first = real.float().argmax(dim=1)  # the first real token of each row (left or right padding)
+    first, has_tokens = _first_real_tokens(observation, tensor)
     rows = tensor[torch.arange(tensor.shape[0], device=tensor.device), first]
-    return rows * real.any(dim=1, keepdim=True).to(rows.dtype)
+    return rows * has_tokens.unsqueeze(1).to(rows.dtype)
 
 
 @register_statistic
