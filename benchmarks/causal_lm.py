@@ -1009,7 +1009,22 @@ def _cells(row: dict) -> list[str]:
     return [*perplexities, row["compress_s"], row["peak_rss_mb"]]
 
 
+def plot_labels(settings: list[str]) -> tuple[list[str], str]:
+    """Legend labels for `settings` without the flags every one of them shares, and those shared flags (``+a+b``,
+    empty when none), which the plot names once. A ``" [note]"`` suffix stays on its label."""
+    parts = [setting.partition(" [") for setting in settings]
+    flag_lists = [name.split("+")[1:] for name, _, _ in parts]
+    shared = set.intersection(*map(set, flag_lists)) if len(settings) > 1 else set()
+    labels = [
+        "+".join([name.split("+")[0], *(flag for flag in flags if flag not in shared)]) + (f" [{note}" if sep else "")
+        for (name, sep, note), flags in zip(parts, flag_lists, strict=True)
+    ]
+    return labels, "".join(f"+{flag}" for flag in flag_lists[0] if flag in shared) if settings else ""
+
+
 def plot(path: Path) -> None:
+    """Perplexity against the fraction of block-linear weights kept, one line per setting of the CSV. Settings with
+    int8 factors are left out: their weights take a quarter of the bytes, so this axis would misplace them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1025,16 +1040,20 @@ def plot(path: Path) -> None:
             if ref:
                 axis.axhline(ref[-1], color="black", linestyle=style, label=name)
         settings = list(dict.fromkeys(r["setting"] for r in rows if r["budget"] != "1.0"))
-        for index, setting in enumerate(settings):
+        settings = [setting for setting in settings if not parse_setting(setting.partition(" [")[0])["int8"]]
+        labels, shared = plot_labels(settings)
+        for index, (setting, label) in enumerate(zip(settings, labels, strict=True)):
             points = sorted((float(r["kept"]), float(r[column])) for r in rows if r["setting"] == setting)
             values = [v for _, v in points]
             if all(math.isfinite(v) and v < 1e4 for v in values):
                 style = {"color": f"C{index % 10}", "marker": markers[index // 10 % len(markers)]}
-                axis.plot(*zip(*points, strict=True), "-", label=setting, **style)
+                axis.plot(*zip(*points, strict=True), "-", label=label, **style)
         axis.set_yscale("log")
         axis.set_xlabel("fraction of block-linear weights kept")
         axis.set_ylabel("perplexity (log scale)")
         axis.set_title(f"SmolLM2-135M, {title}")
+    if shared:
+        figure.suptitle(f"every setting: {shared}", fontsize=9)
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="center left", bbox_to_anchor=(0.8, 0.5), fontsize=7)
     figure.tight_layout(rect=(0, 0, 0.8, 1))

@@ -558,3 +558,12 @@ def test_firstin_reweighs_only_the_input_moment_and_firstboth_both():
     both = first_token_reweighed(stats, parse_setting("kfac_whiten+alloc1+firstboth0.5"))
     assert torch.equal(both["output_gradient_second_moment"]["m"], torch.eye(2) * 7 / 8)
     assert first_token_reweighed(stats, parse_setting("kfac_whiten+alloc1")) is stats
+
+
+def test_plot_labels_drop_the_flags_every_setting_shares_and_keep_notes():
+    from benchmarks.causal_lm import plot_labels
+
+    settings = ["whiten+mix+draw3", "kfac_whiten+alloc1+mix+draw3 [power 0.75]", "svd+draw3+mix"]
+    assert plot_labels(settings) == (["whiten", "kfac_whiten+alloc1 [power 0.75]", "svd"], "+mix+draw3")
+    assert plot_labels(["whiten+update", "whiten"]) == (["whiten+update", "whiten"], "")
+    assert plot_labels(["whiten+update"]) == (["whiten+update"], "")
