@@ -1033,16 +1033,16 @@ def plot(path: Path) -> None:
     rows = list(csv.DictReader(CSV_PATH.open()))
     figure, axes = plt.subplots(1, 2, figsize=(15, 5))
     markers = "osD^v<>"
+    settings = list(dict.fromkeys(r["setting"] for r in rows if r["budget"] != "1.0"))
+    settings = [setting for setting in settings if not parse_setting(setting.partition(" [")[0])["int8"]]
+    setting_labels, shared = plot_labels(settings)
     for axis, column, title in zip(axes, ("ppl_sotu", "ppl_moby"), ("SOTU 2000-2021", "Moby Dick ch. 116-135"),
                                    strict=True):  # fmt: skip
         for name, style in (("dense", ":"), ("int8", "--")):
             ref = [float(r[column]) for r in rows if r["setting"] == name]
             if ref:
                 axis.axhline(ref[-1], color="black", linestyle=style, label=name)
-        settings = list(dict.fromkeys(r["setting"] for r in rows if r["budget"] != "1.0"))
-        settings = [setting for setting in settings if not parse_setting(setting.partition(" [")[0])["int8"]]
-        labels, shared = plot_labels(settings)
-        for index, (setting, label) in enumerate(zip(settings, labels, strict=True)):
+        for index, (setting, label) in enumerate(zip(settings, setting_labels, strict=True)):
             points = sorted((float(r["kept"]), float(r[column])) for r in rows if r["setting"] == setting)
             values = [v for _, v in points]
             if all(math.isfinite(v) and v < 1e4 for v in values):
