@@ -31,11 +31,11 @@
   At every calibration size the gradient-weighted moments weigh each calibration sequence's first token
   `CAUSAL_LM_FIRST_TOKEN_WEIGHT` (0.1) instead of 1 (`first_token_weight`, `hf_fwsvd.first_token_weight`): that token
   is the attention sink, and in every `v_proj` it carried 79% of the gradient weight. On the development text at 80%
-  kept it gave 37.19 vs 39.66 with 8,192 speech tokens and the update, 33.37 vs 35.08 and 33.94 vs 35.72 with
-  131,072 tokens of the genre mix (two random draws; power 0.75, no update), and 35.79 vs 37.98 with the CLI's
-  default calibration (32,768 tokens, with the update); at 60% kept 96.0 vs 102.2 (8,192 tokens, no update) and 75.5
-  / 77.3 vs 84.1 / 88.2 (131,072). Weight 0 was worse than 0.1 in every cell, 0.03 within 0.3% of it, 0.3 between
-  0.1 and 1 (benchmarks/README.md, "The first token's weight").
+  kept it gave 37.19 vs 39.66 with 8,192 speech tokens and the update, 33.63 +- 0.24 vs 35.08-35.72 with
+  131,072 tokens of the genre mix (four draws, each 4.9-5.7% better; power 0.75, no update), and 35.79 vs 37.98 with
+  the CLI's default calibration (32,768 tokens, with the update); at 60% kept 96.0 vs 102.2 (8,192 tokens, no update)
+  and 76.4 +- 0.9 vs 84.1-88.2 (131,072, each draw 10-13% better). Weight 0 was worse than 0.1 in every cell, 0.03
+  within 0.3% of it, 0.3 between 0.1 and 1 (benchmarks/README.md, "The first token's weight").
 - **Every other model** gets the paper's `method="fwsvd"` (unchanged from earlier versions).
 
 An explicit `method=` is never changed, nor an explicit `allocation_power=` (with no method, the rest of the default
