@@ -10,7 +10,8 @@ script runs `benchmarks.causal_lm` with one of two changes, for a setting that u
   the direction, already a loss proxy); ``--scores raw_per_out``: the same divided by ``out_features`` (the loss
   proxy if the output gradient were isotropic).
 
-Everything else (calibration, evaluation, CSV) is `benchmarks.causal_lm`'s; the remaining arguments go to it, e.g.
+Each row's setting carries the variant, e.g. ``"fisher_whiten+alloc1+mix [power 1.5]"``. Everything else
+(calibration, evaluation, CSV) is `benchmarks.causal_lm`'s; the remaining arguments go to it, e.g.
 ``PYTHONPATH=src:. python benchmarks/allocation_screen.py --power 1.5 -- --csv /tmp/screen.csv --skip-references
 --stats-cache /tmp/h16-calib-stats --runs fisher_whiten+alloc1+update+mix@0.8``.
 """
@@ -58,13 +59,25 @@ def allocation_variant(power: float = 1.0, scores: str = "mass") -> Iterator[Non
         pipeline.fisher_mass, pipeline.direction_scores = saved_mass, saved_scores
 
 
+def variant_note(power: float = 1.0, scores: str = "mass") -> str:
+    """The name the variant's rows carry after their setting (`benchmarks.causal_lm.main_under`), e.g.
+    ``"power 0.75"``; empty for the library's own allocation (power 1, mass scores)."""
+    parts = ([f"power {power:g}"] if power != 1.0 else []) + ([f"scores {scores}"] if scores != "mass" else [])
+    return ", ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--power", type=float, default=1.0, help="exponent on the Fisher mass (with +alloc1)")
     parser.add_argument("--scores", choices=SCORES, default="mass")
     from benchmarks.causal_lm import main_under
 
-    main_under(parser, lambda args: allocation_variant(args.power, args.scores), argv)
+    main_under(
+        parser,
+        lambda args: allocation_variant(args.power, args.scores),
+        argv,
+        note=lambda args: variant_note(args.power, args.scores),
+    )
 
 
 if __name__ == "__main__":

@@ -857,7 +857,12 @@ def write_row(row: dict) -> None:
         writer.writerow(row)
 
 
-def run(args: argparse.Namespace) -> None:
+def noted(setting: str, note: str) -> str:
+    """`setting` as recorded: ``"<setting> [<note>]"``, or `setting` itself for an empty `note`."""
+    return f"{setting} [{note}]" if note else setting
+
+
+def run(args: argparse.Namespace, note: str = "") -> None:
     from benchmarks.assets import smollm2_dir
 
     directory = smollm2_dir()
@@ -913,7 +918,7 @@ def run(args: argparse.Namespace) -> None:
     runs = [(setting, budget) for budget in args.budgets for setting in args.settings]
     if args.runs:
         runs = [(item.rsplit("@", 1)[0], float(item.rsplit("@", 1)[1])) for item in args.runs]
-    runs = [(setting, budget) for setting, budget in runs if (setting, str(budget)) not in done]
+    runs = [(setting, budget) for setting, budget in runs if (noted(setting, note), str(budget)) not in done]
     calib_s = prefetch(store, list(dict.fromkeys(s for s, _ in runs)), sorted({b for _, b in runs}), data)
     for setting, budget in runs:
         spec = parse_setting(setting)
@@ -960,11 +965,11 @@ def run(args: argparse.Namespace) -> None:
                 )
         compress_s = time.perf_counter() - started
         if args.ranks_csv is not None:
-            write_ranks(args.ranks_csv, setting, budget, model.fwsvd_report)
+            write_ranks(args.ranks_csv, noted(setting, note), budget, model.fwsvd_report)
         kept = kept_fraction(model, targets)
         if spec["int8"]:
             model = save_and_reload(model, tokenizer)
-        record(setting, budget, model, kept, compress_s, calib_s, rss.peak_mb)
+        record(noted(setting, note), budget, model, kept, compress_s, calib_s, rss.peak_mb)
         del model
 
 
@@ -1064,17 +1069,23 @@ def main_under(
     parser: argparse.ArgumentParser,
     variant: Callable[[argparse.Namespace], contextlib.AbstractContextManager],
     argv: list[str] | None = None,
+    note: Callable[[argparse.Namespace], str] | None = None,
 ) -> None:
     """For screening scripts: parse their options with `parser`, then run `main` on the arguments after ``--``
-    inside the context `variant(options)` returns (which changes the library for the run and restores it)."""
+    inside the context `variant(options)` returns (which changes the library for the run and restores it).
+
+    `note(options)` names the variant: a non-empty note is appended to every setting the run records, as
+    ``"<setting> [<note>]"``, so its rows never read as (or are skipped as done by) the library's own setting.
+    """
     parser.add_argument("causal_lm_args", nargs=argparse.REMAINDER, help="after `--`: benchmarks/causal_lm.py's")
     args = parser.parse_args(argv)
     rest = args.causal_lm_args[1:] if args.causal_lm_args[:1] == ["--"] else args.causal_lm_args
     with variant(args):
-        main(rest)
+        main(rest, note(args) if note else "")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, note: str = "") -> None:
+    """The benchmark's command line; `note` (from `main_under`): the screened variant, recorded after each setting."""
     global CSV_PATH
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6])
@@ -1118,7 +1129,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("hf_fwsvd").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    run(args)
+    run(args, note)
     print(table())
 
 

@@ -10,7 +10,8 @@ identity, and the closer the method is to `fisher_whiten`. This script runs `ben
   of ``L^T W M``, `hf_fwsvd.kronecker.kronecker_weighted_matrix`) instead of the library's one-sided ``W M``; this
   separates what the allocation and the truncation do.
 
-Everything else (calibration, evaluation, CSV) is `benchmarks.causal_lm`'s; the remaining arguments go to it, e.g.
+Each row's setting carries the variant, e.g. ``"kfac_whiten+alloc1+mix [damping 1e-2]"``. Everything else
+(calibration, evaluation, CSV) is `benchmarks.causal_lm`'s; the remaining arguments go to it, e.g.
 ``PYTHONPATH=src:. python benchmarks/kfac_screen.py --output-damping 0.1 -- --csv /tmp/screen.csv
 --skip-references --stats-cache /tmp/h16-calib-stats --runs kfac_whiten+alloc1+mix@0.8``.
 """
@@ -65,13 +66,28 @@ def kfac_variant(
             del KroneckerFisherWhitening.weighted_matrix
 
 
+def variant_note(output_damping: float = kronecker.OUTPUT_DAMPING, two_sided_allocation: bool = False) -> str:
+    """The name the variant's rows carry after their setting (`benchmarks.causal_lm.main_under`), e.g.
+    ``"two-sided allocation, damping 1e-2"``; empty for the library's own `kfac_whiten`."""
+    mantissa, exponent = f"{output_damping:.0e}".split("e")
+    parts = ["two-sided allocation"] if two_sided_allocation else []
+    if output_damping != kronecker.OUTPUT_DAMPING:
+        parts.append(f"damping {mantissa}e{int(exponent)}")
+    return ", ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-damping", type=float, default=kronecker.OUTPUT_DAMPING)
     parser.add_argument("--two-sided-allocation", action="store_true")
     from benchmarks.causal_lm import main_under
 
-    main_under(parser, lambda args: kfac_variant(args.output_damping, args.two_sided_allocation), argv)
+    main_under(
+        parser,
+        lambda args: kfac_variant(args.output_damping, args.two_sided_allocation),
+        argv,
+        note=lambda args: variant_note(args.output_damping, args.two_sided_allocation),
+    )
 
 
 if __name__ == "__main__":

@@ -35,3 +35,18 @@ def test_bad_variants_are_refused():
     with pytest.raises(ValueError, match="`power` must be positive, got 0"):
         with allocation_variant(power=0):
             pass
+
+
+def test_rows_name_the_variant_after_their_setting(monkeypatch):
+    import benchmarks.allocation_screen as screen
+    import benchmarks.causal_lm as causal_lm
+
+    assert screen.variant_note() == ""
+    assert screen.variant_note(power=0.75) == "power 0.75"
+    assert screen.variant_note(power=1.5, scores="raw") == "power 1.5, scores raw"
+    assert causal_lm.noted("kfac_whiten+alloc1+mix", "power 0.75") == "kfac_whiten+alloc1+mix [power 0.75]"
+    assert causal_lm.noted("kfac_whiten+alloc1+mix", "") == "kfac_whiten+alloc1+mix"
+    seen = {}
+    monkeypatch.setattr(causal_lm, "main", lambda argv, note="": seen.update(argv=argv, note=note))
+    screen.main(["--power", "0.75", "--", "--runs", "kfac_whiten+alloc1+mix@0.8"])
+    assert seen == {"argv": ["--runs", "kfac_whiten+alloc1+mix@0.8"], "note": "power 0.75"}

@@ -79,3 +79,16 @@ def test_bad_damping_is_refused():
     with pytest.raises(ValueError, match="`output_damping` must be positive, got 0"):
         with kfac_variant(output_damping=0):
             pass
+
+
+def test_rows_name_the_variant_after_their_setting(monkeypatch):
+    import benchmarks.causal_lm as causal_lm
+    import benchmarks.kfac_screen as screen
+
+    assert screen.variant_note() == ""
+    assert screen.variant_note(output_damping=0.01) == "damping 1e-2"
+    assert screen.variant_note(0.01, two_sided_allocation=True) == "two-sided allocation, damping 1e-2"
+    seen = {}
+    monkeypatch.setattr(causal_lm, "main", lambda argv, note="": seen.update(argv=argv, note=note))
+    screen.main(["--two-sided-allocation", "--", "--runs", "kfac_whiten+alloc1+mix@0.8"])
+    assert seen == {"argv": ["--runs", "kfac_whiten+alloc1+mix@0.8"], "note": "two-sided allocation"}
