@@ -328,6 +328,8 @@ def finetune_table(rows: list[dict], tasks: list[str], methods: list[str]) -> No
         if "whiten" in methods:
             for seed in sorted({r["seed"] for r in rows if r["method"] == "kfac_whiten" and r["stage"] == stage}):
                 method_pair_tests(tasks, "kfac_whiten", ["whiten"], seed, stage)
+            for seed in sorted({r["seed"] for r in rows if r["method"] == "tfwsvd" and r["stage"] == stage}):
+                method_pair_tests(tasks, "tfwsvd", ["whiten", "kfac_whiten", "fwsvd"], seed, stage)
 
 
 class PairedTests:
