@@ -921,6 +921,7 @@ def run(args: argparse.Namespace, note: str = "") -> None:
     runs = [(setting, budget) for setting, budget in runs if (noted(setting, note), str(budget)) not in done]
     calib_s = prefetch(store, list(dict.fromkeys(s for s, _ in runs)), sorted({b for _, b in runs}), data)
     for setting, budget in runs:
+        recorded = noted(setting, note)
         spec = parse_setting(setting)
         chosen = setting_data(spec, data)
         chunks = chosen["calibration_large" if spec["c128"] or spec["f128"] else "calibration"]
@@ -965,11 +966,11 @@ def run(args: argparse.Namespace, note: str = "") -> None:
                 )
         compress_s = time.perf_counter() - started
         if args.ranks_csv is not None:
-            write_ranks(args.ranks_csv, noted(setting, note), budget, model.fwsvd_report)
+            write_ranks(args.ranks_csv, recorded, budget, model.fwsvd_report)
         kept = kept_fraction(model, targets)
         if spec["int8"]:
             model = save_and_reload(model, tokenizer)
-        record(noted(setting, note), budget, model, kept, compress_s, calib_s, rss.peak_mb)
+        record(recorded, budget, model, kept, compress_s, calib_s, rss.peak_mb)
         del model
 
 

@@ -69,7 +69,8 @@ def kfac_variant(
 def variant_note(output_damping: float = kronecker.OUTPUT_DAMPING, two_sided_allocation: bool = False) -> str:
     """The name the variant's rows carry after their setting (`benchmarks.causal_lm.main_under`), e.g.
     ``"two-sided allocation, damping 1e-2"``; empty for the library's own `kfac_whiten`."""
-    mantissa, exponent = f"{output_damping:.0e}".split("e")
+    mantissa, exponent = f"{output_damping:e}".split("e")  # every significant digit: 0.015 is "1.5e-2", not "2e-2"
+    mantissa = mantissa.rstrip("0").rstrip(".")
     parts = ["two-sided allocation"] if two_sided_allocation else []
     if output_damping != kronecker.OUTPUT_DAMPING:
         parts.append(f"damping {mantissa}e{int(exponent)}")

@@ -87,6 +87,7 @@ def test_rows_name_the_variant_after_their_setting(monkeypatch):
 
     assert screen.variant_note() == ""
     assert screen.variant_note(output_damping=0.01) == "damping 1e-2"
+    assert screen.variant_note(output_damping=0.015) == "damping 1.5e-2"  # not rounded onto 0.01's or 0.02's name
     assert screen.variant_note(0.01, two_sided_allocation=True) == "two-sided allocation, damping 1e-2"
     seen = {}
     monkeypatch.setattr(causal_lm, "main", lambda argv, note="": seen.update(argv=argv, note=note))
