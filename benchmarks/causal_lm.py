@@ -862,6 +862,12 @@ def noted(setting: str, note: str) -> str:
     return f"{setting} [{note}]" if note else setting
 
 
+def unnoted(recorded: str) -> tuple[str, str]:
+    """The inverse of `noted`: ``(setting, note)`` of a recorded setting name, the note empty when there is none."""
+    setting, separator, note = recorded.partition(" [")
+    return setting, note.removesuffix("]") if separator else ""
+
+
 def run(args: argparse.Namespace, note: str = "") -> None:
     from benchmarks.assets import smollm2_dir
 
@@ -1018,12 +1024,12 @@ def _cells(row: dict) -> list[str]:
 def plot_labels(settings: list[str]) -> tuple[list[str], str]:
     """Legend labels for `settings` without the flags every one of them shares, and those shared flags (``+a+b``,
     empty when none), which the plot names once. A ``" [note]"`` suffix stays on its label."""
-    parts = [setting.partition(" [") for setting in settings]
-    flag_lists = [name.split("+")[1:] for name, _, _ in parts]
+    parts = [unnoted(setting) for setting in settings]
+    flag_lists = [name.split("+")[1:] for name, _ in parts]
     shared = set.intersection(*map(set, flag_lists)) if len(settings) > 1 else set()
     labels = [
-        "+".join([name.split("+")[0], *(flag for flag in flags if flag not in shared)]) + (f" [{note}" if sep else "")
-        for (name, sep, note), flags in zip(parts, flag_lists, strict=True)
+        noted("+".join([name.split("+")[0], *(flag for flag in flags if flag not in shared)]), note)
+        for (name, note), flags in zip(parts, flag_lists, strict=True)
     ]
     return labels, "".join(f"+{flag}" for flag in flag_lists[0] if flag in shared) if settings else ""
 
@@ -1040,7 +1046,7 @@ def plot(path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(15, 5))
     markers = "osD^v<>"
     settings = list(dict.fromkeys(r["setting"] for r in rows if r["budget"] != "1.0"))
-    settings = [setting for setting in settings if not parse_setting(setting.partition(" [")[0])["int8"]]
+    settings = [setting for setting in settings if not parse_setting(unnoted(setting)[0])["int8"]]
     setting_labels, shared = plot_labels(settings)
     for axis, column, title in zip(axes, ("ppl_sotu", "ppl_moby"), ("SOTU 2000-2021", "Moby Dick ch. 116-135"),
                                    strict=True):  # fmt: skip

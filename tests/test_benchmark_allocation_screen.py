@@ -46,6 +46,10 @@ def test_rows_name_the_variant_after_their_setting(monkeypatch):
     assert screen.variant_note(power=1.5, scores="raw") == "power 1.5, scores raw"
     assert causal_lm.noted("kfac_whiten+alloc1+mix", "power 0.75") == "kfac_whiten+alloc1+mix [power 0.75]"
     assert causal_lm.noted("kfac_whiten+alloc1+mix", "") == "kfac_whiten+alloc1+mix"
+    assert causal_lm.unnoted("kfac_whiten+alloc1+mix [power 0.75]") == ("kfac_whiten+alloc1+mix", "power 0.75")
+    assert causal_lm.unnoted("kfac_whiten+alloc1+mix") == ("kfac_whiten+alloc1+mix", "")
+    for note in ("power 0.75", "two-sided allocation, damping 1.5e-2", ""):
+        assert causal_lm.unnoted(causal_lm.noted("whiten+mix", note)) == ("whiten+mix", note)
     seen = {}
     monkeypatch.setattr(causal_lm, "main", lambda argv, note="": seen.update(argv=argv, note=note))
     screen.main(["--power", "0.75", "--", "--runs", "kfac_whiten+alloc1+mix@0.8"])
