@@ -247,10 +247,8 @@ def main() -> None:
                 print(f"| {task} | {_fmt(dense)} | {ratio} | " + " | ".join(cells) + " |")
 
     finetune_table(rows, tasks, methods)
-    for seed in sorted({r["seed"] for r in rows if r["method"] == "tfwsvd"}):
-        method_pair_tests(tasks, "tfwsvd", ["fwsvd", "whiten"], seed)
-    for seed in sorted({r["seed"] for r in rows if r["method"] == "kfac_whiten"}):
-        method_pair_tests(tasks, "kfac_whiten", ["whiten", "tfwsvd", "fwsvd"], seed)
+    pair_tests_at_every_seed(rows, tasks, "tfwsvd", ["fwsvd", "whiten"])
+    pair_tests_at_every_seed(rows, tasks, "kfac_whiten", ["whiten", "tfwsvd", "fwsvd"])
 
     estimators = sorted({k[2] for k in by if k[2] not in ("", "empirical")})
     counts = sorted({k[3] for k in by if k[3] not in ("", "128")}, key=int)
@@ -326,10 +324,8 @@ def finetune_table(rows: list[dict], tasks: list[str], methods: list[str]) -> No
         finetune_tests(tasks, methods, stage)
         finetune_seed_tests(tasks, methods, stage)
         if "whiten" in methods:
-            for seed in sorted({r["seed"] for r in rows if r["method"] == "kfac_whiten" and r["stage"] == stage}):
-                method_pair_tests(tasks, "kfac_whiten", ["whiten"], seed, stage)
-            for seed in sorted({r["seed"] for r in rows if r["method"] == "tfwsvd" and r["stage"] == stage}):
-                method_pair_tests(tasks, "tfwsvd", ["whiten", "kfac_whiten", "fwsvd"], seed, stage)
+            pair_tests_at_every_seed(rows, tasks, "kfac_whiten", ["whiten"], stage)
+            pair_tests_at_every_seed(rows, tasks, "tfwsvd", ["whiten", "kfac_whiten", "fwsvd"], stage)
 
 
 class PairedTests:
@@ -425,6 +421,14 @@ def method_pair_tests(tasks: list[str], method: str, others: list[str], seed: st
     when = "no fine-tune" if stage == "none" else f"both after `{stage}`"
     title = f"\n## {method} against the other methods ({when}, calibration seed {seed})\n"
     table.print(title, f"against | {method} minus it (pt)")
+
+
+def pair_tests_at_every_seed(
+    rows: list[dict], tasks: list[str], method: str, others: list[str], stage: str = "none"
+) -> None:
+    """`method_pair_tests` at every calibration seed `method` has a row for at `stage`."""
+    for seed in sorted({r["seed"] for r in rows if r["method"] == method and r["stage"] == stage}):
+        method_pair_tests(tasks, method, others, seed, stage)
 
 
 def print_task_means(pooled: dict, names: dict, empty_cells: int = 0) -> None:
