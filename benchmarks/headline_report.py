@@ -137,16 +137,20 @@ def main() -> None:
             keys = [k for k in keys if k[3] == "128"]
         return [float(r["score"]) for k in keys for r in by[k]]
 
+    def dense_scores(task):
+        """The dense task model's test scores, without fine-tune or int8."""
+        return [
+            float(r["score"])
+            for k, v in by.items()
+            if k[0] == task and k[1] == "dense" and k[5:7] == ("none", "0")
+            for r in v
+        ]
+
     print("## Test scores (x100), mean ± std over calibration seeds; no fine-tune\n")
     print("| task | dense | rank ratio | block weights kept | " + " | ".join(methods) + " |")
     print("|---|---|---|---|" + "---|" * len(methods))
     for task in tasks:
-        dense = [
-            float(r["score"])
-            for k, v in by.items()
-            if k[0] == task and k[1] == "dense" and k[5] == "none" and k[6] == "0"
-            for r in v
-        ]
+        dense = dense_scores(task)
         for ratio in ratios:
             kept = [r["block_kept"] for r in rows if r["task"] == task and r["ratio"] == ratio and r["block_kept"]]
             cells = [_fmt(cell(task, m, ratio)) for m in methods]
@@ -221,12 +225,7 @@ def main() -> None:
         print("| task | dense | rank ratio | " + " | ".join(f"{m} / + recovery" for m in methods) + " |")
         print("|---|---|---|" + "---|" * len(methods))
         for task in tasks:
-            dense = [
-                float(r["score"])
-                for k, v in by.items()
-                if k[0] == task and k[1] == "dense" and k[5] == "none" and k[6] == "0"
-                for r in v
-            ]
+            dense = dense_scores(task)
             for ratio in sorted({k[4] for k in recovery if k[0] == task}, key=float):
                 cells = []
                 for m in methods:
