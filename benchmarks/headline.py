@@ -25,7 +25,7 @@ calibration, head training or any choice). Optional extras, all on the same test
 Every finished point is appended at once to ``results/headline/points.csv`` and its per-example predictions to
 ``results/headline/<task>_predictions.jsonl`` (a rerun skips finished points). ``--report`` prints the tables with
 mean +- std over seeds and paired tests (McNemar for accuracy, paired bootstrap for the regression Pearson r) and
-draws ``results/headline/headline.png``.
+draws ``results/headline/headline.png`` (no fine-tune, and after the most-run recovery fine-tune).
 
 Run from the repository root with ``PYTHONPATH=src``, e.g.
 ``python benchmarks/headline.py --tasks polarity trec --methods svd fwsvd whiten`` (``--help`` for options).

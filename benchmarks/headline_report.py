@@ -500,7 +500,21 @@ def finetune_seed_tests(tasks: list[str], methods: list[str], stage: str) -> Non
     print_task_means(pooled, names, empty_cells=3)
 
 
+def plot_stages(rows: list[dict]) -> list[str]:
+    """``["none"]``, plus the recovery fine-tune stage with the most points (the first such, on a tie) if any."""
+    finetunes = defaultdict(int)
+    for r in rows:
+        if r["stage"].startswith("finetune"):
+            finetunes[r["stage"]] += 1
+    return ["none"] + ([max(finetunes, key=finetunes.get)] if finetunes else [])
+
+
 def plot(rows: list[dict], tasks: list[str], methods: list[str]) -> None:
+    """``headline.png``: score against block weights kept, mean ± std over seeds, one panel per task.
+
+    The top row is without fine-tuning (dense = the task model as built); the bottom row is after the recovery
+    fine-tune with the most points (dense = the task model given the same fine-tune), where one was run.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -508,7 +522,10 @@ def plot(rows: list[dict], tasks: list[str], methods: list[str]) -> None:
 
     if not tasks:
         return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), dpi=100, squeeze=False)
+    stages = plot_stages(rows)
+    fig, axes = plt.subplots(
+        len(stages), len(tasks), figsize=(4.2 * len(tasks), 3.6 * len(stages)), dpi=100, squeeze=False
+    )
     colors = {
         "svd": "tab:red",
         "fwsvd": "tab:blue",
@@ -516,27 +533,35 @@ def plot(rows: list[dict], tasks: list[str], methods: list[str]) -> None:
         "whiten": "tab:green",
         "kfac_whiten": "tab:pink",
     }
-    for ax, task in zip(axes[0], tasks, strict=True):
-        sub = [r for r in rows if r["task"] == task and r["int8"] == "0" and r["stage"] == "none"]
-        dense = [float(r["score"]) for r in sub if r["method"] == "dense"]
-        for method in methods:
-            pts = defaultdict(list)
-            for r in sub:
-                if r["method"] == method and r["estimator"] in ("", "empirical") and r["num_samples"] in ("", "128"):
-                    pts[float(r["block_kept"])].append(float(r["score"]))
-            if not pts:
-                continue
-            xs = sorted(pts)
-            means = [statistics.fmean(pts[x]) for x in xs]
-            errs = [statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0 for x in xs]
-            ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, color=colors[method], label=method)
-        if dense:
-            ax.axhline(dense[0], color="black", linestyle="--", label="dense")
-        ax.set_title(f"all-mpnet-base-v2: {task}")
-        ax.set_xlabel("fraction of block weights kept")
-        ax.set_ylabel(f"test {TASKS[task][2]}")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    for row_axes, stage in zip(axes, stages, strict=True):
+        when = "no fine-tune" if stage == "none" else "after the fine-tune"
+        for ax, task in zip(row_axes, tasks, strict=True):
+            sub = [r for r in rows if r["task"] == task and r["int8"] == "0" and r["stage"] == stage]
+            dense = [float(r["score"]) for r in sub if r["method"] == "dense"]
+            for method in methods:
+                pts = defaultdict(list)
+                for r in sub:
+                    if (
+                        r["method"] == method
+                        and r["estimator"] in ("", "empirical")
+                        and r["num_samples"] in ("", "128")
+                    ):
+                        pts[float(r["block_kept"])].append(float(r["score"]))
+                if not pts:
+                    continue
+                xs = sorted(pts)
+                means = [statistics.fmean(pts[x]) for x in xs]
+                errs = [statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0 for x in xs]
+                ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, color=colors[method], label=method)
+            if dense:
+                ax.axhline(dense[0], color="black", linestyle="--", label="dense")
+            if not sub:
+                ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(f"all-mpnet-base-v2: {task}, {when}", fontsize=9)
+            ax.set_xlabel("fraction of block weights kept")
+            ax.set_ylabel(f"test {TASKS[task][2]}")
+            ax.grid(alpha=0.3)
+        row_axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "headline.png")
     print(f"\nPlot: {RESULTS / 'headline.png'}")

@@ -244,3 +244,42 @@ def test_method_pair_tests_after_a_fine_tune_pair_only_that_stage(monkeypatch, c
     assert f"## kfac_whiten against the other methods (both after `{stage}`, calibration seed 1)" in out
     assert f"| trec | 0.33 | whiten | +20.0 | McNemar 4/0 | {p:.3g} |" in out
     assert out.count("| trec |") == 1
+
+
+def _plot_row(stage: str, method: str = "svd", score: float = 0.5, seed: str = "0") -> dict:
+    return {
+        "task": "trec",
+        "method": method,
+        "estimator": "" if method in ("dense", "svd") else "empirical",
+        "num_samples": "" if method in ("dense", "svd") else "128",
+        "ratio": "1.0" if method == "dense" else "0.33",
+        "seed": seed,
+        "stage": stage,
+        "int8": "0",
+        "score": str(score),
+        "block_kept": "1.0" if method == "dense" else "0.4941",
+    }
+
+
+def test_plot_stages_add_the_most_run_fine_tune_after_no_fine_tune():
+    from benchmarks.headline_report import plot_stages
+
+    rows = [_plot_row("none"), _plot_row("recovery")]
+    assert plot_stages(rows) == ["none"]
+    rows += [_plot_row("finetune_label_125_0.0002")] + [_plot_row("finetune_label_125_5e-05", seed=s) for s in "012"]
+    assert plot_stages(rows) == ["none", "finetune_label_125_5e-05"]
+
+
+def test_plot_draws_a_second_row_of_panels_after_the_fine_tune(monkeypatch, tmp_path):
+    from PIL import Image
+
+    import benchmarks.headline_report as report
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    rows = [_plot_row("none", "dense", 0.8), _plot_row("none", "svd", 0.3)]
+    report.plot(rows, ["trec"], ["svd"])
+    one_row = Image.open(tmp_path / "headline.png").size
+    rows += [_plot_row("finetune_label_125_5e-05", "svd", 0.7, seed=s) for s in "01"]
+    report.plot(rows, ["trec"], ["svd"])
+    two_rows = Image.open(tmp_path / "headline.png").size
+    assert one_row == (420, 360) and two_rows == (420, 720)
