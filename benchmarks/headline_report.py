@@ -118,6 +118,30 @@ def _fmt(values: list[float], scale: float = 100) -> str:
     return f"{mean:.1f} ± {statistics.stdev(values) * scale:.1f}"
 
 
+def is_headline_point(r: dict) -> bool:
+    """fp32 with the headline calibration: the empirical Fisher on 128 examples (SVD and dense have neither)."""
+    return r["int8"] == "0" and r["estimator"] in ("", "empirical") and r["num_samples"] in ("", "128")
+
+
+def seed0_scores(rows: list[dict], task: str, method: str, ratio: str, stage: str) -> list[float]:
+    """Scores of the headline points at calibration seed 0 (SVD's and dense's seed is ``""``)."""
+    return [
+        float(r["score"])
+        for r in rows
+        if r["task"] == task
+        and r["method"] == method
+        and r["ratio"] == ratio
+        and r["stage"] == stage
+        and r["seed"] in ("0", "")
+        and is_headline_point(r)
+    ]
+
+
+def finetune_stages(rows: list[dict]) -> list[str]:
+    """The recovery fine-tune stages (``finetune_<objective>_<steps>_<lr>``) in the order they first appear."""
+    return list(dict.fromkeys(r["stage"] for r in rows if r["stage"].startswith("finetune_")))
+
+
 def main() -> None:
     rows = read_points()
     tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
@@ -229,18 +253,7 @@ def main() -> None:
             for ratio in sorted({k[4] for k in recovery if k[0] == task}, key=float):
                 cells = []
                 for m in methods:
-                    seed0 = [
-                        float(r["score"])
-                        for r in rows
-                        if r["task"] == task
-                        and r["method"] == m
-                        and r["ratio"] == ratio
-                        and r["stage"] == "none"
-                        and r["int8"] == "0"
-                        and r["seed"] in ("0", "")
-                        and r["estimator"] in ("", "empirical")
-                        and r["num_samples"] in ("", "128")
-                    ]
+                    seed0 = seed0_scores(rows, task, m, ratio, "none")
                     rec = cell(task, m, ratio, stage="recovery")
                     cells.append(f"{_fmt(seed0)} / {_fmt(rec)}")
                 print(f"| {task} | {_fmt(dense)} | {ratio} | " + " | ".join(cells) + " |")
@@ -289,21 +302,7 @@ def main() -> None:
 def finetune_table(rows: list[dict], tasks: list[str], methods: list[str]) -> None:
     """A table per recovery fine-tune recipe (stage ``finetune_*``), seed 0: no fine-tune / head refit / fine-tune."""
 
-    def seed0(task: str, method: str, ratio: str, stage: str) -> list[float]:
-        return [
-            float(r["score"])
-            for r in rows
-            if r["task"] == task
-            and r["method"] == method
-            and r["ratio"] == ratio
-            and r["stage"] == stage
-            and r["int8"] == "0"
-            and r["seed"] in ("0", "")
-            and r["estimator"] in ("", "empirical")
-            and r["num_samples"] in ("", "128")
-        ]
-
-    for stage in sorted({r["stage"] for r in rows if r["stage"].startswith("finetune_")}):
+    for stage in sorted(finetune_stages(rows)):
         _, objective, steps, learning_rate = stage.split("_")
         print(f"\n## Recovery fine-tune `{stage}` ({objective}, {steps} steps, lr {learning_rate}), seed 0\n")
         print("Each cell: no fine-tune / head refit / fine-tune (x100); dense: as built / after the same fine-tune.\n")
@@ -311,13 +310,14 @@ def finetune_table(rows: list[dict], tasks: list[str], methods: list[str]) -> No
         print("|---|---|---|---|" + "---|" * len(methods))
         for task in tasks:
             done = [r for r in rows if r["task"] == task and r["stage"] == stage and r["method"] != "dense"]
-            dense = f"{_fmt(seed0(task, 'dense', '1.0', 'none'))} / {_fmt(seed0(task, 'dense', '1.0', stage)) or '-'}"
+            as_built, tuned_dense = (seed0_scores(rows, task, "dense", "1.0", s) for s in ("none", stage))
+            dense = f"{_fmt(as_built)} / {_fmt(tuned_dense) or '-'}"
             for ratio in sorted({r["ratio"] for r in done}, key=float):
                 kept = next(r["block_kept"] for r in done if r["ratio"] == ratio)
                 cells = []
                 for m in methods:
-                    tuned = seed0(task, m, ratio, stage)
-                    stages = [seed0(task, m, ratio, "none"), seed0(task, m, ratio, "recovery"), tuned]
+                    tuned = seed0_scores(rows, task, m, ratio, stage)
+                    stages = [seed0_scores(rows, task, m, ratio, before) for before in ("none", "recovery")] + [tuned]
                     cells.append(" / ".join(_fmt(v) or "-" for v in stages) if tuned else "")
                 print(f"| {task} | {dense} | {ratio} | {kept} | " + " | ".join(cells) + " |")
         finetune_tests(tasks, methods, stage)
@@ -502,11 +502,11 @@ def finetune_seed_tests(tasks: list[str], methods: list[str], stage: str) -> Non
 
 def plot_stages(rows: list[dict]) -> list[str]:
     """``["none"]``, plus the recovery fine-tune stage with the most points (the first such, on a tie) if any."""
-    finetunes = defaultdict(int)
+    counts = defaultdict(int)
     for r in rows:
-        if r["stage"].startswith("finetune"):
-            finetunes[r["stage"]] += 1
-    return ["none"] + ([max(finetunes, key=finetunes.get)] if finetunes else [])
+        counts[r["stage"]] += 1
+    finetunes = finetune_stages(rows)
+    return ["none"] + ([max(finetunes, key=counts.get)] if finetunes else [])
 
 
 def plot(rows: list[dict], tasks: list[str], methods: list[str]) -> None:
@@ -536,16 +536,12 @@ def plot(rows: list[dict], tasks: list[str], methods: list[str]) -> None:
     for row_axes, stage in zip(axes, stages, strict=True):
         when = "no fine-tune" if stage == "none" else "after the fine-tune"
         for ax, task in zip(row_axes, tasks, strict=True):
-            sub = [r for r in rows if r["task"] == task and r["int8"] == "0" and r["stage"] == stage]
+            sub = [r for r in rows if r["task"] == task and r["stage"] == stage and is_headline_point(r)]
             dense = [float(r["score"]) for r in sub if r["method"] == "dense"]
             for method in methods:
                 pts = defaultdict(list)
                 for r in sub:
-                    if (
-                        r["method"] == method
-                        and r["estimator"] in ("", "empirical")
-                        and r["num_samples"] in ("", "128")
-                    ):
+                    if r["method"] == method and is_headline_point(r):
                         pts[float(r["block_kept"])].append(float(r["score"]))
                 if not pts:
                     continue
